@@ -1,0 +1,147 @@
+"""The one configuration model of ray-lipsync.
+
+Every tunable lives here with its documented default. Load it with `Settings()` (defaults),
+`Settings.from_file(path)` (JSON), or override fields from the CLI. Settings are immutable:
+pass them down explicitly, never keep them in module globals.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+BackendName = Literal["procedural", "musetalk"]
+
+
+def default_home() -> Path:
+    """Where prepared avatars and caches live: $RAY_LIPSYNC_HOME or ~/.cache/ray-lipsync."""
+    env = os.environ.get("RAY_LIPSYNC_HOME")
+    return Path(env) if env else Path.home() / ".cache" / "ray-lipsync"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class MediaConfig(_Frozen):
+    """The media clock. Fixed by design: frame k <-> chunks 2k, 2k+1 (see clock.py)."""
+
+    sample_rate: Literal[16000] = Field(16000, description="Pipeline audio rate (Hz), mono.")
+    chunk_ms: Literal[20] = Field(20, description="Audio chunk length (ms): 320 samples.")
+    fps: Literal[25] = Field(25, description="Video frame rate: one frame = two chunks.")
+
+
+class AudioConfig(_Frozen):
+    """Audio input limits and voice activity detection."""
+
+    max_bytes: int = Field(50 * 1024 * 1024, gt=0, description="Largest accepted audio input.")
+    max_seconds: float = Field(600.0, gt=0, description="Longest accepted audio input.")
+    min_sample_rate: int = Field(4000, gt=0, description="Lowest accepted input rate (Hz).")
+    max_sample_rate: int = Field(384000, gt=0, description="Highest accepted input rate (Hz).")
+    max_channels: int = Field(32, gt=0, description="Most accepted input channels.")
+    vad_threshold: float = Field(
+        0.5, ge=0.0, le=1.0, description="Silero speech probability above which a chunk is speech."
+    )
+    vad_hangover_chunks: int = Field(
+        6, ge=0, description="Chunks kept as speech after speech ends (bridges short gaps)."
+    )
+
+
+class AvatarConfig(_Frozen):
+    """Avatar preparation."""
+
+    name: str = Field("default", description="Avatar used when a session names none.")
+    crop_size: Literal[256] = Field(256, description="Side of the face crop fed to backends.")
+    extra_margin: int = Field(
+        10, ge=0, description="MuseTalk v1.5 extra margin (px) below the chin in the crop box."
+    )
+    max_frames: int = Field(500, gt=0, description="Most frames taken from an avatar video.")
+    max_side: int = Field(
+        1280, ge=256, description="Frames larger than this (longest side) are downscaled."
+    )
+    mask_feather: float = Field(
+        0.08, gt=0.0, le=0.5, description="Blend mask feather width, as a fraction of crop size."
+    )
+
+
+class MuseTalkConfig(_Frozen):
+    """The neural backend (weights in `models_dir`, MuseTalk's own layout)."""
+
+    encoder_window_s: float = Field(
+        2.0, gt=0.2, le=30.0, description="Audio window (s) the Whisper encoder runs on per step."
+    )
+    lookahead_ms: int = Field(
+        120, ge=100, description="Audio needed past the end of a frame before it is encoded."
+    )
+    fp16: bool = Field(True, description="Half precision on CUDA (always fp32 on CPU).")
+
+
+class PipelineConfig(_Frozen):
+    """Streaming pipeline and scheduling."""
+
+    lookahead_ms: int | None = Field(
+        None, ge=0, description="Audio past a frame's end needed to compute it; None = backend's."
+    )
+    playout_delay_ms: int = Field(
+        240, ge=0, description="D: frame k is presented at t0 + D + k * 40 ms."
+    )
+    max_batch: int = Field(16, gt=0, description="Most frames in one inference batch.")
+    sessions_per_replica: int = Field(8, gt=0, description="Session capacity per replica.")
+    audio_buffer_s: float = Field(
+        30.0, gt=0, description="Most audio (s) a session may have queued ahead of playback."
+    )
+    compositors: int = Field(1, gt=0, description="Compositor actors per node.")
+
+
+class ServeConfig(_Frozen):
+    """HTTP / WebRTC service."""
+
+    host: str = Field("127.0.0.1", description="Bind address of the HTTP ingress.")
+    port: int = Field(8000, gt=0, lt=65536, description="Port of the HTTP ingress.")
+    max_sessions: int = Field(16, gt=0, description="Most concurrent sessions per gateway.")
+    idle_timeout_s: float = Field(300.0, gt=0, description="A session without activity closes.")
+    livetalking_compat: bool = Field(
+        False, description="Serve LiveTalking's unauthenticated routes (/offer, /human, ...)."
+    )
+    min_gateways: int = Field(1, ge=1, description="Autoscaling lower bound of gateways.")
+    max_gateways: int = Field(4, ge=1, description="Autoscaling upper bound of gateways.")
+    target_sessions_per_gateway: int = Field(8, gt=0, description="Autoscaling target.")
+
+
+class Settings(_Frozen):
+    """All of ray-lipsync's configuration, with documented defaults."""
+
+    backend: BackendName = Field("procedural", description="Lip-sync backend.")
+    home: Path = Field(default_factory=default_home, description="Avatar store and caches.")
+    models_dir: Path = Field(Path("models"), description="MuseTalk weights (see models/README).")
+    media: MediaConfig = MediaConfig()
+    audio: AudioConfig = AudioConfig()
+    avatar: AvatarConfig = AvatarConfig()
+    musetalk: MuseTalkConfig = MuseTalkConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+    serve: ServeConfig = ServeConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "Settings":
+        if self.audio.min_sample_rate > self.audio.max_sample_rate:
+            raise ValueError("audio.min_sample_rate must not exceed audio.max_sample_rate")
+        if self.serve.min_gateways > self.serve.max_gateways:
+            raise ValueError("serve.min_gateways must not exceed serve.max_gateways")
+        return self
+
+    @property
+    def avatars_dir(self) -> Path:
+        return self.home / "avatars"
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Settings":
+        """Load settings from a JSON file (unknown keys are rejected)."""
+        return cls.model_validate(json.loads(Path(path).read_text()))
+
+    def with_overrides(self, **fields: object) -> "Settings":
+        """A copy with top-level fields replaced (validated)."""
+        return type(self).model_validate({**self.model_dump(), **fields})

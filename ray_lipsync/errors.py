@@ -1,0 +1,72 @@
+"""Typed errors. Each names the problem and what to do; the service maps them to HTTP codes."""
+
+from __future__ import annotations
+
+
+class LipsyncError(Exception):
+    """Base of every error ray-lipsync raises on purpose."""
+
+
+class AudioInputError(LipsyncError, ValueError):
+    """Audio that cannot be used. `reason` is a short machine-readable code."""
+
+    reason = "invalid_audio"
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+
+
+class AudioTooLarge(AudioInputError):
+    """Input above the configured size or duration limit (HTTP 413)."""
+
+    reason = "too_large"
+
+
+class UnsupportedAudio(AudioInputError):
+    """Not audio, or a format that cannot be decoded (HTTP 415)."""
+
+    reason = "unsupported_format"
+
+
+class MalformedAudio(AudioInputError):
+    """Audio in a known format but unusable: empty, truncated, absurd rate, NaN/inf (HTTP 422)."""
+
+    reason = "malformed"
+
+
+class AvatarError(LipsyncError):
+    """An avatar that cannot be prepared or loaded."""
+
+
+class AvatarNotFound(AvatarError, KeyError):
+    """No prepared avatar of that name."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else "avatar not found"
+
+
+class WeightsError(LipsyncError):
+    """Model weights missing or mismatched; the message lists the files and where to get them."""
+
+
+class SessionError(LipsyncError):
+    """Bad use of a session."""
+
+
+class UnknownSession(SessionError, KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown session"
+
+
+class SessionClosed(SessionError):
+    """The session was closed; create a new one."""
+
+
+class Backpressure(SessionError):
+    """Audio was pushed faster than the session's bounded buffer allows; retry later."""
+
+
+class AtCapacity(LipsyncError):
+    """No replica has room for another session (HTTP 503 with Retry-After)."""

@@ -1,0 +1,71 @@
+"""Typed records that flow between pipeline stages.
+
+Every unit of work carries (session_id, epoch, frame_index): an interrupt bumps the session's
+epoch, and every stage drops work whose epoch is older than the session's current one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class FeatureRequest:
+    """Ask a featurizer for the features of `frames` of one session.
+
+    `audio` holds 16 kHz float32 samples starting at absolute sample `audio_start` of the
+    session timeline; it covers every requested frame plus the featurizer's lookahead (and as
+    much of its left context as exists). `state` is the session's featurizer state (from
+    `Featurizer.new_state`), which the featurizer may update (running levels, smoothing).
+    """
+
+    state: Any
+    audio: np.ndarray
+    audio_start: int
+    frames: range
+
+
+@dataclass(frozen=True)
+class RenderJob:
+    """One frame for a renderer: the avatar source frame to animate and its audio features."""
+
+    avatar: str
+    avatar_frame: int
+    features: np.ndarray
+
+
+@dataclass(frozen=True)
+class FrameJob:
+    """A frame of one session on its way through the pipeline."""
+
+    session_id: str
+    epoch: int
+    frame_index: int
+    avatar_frame: int
+    speech: bool
+    deadline: float  # monotonic time by which the crop must exist
+    features: np.ndarray | None = None
+
+
+@dataclass
+class OutputFrame:
+    """A finished frame with its two 20 ms audio chunks, ready to be sent.
+
+    `image` is the full RGB frame; `audio` the 640 samples (16 kHz, float32) of chunks 2k and
+    2k+1; `pts` the 90 kHz video timestamp; `presentation_time` the session clock's time (s);
+    `dropped` marks an idle frame that replaced one not ready in time.
+    """
+
+    session_id: str
+    epoch: int
+    frame_index: int
+    image: np.ndarray
+    audio: np.ndarray
+    pts: int
+    presentation_time: float
+    speech: bool = False
+    dropped: bool = False
+    meta: dict[str, Any] = field(default_factory=dict)
