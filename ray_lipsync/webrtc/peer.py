@@ -1,0 +1,211 @@
+"""One aiortc peer connection per session: answers the client's offer, streams the session's
+video and audio (see tracks.py) and reads the client's microphone track if it sends one.
+
+Usage (the API does this):
+
+    peer = SessionPeer(session, on_frame_sent=events.publish, on_closed=end_session)
+    answer = await peer.answer(offer_sdp)          # {"sdp": ..., "type": "answer"}
+    ...
+    await peer.close()
+
+`on_closed` is called once when the connection ends by itself (ICE failure, remote hang-up)
+or the session's frame stream ends; it is not called when you call `close()` yourself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamTrack
+from aiortc.sdp import SessionDescription
+
+from ray_lipsync.types import OutputFrame
+from ray_lipsync.webrtc.mic import MicReader
+from ray_lipsync.webrtc.tracks import MediaCounters, SessionMedia
+
+if TYPE_CHECKING:
+    from ray_lipsync.streaming.session import Session
+
+log = logging.getLogger(__name__)
+
+MAX_SDP_BYTES = 64 * 1024
+_RECEIVING = ("sendrecv", "recvonly")  # offer directions in which the client receives
+_SENDING = ("sendrecv", "sendonly")  # offer directions in which the client sends
+
+
+def ice_configuration(ice_servers: list[dict] | None) -> RTCConfiguration:
+    """RTCConfiguration from [{"urls": ..., "username": ..., "credential": ...}]; None = no STUN.
+
+    No STUN by default: the service machines usually have no route to public STUN servers,
+    and host candidates suffice on a LAN. Pass STUN/TURN servers for clients behind NAT.
+    """
+    servers = []
+    for i, entry in enumerate(ice_servers or []):
+        if not isinstance(entry, dict) or "urls" not in entry:
+            raise ValueError(f"ice_servers[{i}] must be a dict with 'urls' (and optional username/credential)")
+        unknown = set(entry) - {"urls", "username", "credential"}
+        if unknown:
+            raise ValueError(f"ice_servers[{i}] has unknown keys {sorted(unknown)}; use urls/username/credential")
+        servers.append(RTCIceServer(urls=entry["urls"], username=entry.get("username"), credential=entry.get("credential")))
+    return RTCConfiguration(iceServers=servers)
+
+
+def parse_offer(sdp: str, type: str) -> SessionDescription:
+    """Validate an offer; raise ValueError saying what is wrong."""
+    if type != "offer":
+        raise ValueError(f"expected an SDP of type 'offer', got {type!r}")
+    if not isinstance(sdp, str) or not sdp.strip():
+        raise ValueError("the offer SDP is empty; send the browser's RTCPeerConnection.localDescription.sdp")
+    if len(sdp.encode()) > MAX_SDP_BYTES:
+        raise ValueError(f"the offer SDP is larger than {MAX_SDP_BYTES} bytes")
+    if not sdp.lstrip().startswith("v=0"):
+        raise ValueError("malformed SDP: it must start with 'v=0'")
+    try:
+        parsed = SessionDescription.parse(sdp)
+    except Exception as exc:  # aiortc raises ValueError/KeyError/IndexError/StopIteration
+        raise ValueError(f"malformed SDP offer: {exc.__class__.__name__}: {exc}") from exc
+    if not any(m.kind in ("audio", "video") for m in parsed.media):
+        raise ValueError("the offer has no audio or video section; add recvonly video/audio transceivers")
+    return parsed
+
+
+class SessionPeer:
+    """The WebRTC side of one session (aiortc RTCPeerConnection + the session's tracks)."""
+
+    def __init__(
+        self,
+        session: "Session",
+        *,
+        ice_servers: list[dict] | None = None,
+        on_frame_sent: Callable[[OutputFrame], None] | None = None,
+        on_closed: Callable[[], Awaitable[None] | None] | None = None,
+    ) -> None:
+        self.session = session
+        self._config = ice_configuration(ice_servers)
+        self._on_frame_sent = on_frame_sent
+        self._on_closed = on_closed
+        self._pc = RTCPeerConnection(configuration=self._config)
+        self._pc.on("connectionstatechange", self._on_state_change)
+        self._pc.on("track", self._on_remote_track)
+        self.media: SessionMedia | None = None
+        self.mic: MicReader | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing = False
+        self._closed = asyncio.Event()
+
+    @property
+    def connection_state(self) -> str:
+        """aiortc's connectionState: new, connecting, connected, failed or closed."""
+        return self._pc.connectionState
+
+    @property
+    def counters(self) -> MediaCounters:
+        """Frames in, video frames sent/dropped, audio chunks sent (zeros before answer())."""
+        return self.media.counters if self.media is not None else MediaCounters()
+
+    def stats(self) -> dict[str, Any]:
+        """A JSON-ready snapshot of this peer's media counters."""
+        c = self.counters
+        return {
+            "connection_state": self.connection_state,
+            "video_frames_sent": c.video_frames_sent,
+            "video_frames_dropped": c.video_frames_dropped,
+            "audio_chunks_sent": c.audio_chunks_sent,
+            "mic_samples_pushed": self.mic.samples_pushed if self.mic else 0,
+        }
+
+    async def answer(self, sdp: str, type: str = "offer") -> dict:
+        """Answer the client's offer: {"sdp": ..., "type": "answer"}. ValueError if unusable."""
+        if self._closing:
+            raise ValueError("this peer is closed; create a new session")
+        if self.media is not None:
+            raise ValueError("this session already has a connection; create a new session to reconnect")
+        offer = parse_offer(sdp, type)
+        want_video = any(m.kind == "video" and (m.direction or "sendrecv") in _RECEIVING for m in offer.media)
+        want_audio = any(m.kind == "audio" and (m.direction or "sendrecv") in _RECEIVING for m in offer.media)
+        if not (want_video or want_audio):
+            raise ValueError("the offer receives neither audio nor video; use direction recvonly or sendrecv")
+        try:
+            await self._pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        except Exception as exc:
+            raise ValueError(f"the offer was rejected: {exc.__class__.__name__}: {exc}") from exc
+        self.media = SessionMedia(
+            self.session.frames(),
+            record_sent=self.session.record_sent,
+            on_frame_sent=self._on_frame_sent,
+            video=want_video,
+            audio=want_audio,
+        )
+        for track in self.media.tracks:
+            self._pc.addTrack(track)
+        answer = await self._pc.createAnswer()
+        await self._pc.setLocalDescription(answer)
+        self._spawn(self._watch_media(self.media), "media-watch")
+        local = self._pc.localDescription
+        return {"sdp": local.sdp, "type": local.type}
+
+    async def close(self) -> None:
+        """Close the connection, stop the tracks, the microphone reader and every task."""
+        await self._shutdown(notify=False)
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _spawn(self, coro: Awaitable[Any], name: str) -> None:
+        task = asyncio.ensure_future(coro)
+        task.set_name(f"{name}-{getattr(self.session, 'session_id', '?')}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _on_state_change(self) -> None:
+        state = self._pc.connectionState
+        log.info("session %s: connection %s", getattr(self.session, "session_id", "?"), state)
+        if state in ("failed", "closed") and not self._closing:
+            self._spawn(self._shutdown(notify=True), "peer-close")
+
+    def _on_remote_track(self, track: MediaStreamTrack) -> None:
+        if track.kind != "audio":
+            log.info("ignoring a remote %s track (only a microphone is read)", track.kind)
+            return
+        if self.mic is not None:
+            log.warning("ignoring a second remote audio track")
+            return
+        self.mic = MicReader(self.session, track)
+        self._spawn(self.mic.run(), "mic")
+
+    async def _watch_media(self, media: SessionMedia) -> None:
+        await media.wait_finished()
+        if not self._closing:
+            log.info("session %s: frame stream ended, closing peer", getattr(self.session, "session_id", "?"))
+            await self._shutdown(notify=True)
+
+    async def _shutdown(self, *, notify: bool) -> None:
+        if self._closing:
+            await self._closed.wait()
+            return
+        self._closing = True
+        try:
+            current = asyncio.current_task()
+            if self.media is not None:
+                await self.media.stop()
+            await self._pc.close()
+            pending = [t for t in self._tasks if t is not current]
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        finally:
+            self._closed.set()
+        if notify and self._on_closed is not None:
+            try:
+                result = self._on_closed()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                log.exception("on_closed callback failed")

@@ -1,0 +1,281 @@
+"""aiortc media tracks fed by one session clock.
+
+One `SessionMedia` per session is the *single* consumer of `session.frames()` (which is
+already paced by the session's `SessionClock`). It fans each `OutputFrame` out to a
+`SessionVideoTrack` (one av.VideoFrame, pts = 3600k on the 90 kHz clock) and a
+`SessionAudioTrack` (two 20 ms av.AudioFrame, s16 mono 16 kHz, pts counted in samples), so
+frame k and chunks 2k, 2k+1 always carry the same presentation time. The tracks never pace
+themselves: `recv()` just waits for the next item the media source queued.
+
+Backpressure: the video queue is bounded and drops its *oldest* frame when the sender lags
+(counted in `video_frames_dropped`); audio is never dropped or delayed (silence is sent as
+zeros, never as a gap). A frame is reported as sent (`record_sent`, `on_frame_sent`) once its
+video (or its drop) and both its audio chunks have been handed to the encoders.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import fractions
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import av
+import numpy as np
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from ray_lipsync.clock import CHUNK_SAMPLES, SAMPLE_RATE, SAMPLES_PER_FRAME, VIDEO_CLOCK_HZ, audio_pts
+from ray_lipsync.types import OutputFrame
+
+log = logging.getLogger(__name__)
+
+VIDEO_TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK_HZ)
+AUDIO_TIME_BASE = fractions.Fraction(1, SAMPLE_RATE)
+DEFAULT_VIDEO_QUEUE = 4  # frames (160 ms) before the oldest is dropped
+DEFAULT_AUDIO_QUEUE = 50 * 30  # chunks (30 s); only reached if the audio sender is stuck
+
+
+def video_frame(frame: OutputFrame) -> av.VideoFrame:
+    """The av.VideoFrame (rgb24, pts = frame.pts on the 90 kHz clock) of an output frame."""
+    image = np.ascontiguousarray(frame.image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"frame {frame.frame_index}: image must be HxWx3 uint8 RGB, got {image.dtype} {image.shape}")
+    out = av.VideoFrame.from_ndarray(image, format="rgb24")
+    out.pts = int(frame.pts)
+    out.time_base = VIDEO_TIME_BASE
+    return out
+
+
+def audio_chunks(frame: OutputFrame) -> tuple[av.AudioFrame, av.AudioFrame]:
+    """The two 20 ms av.AudioFrame (s16 mono 16 kHz) of frame k: chunks 2k and 2k+1.
+
+    Missing or short audio is padded with zeros so the audio stream never has a gap.
+    """
+    samples = np.zeros(SAMPLES_PER_FRAME, dtype=np.float32)
+    if frame.audio is not None:
+        audio = np.asarray(frame.audio, dtype=np.float32).reshape(-1)[:SAMPLES_PER_FRAME]
+        samples[: len(audio)] = np.nan_to_num(audio, nan=0.0, posinf=0.0, neginf=0.0)
+    pcm = (np.clip(samples, -1.0, 1.0) * 32767.0).astype(np.int16)
+    chunks = []
+    for i in range(2):
+        chunk = av.AudioFrame.from_ndarray(
+            pcm[i * CHUNK_SAMPLES : (i + 1) * CHUNK_SAMPLES].reshape(1, -1), format="s16", layout="mono"
+        )
+        chunk.sample_rate = SAMPLE_RATE
+        chunk.pts = audio_pts(2 * frame.frame_index + i)
+        chunk.time_base = AUDIO_TIME_BASE
+        chunks.append(chunk)
+    return chunks[0], chunks[1]
+
+
+@dataclass
+class MediaCounters:
+    """What the media source has done so far (read it any time)."""
+
+    frames_in: int = 0
+    video_frames_sent: int = 0
+    video_frames_dropped: int = 0
+    audio_chunks_sent: int = 0
+    frames_reported: int = 0
+
+
+class _Item:
+    """A queued av frame and the output frame it belongs to."""
+
+    __slots__ = ("av_frame", "frame")
+
+    def __init__(self, av_frame: av.frame.Frame, frame: OutputFrame) -> None:
+        self.av_frame = av_frame
+        self.frame = frame
+
+
+class _SessionTrack(MediaStreamTrack):
+    """A track whose recv() pops what the media source queued (no own pacing)."""
+
+    def __init__(self, media: "SessionMedia") -> None:
+        super().__init__()
+        self._media = media
+        self._queue: collections.deque[_Item | None] = collections.deque()
+        self._ready = asyncio.Event()
+
+    def _put(self, item: _Item | None) -> None:
+        self._queue.append(item)
+        self._ready.set()
+
+    async def recv(self) -> av.frame.Frame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        self._media.start()
+        while not self._queue:
+            self._ready.clear()
+            await self._ready.wait()
+        item = self._queue.popleft()
+        if item is None:
+            self.stop()
+            raise MediaStreamError
+        self._media._on_sent(self.kind, item.frame)
+        return item.av_frame
+
+    def stop(self) -> None:
+        super().stop()
+        self._ready.set()
+
+
+class SessionVideoTrack(_SessionTrack):
+    """Video of one session: frame k as av.VideoFrame rgb24, pts 3600k, time base 1/90000."""
+
+    kind = "video"
+
+    def _put_frame(self, item: _Item, limit: int) -> None:
+        while sum(1 for i in self._queue if i is not None) >= limit:
+            dropped = self._queue.popleft()
+            if dropped is not None:
+                self._media._on_video_dropped(dropped.frame)
+        self._put(item)
+
+
+class SessionAudioTrack(_SessionTrack):
+    """Audio of one session: two 20 ms s16 mono 16 kHz frames per video frame, pts in samples."""
+
+    kind = "audio"
+
+
+class SessionMedia:
+    """The one media source of a session: consumes `frames` and feeds the two tracks.
+
+    `frames` is the session's clock-paced `session.frames()` iterator (single consumer).
+    `record_sent` (the session's) and `on_frame_sent` (the API's) are called once per frame,
+    in frame order, after its video and both audio chunks went to the encoders. Consumption
+    starts on the first `recv()` of a track (or `start()`), i.e. when the connection is up.
+    """
+
+    def __init__(
+        self,
+        frames: AsyncIterator[OutputFrame],
+        *,
+        record_sent: Callable[[OutputFrame], None] | None = None,
+        on_frame_sent: Callable[[OutputFrame], None] | None = None,
+        video: bool = True,
+        audio: bool = True,
+        video_queue: int = DEFAULT_VIDEO_QUEUE,
+        audio_queue: int = DEFAULT_AUDIO_QUEUE,
+    ) -> None:
+        if not (video or audio):
+            raise ValueError("SessionMedia needs at least one of video/audio")
+        if video_queue < 1 or audio_queue < 2:
+            raise ValueError("video_queue must be >= 1 and audio_queue >= 2")
+        self._frames = frames
+        self._record_sent = record_sent
+        self._on_frame_sent = on_frame_sent
+        self._video_limit = video_queue
+        self._audio_space = asyncio.Semaphore(audio_queue // 2)  # whole frames of audio
+        self.video: SessionVideoTrack | None = SessionVideoTrack(self) if video else None
+        self.audio: SessionAudioTrack | None = SessionAudioTrack(self) if audio else None
+        self.counters = MediaCounters()
+        self._parts_per_frame = (1 if video else 0) + (2 if audio else 0)
+        # frame_index -> [parts still to send, frame], in arrival order
+        self._pending: collections.OrderedDict[int, list] = collections.OrderedDict()
+        self._task: asyncio.Task[None] | None = None
+        self._finished = asyncio.Event()
+
+    @property
+    def tracks(self) -> list[MediaStreamTrack]:
+        return [t for t in (self.video, self.audio) if t is not None]
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def start(self) -> None:
+        """Start consuming frames (idempotent; the first track `recv()` calls it)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._pump(), name="session-media")
+
+    async def wait_finished(self) -> None:
+        """Until the frame source ended (session closed) or `stop()` was called."""
+        await self._finished.wait()
+
+    async def stop(self) -> None:
+        """Stop consuming, end both tracks (their senders see MediaStreamError)."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._end_tracks()
+        for track in self.tracks:
+            track.stop()
+        close = getattr(self._frames, "aclose", None)
+        if close is not None:
+            try:
+                await close()
+            except Exception:  # noqa: BLE001 - the generator may be mid-iteration elsewhere
+                log.debug("closing the frame iterator failed", exc_info=True)
+
+    async def _pump(self) -> None:
+        try:
+            async for frame in self._frames:
+                await self._fan_out(frame)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("session media source failed; ending tracks")
+        finally:
+            self._end_tracks()
+
+    def _end_tracks(self) -> None:
+        for track in self.tracks:
+            if track.readyState == "live" and (not track._queue or track._queue[-1] is not None):
+                track._put(None)
+        self._finished.set()
+
+    async def _fan_out(self, frame: OutputFrame) -> None:
+        self.counters.frames_in += 1
+        self._pending[frame.frame_index] = [self._parts_per_frame, frame]
+        if self.audio is not None:
+            await self._audio_space.acquire()  # never drop audio: wait instead (sender stuck)
+            first, second = audio_chunks(frame)
+            self.audio._put(_Item(first, frame))
+            self.audio._put(_Item(second, frame))
+        if self.video is not None:
+            self.video._put_frame(_Item(video_frame(frame), frame), self._video_limit)
+
+    def _on_video_dropped(self, frame: OutputFrame) -> None:
+        self.counters.video_frames_dropped += 1
+        log.debug("session %s: video frame %d dropped (sender lagging)", frame.session_id, frame.frame_index)
+        self._part_done(frame)
+
+    def _on_sent(self, kind: str, frame: OutputFrame) -> None:
+        if kind == "video":
+            self.counters.video_frames_sent += 1
+        else:
+            self.counters.audio_chunks_sent += 1
+            if self.counters.audio_chunks_sent % 2 == 0:
+                self._audio_space.release()
+        self._part_done(frame)
+
+    def _part_done(self, frame: OutputFrame) -> None:
+        entry = self._pending.get(frame.frame_index)
+        if entry is None:
+            return
+        entry[0] -= 1
+        # Report completed frames in order, so utterance start/end events never reorder.
+        while self._pending:
+            k, (left, done) = next(iter(self._pending.items()))
+            if left > 0:
+                break
+            del self._pending[k]
+            self._report(done)
+
+    def _report(self, frame: OutputFrame) -> None:
+        self.counters.frames_reported += 1
+        for callback in (self._record_sent, self._on_frame_sent):
+            if callback is None:
+                continue
+            try:
+                callback(frame)
+            except Exception:
+                log.exception("frame-sent callback failed for frame %d", frame.frame_index)

@@ -1,0 +1,150 @@
+"""WebRTC media: tracks fed by one session clock, the session peer, microphone input.
+
+Unit tests drive `SessionMedia` with frame generators made here; the loopback tests connect
+a real aiortc client to a `SessionPeer` (iceServers=[] on both sides) over 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import time
+
+import av
+import numpy as np
+import pytest
+from aiortc.mediastreams import AudioStreamTrack, MediaStreamError
+
+from ray_lipsync.clock import SAMPLES_PER_FRAME, SessionClock, video_pts
+from ray_lipsync.types import OutputFrame
+from ray_lipsync.webrtc import SessionMedia, SessionPeer, audio_chunks, parse_offer, video_frame
+from ray_lipsync.webrtc.client import ReceiverClient
+
+
+def make_frame(k: int, *, audio: np.ndarray | None = None, size: int = 64, t: float = 0.0) -> OutputFrame:
+    image = np.full((size, size, 3), k % 256, dtype=np.uint8)
+    samples = np.zeros(SAMPLES_PER_FRAME, np.float32) if audio is None else audio
+    return OutputFrame("s", 0, k, image, samples, video_pts(k), t)
+
+
+async def frame_list(n: int):
+    for k in range(n):
+        yield make_frame(k)
+        await asyncio.sleep(0)
+
+
+async def drain(track, into: list) -> None:
+    while True:
+        try:
+            into.append(await track.recv())
+        except MediaStreamError:
+            return
+
+
+# -- frame conversion ------------------------------------------------------------------------
+
+
+def test_video_frame_carries_the_clock_pts():
+    out = video_frame(make_frame(7))
+    assert out.format.name == "rgb24"
+    assert out.pts == 7 * 3600 and out.time_base == fractions.Fraction(1, 90000)
+    assert out.to_ndarray(format="rgb24")[0, 0, 0] == 7
+
+
+def test_audio_chunks_are_two_20ms_s16_frames_with_sample_pts():
+    ramp = np.linspace(-1, 1, SAMPLES_PER_FRAME, dtype=np.float32)
+    first, second = audio_chunks(make_frame(5, audio=ramp))
+    for i, chunk in enumerate((first, second)):
+        assert chunk.format.name == "s16" and chunk.layout.name == "mono"
+        assert chunk.sample_rate == 16000 and chunk.samples == 320
+        assert chunk.time_base == fractions.Fraction(1, 16000)
+        assert chunk.pts == (2 * 5 + i) * 320
+    # frame k and its chunks share one presentation time
+    assert first.pts / 16000 == video_frame(make_frame(5)).pts / 90000
+    pcm = np.concatenate([first.to_ndarray().ravel(), second.to_ndarray().ravel()])
+    assert pcm[0] == -32767 and pcm[-1] == 32767
+
+
+def test_missing_audio_is_sent_as_silence_not_a_gap():
+    frame = make_frame(1)
+    frame.audio = np.zeros(10, np.float32)  # short
+    chunks = audio_chunks(frame)
+    assert [c.samples for c in chunks] == [320, 320]
+    assert not any(c.to_ndarray().any() for c in chunks)
+
+
+# -- the media source ------------------------------------------------------------------------
+
+
+def test_media_fans_out_one_to_two_and_reports_frames_in_order():
+    async def main():
+        sent: list[int] = []
+        recorded: list[int] = []
+        media = SessionMedia(frame_list(40), record_sent=lambda f: recorded.append(f.frame_index),
+                             on_frame_sent=lambda f: sent.append(f.frame_index))
+        video, audio = [], []
+        await asyncio.gather(drain(media.video, video), drain(media.audio, audio))
+        return media, video, audio, sent, recorded
+
+    media, video, audio, sent, recorded = asyncio.run(main())
+    c = media.counters
+    assert (c.frames_in, c.video_frames_sent, c.audio_chunks_sent, c.video_frames_dropped) == (40, 40, 80, 0)
+    assert c.audio_chunks_sent == 2 * c.video_frames_sent
+    assert [f.pts for f in video] == [video_pts(k) for k in range(40)]
+    assert [a.pts for a in audio] == [320 * i for i in range(80)]
+    assert sent == recorded == list(range(40))
+
+
+def test_lagging_video_drops_oldest_but_never_audio():
+    async def main():
+        reported: list[int] = []
+        media = SessionMedia(frame_list(30), on_frame_sent=lambda f: reported.append(f.frame_index), video_queue=3)
+        audio: list = []
+        await drain(media.audio, audio)  # video sender stuck until the stream ended
+        video: list = []
+        await drain(media.video, video)
+        return media, video, audio, reported
+
+    media, video, audio, reported = asyncio.run(main())
+    c = media.counters
+    assert c.audio_chunks_sent == 60 and len(audio) == 60
+    assert c.video_frames_sent == 3 and c.video_frames_dropped == 27
+    assert [f.pts for f in video] == [video_pts(k) for k in (27, 28, 29)]  # the newest survive
+    assert reported == list(range(30))  # every frame reported once, in order
+
+
+def test_stop_ends_tracks_and_task():
+    async def forever():
+        k = 0
+        while True:
+            yield make_frame(k)
+            k += 1
+            await asyncio.sleep(0.001)
+
+    async def main():
+        media = SessionMedia(forever())
+        await media.video.recv()
+        await media.stop()
+        assert not media.running
+        with pytest.raises(MediaStreamError):
+            await media.audio.recv()
+
+    asyncio.run(main())
+
+
+# -- offers ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sdp, kind, fragment",
+    [
+        ("v=0\r\n", "answer", "type 'offer'"),
+        ("", "offer", "empty"),
+        ("hello", "offer", "v=0"),
+        ("v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n", "offer", "no audio or video"),
+        ("v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=rtpmap:96\r\n", "offer", "malformed"),
+    ],
+)
+def test_bad_offers_raise_value_error(sdp, kind, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        parse_offer(sdp, kind)
