@@ -1,0 +1,302 @@
+"""The gateway core: one replica's sessions, their peers, tokens, events and idle timeout.
+
+No Ray here. A `Gateway` wraps a pipeline (LocalPipeline or RayPipeline, same interface) and
+adds what the HTTP service needs: public session ids that name their home replica
+("<replica>.<random>"), per-session bearer tokens, a WebRTC peer per session, server-sent
+events when utterance frames are *sent*, per-frame latency, and closing idle or disconnected
+sessions. Every method returns plain dicts so it can be called through a Serve handle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+import zlib
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from ray_lipsync.api.auth import check_token, new_token
+from ray_lipsync.api.events import EventHub
+from ray_lipsync.api.metrics import GatewayMetrics
+from ray_lipsync.clock import SAMPLE_RATE
+from ray_lipsync.config import Settings
+from ray_lipsync.errors import AtCapacity, SessionError, UnknownSession
+from ray_lipsync.types import OutputFrame
+
+logger = logging.getLogger(__name__)
+
+COMPAT_RANDOM_DIGITS = 9  # LiveTalking ids: <6-digit replica code><9 random digits>
+_COMPAT_SPLIT = 10**COMPAT_RANDOM_DIGITS
+
+
+class PeerConflict(SessionError):
+    """The session already has a WebRTC peer (HTTP 409)."""
+
+
+def replica_code(replica: str) -> int:
+    """A stable 6-digit number naming a replica inside numeric (LiveTalking) session ids."""
+    return zlib.crc32(replica.encode()) % 1_000_000
+
+
+def home_of(session_id: str | int) -> tuple[str | None, int | None]:
+    """(replica tag, replica code) a session id names; None where it names none."""
+    if isinstance(session_id, int) or (isinstance(session_id, str) and session_id.isdigit()):
+        return None, int(session_id) // _COMPAT_SPLIT
+    tag, sep, _ = str(session_id).partition(".")
+    return (tag if sep and tag else None), None
+
+
+class PeerFactory(Protocol):
+    def __call__(self, session: Any, *, ice_servers: list[dict] | None,
+                 on_frame_sent: Callable[[OutputFrame], None],
+                 on_closed: Callable[[], Any]) -> Any: ...
+
+
+def default_peer_factory(session: Any, **kwargs: Any) -> Any:
+    """E1's SessionPeer (imported lazily: aiortc is only needed once a client sends an offer)."""
+    from ray_lipsync.webrtc.peer import SessionPeer
+
+    return SessionPeer(session, **kwargs)
+
+
+@dataclass
+class _Entry:
+    public_id: str
+    compat_id: int
+    token: str
+    session: Any
+    events: EventHub = field(default_factory=EventHub)
+    peer: Any = None
+    last_activity: float = field(default_factory=time.monotonic)
+    pushes: deque = field(default_factory=lambda: deque(maxlen=4096))  # (end_frame, t_pushed)
+
+
+class Gateway:
+    """Sessions of one gateway replica. Create with `Gateway(settings, pipeline, replica)`."""
+
+    def __init__(self, settings: Settings, pipeline: Any, replica: str, *,
+                 peer_factory: PeerFactory = default_peer_factory,
+                 ice_servers: list[dict] | None = None) -> None:
+        if not replica or "." in replica:
+            raise ValueError(f"replica tag {replica!r} must be non-empty and contain no '.'")
+        self.settings = settings
+        self.pipeline = pipeline
+        self.replica = replica
+        self.ice_servers = ice_servers if ice_servers is not None else []
+        self._peer_factory = peer_factory
+        self._entries: dict[str, _Entry] = {}
+        self._by_compat: dict[int, str] = {}
+        self._creating = 0
+        self._closing: set[asyncio.Task] = set()
+        self._reaper: asyncio.Task | None = None
+        self.metrics = GatewayMetrics(replica)
+
+    # ---- lookup ----------------------------------------------------------------------
+    @property
+    def session_count(self) -> int:
+        return len(self._entries)
+
+    def session_ids(self) -> list[str]:
+        return list(self._entries)
+
+    def _entry(self, session_id: str | int, token: str | None, *, compat: bool = False) -> _Entry:
+        if compat:
+            if not self.settings.serve.livetalking_compat:
+                raise UnknownSession("LiveTalking-compatible routes are disabled")
+            try:
+                public = self._by_compat.get(int(session_id))
+            except (TypeError, ValueError):
+                public = None
+            entry = self._entries.get(public) if public else None
+        else:
+            entry = self._entries.get(str(session_id))
+        if entry is None:
+            raise UnknownSession(f"no session {session_id!r}; it may have closed or timed out - "
+                                 "create a new one with POST /v1/sessions")
+        if not compat:
+            check_token(entry.token, token)
+        entry.last_activity = time.monotonic()
+        return entry
+
+    async def authorize(self, session_id: str, token: str | None) -> None:
+        """Raise UnknownSession / MissingToken / WrongToken unless the caller owns the session."""
+        self._entry(session_id, token)
+
+    # ---- lifecycle -------------------------------------------------------------------
+    async def create_session(self, avatar: str = "default", backend: str | None = None) -> dict:
+        """A new session on this replica: {session_id, token, ice_servers, compat_id}."""
+        self._ensure_reaper()
+        if len(self._entries) + self._creating >= self.settings.serve.max_sessions:
+            raise AtCapacity(f"gateway {self.replica} holds its maximum of "
+                             f"{self.settings.serve.max_sessions} sessions; retry later")
+        self._creating += 1
+        try:
+            session = await self.pipeline.create_session(avatar=avatar, backend=backend)
+        finally:
+            self._creating -= 1
+        public_id = f"{self.replica}.{secrets.token_urlsafe(12)}"
+        compat_id = replica_code(self.replica) * _COMPAT_SPLIT + secrets.randbelow(_COMPAT_SPLIT)
+        self._entries[public_id] = _Entry(public_id, compat_id, new_token(), session)
+        self._by_compat[compat_id] = public_id
+        self.metrics.sessions_created += 1
+        logger.info("session %s created (avatar %s)", public_id, avatar)
+        return {"session_id": public_id, "token": self._entries[public_id].token,
+                "ice_servers": self.ice_servers, "compat_id": compat_id}
+
+    async def close(self, session_id: str | int, token: str | None = None, *,
+                    compat: bool = False) -> None:
+        entry = self._entry(session_id, token, compat=compat)
+        await self._close_entry(entry, "closed by client")
+
+    async def _close_entry(self, entry: _Entry, reason: str) -> None:
+        if self._entries.pop(entry.public_id, None) is None:
+            return  # already closing
+        self._by_compat.pop(entry.compat_id, None)
+        self.metrics.sessions_closed += 1
+        entry.events.close(("session.closed", {"session_id": entry.public_id, "reason": reason}))
+        if entry.peer is not None:
+            try:
+                await entry.peer.close()
+            except Exception:  # a failing peer must not keep the session's resources
+                logger.exception("closing the peer of session %s failed", entry.public_id)
+        try:
+            await self.pipeline.close_session(entry.session.session_id)
+        except UnknownSession:
+            pass
+        logger.info("session %s closed: %s", entry.public_id, reason)
+
+    async def shutdown(self) -> None:
+        """Close every session and stop background work."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
+        for entry in list(self._entries.values()):
+            await self._close_entry(entry, "server shutting down")
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+    def _ensure_reaper(self) -> None:
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.get_running_loop().create_task(self._reap_idle())
+
+    async def _reap_idle(self) -> None:
+        timeout = self.settings.serve.idle_timeout_s
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            now = time.monotonic()
+            for entry in list(self._entries.values()):
+                if now - entry.last_activity > timeout:
+                    await self._close_entry(entry, f"idle for more than {timeout:g} s")
+
+    # ---- WebRTC ----------------------------------------------------------------------
+    async def offer(self, session_id: str | int, token: str | None, sdp: str,
+                    type: str = "offer", *, compat: bool = False) -> dict:
+        """Answer the client's SDP offer with this session's peer: {sdp, type}."""
+        entry = self._entry(session_id, token, compat=compat)
+        if entry.peer is not None:
+            raise PeerConflict("this session already has a WebRTC peer; create a new session "
+                               "to connect again")
+        entry.peer = self._peer_factory(
+            entry.session,
+            ice_servers=self.ice_servers,
+            on_frame_sent=lambda frame: self._on_frame_sent(entry, frame),
+            on_closed=lambda: self._on_peer_closed(entry),
+        )
+        try:
+            return await entry.peer.answer(sdp, type)
+        except Exception:
+            peer, entry.peer = entry.peer, None
+            await peer.close()
+            raise
+
+    def _on_frame_sent(self, entry: _Entry, frame: OutputFrame) -> None:
+        latency_ms = None
+        if frame.speech:
+            while entry.pushes and entry.pushes[0][0] < frame.frame_index:
+                entry.pushes.popleft()
+            if entry.pushes:
+                latency_ms = (time.monotonic() - entry.pushes[0][1]) * 1000
+            entry.last_activity = time.monotonic()
+        self.metrics.frame_sent(frame.dropped, latency_ms)
+        for key, event in (("utterance_start", "utterance.start"), ("utterance_end", "utterance.end")):
+            for utterance_id in frame.meta.get(key, ()):
+                entry.events.publish(event, {"utterance_id": utterance_id,
+                                             "frame": frame.frame_index, "pts": frame.pts})
+
+    def _on_peer_closed(self, entry: _Entry) -> None:
+        if entry.public_id in self._entries:
+            task = asyncio.get_running_loop().create_task(
+                self._close_entry(entry, "peer disconnected"))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    # ---- speech ----------------------------------------------------------------------
+    async def push_audio(self, session_id: str | int, token: str | None, samples: np.ndarray,
+                         utterance_id: str | None = None, interrupt: bool = False, *,
+                         compat: bool = False) -> dict:
+        """Queue 16 kHz mono float32 `samples`; repeated pushes with one utterance_id extend it.
+
+        Returns {utterance_id, duration_ms, start_frame, end_frame} of the whole utterance.
+        """
+        entry = self._entry(session_id, token, compat=compat)
+        samples = np.ascontiguousarray(samples, dtype=np.float32).reshape(-1)
+        if interrupt:
+            await entry.session.interrupt()
+        utterance = await entry.session.push_audio(samples, utterance_id)
+        entry.pushes.append((utterance.end_frame, time.monotonic()))
+        return {"utterance_id": utterance.utterance_id, "duration_ms": utterance.duration_ms,
+                "start_frame": utterance.start_frame, "end_frame": utterance.end_frame}
+
+    async def interrupt(self, session_id: str | int, token: str | None = None, *,
+                        compat: bool = False) -> dict:
+        entry = self._entry(session_id, token, compat=compat)
+        entry.pushes.clear()
+        return {"epoch": await entry.session.interrupt()}
+
+    async def status(self, session_id: str | int, token: str | None = None, *,
+                     compat: bool = False) -> dict:
+        entry = self._entry(session_id, token, compat=compat)
+        stats = entry.session.stats()
+        return {
+            "session_id": entry.public_id,
+            "gateway": self.replica,
+            "replica": stats.replica,
+            "epoch": stats.epoch,
+            "speaking": stats.speaking,
+            "frames_sent": stats.frames_sent,
+            "frames_dropped": stats.frames_dropped,
+            "latency_ms_p50": stats.latency_ms_p50,
+            "queued_audio_s": stats.queued_audio_s,
+            "connection_state": entry.peer.connection_state if entry.peer else "new",
+        }
+
+    async def events(self, session_id: str, token: str | None,
+                     keepalive_s: float = 15.0) -> AsyncIterator[tuple[str, dict]]:
+        """The session's events until it closes (streamed through a Serve handle)."""
+        entry = self._entry(session_id, token)
+        async for item in entry.events.subscribe(keepalive_s):
+            yield item
+
+    # ---- metrics ---------------------------------------------------------------------
+    def metrics_snapshot(self) -> dict:
+        entries = list(self._entries.values())
+        speaking = queued = 0.0
+        for entry in entries:
+            stats = entry.session.stats()
+            speaking += bool(stats.speaking)
+            queued += stats.queued_audio_s
+        return self.metrics.snapshot(
+            sessions=len(entries), speaking=int(speaking), queued_audio_s=queued,
+            queued_events=sum(e.events.queued for e in entries))
+
+
+def duration_ms(n_samples: int) -> int:
+    """Milliseconds of `n_samples` at the pipeline rate."""
+    return n_samples * 1000 // SAMPLE_RATE
+

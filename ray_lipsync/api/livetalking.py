@@ -1,0 +1,144 @@
+"""LiveTalking-compatible routes (unauthenticated; only with serve.livetalking_compat).
+
+Same request and response shapes as LiveTalking's app.py so its web clients work unchanged:
+POST /offer {sdp,type} -> {sdp,type,sessionid}; /human {sessionid,text,type,interrupt};
+/humanaudio multipart (sessionid, file); /interrupt_talk and /is_speaking {sessionid}.
+Replies are {"code": 0, ...} on success and {"code": -1, "msg": ...} on failure, as there.
+Session ids are integers (its clients parseInt them) that embed the home gateway's code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from ray_lipsync.api.client import GatewayClient
+from ray_lipsync.api.uploads import parse_form, push_decoded
+from ray_lipsync.config import Settings
+from ray_lipsync.errors import LipsyncError
+
+logger = logging.getLogger(__name__)
+
+
+def _fail(message: str, status: int = 200) -> JSONResponse:
+    return JSONResponse({"code": -1, "msg": message}, status)
+
+
+async def _json(request: Request) -> dict[str, Any]:
+    try:
+        params = json.loads(await request.body())
+    except ValueError as error:
+        raise ValueError(f"request body is not valid JSON: {error}") from None
+    if not isinstance(params, dict):
+        raise ValueError("request body must be a JSON object")
+    return params
+
+
+def _session(params: dict[str, Any]) -> int:
+    try:
+        return int(params.get("sessionid", 0))
+    except (TypeError, ValueError):
+        raise ValueError("sessionid must be the integer returned by /offer") from None
+
+
+def livetalking_routes(settings: Settings, client: GatewayClient) -> APIRouter:
+    """The five LiveTalking routes over `client` (no tokens, documented as unauthenticated)."""
+    api = APIRouter(tags=["livetalking (unauthenticated)"])
+
+    async def guarded(request: Request, action) -> JSONResponse:  # noqa: ANN001
+        try:
+            return JSONResponse(await action())
+        except ValueError as error:
+            return _fail(str(error), 400)
+        except LipsyncError as error:
+            from ray_lipsync.api.routes import error_response
+
+            status = error_response(error).status_code
+            return _fail(str(error), status)
+
+    @api.post("/offer")
+    async def offer(request: Request) -> JSONResponse:
+        async def run() -> dict:
+            params = await _json(request)
+            if params.get("type", "offer") != "offer" or not isinstance(params.get("sdp"), str):
+                raise ValueError("expected {\"sdp\": <offer SDP>, \"type\": \"offer\"}")
+            created = await client.call("create_session", avatar=settings.avatar.name)
+            sessionid = created["compat_id"]
+            try:
+                answer = await client.call("offer", session_id=sessionid, token=None,
+                                           sdp=params["sdp"], type="offer", compat=True)
+            except Exception:
+                await client.call("close", session_id=sessionid, compat=True)
+                raise
+            return {"sdp": answer["sdp"], "type": answer["type"], "sessionid": sessionid}
+
+        return await guarded(request, run)
+
+    @api.post("/human")
+    async def human(request: Request) -> JSONResponse:
+        async def run() -> dict:
+            params = await _json(request)
+            sessionid = _session(params)
+            if params.get("interrupt"):
+                await client.call("interrupt", session_id=sessionid, compat=True)
+            kind = params.get("type", "echo")
+            if kind == "chat":
+                raise ValueError("type 'chat' needs an LLM, which this server does not run; "
+                                 "send type 'echo' with the text to speak")
+            if kind != "echo":
+                raise ValueError(f"unknown type {kind!r}; use 'echo'")
+            text = str(params.get("text", "")).strip()
+            if text:
+                from ray_lipsync.api.routes import synthesize
+
+                samples = await synthesize(request, text)
+                await push_decoded(client, session_id=sessionid, token=None, samples=samples,
+                                   compat=True)
+            return {"code": 0, "msg": "ok", "data": "ok"}
+
+        return await guarded(request, run)
+
+    @api.post("/humanaudio")
+    async def humanaudio(request: Request) -> JSONResponse:
+        async def run() -> dict:
+            body = await request.body()
+            if len(body) > settings.audio.max_bytes:
+                from ray_lipsync.errors import AudioTooLarge
+
+                raise AudioTooLarge(f"upload exceeds {settings.audio.max_bytes} bytes")
+            form = parse_form(request.headers.get("content-type", ""), body)
+            if "file" not in form:
+                raise ValueError("multipart field 'file' (the audio file) is missing")
+            sessionid = _session({"sessionid": form.get("sessionid", (b"0", None))[0].decode()})
+            from ray_lipsync.audio import decode_audio
+
+            samples = decode_audio(form["file"][0], settings.audio)
+            await push_decoded(client, session_id=sessionid, token=None, samples=samples,
+                               compat=True)
+            return {"code": 0, "msg": "ok"}
+
+        return await guarded(request, run)
+
+    @api.post("/interrupt_talk")
+    async def interrupt_talk(request: Request) -> JSONResponse:
+        async def run() -> dict:
+            params = await _json(request)
+            await client.call("interrupt", session_id=_session(params), compat=True)
+            return {"code": 0, "msg": "ok"}
+
+        return await guarded(request, run)
+
+    @api.post("/is_speaking")
+    async def is_speaking(request: Request) -> JSONResponse:
+        async def run() -> dict:
+            params = await _json(request)
+            state = await client.call("status", session_id=_session(params), compat=True)
+            return {"code": 0, "data": bool(state["speaking"])}
+
+        return await guarded(request, run)
+
+    return api

@@ -1,0 +1,126 @@
+"""Per-replica counters and their Prometheus rendering for the whole deployment.
+
+Each gateway replica keeps a `GatewayMetrics`; its `snapshot()` is a plain dict. Snapshots of
+all replicas (pushed to the `MetricsBoard` actor in a cluster, or taken directly in one
+process) are rendered by `render_prometheus` with a `replica` label on every sample.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+LATENCY_BUCKETS_MS: tuple[float, ...] = (40, 80, 120, 160, 200, 250, 300, 400, 600, 1000, 2000)
+
+
+class GatewayMetrics:
+    """Counters of one gateway replica (sessions, frames, per-frame latency histogram)."""
+
+    def __init__(self, replica: str) -> None:
+        self.replica = replica
+        self.sessions_created = 0
+        self.sessions_closed = 0
+        self.frames_sent = 0
+        self.frames_dropped = 0
+        self._bucket_counts = [0] * (len(LATENCY_BUCKETS_MS) + 1)
+        self._latency_sum_ms = 0.0
+
+    def frame_sent(self, dropped: bool, latency_ms: float | None) -> None:
+        self.frames_sent += 1
+        if dropped:
+            self.frames_dropped += 1
+        if latency_ms is not None:
+            self._bucket_counts[bisect.bisect_left(LATENCY_BUCKETS_MS, latency_ms)] += 1
+            self._latency_sum_ms += latency_ms
+
+    def snapshot(self, *, sessions: int, speaking: int, queued_audio_s: float,
+                 queued_events: int) -> dict[str, Any]:
+        """A picklable view of the counters plus the replica's current gauges."""
+        return {
+            "replica": self.replica,
+            "time": time.time(),
+            "sessions": sessions,
+            "speaking": speaking,
+            "queued_audio_s": queued_audio_s,
+            "queued_events": queued_events,
+            "sessions_created": self.sessions_created,
+            "sessions_closed": self.sessions_closed,
+            "frames_sent": self.frames_sent,
+            "frames_dropped": self.frames_dropped,
+            "latency_buckets": list(self._bucket_counts),
+            "latency_sum_ms": self._latency_sum_ms,
+        }
+
+
+class MetricsBoard:
+    """Latest snapshot of every gateway replica; stale replicas (gone) expire.
+
+    Wrapped as a named Ray actor by serve_app; plain class so it is testable without Ray.
+    """
+
+    def __init__(self, ttl_s: float = 30.0) -> None:
+        self._ttl_s = ttl_s
+        self._snapshots: dict[str, dict[str, Any]] = {}
+
+    def put(self, snapshot: dict[str, Any]) -> None:
+        self._snapshots[snapshot["replica"]] = {**snapshot, "received": time.monotonic()}
+
+    def get(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        self._snapshots = {r: s for r, s in self._snapshots.items()
+                           if now - s["received"] <= self._ttl_s}
+        return list(self._snapshots.values())
+
+
+class _SnapshotCollector:
+    def __init__(self, snapshots: Iterable[Mapping[str, Any]]) -> None:
+        self._snapshots = list(snapshots)
+
+    def collect(self):  # noqa: ANN201 - prometheus_client collector protocol
+        gauges = {
+            "sessions": ("lipsync_sessions", "Open sessions."),
+            "speaking": ("lipsync_sessions_speaking", "Sessions currently speaking."),
+            "queued_audio_s": ("lipsync_queued_audio_seconds", "Audio queued ahead of playback."),
+            "queued_events": ("lipsync_queued_events", "Server-sent events waiting for clients."),
+        }
+        counters = {
+            "sessions_created": ("lipsync_sessions_created", "Sessions created."),
+            "sessions_closed": ("lipsync_sessions_closed", "Sessions closed."),
+            "frames_sent": ("lipsync_frames_sent", "Video frames sent to peers."),
+            "frames_dropped": ("lipsync_frames_dropped", "Frames replaced because late."),
+        }
+        for key, (name, doc) in gauges.items():
+            family = GaugeMetricFamily(name, doc, labels=["replica"])
+            for snap in self._snapshots:
+                family.add_metric([snap["replica"]], float(snap[key]))
+            yield family
+        for key, (name, doc) in counters.items():
+            family = CounterMetricFamily(name, doc, labels=["replica"])
+            for snap in self._snapshots:
+                family.add_metric([snap["replica"]], float(snap[key]))
+            yield family
+        hist = HistogramMetricFamily(
+            "lipsync_frame_latency_ms",
+            "Per-frame latency: audio pushed to frame sent (ms).",
+            labels=["replica"],
+        )
+        for snap in self._snapshots:
+            cumulative, buckets = 0, []
+            bounds = [str(b) for b in LATENCY_BUCKETS_MS] + ["+Inf"]
+            for bound, count in zip(bounds, snap["latency_buckets"]):
+                cumulative += count
+                buckets.append((bound, float(cumulative)))
+            hist.add_metric([snap["replica"]], buckets, float(snap["latency_sum_ms"]))
+        yield hist
+
+
+def render_prometheus(snapshots: Iterable[Mapping[str, Any]]) -> bytes:
+    """Prometheus text exposition of all replicas' snapshots."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_SnapshotCollector(snapshots))
+    return generate_latest(registry)

@@ -1,0 +1,70 @@
+"""Pydantic request and response models of the HTTP API (they shape the OpenAPI at /docs)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CreateSessionRequest(_Strict):
+    avatar: str = Field("default", min_length=1, max_length=128, description="Prepared avatar name.")
+    backend: Literal["procedural", "musetalk"] | None = Field(
+        None, description="Lip-sync backend; None = the server's default."
+    )
+
+
+class SessionCreated(BaseModel):
+    session_id: str = Field(description="Names the session and its home gateway replica.")
+    token: str = Field(description="Bearer token for every later call of this session.")
+    ice_servers: list[dict] = Field(description="ICE servers for the client's RTCPeerConnection.")
+
+
+class OfferRequest(_Strict):
+    sdp: str = Field(min_length=1, max_length=200_000, description="The client's SDP offer.")
+    type: Literal["offer"] = "offer"
+
+
+class SessionDescription(BaseModel):
+    sdp: str
+    type: str
+
+
+class UtteranceAccepted(BaseModel):
+    utterance_id: str
+    duration_ms: int
+
+
+class SpeakRequest(_Strict):
+    text: str = Field(min_length=1, max_length=5000, description="Text spoken through offline TTS.")
+    interrupt: bool = Field(False, description="Replace current speech instead of queueing.")
+
+
+class InterruptResult(BaseModel):
+    epoch: int
+
+
+class SessionState(BaseModel):
+    session_id: str
+    gateway: str = Field(description="Tag of the gateway replica holding the session's peer.")
+    replica: str = Field(description="Inference replica the session is pinned to.")
+    epoch: int
+    speaking: bool
+    frames_sent: int
+    frames_dropped: int
+    latency_ms_p50: float | None
+    queued_audio_s: float
+    connection_state: str
+
+
+class AvatarList(BaseModel):
+    avatars: list[str]
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="Machine-readable error code.")
+    detail: str = Field(description="What is wrong and what to do.")

@@ -1,0 +1,212 @@
+"""The FastAPI ingress: /v1 session API, /healthz, /metrics, the page at `/` (OpenAPI at /docs).
+
+`build_api(settings, client)` works over any GatewayClient: in-process or through Ray Serve.
+Errors map to HTTP codes in one place (`error_response`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+
+from ray_lipsync.api import models
+from ray_lipsync.api.auth import MissingToken, WrongToken, bearer_token
+from ray_lipsync.api.client import GatewayClient
+from ray_lipsync.api.events import format_sse
+from ray_lipsync.api.gateway import PeerConflict
+from ray_lipsync.api.metrics import render_prometheus
+from ray_lipsync.api.uploads import push_decoded, stream_upload
+from ray_lipsync.config import Settings
+from ray_lipsync.errors import (
+    AtCapacity, AudioInputError, AudioTooLarge, AvatarError, AvatarNotFound, Backpressure,
+    MalformedAudio, SessionClosed, UnknownSession, UnsupportedAudio,
+)
+
+logger = logging.getLogger(__name__)
+
+SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}\.[A-Za-z0-9_-]{1,64}$")
+RETRY_AFTER_S = "5"
+_STATUS: list[tuple[type[BaseException], int, str]] = [
+    (MissingToken, 401, "unauthorized"), (WrongToken, 403, "forbidden"),
+    (UnknownSession, 404, "unknown_session"), (AvatarNotFound, 404, "unknown_avatar"),
+    (SessionClosed, 410, "session_closed"), (PeerConflict, 409, "peer_exists"),
+    (AudioTooLarge, 413, "too_large"), (UnsupportedAudio, 415, "unsupported_audio"),
+    (MalformedAudio, 422, "malformed_audio"), (AudioInputError, 422, "invalid_audio"),
+    (Backpressure, 429, "backpressure"), (AtCapacity, 503, "at_capacity"),
+    (AvatarError, 400, "bad_avatar"), (ValueError, 400, "bad_request"),
+]
+
+
+def error_response(error: BaseException) -> JSONResponse:
+    """The HTTP answer for a typed error: {error, detail} plus Retry-After where it applies."""
+    for kind, status, code in _STATUS:
+        if isinstance(error, kind):
+            headers = {"Retry-After": RETRY_AFTER_S} if status in (429, 503) else None
+            if status == 401:
+                headers = {"WWW-Authenticate": "Bearer"}
+            return JSONResponse({"error": code, "detail": str(error)}, status, headers=headers)
+    logger.exception("unexpected error", exc_info=error)
+    return JSONResponse({"error": "internal", "detail": "internal error; see server logs"}, 500)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_typed(request: Request, error: Exception) -> JSONResponse:
+        return error_response(error)
+
+    async def on_invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())) or 'body'}: {e.get('msg')}"
+                             for e in error.errors())
+        return JSONResponse({"error": "bad_request", "detail": f"invalid request: {problems}"}, 400)
+
+    app.add_exception_handler(RequestValidationError, on_invalid)
+    for kind, _, _ in _STATUS:
+        app.add_exception_handler(kind, on_typed)
+
+
+def check_session_id(session_id: str) -> str:
+    if not SESSION_ID.match(session_id):
+        raise UnknownSession(f"no session {session_id[:80]!r}; session ids look like "
+                             "'<replica>.<random>' as returned by POST /v1/sessions")
+    return session_id
+
+
+def list_avatars(settings: Settings) -> list[str]:
+    """The default avatar plus every prepared avatar in the store."""
+    names = {settings.avatar.name}
+    if settings.avatars_dir.is_dir():
+        names.update(p.name for p in settings.avatars_dir.iterdir() if p.is_dir())
+    return sorted(names)
+
+
+async def synthesize(request: Request, text: str) -> Any:
+    """Offline TTS (one Synthesizer per app, created on first use, run in a thread)."""
+    state = request.app.state
+    if getattr(state, "synthesizer", None) is None:
+        from ray_lipsync.tts import Synthesizer
+
+        state.synthesizer = await asyncio.to_thread(Synthesizer)
+    return await asyncio.to_thread(state.synthesizer.synthesize, text)
+
+
+def session_routes(settings: Settings, client: GatewayClient) -> APIRouter:
+    """The /v1 session API."""
+    api = APIRouter(prefix="/v1")
+
+    @api.get("/avatars", response_model=models.AvatarList)
+    async def avatars() -> dict:
+        return {"avatars": list_avatars(settings)}
+
+    @api.post("/sessions", status_code=201, response_model=models.SessionCreated,
+              responses={503: {"model": models.ErrorBody}})
+    async def create_session(body: models.CreateSessionRequest) -> dict:
+        return await client.call("create_session", avatar=body.avatar, backend=body.backend)
+
+    async def auth(session_id: str, authorization: str | None) -> str:
+        token = bearer_token(authorization)
+        await client.call("authorize", session_id=check_session_id(session_id), token=token)
+        return token
+
+    @api.post("/sessions/{session_id}/offer", response_model=models.SessionDescription)
+    async def offer(session_id: str, body: models.OfferRequest,
+                    authorization: str | None = Header(None)) -> dict:
+        token = await auth(session_id, authorization)
+        return await client.call("offer", session_id=session_id, token=token,
+                                 sdp=body.sdp, type=body.type)
+
+    @api.post("/sessions/{session_id}/audio", status_code=202,
+              response_model=models.UtteranceAccepted,
+              openapi_extra={"requestBody": {"content": {
+                  "audio/wav": {"schema": {"type": "string", "format": "binary"}},
+                  "audio/L16;rate=16000;channels=1": {"schema": {"type": "string", "format": "binary"}},
+              }}})
+    async def audio(session_id: str, request: Request, interrupt: bool = False,
+                    authorization: str | None = Header(None)) -> dict:
+        token = await auth(session_id, authorization)
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > settings.audio.max_bytes:
+            raise AudioTooLarge(f"audio upload of {length} bytes exceeds the limit of "
+                                f"{settings.audio.max_bytes} bytes")
+        return await stream_upload(client, settings, session_id=session_id, token=token,
+                                   content_type=request.headers.get("content-type"),
+                                   body=request.stream(), interrupt=interrupt)
+
+    @api.post("/sessions/{session_id}/speak", status_code=202,
+              response_model=models.UtteranceAccepted)
+    async def speak(session_id: str, body: models.SpeakRequest, request: Request,
+                    authorization: str | None = Header(None)) -> dict:
+        token = await auth(session_id, authorization)
+        samples = await synthesize(request, body.text)
+        return await push_decoded(client, session_id=session_id, token=token,
+                                  samples=samples, interrupt=body.interrupt)
+
+    @api.post("/sessions/{session_id}/interrupt", response_model=models.InterruptResult)
+    async def interrupt(session_id: str, authorization: str | None = Header(None)) -> dict:
+        token = await auth(session_id, authorization)
+        return await client.call("interrupt", session_id=session_id, token=token)
+
+    @api.get("/sessions/{session_id}", response_model=models.SessionState)
+    async def status(session_id: str, authorization: str | None = Header(None)) -> dict:
+        token = await auth(session_id, authorization)
+        return await client.call("status", session_id=session_id, token=token)
+
+    @api.delete("/sessions/{session_id}", status_code=204)
+    async def close(session_id: str, authorization: str | None = Header(None)) -> Response:
+        token = await auth(session_id, authorization)
+        await client.call("close", session_id=session_id, token=token)
+        return Response(status_code=204)
+
+    @api.get("/sessions/{session_id}/events", response_class=StreamingResponse,
+             responses={200: {"content": {"text/event-stream": {}}}})
+    async def events(session_id: str, token: str | None = Query(None),
+                     authorization: str | None = Header(None)) -> StreamingResponse:
+        """Server-sent events; EventSource clients pass the token as `?token=`."""
+        given = token or bearer_token(authorization)
+        await client.call("authorize", session_id=check_session_id(session_id), token=given)
+
+        async def body():
+            async for event, data in client.stream("events", session_id=session_id,
+                                                   token=given, keepalive_s=15.0):
+                yield format_sse(event, data)
+
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return api
+
+
+def build_api(settings: Settings, client: GatewayClient) -> FastAPI:
+    """The whole HTTP API over `client` (LiveTalking routes only with the compat flag)."""
+    app = FastAPI(title="ray-lipsync", version="0.1.0",
+                  description="Real-time lip-synced avatar streaming over WebRTC.")
+    install_error_handlers(app)
+    app.include_router(session_routes(settings, client))
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/metrics", response_class=Response)
+    async def metrics() -> Response:
+        return Response(render_prometheus(await client.snapshots()),
+                        media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> HTMLResponse:
+        index = Path(__file__).resolve().parent.parent / "web" / "index.html"
+        if index.is_file():
+            return HTMLResponse(index.read_text())
+        return HTMLResponse("<!doctype html><title>ray-lipsync</title>"
+                            "<p>ray-lipsync is running; the API is at <a href='/docs'>/docs</a>.")
+
+    if settings.serve.livetalking_compat:
+        from ray_lipsync.api.livetalking import livetalking_routes
+
+        app.include_router(livetalking_routes(settings, client))
+    return app
