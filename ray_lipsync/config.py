@@ -78,6 +78,9 @@ class MuseTalkConfig(_Frozen):
         120, ge=100, description="Audio needed past the end of a frame before it is encoded."
     )
     fp16: bool = Field(True, description="Half precision on CUDA (always fp32 on CPU).")
+    encoder_pad_30s: bool = Field(
+        False, description="Pad each encoder window to Whisper's 30 s (closer to offline, ~15x cost)."
+    )
 
 
 class PipelineConfig(_Frozen):

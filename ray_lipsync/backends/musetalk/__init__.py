@@ -1,0 +1,1 @@
+"""MuseTalk v1.5 neural backend: Whisper-tiny features -> one-step UNet + VAE decode."""

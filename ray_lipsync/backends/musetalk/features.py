@@ -1,0 +1,199 @@
+"""MuseTalk audio features: Whisper-tiny encoder states -> [50, 384] per video frame.
+
+Whisper-tiny (transformers) with all hidden states gives 5 states [T, 384] at 50 Hz (the
+input embedding, layers 1-3, and the layer-normed output of layer 4); stacked [T, 5, 384].
+Video frame i takes whisper frames 2i-4 .. 2i+5 (zero outside the audio) -> [10, 5, 384]
+-> [50, 384].
+
+Streaming window (the design choice). The transformers `WhisperEncoder.forward` refuses
+anything but 3000 mel frames (30 s). Padding every step's audio to 30 s would cost 1500
+tokens per window however little audio is new, so instead `encode_states` runs the encoder's
+own modules (conv1, conv2, the layers, the final layer norm) on a window of W tokens with the
+positional embedding sliced to its first W rows - the same computation, minus the padding.
+Each window is `encoder_window_s` long (default 2 s = 100 tokens), aligned to 20 ms and ending
+`lookahead_ms` past the end of the last frame it serves; at a session's start it holds less
+audio and is padded with zeros (silence) on the right, as Whisper's own 30 s padding does.
+Every window has the same length, so a frame's features never depend on which other requests
+share the batch. `MuseTalkConfig.encoder_pad_30s = True` pads each window to 30 s instead
+(full positional table, closest to the offline features, ~15x the encoder cost).
+`offline_features` is the original whole-clip path (30 s windows, the library's forward);
+`fidelity.compare_streaming` measures how far the streaming features are from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ray_lipsync.backends.base import Featurizer
+from ray_lipsync.backends.musetalk.weights import MuseTalkModels, default_device, default_dtype, shared_models
+from ray_lipsync.clock import SAMPLE_RATE, SAMPLES_PER_FRAME, frames_in_samples, ms_to_samples
+from ray_lipsync.config import Settings
+from ray_lipsync.types import FeatureRequest
+
+log = logging.getLogger(__name__)
+
+WHISPER_HOP = 320  # samples per whisper encoder frame (50 Hz)
+WHISPER_PER_FRAME = SAMPLES_PER_FRAME // WHISPER_HOP  # 2
+LEFT_FRAMES = 4  # whisper frames before 2i
+SPAN = 10  # whisper frames per video frame: 2i-4 .. 2i+5
+RECEPTIVE_FRAMES = 2  # conv + STFT reach of a whisper frame, in whisper frames
+SEGMENT_SAMPLES = 30 * SAMPLE_RATE  # Whisper's 30 s input
+FEATURE_SHAPE = (50, 384)
+
+
+def encode_states(whisper: Any, mel: torch.Tensor) -> torch.Tensor:
+    """Run a transformers WhisperEncoder on mel [B, 80, 2W] of any W <= max positions.
+
+    Returns the 5 (for tiny) hidden states stacked [B, W, n_layers + 1, d_model], the same
+    states `forward(output_hidden_states=True)` gives, with the positional table sliced to W.
+    """
+    h = torch.nn.functional.gelu(whisper.conv1(mel))
+    h = torch.nn.functional.gelu(whisper.conv2(h)).permute(0, 2, 1)
+    width = h.shape[1]
+    if width > whisper.embed_positions.num_embeddings:
+        raise ValueError(f"window of {width} whisper frames exceeds the encoder's positions")
+    h = h + whisper.embed_positions.weight[:width]
+    states = [h]
+    for index, layer in enumerate(whisper.layers):
+        h = layer(h, None)
+        states.append(whisper.layer_norm(h) if index == len(whisper.layers) - 1 else h)
+    return torch.stack(states, dim=2)
+
+
+def gather_frames(
+    states: torch.Tensor | np.ndarray, first_whisper: int, n_valid: int, frames: range
+) -> np.ndarray:
+    """Per-frame features [len(frames), 50, 384] from states [W, 5, 384].
+
+    `states[j]` is absolute whisper frame `first_whisper + j`; whisper frames < 0 or
+    >= `n_valid` (past the audio) are zero, as are any the window does not hold.
+    """
+    arr = states.float().cpu().numpy() if isinstance(states, torch.Tensor) else np.asarray(states)
+    width, n_states, dim = arr.shape
+    out = np.zeros((len(frames), SPAN, n_states, dim), dtype=np.float32)
+    for row, frame in enumerate(frames):
+        lo = WHISPER_PER_FRAME * frame - LEFT_FRAMES
+        for k in range(SPAN):
+            j = lo + k
+            local = j - first_whisper
+            if 0 <= j < n_valid and 0 <= local < width:
+                out[row, k] = arr[local]
+    return out.reshape(len(frames), SPAN * n_states, dim)
+
+
+def log_mel(models: MuseTalkModels, windows: Sequence[np.ndarray], length: int) -> torch.Tensor:
+    """Whisper log-mel [B, 80, length / 160] of `windows`, each zero-padded to `length` samples."""
+    batch = models.feature_extractor(
+        [np.asarray(w, dtype=np.float32) for w in windows],
+        sampling_rate=SAMPLE_RATE,
+        padding="max_length",
+        max_length=length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    return batch.input_features.to(device=models.device, dtype=models.dtype)
+
+
+def offline_features(models: MuseTalkModels, audio: np.ndarray) -> np.ndarray:
+    """Whole-clip features [floor(duration x 25), 50, 384] the way MuseTalk computes them.
+
+    The clip is cut into 30 s segments, each padded to 30 s and run through the library's
+    encoder forward; the states are concatenated and trimmed to floor(len / 320) frames.
+    """
+    audio = np.asarray(audio, dtype=np.float32)
+    segments = [audio[s : s + SEGMENT_SAMPLES] for s in range(0, max(len(audio), 1), SEGMENT_SAMPLES)]
+    parts = []
+    with torch.inference_mode():
+        for segment in segments:
+            mel = log_mel(models, [segment], SEGMENT_SAMPLES)
+            hidden = models.whisper(mel, output_hidden_states=True).hidden_states
+            parts.append(torch.stack(hidden, dim=2)[0])
+    states = torch.cat(parts, dim=0)
+    n_valid = len(audio) // WHISPER_HOP
+    return gather_frames(states[:n_valid], 0, n_valid, range(frames_in_samples(len(audio))))
+
+
+def _validate(request: FeatureRequest) -> None:
+    audio = request.audio
+    if not isinstance(audio, np.ndarray) or audio.ndim != 1:
+        raise ValueError("FeatureRequest.audio must be a 1-D numpy array of 16 kHz samples")
+    if request.audio_start < 0:
+        raise ValueError(f"FeatureRequest.audio_start must be >= 0, got {request.audio_start}")
+    frames = request.frames
+    if frames.step != 1 or (len(frames) and frames.start < 0):
+        raise ValueError(f"FeatureRequest.frames must be a non-negative step-1 range, got {frames}")
+    end = request.audio_start + len(audio)
+    if len(frames) and (frames.start * SAMPLES_PER_FRAME < request.audio_start or frames.stop * SAMPLES_PER_FRAME > end):
+        raise ValueError(
+            f"audio [{request.audio_start}, {end}) does not cover frames {frames.start}..{frames.stop - 1}; "
+            "send the samples of every requested frame"
+        )
+
+
+class MuseTalkFeaturizer(Featurizer):
+    """Streaming Whisper-tiny features for MuseTalk v1.5 (see the module docstring)."""
+
+    name = "musetalk"
+
+    def __init__(self, settings: Settings, device: str | torch.device | None = None) -> None:
+        cfg = settings.musetalk
+        self.device = torch.device(device) if device is not None else default_device()
+        dtype = default_dtype(self.device, cfg.fp16)
+        self.models = shared_models(settings.models_dir, self.device, dtype, parts=("whisper",))
+        self.lookahead_ms = cfg.lookahead_ms
+        self.window_frames = int(round(cfg.encoder_window_s * SAMPLE_RATE)) // WHISPER_HOP
+        self.context_ms = max(0, int(cfg.encoder_window_s * 1000) - cfg.lookahead_ms - 40)
+        self.pad_samples = SEGMENT_SAMPLES if cfg.encoder_pad_30s else self.window_frames * WHISPER_HOP
+        lookahead_whisper = math.ceil(ms_to_samples(cfg.lookahead_ms) / WHISPER_HOP)
+        spare = self.window_frames - lookahead_whisper - LEFT_FRAMES - RECEPTIVE_FRAMES
+        self.group_frames = max(1, spare // WHISPER_PER_FRAME)
+
+    def new_state(self) -> Any:
+        """Stateless: every window is encoded from the audio the request carries."""
+        return None
+
+    def offline_features(self, audio: np.ndarray) -> np.ndarray:
+        """Whole-clip features [floor(duration x 25), 50, 384] (MuseTalk's original path)."""
+        return offline_features(self.models, audio)
+
+    def _windows(self, request: FeatureRequest) -> list[tuple[range, int, np.ndarray]]:
+        """(frames, first whisper frame, samples) of each encoder window one request needs."""
+        out = []
+        audio_end = request.audio_start + len(request.audio)
+        lookahead = ms_to_samples(self.lookahead_ms)
+        first_available = -(-request.audio_start // WHISPER_HOP)
+        frames = request.frames
+        for g0 in range(frames.start, frames.stop, self.group_frames):
+            group = range(g0, min(g0 + self.group_frames, frames.stop))
+            end_w = min(audio_end, group.stop * SAMPLES_PER_FRAME + lookahead) // WHISPER_HOP
+            start_w = max(first_available, end_w - self.window_frames)
+            a = start_w * WHISPER_HOP - request.audio_start
+            samples = request.audio[a : a + (end_w - start_w) * WHISPER_HOP]
+            out.append((group, start_w, samples))
+        return out
+
+    def featurize(self, requests: Sequence[FeatureRequest]) -> list[np.ndarray]:
+        """Features [len(frames), 50, 384] per request; all windows in one encoder forward."""
+        for request in requests:
+            _validate(request)
+        plans = [self._windows(r) for r in requests]
+        windows = [w for plan in plans for w in plan]
+        if not windows:
+            return [np.zeros((0, *FEATURE_SHAPE), np.float32) for _ in requests]
+        with torch.inference_mode():
+            mel = log_mel(self.models, [w[2] for w in windows], self.pad_samples)
+            states = encode_states(self.models.whisper, mel)
+        results, index = [], 0
+        for request, plan in zip(requests, plans):
+            n_valid = (request.audio_start + len(request.audio)) // WHISPER_HOP
+            parts = []
+            for group, start_w, _ in plan:
+                parts.append(gather_frames(states[index], start_w, n_valid, group))
+                index += 1
+            results.append(np.concatenate(parts) if parts else np.zeros((0, *FEATURE_SHAPE), np.float32))
+        return results
