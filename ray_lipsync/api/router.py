@@ -1,0 +1,74 @@
+"""Ray Serve glue for gateways: the session-affine request router and the autoscaling policy.
+
+Session ids name their home replica ("<replica unique_id>.<random>", or for LiveTalking's
+integer ids a 6-digit replica code in the leading digits), so every call for a session is
+sent to the replica holding its peer, whatever replicas are added later. Calls without a
+session (create_session) go to the replica with the fewest sessions (from
+`record_routing_stats`). Consistent hashing is not used: it remaps sessions on scale-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+
+from ray_lipsync.api.gateway import home_of, replica_code
+
+logger = logging.getLogger(__name__)
+
+
+def _session_arg(pending: PendingRequest | None) -> Any:
+    if pending is None:
+        return None
+    return pending.kwargs.get("session_id")
+
+
+class SessionRouter(RequestRouter):
+    """Pins each session's calls to the replica its id names; new sessions to the least loaded."""
+
+    def initialize_state(self, **kwargs: Any) -> None:
+        pass
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None
+                              ) -> list[list[RunningReplica]]:
+        session_id = _session_arg(pending_request)
+        if session_id is not None:
+            tag, code = home_of(session_id)
+            home = [r for r in candidate_replicas
+                    if r.replica_id.unique_id == tag
+                    or (code is not None and replica_code(r.replica_id.unique_id) == code)]
+            if home:
+                return [home]
+            # Home replica gone: any replica answers "unknown session" (404).
+            return [candidate_replicas[:1]] if candidate_replicas else []
+        return [[r] for r in sorted(candidate_replicas, key=_load)]
+
+
+def _load(replica: RunningReplica) -> float:
+    stats = replica.routing_stats or {}
+    return float(stats.get("sessions", 0))
+
+
+class SessionsAutoscalingPolicy:
+    """Gateways needed for the open sessions: ceil(sessions / target), within min..max.
+
+    Serve instantiates it once with `policy_kwargs`; it reads the `sessions` custom metric
+    each gateway reports from `record_autoscaling_stats`.
+    """
+
+    def __init__(self, target_sessions_per_gateway: int = 8) -> None:
+        if target_sessions_per_gateway <= 0:
+            raise ValueError("target_sessions_per_gateway must be positive")
+        self.target = target_sessions_per_gateway
+
+    def __call__(self, ctx: Any) -> tuple[int, dict]:
+        per_replica = (ctx.aggregated_metrics or {}).get("sessions", {})
+        sessions = float(sum(per_replica.values()))
+        desired = math.ceil(sessions / self.target)
+        desired = min(max(desired, ctx.capacity_adjusted_min_replicas, 1),
+                      ctx.capacity_adjusted_max_replicas)
+        return desired, {}
