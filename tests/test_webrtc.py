@@ -148,3 +148,111 @@ def test_stop_ends_tracks_and_task():
 def test_bad_offers_raise_value_error(sdp, kind, fragment):
     with pytest.raises(ValueError, match=fragment):
         parse_offer(sdp, kind)
+
+
+# -- loopback: a real aiortc client against SessionPeer --------------------------------------
+
+
+class ClockSession:
+    """A minimal clock-paced session (stand-in until streaming.Session is used here).
+
+    Frame k is yielded at its presentation time with the pushed speech (or silence); speech
+    frames are brighter, so the video shows what is playing.
+    """
+
+    def __init__(self, size: int = 96) -> None:
+        self.session_id = "loop"
+        self.epoch = 0
+        self.clock = SessionClock(time.monotonic(), 0.04)
+        self._size = size
+        self._audio = np.zeros(0, np.float32)
+        self._speech_from = 0  # absolute sample index where queued speech starts
+        self._closed = False
+        self.sent: list[OutputFrame] = []
+        self.pushed: list[tuple[str | None, int]] = []
+
+    async def push_audio(self, samples: np.ndarray, utterance_id: str | None = None):
+        self.pushed.append((utterance_id, samples.size))
+        if self._audio.size == 0:
+            now_frame = max(0, self.clock.frame_at(time.monotonic()) + 1)
+            self._speech_from = now_frame * SAMPLES_PER_FRAME
+        self._audio = np.concatenate([self._audio, samples.astype(np.float32)])
+
+    async def interrupt(self) -> int:
+        self.epoch += 1
+        self._audio = np.zeros(0, np.float32)
+        return self.epoch
+
+    async def close(self) -> None:
+        self._closed = True
+
+    def record_sent(self, frame: OutputFrame) -> None:
+        self.sent.append(frame)
+
+    async def frames(self):
+        k = max(0, self.clock.frame_at(time.monotonic()))
+        while not self._closed:
+            delay = self.clock.presentation_time(k) - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            start = k * SAMPLES_PER_FRAME - self._speech_from
+            audio = np.zeros(SAMPLES_PER_FRAME, np.float32)
+            if self._audio.size and start >= 0 and start < self._audio.size:
+                piece = self._audio[start : start + SAMPLES_PER_FRAME]
+                audio[: piece.size] = piece
+            speech = bool(np.abs(audio).max() > 0)
+            image = np.full((self._size, self._size, 3), 200 if speech else 40, np.uint8)
+            yield OutputFrame(self.session_id, self.epoch, k, image, audio, video_pts(k),
+                              self.clock.presentation_time(k), speech=speech)
+            k += 1
+
+
+def tone(seconds: float, hz: float = 440.0, amp: float = 0.5) -> np.ndarray:
+    t = np.arange(int(seconds * 16000)) / 16000
+    return (amp * np.sin(2 * np.pi * hz * t)).astype(np.float32)
+
+
+def loud_ms(signal: np.ndarray, rate: int, threshold: float = 0.05) -> int:
+    """Milliseconds of `signal` whose 10 ms RMS is above `threshold`."""
+    win = rate // 100
+    n = signal.size // win
+    rms = np.sqrt((signal[: n * win].reshape(n, win) ** 2).mean(axis=1))
+    return int((rms > threshold).sum() * 10)
+
+
+async def connect(session, **peer_kwargs) -> tuple[SessionPeer, ReceiverClient]:
+    peer = SessionPeer(session, **peer_kwargs)
+    client = ReceiverClient(mic=peer_kwargs.pop("mic", None) if False else None)
+    answer = await peer.answer(**(await client.offer()))
+    assert answer["type"] == "answer" and "m=video" in answer["sdp"]
+    await client.accept(answer)
+    return peer, client
+
+
+def test_loopback_streams_first_frame_fps_audio_and_one_to_two():
+    async def main():
+        session = ClockSession()
+        sent_frames: list[OutputFrame] = []
+        peer, client = await connect(session, on_frame_sent=sent_frames.append)
+        first = await client.wait_first_video(timeout=5)
+        await session.push_audio(tone(0.6))
+        t0 = time.monotonic()
+        await asyncio.sleep(2.0)
+        fps = client.received.fps(t0, time.monotonic())
+        await session.close()
+        await asyncio.sleep(0.3)
+        await peer.close()
+        await client.close()
+        return session, peer, client, first, fps, sent_frames
+
+    session, peer, client, first, fps, sent_frames = asyncio.run(main())
+    assert first < 2.0
+    assert 23 <= fps <= 27
+    c = peer.counters
+    assert c.video_frames_dropped == 0
+    assert c.audio_chunks_sent == 2 * c.video_frames_sent
+    assert [f.frame_index for f in session.sent] == [f.frame_index for f in sent_frames]
+    assert client.received.video_size == (96, 96)
+    got = loud_ms(client.received.audio_signal(), client.received.audio_rate)
+    assert abs(got - 600) <= 40, got
+    assert peer.connection_state == "closed"

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_SDP_BYTES = 64 * 1024
+MAX_SDP_BYTES = 200_000  # same bound as the API's OfferRequest
 _RECEIVING = ("sendrecv", "recvonly")  # offer directions in which the client receives
 _SENDING = ("sendrecv", "sendonly")  # offer directions in which the client sends
 
@@ -194,6 +194,7 @@ class SessionPeer:
         try:
             current = asyncio.current_task()
             if self.media is not None:
+                await self.media.drain()  # source ended: let the senders take the last frame
                 await self.media.stop()
             await self._pc.close()
             pending = [t for t in self._tasks if t is not current]

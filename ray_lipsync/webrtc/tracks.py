@@ -197,6 +197,20 @@ class SessionMedia:
         """Until the frame source ended (session closed) or `stop()` was called."""
         await self._finished.wait()
 
+    async def drain(self, timeout: float = 0.5) -> bool:
+        """After the source ended: wait until the senders took everything queued (or timeout).
+
+        This keeps the video:audio count at exactly 1:2 at the end of a session.
+        """
+        if not self._finished.is_set():
+            return False
+        deadline = asyncio.get_running_loop().time() + timeout
+        while any(t.readyState == "live" and t._queue for t in self.tracks):
+            if asyncio.get_running_loop().time() >= deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
     async def stop(self) -> None:
         """Stop consuming, end both tracks (their senders see MediaStreamError)."""
         if self._task is not None and not self._task.done():
