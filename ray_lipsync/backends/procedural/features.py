@@ -44,9 +44,9 @@ LEVEL_DOWN = 0.03  # ... and when quieter (only frames above the gate update it)
 OPEN_BELOW_DB = 24.0  # open = 0 at (speech level - this), 1 at speech level + OPEN_ABOVE_DB
 OPEN_ABOVE_DB = 4.0
 ATTACK = 0.7  # smoothing: fraction of the gap closed per frame when rising
-RELEASE = 0.4  # ... when falling
+RELEASE = 0.5  # ... when falling
 SHAPE_RATE = 0.45  # spread/round smoothing (symmetric)
-SNAP = 2e-3  # smoothed values below this become exactly 0
+SNAP = 0.01  # smoothed values below this become exactly 0
 
 
 @dataclass
