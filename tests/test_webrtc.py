@@ -80,7 +80,7 @@ def test_media_fans_out_one_to_two_and_reports_frames_in_order():
     async def main():
         sent: list[int] = []
         recorded: list[int] = []
-        media = SessionMedia(frame_list(40), record_sent=lambda f: recorded.append(f.frame_index),
+        media = SessionMedia(frame_list(40), now=lambda: 0.0, record_sent=lambda f: recorded.append(f.frame_index),
                              on_frame_sent=lambda f: sent.append(f.frame_index))
         video, audio = [], []
         await asyncio.gather(drain(media.video, video), drain(media.audio, audio))
@@ -98,7 +98,8 @@ def test_media_fans_out_one_to_two_and_reports_frames_in_order():
 def test_lagging_video_drops_oldest_but_never_audio():
     async def main():
         reported: list[int] = []
-        media = SessionMedia(frame_list(30), on_frame_sent=lambda f: reported.append(f.frame_index), video_queue=3)
+        media = SessionMedia(frame_list(30), on_frame_sent=lambda f: reported.append(f.frame_index),
+                             video_queue=3, now=lambda: 0.0)
         audio: list = []
         await drain(media.audio, audio)  # video sender stuck until the stream ended
         video: list = []
@@ -122,7 +123,7 @@ def test_stop_ends_tracks_and_task():
             await asyncio.sleep(0.001)
 
     async def main():
-        media = SessionMedia(forever())
+        media = SessionMedia(forever(), now=lambda: 0.0)
         await media.video.recv()
         await media.stop()
         assert not media.running
@@ -130,6 +131,28 @@ def test_stop_ends_tracks_and_task():
             await media.audio.recv()
 
     asyncio.run(main())
+
+
+def test_frames_due_before_the_connection_are_skipped_with_their_marks_kept():
+    async def late():
+        for k in range(10):
+            frame = make_frame(k, t=float(k))  # presentation times 0..9 s
+            if k == 2:
+                frame.meta = {"utterance_start": ["u1"]}
+            yield frame
+
+    async def main():
+        reported: list[OutputFrame] = []
+        media = SessionMedia(late(), on_frame_sent=reported.append, now=lambda: 6.0)
+        video, audio = [], []
+        await asyncio.gather(drain(media.video, video), drain(media.audio, audio))
+        return media, reported
+
+    media, reported = asyncio.run(main())
+    assert media.counters.frames_skipped_at_join == 6  # frames 0..5 were overdue at 6.0 s
+    assert [f.frame_index for f in reported] == [6, 7, 8, 9]
+    assert reported[0].meta["utterance_start"] == ["u1"]
+    assert media.counters.audio_chunks_sent == 2 * media.counters.video_frames_sent == 8
 
 
 # -- offers ----------------------------------------------------------------------------------
@@ -163,7 +186,7 @@ class ClockSession:
     def __init__(self, size: int = 96) -> None:
         self.session_id = "loop"
         self.epoch = 0
-        self.clock = SessionClock(time.monotonic(), 0.04)
+        self.clock = SessionClock(time.time(), 0.04)  # sessions time frames on wall time
         self._size = size
         self._audio = np.zeros(0, np.float32)
         self._speech_from = 0  # absolute sample index where queued speech starts
@@ -174,7 +197,7 @@ class ClockSession:
     async def push_audio(self, samples: np.ndarray, utterance_id: str | None = None):
         self.pushed.append((utterance_id, samples.size))
         if self._audio.size == 0:
-            now_frame = max(0, self.clock.frame_at(time.monotonic()) + 1)
+            now_frame = max(0, self.clock.frame_at(time.time()) + 1)
             self._speech_from = now_frame * SAMPLES_PER_FRAME
         self._audio = np.concatenate([self._audio, samples.astype(np.float32)])
 
@@ -190,9 +213,9 @@ class ClockSession:
         self.sent.append(frame)
 
     async def frames(self):
-        k = max(0, self.clock.frame_at(time.monotonic()))
+        k = max(0, self.clock.frame_at(time.time()))
         while not self._closed:
-            delay = self.clock.presentation_time(k) - time.monotonic()
+            delay = self.clock.presentation_time(k) - time.time()
             if delay > 0:
                 await asyncio.sleep(delay)
             start = k * SAMPLES_PER_FRAME - self._speech_from

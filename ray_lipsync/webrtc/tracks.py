@@ -19,6 +19,7 @@ import asyncio
 import collections
 import fractions
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -35,6 +36,7 @@ VIDEO_TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK_HZ)
 AUDIO_TIME_BASE = fractions.Fraction(1, SAMPLE_RATE)
 DEFAULT_VIDEO_QUEUE = 4  # frames (160 ms) before the oldest is dropped
 DEFAULT_AUDIO_QUEUE = 50 * 30  # chunks (30 s); only reached if the audio sender is stuck
+JOIN_LATE_S = 0.04  # at start, frames later than this are skipped (they were due before connect)
 
 
 def video_frame(frame: OutputFrame) -> av.VideoFrame:
@@ -75,6 +77,7 @@ class MediaCounters:
     """What the media source has done so far (read it any time)."""
 
     frames_in: int = 0
+    frames_skipped_at_join: int = 0
     video_frames_sent: int = 0
     video_frames_dropped: int = 0
     audio_chunks_sent: int = 0
@@ -146,6 +149,9 @@ class SessionMedia:
     """The one media source of a session: consumes `frames` and feeds the two tracks.
 
     `frames` is the session's clock-paced `session.frames()` iterator (single consumer).
+    `now` reads the clock of `OutputFrame.presentation_time` (the session's: wall time). When
+    consumption starts, frames already overdue (due before the connection came up) are
+    skipped rather than burst out; their utterance marks move to the first frame sent.
     `record_sent` (the session's) and `on_frame_sent` (the API's) are called once per frame,
     in frame order, after its video and both audio chunks went to the encoders. Consumption
     starts on the first `recv()` of a track (or `start()`), i.e. when the connection is up.
@@ -161,6 +167,7 @@ class SessionMedia:
         audio: bool = True,
         video_queue: int = DEFAULT_VIDEO_QUEUE,
         audio_queue: int = DEFAULT_AUDIO_QUEUE,
+        now: Callable[[], float] = time.time,
     ) -> None:
         if not (video or audio):
             raise ValueError("SessionMedia needs at least one of video/audio")
@@ -179,6 +186,9 @@ class SessionMedia:
         self._pending: collections.OrderedDict[int, list] = collections.OrderedDict()
         self._task: asyncio.Task[None] | None = None
         self._finished = asyncio.Event()
+        self._now = now
+        self._joined = False
+        self._join_meta: dict[str, list] = {}
 
     @property
     def tracks(self) -> list[MediaStreamTrack]:
@@ -232,6 +242,8 @@ class SessionMedia:
     async def _pump(self) -> None:
         try:
             async for frame in self._frames:
+                if not self._joined and self._stale(frame):
+                    continue
                 await self._fan_out(frame)
         except asyncio.CancelledError:
             raise
@@ -245,6 +257,22 @@ class SessionMedia:
             if track.readyState == "live" and (not track._queue or track._queue[-1] is not None):
                 track._put(None)
         self._finished.set()
+
+    def _stale(self, frame: OutputFrame) -> bool:
+        """Before the first frame went out: skip overdue frames, keeping their marks."""
+        if frame.presentation_time >= self._now() - JOIN_LATE_S:
+            self._joined = True
+            if self._join_meta:
+                meta = dict(frame.meta)
+                for key, ids in self._join_meta.items():
+                    meta[key] = [*ids, *meta.get(key, [])]
+                frame.meta = meta
+            return False
+        self.counters.frames_skipped_at_join += 1
+        for key in ("utterance_start", "utterance_end"):
+            if frame.meta.get(key):
+                self._join_meta.setdefault(key, []).extend(frame.meta[key])
+        return True
 
     async def _fan_out(self, frame: OutputFrame) -> None:
         self.counters.frames_in += 1
