@@ -204,13 +204,10 @@ def encode_mp4(
 
 def load_render_avatar(settings: Settings, avatar_name: str | None) -> Avatar:
     """The named avatar from the store (prepared on first use), or the default avatar."""
-    from ray_lipsync.avatar import AvatarStore, ensure_default_avatar, load_or_prepare
+    from ray_lipsync.avatar.default import load_or_prepare
+    from ray_lipsync.avatar.store import AvatarStore
 
-    store = AvatarStore(settings.avatars_dir)
-    name = avatar_name or settings.avatar.name
-    if name == "default":
-        return ensure_default_avatar(store, settings.avatar)
-    return load_or_prepare(store, name, settings.avatar)
+    return load_or_prepare(AvatarStore(settings.avatars_dir), avatar_name or settings.avatar.name, settings.avatar)
 
 
 def render_file(

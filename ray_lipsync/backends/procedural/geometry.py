@@ -3,10 +3,11 @@
 From the landmarks of one source frame (256x256 crop space) this derives the region of
 interest (ROI: lower face, inside the blend mask) and two displacement fields over it:
 
-- `drop`: how far each pixel's source moves up per pixel of jaw drop. 1 from the mouth line
-  down to the chin (lower lip and chin move down together), a short ramp at the mouth line
-  (the lips part there), a smooth fade below the chin and towards the cheeks, and a small
-  negative lobe above the mouth line (the upper lip lifts a little).
+- `drop`: how far each pixel's source moves up per pixel of jaw drop. 1 from the lower lip's
+  upper edge (the "tear line") down to the chin (lower lip and chin move down together), a
+  short ramp at the tear line (the mouth opens there), a smooth fade below the chin and
+  towards the cheeks, and a small negative lobe above it (the upper lip, and any teeth the
+  avatar already shows, lift a little). A mouth that is already open keeps its teeth.
 - `widen`: horizontal offset per unit of width change, (x - cx) under a Gaussian around the
   mouth, so the mouth corners move out (spread) or in (round) and the cheeks follow softly.
 """
@@ -44,7 +45,7 @@ class MouthGeometry:
     @property
     def max_drop(self) -> float:
         """Jaw drop (px) at open = 1."""
-        return 0.28 * self.face_height
+        return 0.24 * self.face_height
 
 
 def _smoothstep(t: np.ndarray) -> np.ndarray:
@@ -68,7 +69,7 @@ def build_geometry(avatar: Avatar, index: int) -> MouthGeometry | None:
     cx = float((left[0] + right[0]) / 2)
     width = float(max(abs(right[0] - left[0]), 8.0))
     face_h = float(max(chin[1] - nose[1], 16.0))
-    mouth_y = (gap_top + gap_bottom) / 2
+    tear_y = gap_bottom
 
     x0 = int(max(cols[0], np.floor(min(jaw_l[0], left[0] - 0.6 * width))))
     x1 = int(min(cols[-1] + 1, np.ceil(max(jaw_r[0], right[0] + 0.6 * width)) + 1))
@@ -81,12 +82,16 @@ def build_geometry(avatar: Avatar, index: int) -> MouthGeometry | None:
     gy = np.arange(y0, y1, dtype=np.float32)[:, None]
     half_jaw = max(abs(jaw_r[0] - jaw_l[0]) / 2, width * 0.7)
     fall_x = np.exp(-(((gx - cx) / (0.75 * half_jaw)) ** 2))[None, :]
-    below = _smoothstep((gy - (mouth_y - 1.5)) / 3.0)  # lips part at the mouth line
+    below = _smoothstep((gy - (tear_y - 1.5)) / 3.0)  # the mouth opens at the tear line
     under_chin = 1.0 - _smoothstep((gy - chin[1]) / (0.45 * face_h))
-    above = _smoothstep((gy - nose[1]) / max(mouth_y - nose[1], 1.0)) * (gy < mouth_y)
+    above = _smoothstep((gy - nose[1]) / max(gap_top - nose[1], 1.0)) * (gy < tear_y)
     fall_mouth = np.exp(-(((gx - cx) / (0.7 * width)) ** 2))[None, :]
-    drop = below * under_chin * fall_x - UPPER_LIP_LIFT * above * fall_mouth
-    around = np.exp(-(((gy - mouth_y) / (0.35 * face_h)) ** 2))
+    # at the tear line the opening closes at the mouth corners; lower down the jaw is broad
+    fall_lips = np.clip(1.0 - ((gx - cx) / (0.5 * width)) ** 2, 0.0, 1.0)[None, :]
+    towards_jaw = _smoothstep((gy - tear_y) / max(0.5 * (chin[1] - tear_y), 1.0))
+    fall = fall_lips + (fall_x - fall_lips) * towards_jaw
+    drop = below * under_chin * fall - UPPER_LIP_LIFT * above * fall_mouth
+    around = np.exp(-(((gy - (gap_top + tear_y) / 2) / (0.35 * face_h)) ** 2))
     widen = (gx[None, :] - cx) * np.exp(-(((gx - cx) / (1.1 * width)) ** 2))[None, :] * around
     alpha = (mask[y0:y1, x0:x1].astype(np.float32) / 255.0)[:, :, None]
     return MouthGeometry(

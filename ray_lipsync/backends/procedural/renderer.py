@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 SPREAD_GAIN = 0.16  # relative width change at spread = 1
 ROUND_GAIN = 0.22  # relative narrowing at round = 1
-MOUTH_RGB = np.array([62.0, 18.0, 24.0], np.float32)  # mouth interior, at its darkest
+MOUTH_RGB = np.array([70.0, 22.0, 28.0], np.float32)  # mouth interior (scaled by shading)
 TEETH_RGB = np.array([214.0, 206.0, 196.0], np.float32)
 IDLE_EPS = 1e-3  # features below this leave the crop unchanged
 GEOMETRY_CACHE = 2048  # source frames whose warp geometry is kept (LRU)
@@ -114,12 +114,16 @@ class ProceduralRenderer(Renderer):
     def _draw_interior(
         warped: np.ndarray, geo: MouthGeometry, drop_px: float, widen: float, open_: float
     ) -> None:
-        """Shaded mouth interior between the parted lips, soft-edged, in ROI coordinates."""
-        top = geo.lip_gap_top - UPPER_LIFT_SHARE * drop_px
+        """Shaded mouth interior in the gap the jaw drop opened (ROI coordinates), soft-edged.
+
+        The gap runs from the (lifted) tear line to the lower lip's new upper edge; where the
+        avatar's mouth is closed, a hint of upper teeth is drawn at its top.
+        """
+        top = geo.lip_gap_bottom - UPPER_LIFT_SHARE * drop_px - 1.0
         bottom = geo.lip_gap_bottom + drop_px
         half_h = max((bottom - top) / 2, 0.5)
         centre_y = (top + bottom) / 2
-        half_w = 0.45 * geo.mouth_width * (1.0 + widen) * min(1.0, 0.6 + 2.0 * open_)
+        half_w = 0.5 * geo.mouth_width * (1.0 + widen)
         xa = int(max(geo.x0, np.floor(geo.cx - half_w - 2)))
         xb = int(min(geo.x1, np.ceil(geo.cx + half_w + 2)))
         ya = int(max(geo.y0, np.floor(top - 2)))
@@ -127,18 +131,17 @@ class ProceduralRenderer(Renderer):
         if xb <= xa or yb <= ya:
             return
         xs = (np.arange(xa, xb, dtype=np.float32) - geo.cx) / half_w
-        ys = (np.arange(ya, yb, dtype=np.float32)[:, None] - centre_y) / half_h
-        dist = np.sqrt(xs[None, :] ** 2 + ys**2)
-        alpha = np.clip((1.0 - dist) * min(half_w, half_h) / 1.5, 0.0, 1.0)[:, :, None]
-        shade = (0.55 + 0.45 * np.clip(ys**2 + 0.5 * xs[None, :] ** 2, 0.0, 1.0))[:, :, None]
-        colour = MOUTH_RGB * shade
-        teeth_h = min(0.35 * half_h * 2, 0.06 * geo.face_height)
         y_abs = np.arange(ya, yb, dtype=np.float32)[:, None]
-        teeth = np.clip((top + teeth_h - y_abs) / 1.5, 0.0, 1.0) * (np.abs(xs) < 0.7)[None, :]
-        teeth = (teeth * 0.85)[:, :, None]
-        colour = colour * (1.0 - teeth) + TEETH_RGB * teeth
+        ys = (y_abs - centre_y) / half_h
+        # a lens: the opening tapers towards the corners
+        dist = np.sqrt(xs[None, :] ** 2 + (ys / np.clip(1.0 - xs[None, :] ** 2, 0.05, 1.0)) ** 2)
+        alpha = np.clip((1.0 - dist) * min(half_w, half_h) / 2.0, 0.0, 1.0)[:, :, None]
+        shade = (0.45 + 0.9 * np.clip(0.6 * ys**2 + 0.6 * xs[None, :] ** 2, 0.0, 1.0))[:, :, None]
+        colour = MOUTH_RGB * shade
+        if geo.lip_gap_bottom - geo.lip_gap_top < 3.0:
+            teeth_h = min(0.6 * half_h, 0.05 * geo.face_height)
+            teeth = np.clip((top + teeth_h - y_abs) / 1.5, 0.0, 1.0) * (np.abs(xs) < 0.65)[None, :]
+            teeth = (0.8 * teeth)[:, :, None]
+            colour = colour * (1.0 - teeth) + TEETH_RGB * teeth
         region = warped[ya - geo.y0 : yb - geo.y0, xa - geo.x0 : xb - geo.x0]
         region[...] = region * (1.0 - alpha) + colour * alpha
-
-
-
