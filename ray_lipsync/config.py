@@ -97,7 +97,11 @@ class PipelineConfig(_Frozen):
     audio_buffer_s: float = Field(
         30.0, gt=0, description="Most audio (s) a session may have queued ahead of playback."
     )
-    compositors: int = Field(1, gt=0, description="Compositor actors per node.")
+    cpu_replicas: int = Field(
+        1, gt=0, description="Inference replicas when the cluster has no GPU (else one per GPU)."
+    )
+    replica_num_cpus: float = Field(0.5, ge=0, description="CPUs reserved by a CPU-only replica.")
+    namespace: str = Field("ray_lipsync", description="Ray namespace of the pipeline actors.")
 
 
 class ServeConfig(_Frozen):

@@ -1,0 +1,188 @@
+"""RayPipeline: the session API (ray_lipsync.streaming.session) on Ray actors.
+
+Per push of audio: the feature batcher returns the frames that became ready; the speech
+frames go to the session's pinned inference replica, whose crops go (as an ObjectRef, never
+through this process) to the compositor on this node; this process fetches only the finished
+full frames. If the replica dies, the session is re-pinned and keeps streaming.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+import numpy as np
+import ray
+from ray.exceptions import RayActorError
+
+from actors.directory import get_directory
+from ray_lipsync.avatar.model import Avatar
+from ray_lipsync.config import Settings
+from ray_lipsync.errors import UnknownSession
+from ray_lipsync.streaming.features import Schedule
+from ray_lipsync.streaming.local import load_avatar, new_clock, release_lead_ms
+from ray_lipsync.streaming.session import Session, Submitted
+
+log = logging.getLogger(__name__)
+
+try:  # newer Ray raises this while an actor restarts or is unreachable
+    from ray.exceptions import ActorUnavailableError
+except ImportError:  # pragma: no cover
+    ActorUnavailableError = RayActorError  # type: ignore[misc, assignment]
+
+REPLICA_FAILURES = (RayActorError, ActorUnavailableError)
+
+
+class RayLink:
+    """SessionLink of one session: its batcher, pinned replica and local compositor."""
+
+    def __init__(self, session_id: str, avatar: Avatar, directory, batcher, compositor) -> None:
+        self.session_id = session_id
+        self._avatar = avatar
+        self._directory = directory
+        self._batcher = batcher
+        self._compositor = compositor
+        self._replica_name = ""
+        self._replica = None
+        self._epoch = 0
+        self.repins = 0
+
+    @property
+    def replica(self) -> str:
+        return self._replica_name
+
+    async def attach(self, name: str, handle) -> None:
+        """Use replica `name` (after pinning or re-pinning) and register this session there."""
+        await handle.open_session.remote(self.session_id, self._avatar.name)
+        if self._epoch:
+            await handle.set_epoch.remote(self.session_id, self._epoch)
+        self._replica_name, self._replica = name, handle
+
+    async def submit(self, epoch: int, start: int, samples: np.ndarray, final: bool) -> Submitted:
+        jobs = await self._batcher.process.remote(self.session_id, epoch, start, samples, final)
+        speech = [j for j in jobs if j.speech]
+        images = None
+        if speech:
+            crops = self._replica.render.remote(speech)
+            composed = self._compositor.compose.remote(self._avatar.name, [j.avatar_frame for j in speech], crops)
+            images = self._images(self._replica_name, composed, len(speech))
+        return Submitted(epoch, [j.frame_index for j in jobs], [j.speech for j in jobs], images)
+
+    async def _images(self, replica: str, composed, n: int) -> list[np.ndarray | None]:
+        try:
+            return await composed
+        except REPLICA_FAILURES + (ray.exceptions.RayTaskError,) as exc:
+            if replica == self._replica_name and _replica_failed(exc):
+                await self._repin(replica)
+            return [None] * n
+
+    async def _repin(self, dead: str) -> None:
+        name, handle = await self._directory.repin.remote(self.session_id, dead)
+        if name != self._replica_name:
+            await self.attach(name, handle)
+            self.repins += 1
+            log.warning("session %s re-pinned from %s to %s", self.session_id, dead, name)
+
+    async def interrupt(self, epoch: int, cut_frame: int) -> None:
+        self._epoch = epoch
+        await asyncio.gather(
+            self._batcher.interrupt.remote(self.session_id, epoch, cut_frame),
+            self._replica.set_epoch.remote(self.session_id, epoch),
+            return_exceptions=True,
+        )
+
+    async def close(self) -> None:
+        await asyncio.gather(
+            self._batcher.close.remote(self.session_id),
+            self._replica.close_session.remote(self.session_id),
+            self._directory.unpin.remote(self.session_id),
+            return_exceptions=True,
+        )
+
+
+def _replica_failed(exc: BaseException) -> bool:
+    """A failure of the replica actor itself (directly or as the compositor's input)."""
+    if isinstance(exc, REPLICA_FAILURES):
+        return True
+    cause = getattr(exc, "cause", None)
+    return isinstance(cause, REPLICA_FAILURES)
+
+
+class RayPipeline:
+    """Sessions served by the cluster's actors. Create with `await RayPipeline.connect(...)`."""
+
+    def __init__(self, settings: Settings, schedule: Schedule = "streaming") -> None:
+        self.settings = settings
+        self.schedule = schedule
+        self._directory = get_directory(settings)
+        self._sessions: dict[str, Session] = {}
+        self._avatars: dict[str, Avatar] = {}
+        self._node_id = ray.get_runtime_context().get_node_id()
+
+    @classmethod
+    async def connect(cls, settings: Settings, schedule: Schedule = "streaming") -> "RayPipeline":
+        """Attach to (or create) the cluster's pipeline actors. Ray must be initialised."""
+        if not ray.is_initialized():
+            raise RuntimeError("ray.init() first (or run inside a Ray Serve replica)")
+        return cls(settings, schedule)
+
+    async def _avatar(self, name: str) -> Avatar:
+        if name not in self._avatars:
+            self._avatars[name] = await asyncio.to_thread(load_avatar, self.settings, name)
+        return self._avatars[name]
+
+    async def create_session(
+        self, avatar: str = "default", backend: str | None = None, session_id: str | None = None
+    ) -> Session:
+        backend = backend or self.settings.backend
+        loaded = await self._avatar(avatar)
+        session_id = session_id or uuid.uuid4().hex
+        directory = self._directory
+        batcher = await directory.batcher.remote(backend)
+        compositor = await directory.compositor.remote(self._node_id)
+        name, replica = await directory.pin.remote(session_id, backend)
+        link = RayLink(session_id, loaded, directory, batcher, compositor)
+        clock = new_clock(self.settings)
+        try:
+            await link.attach(name, replica)
+            await batcher.open.remote(session_id, clock, len(loaded), self.schedule)
+            lookahead = await batcher.lookahead_ms.remote()
+        except Exception:
+            await link.close()
+            raise
+        session = Session(
+            session_id,
+            loaded,
+            backend,
+            link,
+            clock,
+            max_queued_s=self.settings.pipeline.audio_buffer_s,
+            release_lead_ms=release_lead_ms(self.settings, lookahead),
+        )
+        self._sessions[session_id] = session
+        return session
+
+    def get(self, session_id: str) -> Session:
+        session = self._sessions.get(session_id)
+        if session is None or session.closed:
+            raise UnknownSession(f"no session {session_id!r}")
+        return session
+
+    def sessions(self) -> list[Session]:
+        return [s for s in self._sessions.values() if not s.closed]
+
+    async def close_session(self, session_id: str) -> None:
+        session = self.get(session_id)
+        await session.close()
+        self._sessions.pop(session_id, None)
+
+    async def replicas(self) -> list[dict]:
+        return await self._directory.replicas.remote()
+
+    async def replica_stats(self) -> list[dict]:
+        return await self._directory.replica_stats.remote()
+
+    async def shutdown(self) -> None:
+        for session_id in list(self._sessions):
+            await self._sessions.pop(session_id).close()

@@ -1,0 +1,285 @@
+"""The feature stage: session audio -> voice activity -> per-frame features, batched.
+
+`FeatureStage` follows one session: it keeps the audio the backend still needs, runs the
+streaming VAD per 20 ms chunk and decides which frames are ready. `FeatureBatcher` serves
+many sessions and runs the featurizer once per step over every session's ready frames.
+Nothing here collects a fixed batch: a step takes whatever is ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+import numpy as np
+
+from ray_lipsync.avatar.model import mirror_index
+from ray_lipsync.backends.base import Featurizer
+from ray_lipsync.clock import (
+    CHUNK_SAMPLES,
+    CHUNKS_PER_FRAME,
+    SAMPLES_PER_FRAME,
+    SessionClock,
+    ms_to_samples,
+)
+from ray_lipsync.errors import UnknownSession
+from ray_lipsync.streaming.buffer import SampleBuffer
+from ray_lipsync.types import FeatureRequest, FrameJob
+
+log = logging.getLogger(__name__)
+
+Schedule = Literal["streaming", "batch16"]
+BATCH16_FRAMES = 16  # the reference design: 16 frames = 32 chunks of 20 ms ...
+BATCH16_RIGHT_MS = 200  # ... plus 200 ms of right context before any inference
+
+
+def _ceil_frame(sample: int) -> int:
+    return -(-sample // SAMPLES_PER_FRAME)
+
+
+@dataclass
+class ReadyFrames:
+    """Frames of one session that became ready, their speech flags and feature request."""
+
+    stage: "FeatureStage"
+    frames: range
+    speech: np.ndarray
+    request: FeatureRequest | None
+
+
+class FeatureStage:
+    """Audio, VAD and readiness for one session.
+
+    Audio arrives in contiguous segments; a forward jump of the timeline (silence between
+    utterances) ends the segment: its last frames are finished with zero lookahead and the
+    frames inside the gap are never computed (the session shows them idle).
+    """
+
+    def __init__(
+        self,
+        session_id: str,
+        clock: SessionClock,
+        avatar_frames: int,
+        featurizer: Featurizer,
+        vad: Any,
+        lookahead_ms: int,
+        schedule: Schedule = "streaming",
+    ) -> None:
+        self.session_id = session_id
+        self.clock = clock
+        self.avatar_frames = avatar_frames
+        self.epoch = 0
+        self.schedule = schedule
+        self._vad_model = vad
+        self._vad = vad.stream()
+        self._state = featurizer.new_state()
+        self._lookahead = ms_to_samples(lookahead_ms)
+        self._context = ms_to_samples(featurizer.context_ms)
+        self._audio = SampleBuffer()
+        self._vad_end = 0  # next sample the VAD has not seen (chunk aligned)
+        self._flags: dict[int, bool] = {}  # chunk index -> speech
+        self.next_frame = 0
+        self._final = False  # no audio follows the current end: lookahead is silence
+
+    def push(self, start: int, samples: np.ndarray, final: bool) -> list[ReadyFrames]:
+        """Audio for timeline samples [start, start + len); returns what became ready."""
+        ready = []
+        if start < self._audio.end:
+            raise ValueError(f"{self.session_id}: audio at {start} overlaps {self._audio.end}")
+        if start > _ceil_frame(self._audio.end) * SAMPLES_PER_FRAME:
+            self._final = True
+            ready.append(self._take_ready())
+            self._restart(start - start % SAMPLES_PER_FRAME)
+        self._audio.write(start, samples)
+        self._final = final
+        ready.append(self._take_ready())
+        self._forget_old()
+        return [r for r in ready if len(r.frames)]
+
+    def interrupt(self, epoch: int, cut_frame: int) -> None:
+        """Forget audio from `cut_frame` on; later pushes carry `epoch`."""
+        self.epoch = epoch
+        cut = max(cut_frame * SAMPLES_PER_FRAME, self._audio.start)
+        self._audio.truncate(cut)
+        self.next_frame = min(self.next_frame, cut // SAMPLES_PER_FRAME)
+        self._restart(cut - cut % SAMPLES_PER_FRAME, keep_tail=False)
+
+    def _restart(self, start: int, keep_tail: bool = True) -> None:
+        """Begin a new segment at frame-aligned sample `start` (fresh VAD state)."""
+        tail = self._audio.read(start, self._audio.end) if keep_tail else np.zeros(0, np.float32)
+        self._audio.reset(start)
+        self._audio.write(start, tail)
+        self._vad = self._vad_model.stream()
+        self._vad_end = start
+        self._flags.clear()
+        self.next_frame = max(self.next_frame, start // SAMPLES_PER_FRAME)
+        self._final = False
+
+    def _ready_until(self) -> int:
+        """Frames before this index can be computed now."""
+        end = self._audio.end
+        if self._final:
+            return _ceil_frame(end)
+        if self.schedule == "batch16":
+            block = BATCH16_FRAMES * SAMPLES_PER_FRAME
+            whole = max(0, end - ms_to_samples(BATCH16_RIGHT_MS)) // block
+            return whole * BATCH16_FRAMES
+        return max(0, end - self._lookahead) // SAMPLES_PER_FRAME
+
+    def _run_vad(self, stop: int) -> None:
+        """Speech flags for every chunk before `stop` the VAD has not seen."""
+        if stop <= self._vad_end:
+            return
+        flags = self._vad.push(self._audio.read(self._vad_end, stop))
+        first = self._vad_end // CHUNK_SAMPLES
+        for i, flag in enumerate(flags):
+            self._flags[first + i] = bool(flag)
+        self._vad_end += len(flags) * CHUNK_SAMPLES
+
+    def _take_ready(self) -> ReadyFrames:
+        until = max(self.next_frame, self._ready_until())
+        frames = range(self.next_frame, until)
+        self._run_vad(until * SAMPLES_PER_FRAME)
+        speech = np.array(
+            [
+                any(self._flags.get(k * CHUNKS_PER_FRAME + c, False) for c in range(CHUNKS_PER_FRAME))
+                for k in frames
+            ],
+            dtype=bool,
+        )
+        request = None
+        if speech.any():
+            lo = frames.start * SAMPLES_PER_FRAME - self._context
+            hi = frames.stop * SAMPLES_PER_FRAME + self._lookahead
+            request = FeatureRequest(self._state, self._audio.read(lo, hi), lo, frames)
+        self.next_frame = until
+        return ReadyFrames(self, frames, speech, request)
+
+    def _forget_old(self) -> None:
+        """Drop audio and flags the next frames can no longer need."""
+        keep = min(self.next_frame * SAMPLES_PER_FRAME - self._context, self._vad_end)
+        self._audio.trim_before(keep)
+        first_chunk = self.next_frame * CHUNKS_PER_FRAME
+        for c in [c for c in self._flags if c < first_chunk]:
+            del self._flags[c]
+
+    def jobs(self, ready: ReadyFrames, features: np.ndarray | None) -> list[FrameJob]:
+        """FrameJobs for the ready frames (features only on speech frames)."""
+        return [
+            FrameJob(
+                session_id=self.session_id,
+                epoch=self.epoch,
+                frame_index=k,
+                avatar_frame=mirror_index(k, self.avatar_frames),
+                speech=bool(ready.speech[i]),
+                deadline=self.clock.presentation_time(k),
+                features=features[i] if features is not None and ready.speech[i] else None,
+            )
+            for i, k in enumerate(ready.frames)
+        ]
+
+
+@dataclass
+class _Op:
+    """A queued operation on one session: push audio, interrupt, or close."""
+
+    kind: Literal["push", "interrupt", "close"]
+    session_id: str
+    epoch: int
+    start: int = 0  # push: first sample; interrupt: the cut frame
+    samples: np.ndarray | None = None
+    final: bool = False
+    future: asyncio.Future | None = None
+
+
+class FeatureBatcher:
+    """Feature stages of many sessions; one featurizer call per step across all of them.
+
+    Every operation goes through one queue, applied in arrival order by a single worker, so
+    stages are never touched by two threads. `process` returns the FrameJobs that became ready
+    with that push (possibly none); pushes arriving while a step runs share the next step.
+    """
+
+    def __init__(self, featurizer: Featurizer, vad: Any, lookahead_ms: int | None = None) -> None:
+        self.featurizer = featurizer
+        self.vad = vad
+        self.lookahead_ms = featurizer.lookahead_ms if lookahead_ms is None else lookahead_ms
+        self.stages: dict[str, FeatureStage] = {}
+        self._pending: list[_Op] = []
+        self._runner: asyncio.Task | None = None
+        self.steps = 0
+        self.frames = 0
+
+    def open(
+        self, session_id: str, clock: SessionClock, avatar_frames: int, schedule: Schedule = "streaming"
+    ) -> None:
+        self.stages[session_id] = FeatureStage(
+            session_id, clock, avatar_frames, self.featurizer, self.vad, self.lookahead_ms, schedule
+        )
+
+    async def close(self, session_id: str) -> None:
+        await self._submit(_Op("close", session_id, 0))
+
+    async def interrupt(self, session_id: str, epoch: int, cut_frame: int) -> None:
+        self._stage(session_id)
+        await self._submit(_Op("interrupt", session_id, epoch, cut_frame))
+
+    async def process(
+        self, session_id: str, epoch: int, start: int, samples: np.ndarray, final: bool
+    ) -> list[FrameJob]:
+        self._stage(session_id)
+        return await self._submit(_Op("push", session_id, epoch, start, samples, final))
+
+    def _stage(self, session_id: str) -> FeatureStage:
+        try:
+            return self.stages[session_id]
+        except KeyError:
+            raise UnknownSession(f"feature stage has no session {session_id!r}") from None
+
+    async def _submit(self, op: _Op):
+        op.future = asyncio.get_running_loop().create_future()
+        self._pending.append(op)
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.create_task(self._run())
+        return await op.future
+
+    async def _run(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                results = await asyncio.to_thread(self.step, batch)
+            except Exception as exc:  # every caller learns of the failure
+                log.exception("feature step failed")
+                results = [exc] * len(batch)
+            for op, result in zip(batch, results):
+                if op.future is not None and not op.future.done():
+                    if isinstance(result, Exception):
+                        op.future.set_exception(result)
+                    else:
+                        op.future.set_result(result)
+
+    def step(self, batch: Sequence[_Op]) -> list[list[FrameJob]]:
+        """Apply operations in order, then featurize every ready frame in one call."""
+        ready: list[tuple[int, ReadyFrames]] = []
+        for i, op in enumerate(batch):
+            stage = self.stages.get(op.session_id)
+            if stage is None:
+                continue
+            if op.kind == "close":
+                del self.stages[op.session_id]
+            elif op.kind == "interrupt":
+                stage.interrupt(op.epoch, op.start)
+                ready = [(j, r) for j, r in ready if r.stage is not stage]  # old epoch: dropped
+            elif op.epoch >= stage.epoch:
+                assert op.samples is not None
+                ready.extend((i, r) for r in stage.push(op.start, op.samples, op.final))
+        requests = [r.request for _, r in ready if r.request is not None]
+        features = iter(self.featurizer.featurize(requests) if requests else [])
+        results: list[list[FrameJob]] = [[] for _ in batch]
+        for i, r in ready:
+            results[i].extend(r.stage.jobs(r, next(features) if r.request is not None else None))
+            self.frames += len(r.frames)
+        self.steps += 1
+        return results

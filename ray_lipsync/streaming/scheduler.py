@@ -1,0 +1,130 @@
+"""Cross-session batching for an inference replica: oldest deadline first, up to max_batch.
+
+Jobs from all sessions of a replica wait in one heap ordered by presentation deadline. A
+step takes up to `max_batch` of them: jobs of an older epoch than their session's current one
+are dropped, and so are jobs already past their deadline (the session shows an idle frame
+for them anyway), so an overloaded replica sheds work instead of falling further behind.
+Batches grow with load, never by waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ray_lipsync.types import FrameJob
+
+
+@dataclass(order=True)
+class _Entry:
+    deadline: float
+    seq: int
+    job: FrameJob = field(compare=False)
+    future: asyncio.Future = field(compare=False)
+
+
+@dataclass
+class QueueStats:
+    batches: int = 0
+    frames: int = 0
+    dropped_stale: int = 0
+    dropped_late: int = 0
+    max_batch_seen: int = 0
+
+
+class RenderQueue:
+    """Deadline-ordered queue of frame jobs with epoch- and deadline-based dropping."""
+
+    def __init__(self, max_batch: int, late_margin_s: float = 0.0) -> None:
+        self.max_batch = max_batch
+        self.late_margin_s = late_margin_s
+        self._heap: list[_Entry] = []
+        self._seq = itertools.count()
+        self._epochs: dict[str, int] = {}
+        self.stats = QueueStats()
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def set_epoch(self, session_id: str, epoch: int) -> None:
+        self._epochs[session_id] = max(epoch, self._epochs.get(session_id, 0))
+
+    def forget(self, session_id: str) -> None:
+        """A closed session: everything still queued for it is stale."""
+        self._epochs[session_id] = 1 << 62
+
+    def submit(self, jobs: Sequence[FrameJob]) -> list[asyncio.Future]:
+        loop = asyncio.get_running_loop()
+        futures = []
+        for job in jobs:
+            future = loop.create_future()
+            heapq.heappush(self._heap, _Entry(job.deadline, next(self._seq), job, future))
+            futures.append(future)
+        return futures
+
+    def next_batch(self, now: float | None = None) -> list[_Entry]:
+        """Pop up to max_batch live jobs, oldest deadline first; resolve dropped ones to None."""
+        now = time.time() if now is None else now
+        batch: list[_Entry] = []
+        while self._heap and len(batch) < self.max_batch:
+            entry = heapq.heappop(self._heap)
+            if entry.job.epoch < self._epochs.get(entry.job.session_id, 0):
+                self.stats.dropped_stale += 1
+                _resolve(entry.future, None)
+            elif entry.deadline + self.late_margin_s < now:
+                self.stats.dropped_late += 1
+                _resolve(entry.future, None)
+            else:
+                batch.append(entry)
+        return batch
+
+
+def _resolve(future: asyncio.Future, value: object) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+class BatchWorker:
+    """Runs `render` on batches from a RenderQueue, one batch at a time, off the event loop."""
+
+    def __init__(
+        self,
+        queue: RenderQueue,
+        render: Callable[[list[FrameJob]], Sequence[np.ndarray | None]],
+    ) -> None:
+        self.queue = queue
+        self._render = render
+        self._runner: asyncio.Task | None = None
+
+    async def run(self, jobs: Sequence[FrameJob]) -> list[np.ndarray | None]:
+        """Queue `jobs` and wait for their results (None = dropped)."""
+        futures = self.queue.submit(jobs)
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.create_task(self._loop())
+        return list(await asyncio.gather(*futures))
+
+    async def _loop(self) -> None:
+        while len(self.queue):
+            batch = self.queue.next_batch()
+            if not batch:
+                continue
+            try:
+                results = await asyncio.to_thread(self._render, [e.job for e in batch])
+            except Exception as exc:
+                for entry in batch:
+                    if not entry.future.done():
+                        entry.future.set_exception(exc)
+                continue
+            stats = self.queue.stats
+            stats.batches += 1
+            stats.frames += len(batch)
+            stats.max_batch_seen = max(stats.max_batch_seen, len(batch))
+            for entry, result in zip(batch, results):
+                _resolve(entry.future, result)
+

@@ -1,0 +1,302 @@
+"""A streaming session: one media clock, speech in, paced frames with their audio out.
+
+The session owns the timeline (where speech lands on its clock) and the output pacing; the
+frames themselves are computed by an engine behind a `SessionLink` (in-process for
+`LocalPipeline`, Ray actors for `RayPipeline`). Frame k leaves `frames()` at its presentation
+time with chunks 2k and 2k+1; if its image is not ready then, the idle avatar frame takes its
+place and it counts as dropped. Audio is never held back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import statistics
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import AsyncIterator, Awaitable, Protocol
+
+import numpy as np
+
+from ray_lipsync.avatar.model import Avatar
+from ray_lipsync.clock import SAMPLE_RATE, SAMPLES_PER_FRAME, SessionClock, ms_to_samples, video_pts
+from ray_lipsync.errors import SessionClosed
+from ray_lipsync.streaming.timeline import SessionTimeline, Utterance
+from ray_lipsync.types import OutputFrame
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Session", "SessionLink", "SessionStats", "Submitted", "Utterance"]
+
+
+@dataclass
+class Submitted:
+    """What one push of audio made ready: all its frames, which are speech, and their images.
+
+    `images` resolves to one full frame (or None when a stage dropped it) per speech frame,
+    in order; None when no frame is speech.
+    """
+
+    epoch: int
+    frames: list[int]
+    speech: list[bool]
+    images: Awaitable[list[np.ndarray | None]] | None
+
+
+class SessionLink(Protocol):
+    """The engine side of one session (pinned replica, compositor, feature stage)."""
+
+    @property
+    def replica(self) -> str: ...
+
+    async def submit(self, epoch: int, start: int, samples: np.ndarray, final: bool) -> Submitted: ...
+
+    async def interrupt(self, epoch: int, cut_frame: int) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass
+class SessionStats:
+    session_id: str
+    replica: str
+    epoch: int
+    speaking: bool
+    frames_sent: int
+    frames_dropped: int
+    latency_ms_p50: float | None
+    latency_ms_p95: float | None
+    queued_audio_s: float
+
+
+class Session:
+    """One avatar stream. Create through a pipeline (`create_session`), not directly."""
+
+    def __init__(
+        self,
+        session_id: str,
+        avatar: Avatar,
+        backend: str,
+        link: SessionLink,
+        clock: SessionClock,
+        *,
+        max_queued_s: float,
+        release_lead_ms: int,
+    ) -> None:
+        self.session_id = session_id
+        self.avatar = avatar
+        self.backend = backend
+        self.clock = clock
+        self._link = link
+        self._timeline = SessionTimeline(clock, max_queued_s)
+        self._lead = ms_to_samples(release_lead_ms)
+        self._ready: dict[int, np.ndarray] = {}  # frame -> composited image
+        self._expected: set[int] = set()  # speech frames whose image is on its way
+        self._audio_at: dict[int, float] = {}  # frame -> time its last sample reached the engine
+        self._latencies: deque[float] = deque(maxlen=2000)
+        self._next_emit = max(0, clock.frame_at(time.time()) + 1)
+        self._wake = asyncio.Event()
+        self._closed = False
+        self.frames_emitted = 0
+        self.frames_sent = 0
+        self.frames_dropped = 0
+        self.last_activity = time.time()
+        self._feeder = asyncio.create_task(self._feed(), name=f"feed-{session_id}")
+        self._collectors: set[asyncio.Task] = set()
+
+    # -- properties -------------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        return self._timeline.epoch
+
+    @property
+    def replica(self) -> str:
+        return self._link.replica
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- input ------------------------------------------------------------------------
+    async def push_audio(
+        self, samples: np.ndarray, utterance_id: str | None = None, final: bool = True
+    ) -> Utterance:
+        """Queue 16 kHz mono float32 speech; see SessionTimeline.place for where it lands.
+
+        Repeated pushes with one utterance_id and final=False stream a single utterance.
+        """
+        self._check_open()
+        samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+        placement = self._timeline.place(samples, time.time(), utterance_id, final)
+        self.last_activity = placement.arrived
+        self._wake.set()
+        return placement.utterance
+
+    async def interrupt(self) -> int:
+        """Stop the current speech: nothing of it is shown from the next frame on."""
+        self._check_open()
+        cut_frame = self._timeline.interrupt(time.time())
+        epoch = self._timeline.epoch
+        for k in [k for k in self._ready if k >= cut_frame]:
+            del self._ready[k]
+        self._expected = {k for k in self._expected if k < cut_frame}
+        self.last_activity = time.time()
+        await self._link.interrupt(epoch, cut_frame)
+        return epoch
+
+    async def close(self) -> None:
+        """Stop the session and free its engine resources (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._wake.set()
+        self._feeder.cancel()
+        for task in list(self._collectors):
+            task.cancel()
+        await asyncio.gather(self._feeder, *self._collectors, return_exceptions=True)
+        try:
+            await self._link.close()
+        except Exception:  # the engine may already be gone; the session is closed anyway
+            log.warning("session %s: engine close failed", self.session_id, exc_info=True)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SessionClosed(f"session {self.session_id} is closed; create a new one")
+
+    # -- feeding the engine -----------------------------------------------------------
+    async def _feed(self) -> None:
+        """Release queued speech to the engine at most `lead` ahead of real time."""
+        timeline = self._timeline
+        while not self._closed:
+            if not timeline.unreleased:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            now = time.time()
+            horizon = int((now - self.clock.t0) * SAMPLE_RATE) + self._lead
+            placement = timeline.unreleased[0]
+            if placement.start >= horizon:
+                await self._sleep_or_wake((placement.start - horizon) / SAMPLE_RATE)
+                continue
+            take = min(len(placement.samples), horizon - placement.start)
+            start, piece = placement.start, placement.samples[:take]
+            if take == len(placement.samples):
+                timeline.unreleased.popleft()
+                follows = bool(timeline.unreleased) and timeline.unreleased[0].start == start + take
+                final = placement.final and not follows
+            else:
+                placement.start, placement.samples = start + take, placement.samples[take:]
+                final = False
+            epoch = timeline.epoch
+            self._note_audio_ready(start, start + take, max(now, placement.arrived))
+            try:
+                submitted = await self._link.submit(epoch, start, piece, final)
+            except Exception:
+                log.exception("session %s: submit failed; its frames will show idle", self.session_id)
+                continue
+            self._track(submitted)
+
+    async def _sleep_or_wake(self, seconds: float) -> None:
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout=max(0.001, seconds))
+        except asyncio.TimeoutError:
+            pass
+
+    def _note_audio_ready(self, start: int, stop: int, when: float) -> None:
+        """Frames whose last sample lies in [start, stop) have all their audio at `when`."""
+        for k in range(start // SAMPLES_PER_FRAME, stop // SAMPLES_PER_FRAME):
+            self._audio_at[k] = when
+
+    def _track(self, submitted: Submitted) -> None:
+        if submitted.epoch != self.epoch or submitted.images is None:
+            return
+        speech_frames = [k for k, s in zip(submitted.frames, submitted.speech) if s]
+        self._expected.update(speech_frames)
+        task = asyncio.create_task(self._collect(submitted.epoch, speech_frames, submitted.images))
+        self._collectors.add(task)
+        task.add_done_callback(self._collectors.discard)
+
+    async def _collect(
+        self, epoch: int, frames: list[int], images: Awaitable[list[np.ndarray | None]]
+    ) -> None:
+        try:
+            results = await images
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.warning("session %s: frames %s lost", self.session_id, frames[:1], exc_info=True)
+            return
+        done = time.time()
+        for k, image in zip(frames, results):
+            arrived = self._audio_at.pop(k, None)
+            if image is None or epoch != self.epoch or k < self._next_emit:
+                continue
+            self._ready[k] = image
+            if arrived is not None:
+                self._latencies.append((done - arrived) * 1000)
+
+    # -- output -----------------------------------------------------------------------
+    async def frames(self) -> AsyncIterator[OutputFrame]:
+        """Frames at their presentation times, idle when silent, until the session closes."""
+        while not self._closed:
+            k = self._next_emit
+            delay = self.clock.presentation_time(k) - time.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+                if self._closed:
+                    return
+            yield self._emit(k)
+
+    def _emit(self, k: int) -> OutputFrame:
+        self._next_emit = k + 1
+        image = self._ready.pop(k, None)
+        dropped = image is None and k in self._expected
+        self._expected.discard(k)
+        self._audio_at.pop(k, None)
+        if image is None:
+            image = self.avatar.frames[self.avatar.cycle_index(k)]
+        if dropped:
+            self.frames_dropped += 1
+        timeline = self._timeline
+        frame = OutputFrame(
+            session_id=self.session_id,
+            epoch=timeline.epoch,
+            frame_index=k,
+            image=image,
+            audio=timeline.frame_audio(k),
+            pts=video_pts(k),
+            presentation_time=self.clock.presentation_time(k),
+            speech=timeline.speaking(k),
+            dropped=dropped,
+            meta=timeline.marks(k),
+        )
+        timeline.forget_before(k + 1)
+        self.frames_emitted += 1
+        return frame
+
+    def record_sent(self, frame: OutputFrame) -> None:
+        """The consumer reports that `frame` went out (drives stats and events)."""
+        self.frames_sent += 1
+
+    # -- state --------------------------------------------------------------------------
+    def speaking(self) -> bool:
+        return self._timeline.speaking(self._next_emit) or bool(self._timeline.unreleased)
+
+    def latencies_ms(self) -> list[float]:
+        return list(self._latencies)
+
+    def stats(self) -> SessionStats:
+        lat = sorted(self._latencies)
+        return SessionStats(
+            session_id=self.session_id,
+            replica=self.replica,
+            epoch=self.epoch,
+            speaking=self.speaking(),
+            frames_sent=self.frames_sent,
+            frames_dropped=self.frames_dropped,
+            latency_ms_p50=statistics.median(lat) if lat else None,
+            latency_ms_p95=lat[min(len(lat) - 1, int(0.95 * len(lat)))] if lat else None,
+            queued_audio_s=self._timeline.queued_seconds(time.time()),
+        )

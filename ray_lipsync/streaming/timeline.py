@@ -1,0 +1,154 @@
+"""The session timeline: where pushed speech lands on the media clock, and interrupts.
+
+Audio pushed at time `now` is placed at the next frame boundary whose arrival slot has not
+started yet (so it is presented about D after it arrived), or right after queued speech.
+Gaps between utterances are silence. An interrupt bumps the epoch and cuts everything from
+the next frame to be presented.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ray_lipsync.clock import FRAME_MS, SAMPLE_RATE, SAMPLES_PER_FRAME, SessionClock
+from ray_lipsync.errors import Backpressure
+from ray_lipsync.streaming.buffer import SampleBuffer
+
+
+@dataclass
+class Utterance:
+    """A piece of speech on the timeline: frames [start_frame, end_frame)."""
+
+    utterance_id: str
+    start_frame: int
+    end_frame: int
+    start_sample: int
+    end_sample: int
+
+    @property
+    def duration_ms(self) -> int:
+        return (self.end_sample - self.start_sample) * 1000 // SAMPLE_RATE
+
+
+@dataclass
+class Placement:
+    """Where one push landed: samples [start, start + len) of the timeline."""
+
+    utterance: Utterance
+    start: int
+    samples: np.ndarray
+    arrived: float
+    final: bool
+
+
+@dataclass
+class SessionTimeline:
+    """Audio of one session on its media clock, with utterance marks and the epoch."""
+
+    clock: SessionClock
+    max_queued_s: float
+    epoch: int = 0
+    audio: SampleBuffer = field(default_factory=SampleBuffer)
+    utterances: dict[str, Utterance] = field(default_factory=dict)
+    unreleased: deque[Placement] = field(default_factory=deque)  # not yet sent to the engine
+    _open_utterance: str | None = None
+
+    @property
+    def write_end(self) -> int:
+        return self.audio.end
+
+    def boundary_sample(self, now: float) -> int:
+        """First frame boundary whose arrival slot (t0 + k * 40 ms) is not in the past."""
+        frame = math.ceil((now - self.clock.t0) * 1000 / FRAME_MS - 1e-9)
+        return max(0, frame) * SAMPLES_PER_FRAME
+
+    def queued_seconds(self, now: float) -> float:
+        """Speech placed but not yet due at the arrival side of the clock."""
+        return max(0, self.write_end - self.boundary_sample(now)) / SAMPLE_RATE
+
+    def place(
+        self, samples: np.ndarray, now: float, utterance_id: str | None, final: bool
+    ) -> Placement:
+        """Put `samples` on the timeline. Same utterance id: continue it (contiguous)."""
+        queued = self.queued_seconds(now) + len(samples) / SAMPLE_RATE
+        if queued > self.max_queued_s:
+            raise Backpressure(
+                f"session has {self.queued_seconds(now):.1f} s of speech queued; "
+                f"the limit is {self.max_queued_s:.0f} s - wait or interrupt first"
+            )
+        continuing = utterance_id is not None and utterance_id == self._open_utterance
+        start = max(self.write_end, self.boundary_sample(now))
+        if continuing:
+            utt = self.utterances[utterance_id]  # type: ignore[index]
+        else:
+            uid = utterance_id or uuid.uuid4().hex[:12]
+            start = self._align(start)
+            utt = Utterance(uid, start // SAMPLES_PER_FRAME, start // SAMPLES_PER_FRAME, start, start)
+            self.utterances[uid] = utt
+        self.audio.write(start, samples.astype(np.float32, copy=False))
+        utt.end_sample = start + len(samples)
+        utt.end_frame = -(-utt.end_sample // SAMPLES_PER_FRAME)
+        self._open_utterance = None if final else utt.utterance_id
+        placement = Placement(utt, start, samples, now, final)
+        self.unreleased.append(placement)
+        return placement
+
+    @staticmethod
+    def _align(sample: int) -> int:
+        return -(-sample // SAMPLES_PER_FRAME) * SAMPLES_PER_FRAME
+
+    def interrupt(self, now: float) -> int:
+        """Bump the epoch; silence everything from the next frame to be presented on.
+
+        Returns the first frame of the cut. Utterances that were cut end there; those that
+        had not started are forgotten.
+        """
+        self.epoch += 1
+        cut_frame = max(0, self.clock.frame_at(now) + 1)
+        cut = cut_frame * SAMPLES_PER_FRAME
+        self.audio.truncate(cut)
+        kept: deque[Placement] = deque()
+        for p in self.unreleased:
+            if p.start < cut:
+                p.samples = p.samples[: cut - p.start]
+                p.final = True
+                kept.append(p)
+        self.unreleased = kept
+        for uid, utt in list(self.utterances.items()):
+            if utt.start_frame >= cut_frame:
+                del self.utterances[uid]
+            elif utt.end_frame > cut_frame:
+                utt.end_frame, utt.end_sample = cut_frame, cut
+        self._open_utterance = None
+        return cut_frame
+
+    def frame_audio(self, frame_index: int) -> np.ndarray:
+        """The 640 samples (chunks 2k, 2k+1) presented with frame k; zeros in silence."""
+        start = frame_index * SAMPLES_PER_FRAME
+        return self.audio.read(start, start + SAMPLES_PER_FRAME)
+
+    def marks(self, frame_index: int) -> dict[str, list[str]]:
+        """Utterances that start or end (last frame) at frame k."""
+        starts = [u.utterance_id for u in self.utterances.values() if u.start_frame == frame_index]
+        ends = [u.utterance_id for u in self.utterances.values() if u.end_frame - 1 == frame_index]
+        meta: dict[str, list[str]] = {}
+        if starts:
+            meta["utterance_start"] = starts
+        if ends:
+            meta["utterance_end"] = ends
+        return meta
+
+    def speaking(self, frame_index: int) -> bool:
+        return any(u.start_frame <= frame_index < u.end_frame for u in self.utterances.values())
+
+    def forget_before(self, frame_index: int) -> None:
+        """Drop audio and finished utterances that lie wholly before frame k."""
+        self.audio.trim_before(frame_index * SAMPLES_PER_FRAME)
+        for uid, utt in list(self.utterances.items()):
+            if utt.end_frame <= frame_index and uid != self._open_utterance:
+                del self.utterances[uid]
