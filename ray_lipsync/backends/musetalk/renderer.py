@@ -1,0 +1,115 @@
+"""MuseTalk v1.5 renderer: one UNet step + VAE decode per batch of frames from any sessions.
+
+latents [B, 8, 32, 32] (masked + reference, prepared per avatar frame) and audio features
+[B, 50, 384] + sinusoidal positions -> unet(latents, t=0, encoder_hidden_states).sample
+[B, 4, 32, 32] -> vae.decode(lat / 0.18215) -> (x / 2 + 0.5).clamp(0, 1) * 255 -> RGB uint8
+[B, 256, 256, 3]. Batches larger than `pipeline.max_batch` are split; the last may be partial.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ray_lipsync.avatar.model import Avatar
+from ray_lipsync.backends.base import Renderer
+from ray_lipsync.backends.musetalk.avatar import LATENT_SHAPE, LATENTS_KEY
+from ray_lipsync.backends.musetalk.features import FEATURE_SHAPE
+from ray_lipsync.backends.musetalk.weights import (
+    VAE_SCALE,
+    MuseTalkModels,
+    default_device,
+    default_dtype,
+    shared_models,
+)
+from ray_lipsync.config import Settings
+from ray_lipsync.errors import AvatarError, AvatarNotFound
+from ray_lipsync.types import RenderJob
+
+log = logging.getLogger(__name__)
+
+
+def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
+    """Transformer sinusoidal position table [length, dim]: sin on even, cos on odd channels."""
+    position = torch.arange(length, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = torch.sin(position * freq)
+    table[:, 1::2] = torch.cos(position * freq)
+    return table
+
+
+def render_latents(
+    models: MuseTalkModels, latents: torch.Tensor, features: torch.Tensor, positions: torch.Tensor
+) -> np.ndarray:
+    """Crops [B, 256, 256, 3] uint8 from latents [B, 8, 32, 32] and features [B, 50, 384]."""
+    unet, vae = models.unet, models.vae
+    with torch.inference_mode():
+        cond = features.to(models.device, models.dtype) + positions
+        timestep = torch.zeros((), device=models.device, dtype=torch.long)
+        pred = unet(latents.to(models.device, models.dtype), timestep, encoder_hidden_states=cond).sample
+        image = vae.decode(pred / VAE_SCALE).sample
+        image = (image / 2 + 0.5).clamp(0, 1) * 255
+        return image.round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+class MuseTalkRenderer(Renderer):
+    """Renders batches of `RenderJob`s of any sessions with MuseTalk v1.5 (one forward each)."""
+
+    name = "musetalk"
+
+    def __init__(self, settings: Settings, device: str | torch.device | None = None) -> None:
+        self.device = torch.device(device) if device is not None else default_device()
+        dtype = default_dtype(self.device, settings.musetalk.fp16)
+        self.models = shared_models(settings.models_dir, self.device, dtype, parts=("unet", "vae"))
+        self.max_batch = settings.pipeline.max_batch
+        self.positions = sinusoidal_positions(*FEATURE_SHAPE).to(self.device, dtype)
+        self._latents: dict[str, torch.Tensor] = {}
+
+    def load_avatar(self, avatar: Avatar) -> None:
+        """Hold the avatar's prepared latents on the device (idempotent)."""
+        if avatar.name in self._latents:
+            return
+        latents = avatar.extras.get(LATENTS_KEY)
+        if latents is None:
+            raise AvatarError(
+                f"avatar {avatar.name!r} has no MuseTalk latents; run "
+                f"`ray-lipsync avatar prepare --backend musetalk` for it (name {avatar.name!r})"
+            )
+        latents = np.asarray(latents)
+        if latents.shape != (len(avatar), *LATENT_SHAPE):
+            raise AvatarError(
+                f"avatar {avatar.name!r}: musetalk_latents has shape {latents.shape}, expected "
+                f"{(len(avatar), *LATENT_SHAPE)}; prepare it again with --backend musetalk"
+            )
+        self._latents[avatar.name] = torch.from_numpy(np.array(latents, dtype=np.float32)).to(
+            self.device, self.models.dtype
+        )
+        log.info("musetalk: avatar %r loaded (%d frames)", avatar.name, len(latents))
+
+    def _inputs(self, jobs: Sequence[RenderJob]) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, feats = [], []
+        for job in jobs:
+            table = self._latents.get(job.avatar)
+            if table is None:
+                raise AvatarNotFound(f"avatar {job.avatar!r} is not loaded in this renderer; call load_avatar first")
+            if not 0 <= job.avatar_frame < len(table):
+                raise AvatarError(f"avatar {job.avatar!r} has {len(table)} frames, job asks for {job.avatar_frame}")
+            if np.shape(job.features) != FEATURE_SHAPE:
+                raise ValueError(f"MuseTalk features must have shape {FEATURE_SHAPE}, got {np.shape(job.features)}")
+            rows.append(table[job.avatar_frame])
+            feats.append(np.asarray(job.features, dtype=np.float32))
+        return torch.stack(rows), torch.from_numpy(np.stack(feats))
+
+    def render(self, jobs: Sequence[RenderJob]) -> list[np.ndarray]:
+        """One (256, 256, 3) uint8 crop per job, in order (batches of at most `max_batch`)."""
+        crops: list[np.ndarray] = []
+        for start in range(0, len(jobs), self.max_batch):
+            latents, features = self._inputs(jobs[start : start + self.max_batch])
+            batch = render_latents(self.models, latents, features, self.positions)
+            crops.extend(batch[i] for i in range(len(batch)))
+        return crops

@@ -1,0 +1,269 @@
+"""MuseTalk v1.5 backend on tiny random weights in the real file layout (CPU, seconds)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from musetalk_fixtures import build_tiny_models
+from ray_lipsync.avatar.model import LANDMARK_NAMES, Avatar
+from ray_lipsync.backends.musetalk import (
+    LATENTS_KEY,
+    MuseTalkFeaturizer,
+    MuseTalkRenderer,
+    add_latents,
+    check_weights,
+    compute_latents,
+    shared_models,
+)
+from ray_lipsync.backends.musetalk.avatar import crop_inputs
+from ray_lipsync.backends.musetalk.features import encode_states, log_mel
+from ray_lipsync.backends.musetalk.fidelity import compare_streaming, streaming_requests
+from ray_lipsync.backends.musetalk.weights import FILES, UNET_WEIGHTS
+from ray_lipsync.config import Settings
+from ray_lipsync.errors import AvatarError, WeightsError
+from ray_lipsync.types import FeatureRequest, RenderJob
+
+SR = 16000
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def settings(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return Settings(models_dir=models_dir, home=tmp_path_factory.mktemp("home"), pipeline={"max_batch": 4})
+
+
+@pytest.fixture(scope="session")
+def featurizer(settings: Settings) -> MuseTalkFeaturizer:
+    return MuseTalkFeaturizer(settings, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def renderer(settings: Settings) -> MuseTalkRenderer:
+    return MuseTalkRenderer(settings, device="cpu")
+
+
+def speechlike(seconds: float, seed: int = 0) -> np.ndarray:
+    """A voiced, syllable-modulated test signal (16 kHz float32)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * SR)) / SR
+    pitch = 140 + 30 * np.sin(2 * np.pi * 0.7 * t)
+    voiced = sum(np.sin(2 * np.pi * h * np.cumsum(pitch) / SR) / h for h in range(1, 6))
+    envelope = np.clip(np.sin(2 * np.pi * 4 * t), 0, None)
+    return (0.2 * voiced * envelope + 0.005 * rng.standard_normal(len(t))).astype(np.float32)
+
+
+def make_avatar(name: str, n: int, seed: int = 0) -> Avatar:
+    rng = np.random.default_rng(seed)
+    crops = rng.integers(0, 256, (n, 256, 256, 3), dtype=np.uint8)
+    return Avatar(
+        name=name,
+        frames=rng.integers(0, 256, (n, 300, 300, 3), dtype=np.uint8),
+        crop_boxes=np.tile(np.array([22, 22, 278, 278], np.int32), (n, 1)),
+        crops=crops,
+        masks=np.zeros((n, 256, 256), np.uint8),
+        landmarks=np.zeros((n, len(LANDMARK_NAMES), 2), np.float32),
+        detected=np.ones(n, bool),
+    )
+
+
+# --- weights -----------------------------------------------------------------------------
+
+
+def test_missing_weights_lists_every_file(tmp_path: Path) -> None:
+    with pytest.raises(WeightsError) as info:
+        check_weights(tmp_path)
+    message = str(info.value)
+    for part_files in FILES.values():
+        for f in part_files:
+            assert str(tmp_path / f) in message
+    assert "TMElyralab/MuseTalk" in message and "sd-vae-ft-mse" in message and "whisper-tiny" in message
+
+
+def test_shape_and_dtype_mismatch_reported(models_dir: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "models"
+    shutil.copytree(models_dir, broken)
+    state = torch.load(broken / UNET_WEIGHTS, weights_only=True)
+    state["conv_in.weight"] = torch.zeros(32, 9, 3, 3)
+    state["conv_out.bias"] = torch.zeros(4, dtype=torch.int64)
+    torch.save(state, broken / UNET_WEIGHTS)
+    with pytest.raises(WeightsError) as info:
+        check_weights(broken)
+    message = str(info.value)
+    assert "conv_in.weight has shape (32, 9, 3, 3), the config expects (32, 8, 3, 3)" in message
+    assert "conv_out.bias has dtype torch.int64" in message
+
+
+def test_models_are_loaded_once_per_process(settings: Settings) -> None:
+    a = shared_models(settings.models_dir, "cpu", torch.float32, ("whisper",))
+    b = shared_models(Path(str(settings.models_dir)), "cpu", torch.float32, ["whisper"])
+    assert a is b and a.unet is None and a.whisper is not None
+
+
+# --- features ----------------------------------------------------------------------------
+
+
+def test_windowed_encoder_equals_library_forward_at_30s(featurizer: MuseTalkFeaturizer) -> None:
+    models = featurizer.models
+    with torch.inference_mode():
+        mel = log_mel(models, [speechlike(1.5)], 30 * SR)
+        library = torch.stack(models.whisper(mel, output_hidden_states=True).hidden_states, dim=2)
+        ours = encode_states(models.whisper, mel)
+    assert ours.shape == (1, 1500, 5, 384)
+    torch.testing.assert_close(ours, library)
+
+
+@pytest.mark.parametrize("seconds", [1.0, 1.03, 2.51])
+def test_offline_features_shape(featurizer: MuseTalkFeaturizer, seconds: float) -> None:
+    audio = speechlike(seconds)
+    feats = featurizer.offline_features(audio)
+    assert feats.shape == (int(len(audio) // 640), 50, 384) and feats.dtype == np.float32
+
+
+def block(features: np.ndarray, k: int) -> np.ndarray:
+    """Rows of whisper frame k (of 10) in a [50, 384] frame feature."""
+    return features[5 * k : 5 * k + 5]
+
+
+def test_zero_padding_at_the_edges(featurizer: MuseTalkFeaturizer) -> None:
+    audio = speechlike(1.0)[: SR + 100]  # 50 whisper frames, 25 video frames
+    for feats in (
+        featurizer.offline_features(audio),
+        featurizer.featurize([FeatureRequest(None, audio, 0, range(25))])[0],
+    ):
+        first, last = feats[0], feats[24]
+        assert all(not block(first, k).any() for k in range(4))  # whisper frames -4..-1
+        assert all(block(first, k).any() for k in range(4, 10))
+        assert all(block(last, k).any() for k in range(6))  # whisper frames 44..49
+        assert all(not block(last, k).any() for k in range(6, 10))  # 50..53: past the audio
+
+
+def test_streaming_equals_offline_when_the_window_holds_the_clip(settings: Settings) -> None:
+    padded = settings.musetalk.model_copy(update={"encoder_pad_30s": True})
+    featurizer = MuseTalkFeaturizer(settings.model_copy(update={"musetalk": padded}), device="cpu")
+    audio = speechlike(1.2)
+    offline = featurizer.offline_features(audio)
+    streamed = featurizer.featurize([FeatureRequest(None, audio, 0, range(len(offline)))])[0]
+    np.testing.assert_allclose(streamed, offline, rtol=1e-4, atol=1e-4)
+
+
+def test_batch_composition_does_not_change_features(featurizer: MuseTalkFeaturizer) -> None:
+    a, b = speechlike(3.0, seed=1), speechlike(0.6, seed=2)
+    ra = FeatureRequest(None, a[6400:40000], 6400, range(30, 55))
+    rb = FeatureRequest(None, b[:9600], 0, range(0, 12))
+    together = featurizer.featurize([ra, rb])
+    alone = [featurizer.featurize([ra])[0], featurizer.featurize([rb])[0]]
+    assert [f.shape for f in together] == [(25, 50, 384), (12, 50, 384)]
+    for x, y in zip(together, alone):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_request_without_its_frames_audio_is_rejected(featurizer: MuseTalkFeaturizer) -> None:
+    audio = speechlike(0.5)
+    with pytest.raises(ValueError, match="does not cover frames"):
+        featurizer.featurize([FeatureRequest(None, audio[:1000], 0, range(0, 5))])
+    with pytest.raises(ValueError, match="1-D"):
+        featurizer.featurize([FeatureRequest(None, np.zeros((2, 640), np.float32), 0, range(1))])
+
+
+def test_lookahead_is_declared(featurizer: MuseTalkFeaturizer) -> None:
+    assert featurizer.lookahead_ms >= 100 and featurizer.context_ms > 80
+
+
+def test_streaming_vs_offline_measurement_runs(featurizer: MuseTalkFeaturizer) -> None:
+    audio = speechlike(3.0, seed=3)
+    requests = streaming_requests(featurizer, audio)
+    assert [r.frames.start for r in requests] == list(range(75))
+    assert all(r.audio_start + len(r.audio) <= len(audio) for r in requests)
+    fidelity = compare_streaming(featurizer, audio)
+    summary = fidelity.summary()
+    assert summary["frames"] == 75 and np.isfinite(fidelity.rel_l2).all()
+    assert -1.0 <= summary["cosine_min"] <= summary["cosine_median"] <= 1.0
+
+
+# --- avatar latents and rendering ---------------------------------------------------------
+
+
+def test_masked_crop_lower_half_is_minus_one() -> None:
+    crops = np.random.default_rng(0).integers(0, 256, (2, 256, 256, 3), dtype=np.uint8)
+    masked, reference = crop_inputs(crops)
+    assert masked.shape == reference.shape == (2, 3, 256, 256)
+    assert torch.all(masked[:, :, 128:] == -1.0)
+    torch.testing.assert_close(masked[:, :, :128], reference[:, :, :128])
+    assert reference.min() >= -1.0 and reference.max() <= 1.0
+    with pytest.raises(AvatarError, match="RGB uint8"):
+        crop_inputs(crops[:, :128])
+
+
+def test_crop_latents_shape_and_reproducible(renderer: MuseTalkRenderer) -> None:
+    crops = make_avatar("lat", 5).crops
+    latents = compute_latents(renderer.models.vae, crops, batch=8, progress=False)
+    assert latents.shape == (5, 8, 32, 32) and latents.dtype == np.float32
+    one_by_one = compute_latents(renderer.models.vae, crops, batch=1, progress=False)
+    np.testing.assert_allclose(latents, one_by_one, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(latents[:, :4], latents[:, 4:])  # masked != reference latents
+
+
+def test_unet_output_shape(renderer: MuseTalkRenderer) -> None:
+    models = renderer.models
+    with torch.inference_mode():
+        out = models.unet(torch.zeros(3, 8, 32, 32), 0, encoder_hidden_states=torch.zeros(3, 50, 384)).sample
+    assert out.shape == (3, 4, 32, 32)
+
+
+def test_add_latents_to_store_and_render(settings: Settings, renderer: MuseTalkRenderer) -> None:
+    from ray_lipsync.avatar.store import AvatarStore
+
+    store = AvatarStore(settings.avatars_dir)
+    store.save(make_avatar("stored", 3))
+    add_latents(store, "stored", settings, device="cpu")
+    avatar = store.load("stored")
+    assert avatar.extras[LATENTS_KEY].shape == (3, 8, 32, 32)
+    renderer.load_avatar(avatar)
+    renderer.load_avatar(avatar)  # idempotent
+    features = np.random.default_rng(1).standard_normal((50, 384)).astype(np.float32)
+    crops = renderer.render([RenderJob("stored", 1, features)])
+    assert crops[0].shape == (256, 256, 3) and crops[0].dtype == np.uint8
+
+
+def test_render_partial_batch_and_mirror_cycle(renderer: MuseTalkRenderer) -> None:
+    avatar = make_avatar("cycle", 3, seed=4)
+    avatar.extras[LATENTS_KEY] = compute_latents(renderer.models.vae, avatar.crops, progress=False)
+    renderer.load_avatar(avatar)
+    features = np.random.default_rng(2).standard_normal((50, 384)).astype(np.float32)
+    sources = [avatar.cycle_index(k) for k in range(6)]
+    assert sources == [0, 1, 2, 1, 0, 1]
+    jobs = [RenderJob("cycle", s, features) for s in sources]
+    crops = renderer.render(jobs)  # max_batch 4: a batch of 4, then a partial one of 2
+    assert len(crops) == 6 and all(c.shape == (256, 256, 3) and c.dtype == np.uint8 for c in crops)
+    for k, crop in enumerate(crops):
+        single = renderer.render([jobs[k]])[0]
+        assert np.abs(crop.astype(int) - single.astype(int)).max() <= 1
+    assert np.abs(crops[1].astype(int) - crops[3].astype(int)).max() <= 1  # same source frame
+    assert np.abs(crops[0].astype(int) - crops[2].astype(int)).max() > 1  # different frames
+
+
+def test_avatar_without_latents_says_what_to_run(renderer: MuseTalkRenderer) -> None:
+    with pytest.raises(AvatarError, match="avatar prepare --backend musetalk"):
+        renderer.load_avatar(make_avatar("plain", 2))
+
+
+def test_bad_jobs_are_rejected(renderer: MuseTalkRenderer) -> None:
+    avatar = make_avatar("jobs", 2, seed=5)
+    avatar.extras[LATENTS_KEY] = np.zeros((2, 8, 32, 32), np.float32)
+    renderer.load_avatar(avatar)
+    good = np.zeros((50, 384), np.float32)
+    with pytest.raises(AvatarError, match="has 2 frames"):
+        renderer.render([RenderJob("jobs", 2, good)])
+    with pytest.raises(ValueError, match="shape"):
+        renderer.render([RenderJob("jobs", 0, np.zeros((10, 384), np.float32))])
+    with pytest.raises(KeyError, match="not loaded"):
+        renderer.render([RenderJob("nobody", 0, good)])
