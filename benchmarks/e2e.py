@@ -1,0 +1,295 @@
+"""End-to-end benchmark: N WebRTC clients (aiortc) for S seconds against a running service.
+
+    python benchmarks/e2e.py http://127.0.0.1:8000 --sessions 4 --seconds 30 --json out.json
+    python benchmarks/e2e.py --start --sessions 4 --seconds 30      # starts `ray-lipsync serve`
+
+Each client creates a session, sends its offer, and once video arrives streams offline-TTS
+speech (ray_lipsync.tts) to POST /audio in real-time pieces, so the service sees a live
+talker. Measured per session: time to first frame (offer -> first decoded frame), received
+fps, frames sent / dropped and per-frame latency p50 (GET /v1/sessions/{id}); p95 / p99 from
+the status when the API exposes them, else from the /metrics latency histogram; CPU of the
+server process tree per session (/proc; with --start or --server-pid).
+Target: 4 sessions at 25 fps with 0 dropped frames and p50 <= 150 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+import wave
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ray_lipsync.webrtc.client import ReceiverClient  # noqa: E402
+
+log = logging.getLogger("benchmarks.e2e")
+
+DEFAULT_TEXT = ("The quick brown fox jumps over the lazy dog. Streaming avatars need steady frames "
+                "and low latency, so every frame is timed by one clock.")
+PIECE_S = 0.2  # speech is uploaded in real-time pieces of this length
+
+
+@dataclass
+class SessionResult:
+    session_id: str = ""
+    time_to_first_frame_s: float | None = None
+    received_fps: float | None = None
+    frames_received: int = 0
+    audio_received_s: float = 0.0
+    speech_pushed_s: float = 0.0
+    frames_sent: int | None = None
+    frames_dropped: int | None = None
+    latency_ms_p50: float | None = None
+    latency_ms_p95: float | None = None
+    latency_ms_p99: float | None = None
+    errors: list[str] = field(default_factory=list)
+
+
+def wav_bytes(samples: np.ndarray, rate: int = 16000) -> bytes:
+    """16-bit mono WAV of float samples in [-1, 1]."""
+    pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2")
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())
+    return out.getvalue()
+
+
+def speech(text: str) -> np.ndarray:
+    from ray_lipsync.tts import Synthesizer
+
+    return Synthesizer().synthesize(text)
+
+
+# -- server CPU (/proc) ----------------------------------------------------------------------
+
+
+def process_tree(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def cpu_seconds(root: int) -> float:
+    """utime + stime (s) of `root` and its descendants now alive."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in process_tree(root):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+# -- latency quantiles from the Prometheus histogram -------------------------------------------
+
+
+def histogram_quantiles(metrics_text: str, quantiles: tuple[float, ...]) -> dict[float, float | None]:
+    """Quantiles of lipsync_frame_latency_ms (summed over replicas), linearly interpolated."""
+    buckets: dict[float, float] = {}
+    pattern = re.compile(r'^lipsync_frame_latency_ms_bucket\{[^}]*le="([^"]+)"[^}]*\}\s+([0-9.eE+-]+)', re.M)
+    for le, count in pattern.findall(metrics_text):
+        bound = float("inf") if le == "+Inf" else float(le)
+        buckets[bound] = buckets.get(bound, 0.0) + float(count)
+    if not buckets:
+        return {q: None for q in quantiles}
+    bounds = sorted(buckets)
+    total = buckets[bounds[-1]]
+    out: dict[float, float | None] = {}
+    for q in quantiles:
+        if total <= 0:
+            out[q] = None
+            continue
+        target, prev_bound, prev_count = q * total, 0.0, 0.0
+        for bound in bounds:
+            if buckets[bound] >= target:
+                if bound == float("inf"):
+                    out[q] = prev_bound
+                else:
+                    span = buckets[bound] - prev_count
+                    frac = (target - prev_count) / span if span else 1.0
+                    out[q] = prev_bound + frac * (bound - prev_bound)
+                break
+            prev_bound, prev_count = bound, buckets[bound]
+    return out
+
+
+# -- one client ------------------------------------------------------------------------------
+
+
+async def run_client(http: httpx.AsyncClient, samples: np.ndarray, seconds: float, avatar: str) -> SessionResult:
+    result = SessionResult()
+    created = (await http.post("/v1/sessions", json={"avatar": avatar})).raise_for_status().json()
+    result.session_id = created["session_id"]
+    headers = {"Authorization": f"Bearer {created['token']}"}
+    client = ReceiverClient(ice_servers=created.get("ice_servers") or [], keep_audio=False)
+    try:
+        offer = await client.offer()
+        answer = (await http.post(f"/v1/sessions/{result.session_id}/offer", json=offer, headers=headers)
+                  ).raise_for_status().json()
+        await client.accept(answer)
+        result.time_to_first_frame_s = await client.wait_first_video(timeout=30)
+        start = time.monotonic()
+        end = start + seconds
+        pieces = max(1, int(PIECE_S * 16000))
+        i = 0
+        while time.monotonic() < end:
+            piece = samples[i : i + pieces]
+            i = (i + pieces) % len(samples)
+            r = await http.post(f"/v1/sessions/{result.session_id}/audio", content=wav_bytes(piece),
+                                headers={**headers, "Content-Type": "audio/wav"})
+            if r.status_code == 202:
+                result.speech_pushed_s += piece.size / 16000
+            else:
+                result.errors.append(f"audio {r.status_code}: {r.text[:120]}")
+            await asyncio.sleep(max(0.0, start + result.speech_pushed_s - 0.1 - time.monotonic()))
+        await asyncio.sleep(0.5)
+        measured_from = client.first_video_at + 1.0  # past the start-up transient
+        result.received_fps = round(client.received.fps(measured_from, time.monotonic()), 2)
+        result.frames_received = client.received.video_frames
+        rate = client.received.audio_rate or 48000
+        result.audio_received_s = round(client.received.audio_samples / rate, 2)
+        status = (await http.get(f"/v1/sessions/{result.session_id}", headers=headers)).raise_for_status().json()
+        for key in ("frames_sent", "frames_dropped", "latency_ms_p50", "latency_ms_p95", "latency_ms_p99"):
+            setattr(result, key, status.get(key))
+        await http.delete(f"/v1/sessions/{result.session_id}", headers=headers)
+    except Exception as exc:  # one failing client must not hide the others' numbers
+        result.errors.append(f"{exc.__class__.__name__}: {exc}")
+    finally:
+        await client.close()
+    return result
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+
+def start_server(port: int, extra: list[str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "ray_lipsync.cli", "-q", "serve", "--port", str(port), *extra]
+    log.info("starting %s", " ".join(cmd))
+    return subprocess.Popen(cmd, cwd=Path(__file__).resolve().parent.parent)
+
+
+async def wait_healthy(http: httpx.AsyncClient, timeout: float, server: subprocess.Popen | None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server is not None and server.poll() is not None:
+            raise RuntimeError(f"the server exited with code {server.returncode}")
+        try:
+            if (await http.get("/healthz")).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        await asyncio.sleep(0.5)
+    raise TimeoutError(f"the service at {http.base_url} was not healthy within {timeout:.0f} s")
+
+
+async def benchmark(args: argparse.Namespace) -> dict:
+    server = start_server(args.port, args.serve_arg) if args.start else None
+    url = args.url or f"http://127.0.0.1:{args.port}"
+    server_pid = server.pid if server else args.server_pid
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            await wait_healthy(http, args.startup_timeout, server)
+            samples = await asyncio.to_thread(speech, args.text)
+            cpu0, t0 = (cpu_seconds(server_pid) if server_pid else None), time.monotonic()
+            results = await asyncio.gather(
+                *(run_client(http, samples, args.seconds, args.avatar) for _ in range(args.sessions)))
+            wall = time.monotonic() - t0
+            cpu = (cpu_seconds(server_pid) - cpu0) if server_pid else None
+            metrics = (await http.get("/metrics")).text
+    finally:
+        if server is not None:
+            server.terminate()
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+    q = histogram_quantiles(metrics, (0.5, 0.95, 0.99))
+    for r in results:
+        r.latency_ms_p95 = r.latency_ms_p95 if r.latency_ms_p95 is not None else q[0.95]
+        r.latency_ms_p99 = r.latency_ms_p99 if r.latency_ms_p99 is not None else q[0.99]
+    ok = [r for r in results if not r.errors]
+    p50s = [r.latency_ms_p50 for r in ok if r.latency_ms_p50 is not None]
+    summary = {
+        "url": url,
+        "sessions": args.sessions,
+        "seconds": args.seconds,
+        "sessions_ok": len(ok),
+        "time_to_first_frame_s_max": max((r.time_to_first_frame_s or 0 for r in ok), default=None),
+        "received_fps_min": min((r.received_fps or 0 for r in ok), default=None),
+        "frames_dropped_total": sum(r.frames_dropped or 0 for r in ok),
+        "latency_ms_p50_max": max(p50s) if p50s else None,
+        "gateway_histogram_ms": {"p50": q[0.5], "p95": q[0.95], "p99": q[0.99]},
+        "server_cpu_percent_per_session": round(100 * cpu / wall / args.sessions, 1) if cpu is not None else None,
+    }
+    summary["target_met"] = bool(
+        len(ok) == args.sessions
+        and summary["received_fps_min"] is not None and abs(summary["received_fps_min"] - 25) <= 1
+        and summary["frames_dropped_total"] == 0
+        and summary["latency_ms_p50_max"] is not None and summary["latency_ms_p50_max"] <= 150
+    )
+    return {"summary": summary, "sessions": [asdict(r) for r in results]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("url", nargs="?", help="service URL (default http://127.0.0.1:<port>)")
+    parser.add_argument("--start", action="store_true", help="start `ray-lipsync serve` for the run")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--serve-arg", action="append", default=[], help="extra argument for serve (repeat)")
+    parser.add_argument("--server-pid", type=int, help="PID of a running server, for CPU accounting")
+    parser.add_argument("--sessions", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--avatar", default="default")
+    parser.add_argument("--text", default=DEFAULT_TEXT)
+    parser.add_argument("--startup-timeout", type=float, default=180.0)
+    parser.add_argument("--json", type=Path, help="write the result as JSON here ('-' = stdout)")
+    args = parser.parse_args(argv)
+    if args.sessions < 1 or args.seconds <= 0:
+        parser.error("--sessions must be >= 1 and --seconds > 0")
+    if args.url and args.start:
+        parser.error("give a URL or --start, not both")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("aioice").setLevel(logging.WARNING)
+    logging.getLogger("aiortc").setLevel(logging.WARNING)
+    result = asyncio.run(benchmark(args))
+    text = json.dumps(result, indent=2)
+    if args.json and str(args.json) != "-":
+        args.json.write_text(text + "\n")
+    else:
+        sys.stdout.write(text + "\n")
+    return 0 if result["summary"]["target_met"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

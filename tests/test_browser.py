@@ -1,0 +1,122 @@
+"""The web page in headless Chromium: connect, play the WebRTC stream, speak, see events.
+
+Needs Debian's chromium (`apt-get install -y chromium`) and playwright (python); skips when
+/usr/bin/chromium is absent. The service is the real HTTP API (`routes.build_api`) over an
+in-process gateway and `LocalPipeline`, served by uvicorn on a free port (no Ray needed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+    "--autoplay-policy=no-user-gesture-required",
+]
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian chromium at /usr/bin/chromium "
+                       "(apt-get install -y chromium)"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_local_app(home: Path):
+    """The service's FastAPI app over an in-process gateway and LocalPipeline."""
+    from ray_lipsync.api.client import LocalClient
+    from ray_lipsync.api.gateway import Gateway
+    from ray_lipsync.api.routes import build_api
+    from ray_lipsync.config import Settings
+    from ray_lipsync.streaming.local import LocalPipeline
+
+    settings = Settings(home=home)
+    gateway = Gateway(settings, LocalPipeline(settings), "local")
+    return build_api(settings, LocalClient(gateway)), gateway
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory) -> Iterator[str]:
+    uvicorn = pytest.importorskip("uvicorn")
+    app, gateway = build_local_app(tmp_path_factory.mktemp("home"))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="test-service", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            pytest.fail("the test service did not start within 20 s")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    loop = getattr(server, "_loop", None)
+    if loop is not None:
+        asyncio.run_coroutine_threadsafe(gateway.shutdown(), loop).result(10)
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
+        yield chromium
+        chromium.close()
+
+
+DECODED = """async () => {
+  const frames = async () => {
+    let n = 0;
+    (await app.pc.getStats()).forEach((r) => {
+      if (r.type === "inbound-rtp" && r.kind === "video") n = r.framesDecoded;
+    });
+    return n;
+  };
+  const first = await frames();
+  await new Promise((r) => setTimeout(r, 1000));
+  return [first, await frames()];
+}"""
+
+
+def test_page_connects_plays_video_speaks_and_shows_events(service, browser):
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(service + "/")
+    page.wait_for_selector("#avatar option", state="attached", timeout=10_000)
+
+    page.click("#connect")
+    page.wait_for_function("document.getElementById('video').videoWidth > 0", timeout=60_000)
+    assert page.text_content("#error") == ""
+    first, second = page.evaluate(DECODED)
+    assert second > first > 0, (first, second)  # the <video> plays: frames keep being decoded
+    page.wait_for_function("document.body.dataset.state === 'connected'", timeout=10_000)
+
+    page.fill("#text", "Hello there.")
+    page.click("#speak")
+    page.wait_for_selector('#events li[data-event="utterance.start"]', state="attached", timeout=30_000)
+    page.wait_for_selector('#events li[data-event="utterance.end"]', state="attached", timeout=30_000)
+    page.wait_for_function("document.getElementById('s-frames').textContent !== '-'", timeout=5_000)
+
+    page.click("#interrupt")
+    page.wait_for_selector('#events li[data-event="interrupt"]', state="attached", timeout=5_000)
+    page.click("#disconnect")
+    page.wait_for_function("document.body.dataset.state === 'not connected'", timeout=5_000)
+    assert errors == []
+    page.close()
