@@ -83,9 +83,9 @@ def frame_speech(chunk_speech: np.ndarray, n_frames: int) -> np.ndarray:
 
 def detect_speech(samples: np.ndarray, settings: Settings) -> np.ndarray:
     """Per-frame speech flags of 16 kHz `samples` from the VAD (settings.audio)."""
-    from ray_lipsync.audio import SpeechDetector
+    from ray_lipsync.audio.vad import SpeechDetector
 
-    detector = SpeechDetector(settings.audio.vad_threshold, settings.audio.vad_hangover_chunks)
+    detector = SpeechDetector.from_config(settings.audio)
     return frame_speech(detector.detect(samples), frames_in_samples(len(samples)))
 
 
