@@ -233,12 +233,14 @@ def prepare_image(
     return avatar, report
 
 
-def _decode(path: Path, max_frames: int, max_side: int, progress: bool) -> tuple[list[np.ndarray], float]:
-    """Decode up to max_frames RGB frames (downscaled to max_side) and the frame rate."""
+def _decode(path: Path, max_frames: int, max_side: int, progress: bool) -> tuple[np.ndarray, float]:
+    """Decode up to max_frames RGB frames (downscaled to max_side) into one (N, H, W, 3) array,
+    and the frame rate."""
     import av
     from tqdm import tqdm
 
-    frames: list[np.ndarray] = []
+    frames: np.ndarray | None = None
+    count = 0
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -248,17 +250,23 @@ def _decode(path: Path, max_frames: int, max_side: int, progress: bool) -> tuple
             total = min(stream.frames, max_frames) if stream.frames else max_frames
             with tqdm(total=total, desc=f"decode {path.name}", unit="frame", disable=not progress) as bar:
                 for frame in container.decode(stream):
-                    frames.append(np.ascontiguousarray(_fit(frame.to_ndarray(format="rgb24"), max_side)))
+                    rgb = _fit(frame.to_ndarray(format="rgb24"), max_side)
+                    if frames is None:  # filled in place: no second copy of the whole video
+                        frames = np.empty((max(total, 1), *rgb.shape), dtype=np.uint8)
+                    elif rgb.shape != frames.shape[1:]:
+                        raise AvatarError(f"video {path} changes frame size mid-stream; re-encode it at one size")
+                    if count == len(frames):
+                        frames = np.concatenate([frames, np.empty_like(frames[: min(count, max_frames - count)])])
+                    frames[count] = rgb
+                    count += 1
                     bar.update(1)
-                    if len(frames) >= max_frames:
+                    if count >= max_frames:
                         break
     except (av.FFmpegError, OSError) as exc:
         raise AvatarError(f"cannot decode video {path}: {exc}; pass a readable video file") from exc
-    if not frames:
+    if frames is None or count == 0:
         raise AvatarError(f"video {path} has no decodable frames")
-    if len({f.shape for f in frames}) > 1:
-        raise AvatarError(f"video {path} changes frame size mid-stream; re-encode it at one size")
-    return frames, fps
+    return frames[:count], fps
 
 
 def prepare_video(
@@ -272,13 +280,11 @@ def prepare_video(
     path = Path(path)
     if not path.is_file():
         raise AvatarError(f"video {path} does not exist; pass the path of an existing file")
-    decoded, fps = _decode(path, config.max_frames, config.max_side, progress)
+    frames, fps = _decode(path, config.max_frames, config.max_side, progress)
     observations: list[FaceObservation | None] = []
     with FaceAnalyzer(static_image_mode=False) as analyzer:
-        for frame in tqdm(decoded, desc=f"faces {name}", unit="frame", disable=not progress):
+        for frame in tqdm(frames, desc=f"faces {name}", unit="frame", disable=not progress):
             observations.append(analyzer.analyze(frame))
-    frames = np.stack(decoded)
-    del decoded
     avatar, interpolated = build_avatar(name, frames, observations, config, fps=fps, smooth=True)
     report = PrepareReport(len(frames), len(frames) - len(interpolated), interpolated,
                            time.perf_counter() - start, str(path))  # fmt: skip

@@ -155,7 +155,7 @@ class AvatarStore:
         """Load avatar `name`. With mmap the arrays are read-only views of the mapped file."""
         manifest = self.manifest(name)
         path = self.path(name) / ARROW_FILE
-        table = self._read(name, path, mmap)
+        table = self._read(name, path)
         missing = [c for c in (*_CORE.values(), "detected") if c not in table.column_names]
         missing += [EXTRA_PREFIX + k for k in manifest["extras"] if EXTRA_PREFIX + k not in table.column_names]
         if missing or table.num_rows != manifest["frames"]:
@@ -252,9 +252,9 @@ class AvatarStore:
         return final
 
     @staticmethod
-    def _read(name: str, path: Path, mmap: bool) -> pa.Table:
+    def _read(name: str, path: Path) -> pa.Table:
+        """The avatar table over a memory map (load copies out of it when mmap=False)."""
         try:
-            source = pa.memory_map(str(path), "r") if mmap else pa.OSFile(str(path), "rb")
-            return pa.ipc.open_file(source).read_all()
+            return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
         except (OSError, pa.ArrowInvalid) as exc:
             raise AvatarError(f"avatar {name!r}: cannot read {path} ({exc}); prepare it again") from exc
