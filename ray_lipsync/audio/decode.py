@@ -54,6 +54,7 @@ _DEMUXERS: dict[str, str] = {
     "webm": "matroska",
     "mp4": "mov",
 }
+_STRONG_MAGIC = (b"RIFF", b"OggS", b"fLaC", b"ID3", b"\x1aE\xdf\xa3")
 _INT_SCALE = {"u8": 128.0, "s16": 2.0**15, "s32": 2.0**31, "s64": 2.0**63}
 
 
@@ -160,6 +161,17 @@ def check_finite(samples: np.ndarray) -> None:
         raise MalformedAudio("audio contains NaN or infinite samples; fix the source signal")
 
 
+def downmix(samples: np.ndarray, channel_axis: int) -> np.ndarray:
+    """Average the channels into float32 mono in [-1, 1] (NaN/inf raise MalformedAudio).
+
+    Float input beyond full scale is clipped before resampling, so no overflow can reach
+    the filter.
+    """
+    check_finite(samples)
+    mono = samples.mean(axis=channel_axis, dtype=np.float64)
+    return np.clip(mono, -1.0, 1.0).astype(np.float32)
+
+
 def decode_audio(data: bytes, limits: AudioConfig = AudioConfig()) -> np.ndarray:
     """Decode a complete audio file (WAV, MP3, Ogg, FLAC, WebM, MP4/AAC) to 16 kHz mono."""
     data = check_input_bytes(data, limits)
@@ -193,7 +205,7 @@ def decode_pcm16(
             f"({channels} channel(s) x 2 bytes); the last frame is cut"
         )
     check_duration(len(data) // frame_bytes, sample_rate, limits)
-    mono = pcm_to_float(data, "s16", channels).mean(axis=1, dtype=np.float32)
+    mono = downmix(pcm_to_float(data, "s16", channels), channel_axis=1)
     resampler = Resampler(sample_rate)
     return np.concatenate([resampler.push(mono), resampler.flush()])
 
@@ -222,15 +234,22 @@ def _decode_container(data: bytes, kind: str, limits: AudioConfig) -> np.ndarray
     """Demux and decode the first audio stream with PyAV, downmix, resample to 16 kHz."""
     label = "WAV" if kind == "wav" else kind.upper()
     try:
-        container = av.open(io.BytesIO(data), mode="r", format=_DEMUXERS[kind])
+        container = av.open(
+            io.BytesIO(data), mode="r", format=_DEMUXERS[kind], metadata_errors="replace"
+        )
     except av.FFmpegError as exc:
-        raise UnsupportedAudio(f"{label} input could not be opened: {exc}") from exc
+        # A file that carries its format's magic is broken; bare frame-sync bytes may be noise.
+        strong = data.startswith(_STRONG_MAGIC) or data[4:8] == b"ftyp"
+        error = MalformedAudio if strong else UnsupportedAudio
+        raise error(f"{label} input could not be opened: {exc}") from exc
     pieces: list[np.ndarray] = []
     with container:
         if not container.streams.audio:
             raise UnsupportedAudio(f"{label} input has no audio stream")
         stream = container.streams.audio[0]
         ctx = stream.codec_context
+        if ctx is None:
+            raise UnsupportedAudio(f"{label} input uses an audio codec that cannot be decoded")
         check_rate_and_channels(ctx.sample_rate, ctx.channels, limits)
         resampler: Resampler | None = None
         seconds = 0.0
@@ -238,7 +257,6 @@ def _decode_container(data: bytes, kind: str, limits: AudioConfig) -> np.ndarray
             for frame in container.decode(stream):
                 check_rate_and_channels(frame.sample_rate, frame.layout.nb_channels, limits)
                 mono = frame_to_mono(frame)
-                check_finite(mono)
                 seconds += mono.size / frame.sample_rate
                 if seconds > limits.max_seconds:
                     raise AudioTooLarge(
@@ -262,7 +280,7 @@ def _decode_container(data: bytes, kind: str, limits: AudioConfig) -> np.ndarray
 
 
 def frame_to_mono(frame: av.AudioFrame) -> np.ndarray:
-    """A decoded PyAV audio frame -> float32 mono at the frame's rate (channels averaged)."""
+    """A decoded PyAV audio frame -> float32 mono at the frame's rate (see `downmix`)."""
     arr = frame.to_ndarray()
     channels = frame.layout.nb_channels
     if not frame.format.is_planar:
@@ -276,4 +294,4 @@ def frame_to_mono(frame: av.AudioFrame) -> np.ndarray:
         floats /= scale
     else:
         floats = arr
-    return np.asarray(floats.mean(axis=0), dtype=np.float32)
+    return downmix(floats, channel_axis=0)

@@ -17,9 +17,9 @@ import numpy as np
 from ray_lipsync.audio.decode import (
     AudioFormat,
     check_duration,
-    check_finite,
     decode_audio,
     decode_body,
+    downmix,
     sniff_format,
 )
 from ray_lipsync.audio.resample import Resampler
@@ -127,9 +127,7 @@ class _PcmDecoder:
             return _EMPTY
         self._budget.count(whole // self.frame_bytes, self.rate)
         frames = pcm_to_float(buf[:whole], self.sample_format, self.channels)
-        if self.sample_format in ("f32", "f64"):
-            check_finite(frames)
-        return self._resampler.push(frames.mean(axis=1, dtype=np.float32))
+        return self._resampler.push(downmix(frames, channel_axis=1))
 
     def close(self) -> np.ndarray:
         if self._partial:

@@ -21,6 +21,8 @@ WAVE_FORMAT_IEEE_FLOAT = 0x0003
 WAVE_FORMAT_EXTENSIBLE = 0xFFFE
 MAX_HEADER_BYTES = 1 << 20  # metadata chunks before "data" larger than this are refused
 _MAX_FMT_BYTES = 4096
+# SubFormat GUIDs of WAVE_FORMAT_EXTENSIBLE are {tag}-0000-0010-8000-00AA00389B71.
+_KSDATAFORMAT_TAIL = bytes.fromhex("000000001000800000aa00389b71")
 _UNKNOWN_SIZES = (0, 0xFFFFFFFF)  # written by streaming encoders that cannot seek back
 
 
@@ -122,6 +124,8 @@ def _read_fmt(chunk: bytes) -> tuple[int, int, int, int, int]:
         if len(chunk) < 40:
             raise MalformedAudio("WAVE_FORMAT_EXTENSIBLE fmt chunk shorter than 40 bytes")
         (tag,) = struct.unpack_from("<H", chunk, 24)  # first two bytes of the SubFormat GUID
+        if chunk[26:40] != _KSDATAFORMAT_TAIL:
+            tag = WAVE_FORMAT_EXTENSIBLE  # not a WAVE_FORMAT_* GUID: PyAV decides
     return tag, channels, rate, block_align, bits
 
 

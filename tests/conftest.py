@@ -1,0 +1,43 @@
+"""Shared fixtures. Keep this small: helpers live in modules such as tests/speech.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="session")
+def speech_clip() -> np.ndarray:
+    """About 8.7 s of offline TTS: three phrases separated by 0.6 s silences (16 kHz)."""
+    from speech import speech_with_pauses
+
+    return speech_with_pauses()
+
+
+@pytest.fixture(scope="session")
+def speech_detector():
+    """One Silero VAD session shared by the tests (loading it takes ~0.1 s)."""
+    from ray_lipsync.audio.vad import SpeechDetector
+
+    return SpeechDetector()
+
+
+@pytest.fixture(scope="session")
+def lipsync_home(tmp_path_factory: pytest.TempPathFactory):
+    """A RAY_LIPSYNC_HOME for the test session with the default avatar prepared once."""
+    from ray_lipsync.avatar.default import load_or_prepare
+    from ray_lipsync.avatar.store import AvatarStore
+    from ray_lipsync.config import Settings
+
+    home = tmp_path_factory.mktemp("lipsync_home")
+    settings = Settings(home=home)
+    load_or_prepare(AvatarStore(settings.avatars_dir), "default", settings.avatar)
+    return home
+
+
+@pytest.fixture(scope="session")
+def lipsync_settings(lipsync_home):
+    """Settings (procedural backend) on the shared test home; derive variants with model_copy."""
+    from ray_lipsync.config import Settings
+
+    return Settings(home=lipsync_home)
