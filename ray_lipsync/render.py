@@ -155,6 +155,12 @@ def _even(image: np.ndarray) -> np.ndarray:
     return cv2.copyMakeBorder(image, 0, h % 2, 0, w % 2, cv2.BORDER_REPLICATE)
 
 
+def to_i420(image: np.ndarray) -> np.ndarray:
+    """RGB uint8 -> planar yuv420p (BT.601, limited range, as swscale's default) with even
+    sides; OpenCV's SIMD conversion is ~5x faster than PyAV's reformat at 704x1216."""
+    return cv2.cvtColor(_even(np.ascontiguousarray(image)), cv2.COLOR_RGB2YUV_I420)
+
+
 def encode_mp4(
     frames: Iterable[RenderedFrame],
     samples: np.ndarray,
@@ -190,7 +196,7 @@ def encode_mp4(
 
         bar = tqdm(total=n_frames, unit="frame", desc="render", disable=not progress)
         for rendered in frames:
-            frame = av.VideoFrame.from_ndarray(_even(np.ascontiguousarray(rendered.image)), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(to_i420(rendered.image), format="yuv420p")
             frame.pts, frame.time_base = rendered.index, Fraction(1, FPS)
             container.mux(video.encode(frame))
             push_audio((rendered.index + 1) * SAMPLES_PER_FRAME)

@@ -75,7 +75,7 @@ def test_frames_follow_the_speech(speech_clip: np.ndarray) -> None:
     assert r >= 0.7, f"mouth motion vs loudness: Pearson r = {r:.2f}"
     spoken = speech & (loudness(speech_clip) > 0.01)
     r_speech = np.corrcoef(change[spoken], loudness(speech_clip)[spoken])[0, 1]
-    assert r_speech >= 0.4, f"within speech: Pearson r = {r_speech:.2f}"
+    assert r_speech >= 0.6, f"within speech: Pearson r = {r_speech:.2f}"
 
 
 def test_render_flags_must_match_the_audio() -> None:
@@ -118,6 +118,8 @@ def test_odd_sized_avatar_is_padded_to_even(tmp_path: Path) -> None:
     encode_mp4(frames, samples, tmp_path / "odd.mp4", avatar.size, progress=False)
     images, _, _ = decode(tmp_path / "odd.mp4")
     assert len(images) == 12 and images[0].shape == (182, 204, 3)
+    # colours survive the RGB -> yuv420p -> RGB round trip (no range or matrix mix-up)
+    assert np.abs(images[0][:181, :203].astype(int) - avatar.frames[0]).mean() < 3.0
     assert isinstance(next(iter(render_frames(samples, avatar, Settings(), speech=np.zeros(12, bool)))), RenderedFrame)
 
 
