@@ -173,65 +173,11 @@ def test_bad_offers_raise_value_error(sdp, kind, fragment):
         parse_offer(sdp, kind)
 
 
-# -- loopback: a real aiortc client against SessionPeer --------------------------------------
+# -- loopback: a real aiortc client against SessionPeer on LocalPipeline sessions -----------
 
 
-class ClockSession:
-    """A minimal clock-paced session (stand-in until streaming.Session is used here).
-
-    Frame k is yielded at its presentation time with the pushed speech (or silence); speech
-    frames are brighter, so the video shows what is playing.
-    """
-
-    def __init__(self, size: int = 96) -> None:
-        self.session_id = "loop"
-        self.epoch = 0
-        self.clock = SessionClock(time.time(), 0.04)  # sessions time frames on wall time
-        self._size = size
-        self._audio = np.zeros(0, np.float32)
-        self._speech_from = 0  # absolute sample index where queued speech starts
-        self._closed = False
-        self.sent: list[OutputFrame] = []
-        self.pushed: list[tuple[str | None, int]] = []
-
-    async def push_audio(self, samples: np.ndarray, utterance_id: str | None = None):
-        self.pushed.append((utterance_id, samples.size))
-        if self._audio.size == 0:
-            now_frame = max(0, self.clock.frame_at(time.time()) + 1)
-            self._speech_from = now_frame * SAMPLES_PER_FRAME
-        self._audio = np.concatenate([self._audio, samples.astype(np.float32)])
-
-    async def interrupt(self) -> int:
-        self.epoch += 1
-        self._audio = np.zeros(0, np.float32)
-        return self.epoch
-
-    async def close(self) -> None:
-        self._closed = True
-
-    def record_sent(self, frame: OutputFrame) -> None:
-        self.sent.append(frame)
-
-    async def frames(self):
-        k = max(0, self.clock.frame_at(time.time()))
-        while not self._closed:
-            delay = self.clock.presentation_time(k) - time.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            start = k * SAMPLES_PER_FRAME - self._speech_from
-            audio = np.zeros(SAMPLES_PER_FRAME, np.float32)
-            if self._audio.size and start >= 0 and start < self._audio.size:
-                piece = self._audio[start : start + SAMPLES_PER_FRAME]
-                audio[: piece.size] = piece
-            speech = bool(np.abs(audio).max() > 0)
-            image = np.full((self._size, self._size, 3), 200 if speech else 40, np.uint8)
-            yield OutputFrame(self.session_id, self.epoch, k, image, audio, video_pts(k),
-                              self.clock.presentation_time(k), speech=speech)
-            k += 1
-
-
-def tone(seconds: float, hz: float = 440.0, amp: float = 0.5) -> np.ndarray:
-    t = np.arange(int(seconds * 16000)) / 16000
+def tone(seconds: float, hz: float = 440.0, amp: float = 0.5, rate: int = 16000) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
     return (amp * np.sin(2 * np.pi * hz * t)).astype(np.float32)
 
 
@@ -243,39 +189,129 @@ def loud_ms(signal: np.ndarray, rate: int, threshold: float = 0.05) -> int:
     return int((rms > threshold).sum() * 10)
 
 
-async def connect(session, **peer_kwargs) -> tuple[SessionPeer, ReceiverClient]:
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    return tmp_path_factory.mktemp("home")  # the default avatar is prepared once per module
+
+
+def settings_for(home):
+    from ray_lipsync.config import Settings
+
+    return Settings(home=home)
+
+
+async def connect(session, client: ReceiverClient, **peer_kwargs) -> SessionPeer:
     peer = SessionPeer(session, **peer_kwargs)
-    client = ReceiverClient(mic=peer_kwargs.pop("mic", None) if False else None)
     answer = await peer.answer(**(await client.offer()))
     assert answer["type"] == "answer" and "m=video" in answer["sdp"]
     await client.accept(answer)
-    return peer, client
+    return peer
 
 
-def test_loopback_streams_first_frame_fps_audio_and_one_to_two():
+def test_session_over_webrtc_timing_audio_interrupt_events_and_one_to_two(home):
+    """The issue's checks on one LocalPipeline session seen through a real aiortc client."""
+    from ray_lipsync.streaming.local import LocalPipeline
+
     async def main():
-        session = ClockSession()
-        sent_frames: list[OutputFrame] = []
-        peer, client = await connect(session, on_frame_sent=sent_frames.append)
+        pipeline = LocalPipeline(settings_for(home))
+        session = await pipeline.create_session()
+        sent: list[OutputFrame] = []
+        client = ReceiverClient()
+        peer = await connect(session, client, on_frame_sent=sent.append)
         first = await client.wait_first_video(timeout=5)
-        await session.push_audio(tone(0.6))
-        t0 = time.monotonic()
-        await asyncio.sleep(2.0)
-        fps = client.received.fps(t0, time.monotonic())
-        await session.close()
-        await asyncio.sleep(0.3)
-        await peer.close()
-        await client.close()
-        return session, peer, client, first, fps, sent_frames
 
-    session, peer, client, first, fps, sent_frames = asyncio.run(main())
-    assert first < 2.0
-    assert 23 <= fps <= 27
+        t0 = time.monotonic()  # 10 s of frames, with 1 s of speech in the middle
+        await asyncio.sleep(3.0)
+        speech = await session.push_audio(tone(1.0), utterance_id="tone")
+        await asyncio.sleep(7.0)
+        fps = client.received.fps(t0, time.monotonic())
+        speech_audio = client.received.audio_signal()
+        rate = client.received.audio_rate
+
+        long = await session.push_audio(tone(3.0, hz=330), utterance_id="long")
+        await asyncio.sleep(1.0)
+        last_fanned = peer.media.counters.frames_in  # frames already handed to the tracks
+        cut_at = sent[-1].frame_index + (peer.media.counters.frames_in - peer.media.counters.frames_reported)
+        await session.interrupt()
+        await asyncio.sleep(1.0)
+        await pipeline.close_session(session.session_id)
+        await peer.wait_closed()
+        await client.close()
+        await pipeline.shutdown()
+        return locals()
+
+    r = asyncio.run(main())
+    peer, sent, client = r["peer"], r["sent"], r["client"]
+    assert r["first"] < 2.0  # first frame within 2 s of connect
+    assert 24.0 <= r["fps"] <= 26.0, r["fps"]  # 25 +/- 1 over 10 s
+    got = loud_ms(r["speech_audio"], r["rate"])
+    assert abs(got - r["speech"].duration_ms) <= 40, (got, r["speech"].duration_ms)
+
+    # events: utterance marks reach on_frame_sent, in order
+    marks = [(k, f.frame_index) for f in sent for k in f.meta.get("utterance_start", []) + f.meta.get("utterance_end", [])]
+    tone_frames = [k for u, k in marks if u == "tone"]
+    assert len(tone_frames) == 2 and tone_frames[1] - tone_frames[0] == r["speech"].duration_ms // 40 - 1
+    assert any(u == "long" for u, _ in marks)
+
+    # interrupt: no audio of the old speech later than 2 frames after the cut
+    cut = r["cut_at"]
+    late = [f.frame_index for f in sent if f.frame_index >= cut + 2 and np.abs(f.audio).max() > 0.01]
+    assert late == [], (cut, late[:5])
+    assert any(np.abs(f.audio).max() > 0.1 for f in sent if f.frame_index < cut)
+
+    # one video frame per two audio chunks over the whole session, nothing dropped
     c = peer.counters
     assert c.video_frames_dropped == 0
-    assert c.audio_chunks_sent == 2 * c.video_frames_sent
-    assert [f.frame_index for f in session.sent] == [f.frame_index for f in sent_frames]
-    assert client.received.video_size == (96, 96)
-    got = loud_ms(client.received.audio_signal(), client.received.audio_rate)
-    assert abs(got - 600) <= 40, got
+    assert c.audio_chunks_sent == 2 * c.video_frames_sent == 2 * len(sent)
     assert peer.connection_state == "closed"
+
+
+class ToneTrack(AudioStreamTrack):
+    """A microphone stand-in: 48 kHz stereo s16 tone in 20 ms frames, paced in real time."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self._pcm = (tone(seconds, hz=300, amp=0.4, rate=48000) * 32767).astype(np.int16)
+        self._sent = 0
+        self._start: float | None = None
+
+    async def recv(self):
+        if self._start is None:
+            self._start = time.monotonic()
+        due = self._start + self._sent / 48000
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        piece = self._pcm[self._sent : self._sent + 960]
+        if piece.size < 960:
+            piece = np.zeros(960, np.int16)  # then silence: the client keeps sending
+        frame = av.AudioFrame.from_ndarray(np.repeat(piece, 2).reshape(1, -1), format="s16", layout="stereo")
+        frame.sample_rate = 48000
+        frame.pts = self._sent
+        frame.time_base = fractions.Fraction(1, 48000)
+        self._sent += 960
+        return frame
+
+
+def test_microphone_track_is_resampled_and_pushed_as_one_utterance(home):
+    from ray_lipsync.streaming.local import LocalPipeline
+
+    async def main():
+        pipeline = LocalPipeline(settings_for(home))
+        session = await pipeline.create_session()
+        sent: list[OutputFrame] = []
+        client = ReceiverClient(mic=ToneTrack(0.8))
+        peer = await connect(session, client, on_frame_sent=sent.append)
+        await client.wait_first_video(timeout=5)
+        await asyncio.sleep(2.0)
+        mic = peer.mic
+        await peer.close()
+        await client.close()
+        await pipeline.shutdown()
+        return mic, sent
+
+    mic, sent = asyncio.run(main())
+    assert mic is not None
+    assert mic.samples_pushed >= int(0.8 * 16000)  # the tone, resampled to 16 kHz
+    starts = [u for f in sent for u in f.meta.get("utterance_start", [])]
+    assert starts == ["mic-0"]  # one utterance while the client kept sending
+    loud = [f for f in sent if np.abs(f.audio).max() > 0.1]
+    assert 0.6 <= len(loud) * 0.04 <= 1.0  # the spoken part came back out at 16 kHz

@@ -2,15 +2,16 @@
 
 Frames arrive as av.AudioFrame (Opus decodes to 48 kHz stereo s16); they are resampled to
 16 kHz mono float32 (av.AudioResampler) and pushed with `session.push_audio` in pieces of
-about `piece_ms`. Consecutive pieces share one utterance id `mic-<n>`; a new id starts after
-a pause in the incoming stream or after an interrupt (the session's epoch changed).
+about `piece_ms`. Consecutive pieces share one utterance id `mic-<n>` (pushed with
+final=False, so the session streams them as one utterance); a pause in the incoming stream or
+the track's end closes it (final=True), and an interrupt (the session's epoch changed) starts
+the next id.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import TYPE_CHECKING
 
 import av
@@ -51,7 +52,7 @@ class MicReader:
         self._buffered = 0
         self._utterance_n = 0
         self._epoch: int | None = None
-        self._last_frame_at: float | None = None
+        self._open = False  # an utterance was pushed with final=False and not closed yet
         self.samples_pushed = 0
         self.samples_rejected = 0
 
@@ -64,14 +65,12 @@ class MicReader:
         try:
             while True:
                 try:
-                    frame = await self._track.recv()
+                    frame = await asyncio.wait_for(self._track.recv(), self._gap_s)
+                except asyncio.TimeoutError:
+                    await self._flush()  # the client stopped sending (mic off): end the utterance
+                    continue
                 except MediaStreamError:
                     break
-                now = time.monotonic()
-                if self._last_frame_at is not None and now - self._last_frame_at > self._gap_s:
-                    await self._flush()
-                    self._utterance_n += 1
-                self._last_frame_at = now
                 for out in self._resampler.resample(frame):
                     self._add(out.to_ndarray().reshape(-1).astype(np.float32, copy=False))
                 while self._buffered >= self._piece:
@@ -93,16 +92,22 @@ class MicReader:
         return piece
 
     async def _flush(self) -> None:
-        if self._buffered:
-            await self._push(self._take(self._buffered))
+        """End the open utterance with what is buffered (possibly nothing)."""
+        if self._open or self._buffered:
+            await self._push(self._take(self._buffered) if self._buffered else np.zeros(0, np.float32), final=True)
+            self._utterance_n += 1
+        self._open = False
 
-    async def _push(self, piece: np.ndarray) -> None:
+    async def _push(self, piece: np.ndarray, final: bool = False) -> None:
         epoch = getattr(self._session, "epoch", None)
         if self._epoch is not None and epoch != self._epoch:
             self._utterance_n += 1  # interrupted: what follows is a new utterance
         self._epoch = epoch
         try:
-            await self._session.push_audio(np.ascontiguousarray(piece, dtype=np.float32), utterance_id=self.utterance_id)
+            await self._session.push_audio(
+                np.ascontiguousarray(piece, dtype=np.float32), utterance_id=self.utterance_id, final=final
+            )
+            self._open = not final
             self.samples_pushed += piece.size
         except Backpressure:
             self.samples_rejected += piece.size
