@@ -21,7 +21,7 @@ from ray_lipsync.avatar.model import Avatar
 from ray_lipsync.config import Settings
 from ray_lipsync.errors import UnknownSession
 from ray_lipsync.streaming.features import Schedule
-from ray_lipsync.streaming.local import load_avatar, new_clock, release_lead_ms
+from ray_lipsync.streaming.local import load_avatar, new_clock
 from ray_lipsync.streaming.session import Session, Submitted
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ class RayPipeline:
             link,
             clock,
             max_queued_s=self.settings.pipeline.audio_buffer_s,
-            release_lead_ms=release_lead_ms(self.settings, lookahead),
+            lookahead_ms=lookahead,
         )
         self._sessions[session_id] = session
         return session

@@ -137,7 +137,7 @@ class LocalPipeline:
             LocalLink(session_id, stages, self),
             clock,
             max_queued_s=self.settings.pipeline.audio_buffer_s,
-            release_lead_ms=release_lead_ms(self.settings, stages.batcher.lookahead_ms),
+            lookahead_ms=stages.batcher.lookahead_ms,
         )
         self._sessions[session_id] = session
         return session
@@ -162,7 +162,3 @@ class LocalPipeline:
         for session in list(self._sessions.values()):
             await session.close()
 
-
-def release_lead_ms(settings: Settings, lookahead_ms: int) -> int:
-    """How far ahead of real time queued speech is handed to the engine."""
-    return lookahead_ms + 120

@@ -27,6 +27,8 @@ from ray_lipsync.types import OutputFrame
 
 log = logging.getLogger(__name__)
 
+RELEASE_MARGIN_MS = 120  # queued speech goes to the engine this far ahead of its lookahead
+
 __all__ = ["Session", "SessionLink", "SessionStats", "Submitted", "Utterance"]
 
 
@@ -82,7 +84,7 @@ class Session:
         clock: SessionClock,
         *,
         max_queued_s: float,
-        release_lead_ms: int,
+        lookahead_ms: int,
     ) -> None:
         self.session_id = session_id
         self.avatar = avatar
@@ -90,7 +92,8 @@ class Session:
         self.clock = clock
         self._link = link
         self._timeline = SessionTimeline(clock, max_queued_s)
-        self._lead = ms_to_samples(release_lead_ms)
+        self._lookahead = ms_to_samples(lookahead_ms)
+        self._lead = self._lookahead + ms_to_samples(RELEASE_MARGIN_MS)
         self._ready: dict[int, np.ndarray] = {}  # frame -> composited image
         self._expected: set[int] = set()  # speech frames whose image is on its way
         self._audio_at: dict[int, float] = {}  # frame -> time its last sample reached the engine
@@ -166,7 +169,11 @@ class Session:
 
     # -- feeding the engine -----------------------------------------------------------
     async def _feed(self) -> None:
-        """Release queued speech to the engine at most `lead` ahead of real time."""
+        """Hand queued speech to the engine, at most `lead` ahead of real time.
+
+        Contiguous placements go in one submit; audio that would not complete another frame
+        (with the lookahead) waits for more, so the engine is called about once per frame.
+        """
         timeline = self._timeline
         while not self._closed:
             if not timeline.unreleased:
@@ -175,27 +182,49 @@ class Session:
                 continue
             now = time.time()
             horizon = int((now - self.clock.t0) * SAMPLE_RATE) + self._lead
-            placement = timeline.unreleased[0]
-            if placement.start >= horizon:
-                await self._sleep_or_wake((placement.start - horizon) / SAMPLE_RATE)
+            start = timeline.unreleased[0].start
+            stop, final = self._releasable(horizon)
+            if stop <= start or not (final or self._completes_frame(start, stop)):
+                wait = (start - horizon) / SAMPLE_RATE if start >= horizon else 0.04
+                await self._sleep_or_wake(wait)
                 continue
-            take = min(len(placement.samples), horizon - placement.start)
-            start, piece = placement.start, placement.samples[:take]
-            if take == len(placement.samples):
-                timeline.unreleased.popleft()
-                follows = bool(timeline.unreleased) and timeline.unreleased[0].start == start + take
-                final = placement.final and not follows
-            else:
-                placement.start, placement.samples = start + take, placement.samples[take:]
-                final = False
-            epoch = timeline.epoch
-            self._note_audio_ready(start, start + take, max(now, placement.arrived))
+            piece, arrived = self._take(stop)
+            self._note_audio_ready(start, stop, max(now, arrived))
             try:
-                submitted = await self._link.submit(epoch, start, piece, final)
+                submitted = await self._link.submit(timeline.epoch, start, piece, final)
             except Exception:
                 log.exception("session %s: submit failed; its frames will show idle", self.session_id)
                 continue
             self._track(submitted)
+
+    def _releasable(self, horizon: int) -> tuple[int, bool]:
+        """End of the contiguous queued audio before `horizon`, and whether nothing follows."""
+        end = self._timeline.unreleased[0].start
+        for p in self._timeline.unreleased:
+            if p.start != end:
+                return end, True  # a gap follows: the engine finishes the frames before it
+            if p.start + len(p.samples) > horizon:
+                return max(end, horizon), False
+            end = p.start + len(p.samples)
+            final = p.final
+        return end, final
+
+    def _completes_frame(self, start: int, stop: int) -> bool:
+        return (stop - self._lookahead) // SAMPLES_PER_FRAME > (start - self._lookahead) // SAMPLES_PER_FRAME
+
+    def _take(self, stop: int) -> tuple[np.ndarray, float]:
+        """Remove queued audio up to `stop` from the timeline's unreleased queue."""
+        pieces, arrived, queue = [], 0.0, self._timeline.unreleased
+        while queue and queue[0].start < stop:
+            p = queue[0]
+            take = min(len(p.samples), stop - p.start)
+            pieces.append(p.samples[:take])
+            arrived = max(arrived, p.arrived)
+            if take == len(p.samples):
+                queue.popleft()
+            else:
+                p.start, p.samples = p.start + take, p.samples[take:]
+        return np.concatenate(pieces) if len(pieces) > 1 else pieces[0], arrived
 
     async def _sleep_or_wake(self, seconds: float) -> None:
         self._wake.clear()

@@ -83,6 +83,8 @@ class SessionTimeline:
             )
         continuing = utterance_id is not None and utterance_id == self._open_utterance
         start = max(self.write_end, self.boundary_sample(now))
+        if continuing and self.write_end >= self.boundary_sample(now - self.clock.delay_s / 2):
+            start = self.write_end  # a streamed utterance stays contiguous (jitter < D/2)
         if continuing:
             utt = self.utterances[utterance_id]  # type: ignore[index]
         else:
