@@ -140,7 +140,9 @@ class Synthesizer:
         if isinstance(words_per_minute, bool) or not isinstance(words_per_minute, int):
             raise InvalidText(f"words_per_minute must be an integer, got {words_per_minute!r}")
         if not MIN_WPM <= words_per_minute <= MAX_WPM:
-            raise InvalidText(f"words_per_minute {words_per_minute} is outside {MIN_WPM}..{MAX_WPM}")
+            raise InvalidText(
+                f"words_per_minute {words_per_minute} is outside {MIN_WPM}..{MAX_WPM}"
+            )
         if Synthesizer._engine is not None:
             with Synthesizer._lock:
                 pcm = Synthesizer._engine.synthesize(text, voice, words_per_minute)
@@ -163,7 +165,8 @@ class Synthesizer:
             input=text.encode("utf-8"), capture_output=True, timeout=120, check=False,
         )  # fmt: skip
         if proc.returncode != 0 or not proc.stdout.startswith(b"RIFF"):
-            raise UnknownVoice(f"espeak-ng failed for voice {voice!r}: {proc.stderr.decode()[:200]}")
+            detail = proc.stderr.decode(errors="replace")[:200]
+            raise UnknownVoice(f"espeak-ng failed for voice {voice!r}: {detail}")
         header = parse_wav_header(proc.stdout, AudioConfig())
         assert header is not None and header.sample_format == "s16"
         start = header.data_offset

@@ -130,6 +130,7 @@ def test_load_audio(tmp_path) -> None:
 # --- bad input -----------------------------------------------------------------------------
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(100)
+NOISE = np.random.default_rng(3).integers(0, 255, 4000, dtype=np.uint8).tobytes()
 
 
 def _set_fmt(wav: bytes, **fields: int) -> bytes:
@@ -144,7 +145,7 @@ def _set_fmt(wav: bytes, **fields: int) -> bytes:
     ("data", "error"),
     [
         (b"", MalformedAudio),
-        (np.random.default_rng(3).integers(0, 255, 4000, dtype=np.uint8).tobytes(), UnsupportedAudio),
+        (NOISE, UnsupportedAudio),
         (b"hello, this is plain text and not audio at all" * 20, UnsupportedAudio),
         (PNG, UnsupportedAudio),
         (b"RIFF\x24\x00\x00\x00WAVEfmt ", MalformedAudio),  # truncated header
@@ -180,7 +181,8 @@ def test_limits() -> None:
     with pytest.raises(AudioTooLarge):
         decode_audio(mp3, AudioConfig(max_seconds=2.0))
     with pytest.raises(AudioTooLarge):
-        decode_pcm16(to_pcm16_bytes(sine(8000, seconds=3.0)), 8000, limits=AudioConfig(max_seconds=2))
+        raw = to_pcm16_bytes(sine(8000, seconds=3.0))
+        decode_pcm16(raw, 8000, limits=AudioConfig(max_seconds=2))
 
 
 def test_raw_pcm16_bad_input() -> None:
@@ -212,7 +214,8 @@ def test_parse_content_type() -> None:
     for bad in ["text/plain", "image/png", "", "application/x-www-form-urlencoded"]:
         with pytest.raises(UnsupportedAudio):
             parse_content_type(bad)
-    for bad in ["audio/L16", "audio/L16;rate=abc", "audio/L16;rate=0", "audio/L16;rate=16000;channels=0"]:
+    bad_l16 = ["audio/L16", "audio/L16;rate=abc", "audio/L16;rate=0", "audio/L16;rate=8000;channels=0"]
+    for bad in bad_l16:
         with pytest.raises(MalformedAudio):
             parse_content_type(bad)
 
@@ -277,7 +280,8 @@ def test_sniffed_wav_streams() -> None:
     assert stream.feed(wav[:5]).size == 0
     first = stream.feed(wav[5:20000])
     assert first.size > 0
-    assert_is_sine(np.concatenate([first, stream.feed(wav[:0]), stream.feed(wav[20000:]), stream.close()]))
+    rest = [stream.feed(wav[:0]), stream.feed(wav[20000:]), stream.close()]
+    assert_is_sine(np.concatenate([first, *rest]))
 
 
 def test_stream_limits_and_errors() -> None:

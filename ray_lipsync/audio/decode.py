@@ -17,7 +17,7 @@ import av
 import numpy as np
 
 from ray_lipsync.audio.resample import PIPELINE_RATE, Resampler
-from ray_lipsync.audio.wav import check_rate_and_channels, is_riff_wave, parse_wav_header, pcm_to_float
+from ray_lipsync.audio.wav import check_rate_and_channels, parse_wav_header, pcm_to_float
 from ray_lipsync.config import AudioConfig
 from ray_lipsync.errors import AudioTooLarge, MalformedAudio, UnsupportedAudio
 
@@ -54,6 +54,9 @@ _DEMUXERS: dict[str, str] = {
     "webm": "matroska",
     "mp4": "mov",
 }
+# A validated WAV header says everything: skip ffmpeg's stream analysis (~5 s of audio read
+# through Python I/O, ~150 ms on a 9 s 48 kHz stereo file).
+_PROBE_OPTIONS: dict[str, dict[str, str]] = {"wav": {"probesize": "4096", "analyzeduration": "0"}}
 _STRONG_MAGIC = (b"RIFF", b"OggS", b"fLaC", b"ID3", b"\x1aE\xdf\xa3")
 _INT_SCALE = {"u8": 128.0, "s16": 2.0**15, "s32": 2.0**31, "s64": 2.0**63}
 
@@ -235,7 +238,11 @@ def _decode_container(data: bytes, kind: str, limits: AudioConfig) -> np.ndarray
     label = "WAV" if kind == "wav" else kind.upper()
     try:
         container = av.open(
-            io.BytesIO(data), mode="r", format=_DEMUXERS[kind], metadata_errors="replace"
+            io.BytesIO(data),
+            mode="r",
+            format=_DEMUXERS[kind],
+            metadata_errors="replace",
+            options=_PROBE_OPTIONS.get(kind, {}),
         )
     except av.FFmpegError as exc:
         # A file that carries its format's magic is broken; bare frame-sync bytes may be noise.

@@ -61,7 +61,8 @@ class Chunker:
         samples = np.asarray(samples, dtype=np.float32).reshape(-1)
         buf = np.concatenate([self._pending, samples]) if self._pending.size else samples
         whole = buf.size // self.chunk_samples * self.chunk_samples
-        chunks = [buf[i : i + self.chunk_samples].copy() for i in range(0, whole, self.chunk_samples)]
+        step = self.chunk_samples
+        chunks = [buf[i : i + step].copy() for i in range(0, whole, step)]
         self._pending = buf[whole:].copy()
         self.chunks_emitted += len(chunks)
         return chunks
@@ -266,7 +267,10 @@ class SniffStream:
                 "body is not a recognised audio file; set Content-Type (audio/wav, "
                 "audio/L16;rate=<Hz>, audio/mpeg, ...)"
             )
-        self._inner = WavStream(self.limits) if fmt.kind == "wav" else BufferedStream(fmt, self.limits)
+        if fmt.kind == "wav":
+            self._inner = WavStream(self.limits)
+        else:
+            self._inner = BufferedStream(fmt, self.limits)
         head, self._head = self._head, b""
         return self._inner.feed(head)
 
