@@ -189,17 +189,6 @@ def loud_ms(signal: np.ndarray, rate: int, threshold: float = 0.05) -> int:
     return int((rms > threshold).sum() * 10)
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    return tmp_path_factory.mktemp("home")  # the default avatar is prepared once per module
-
-
-def settings_for(home):
-    from ray_lipsync.config import Settings
-
-    return Settings(home=home)
-
-
 async def connect(session, client: ReceiverClient, **peer_kwargs) -> SessionPeer:
     peer = SessionPeer(session, **peer_kwargs)
     answer = await peer.answer(**(await client.offer()))
@@ -208,12 +197,12 @@ async def connect(session, client: ReceiverClient, **peer_kwargs) -> SessionPeer
     return peer
 
 
-def test_session_over_webrtc_timing_audio_interrupt_events_and_one_to_two(home):
+def test_session_over_webrtc_timing_audio_interrupt_events_and_one_to_two(lipsync_settings):
     """The issue's checks on one LocalPipeline session seen through a real aiortc client."""
     from ray_lipsync.streaming.local import LocalPipeline
 
     async def main():
-        pipeline = LocalPipeline(settings_for(home))
+        pipeline = LocalPipeline(lipsync_settings)
         session = await pipeline.create_session()
         sent: list[OutputFrame] = []
         client = ReceiverClient()
@@ -291,11 +280,11 @@ class ToneTrack(AudioStreamTrack):
         return frame
 
 
-def test_microphone_track_is_resampled_and_pushed_as_one_utterance(home):
+def test_microphone_track_is_resampled_and_pushed_as_one_utterance(lipsync_settings):
     from ray_lipsync.streaming.local import LocalPipeline
 
     async def main():
-        pipeline = LocalPipeline(settings_for(home))
+        pipeline = LocalPipeline(lipsync_settings)
         session = await pipeline.create_session()
         sent: list[OutputFrame] = []
         client = ReceiverClient(mic=ToneTrack(0.8))
@@ -315,3 +304,39 @@ def test_microphone_track_is_resampled_and_pushed_as_one_utterance(home):
     assert starts == ["mic-0"]  # one utterance while the client kept sending
     loud = [f for f in sent if np.abs(f.audio).max() > 0.1]
     assert 0.6 <= len(loud) * 0.04 <= 1.0  # the spoken part came back out at 16 kHz
+
+
+@pytest.mark.ray
+@pytest.mark.slow  # ~30 s: Ray start + actors
+def test_ray_pipeline_session_streams_over_webrtc(lipsync_settings):
+    """The same media path on a RayPipeline session (real Ray actors)."""
+    ray = pytest.importorskip("ray")
+    from actors.pipeline import RayPipeline
+
+    async def main():
+        pipeline = await RayPipeline.connect(lipsync_settings)
+        session = await pipeline.create_session()
+        sent: list[OutputFrame] = []
+        client = ReceiverClient()
+        peer = await connect(session, client, on_frame_sent=sent.append)
+        first = await client.wait_first_video(timeout=10)
+        await asyncio.sleep(0.5)
+        speech = await session.push_audio(tone(1.0), utterance_id="tone")
+        await asyncio.sleep(2.5)
+        audio, rate = client.received.audio_signal(), client.received.audio_rate
+        await pipeline.close_session(session.session_id)
+        await peer.wait_closed()
+        await client.close()
+        await pipeline.shutdown()
+        return first, speech, audio, rate, peer.counters, sent
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        first, speech, audio, rate, counters, sent = asyncio.run(main())
+    finally:
+        ray.shutdown()
+    assert first < 2.0
+    assert abs(loud_ms(audio, rate) - speech.duration_ms) <= 40
+    assert counters.video_frames_dropped == 0
+    assert counters.audio_chunks_sent == 2 * counters.video_frames_sent == 2 * len(sent)
+    assert [u for f in sent for u in f.meta.get("utterance_end", [])] == ["tone"]
