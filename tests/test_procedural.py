@@ -185,3 +185,16 @@ def test_renderer_validation(avatar) -> None:
         render(renderer, avatar, [0.5, 0])
     with pytest.raises(LipsyncError, match="frames"):
         render(renderer, avatar, [0.5, 0, 0], frame=7)
+
+
+def test_loud_vowel_opens_the_mouth_end_to_end(avatar) -> None:
+    featurizer, renderer = ProceduralFeaturizer(Settings()), ProceduralRenderer(Settings())
+    renderer.load_avatar(avatar)
+    audio = np.concatenate([np.zeros(8000, np.float32), vowel(0.6, 120, (700, 1200), 0.5)])
+    feats = whole(featurizer, audio)
+    rows, cols = mouth_gap_box(avatar)
+    idle = avatar.crops[0][rows, cols].astype(np.float32).mean()
+    silent = render(renderer, avatar, feats[5])
+    loud = render(renderer, avatar, feats[-3])
+    np.testing.assert_array_equal(silent, avatar.crops[0])
+    assert idle - loud[rows, cols].astype(np.float32).mean() > 30.0
