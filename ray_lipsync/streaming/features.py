@@ -99,12 +99,14 @@ class FeatureStage:
         return [r for r in ready if len(r.frames)]
 
     def interrupt(self, epoch: int, cut_frame: int) -> None:
-        """Forget audio from `cut_frame` on; later pushes carry `epoch`."""
+        """Forget audio from `cut_frame` on; later pushes carry `epoch` and may start at the cut.
+
+        The stage usually holds audio well past the cut (it runs ahead of presentation by the
+        playout delay), so the new segment starts at the cut itself, not at the buffer's end.
+        """
         self.epoch = epoch
-        cut = max(cut_frame * SAMPLES_PER_FRAME, self._audio.start)
-        self._audio.truncate(cut)
-        self.next_frame = min(self.next_frame, cut // SAMPLES_PER_FRAME)
-        self._restart(cut - cut % SAMPLES_PER_FRAME, keep_tail=False)
+        self.next_frame = min(self.next_frame, cut_frame)
+        self._restart(cut_frame * SAMPLES_PER_FRAME, keep_tail=False)
 
     def _restart(self, start: int, keep_tail: bool = True) -> None:
         """Begin a new segment at frame-aligned sample `start` (fresh VAD state)."""
