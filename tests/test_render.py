@@ -92,14 +92,13 @@ def decode(path: Path) -> tuple[list[np.ndarray], np.ndarray, str]:
     return images, audio, codec
 
 
-def test_render_file_writes_a_playable_mp4(tmp_path: Path, speech_clip: np.ndarray) -> None:
+def test_render_file_writes_a_playable_mp4(tmp_path: Path, speech_clip: np.ndarray, lipsync_settings) -> None:
     from speech import to_wav_bytes
 
     clip = speech_clip[: int(3.33 * SAMPLE_RATE)]  # ends in a partial frame
     wav = tmp_path / "speech.wav"
     wav.write_bytes(to_wav_bytes(clip))
-    settings = Settings(home=tmp_path / "home")
-    report = render_file(wav, tmp_path / "out.mp4", settings, progress=False)
+    report = render_file(wav, tmp_path / "out.mp4", lipsync_settings, progress=False)
     images, audio, codec = decode(tmp_path / "out.mp4")
     assert codec == "h264" and report.video_codec in ("libx264", "libopenh264")
     assert len(images) == report.frames == int(len(clip) / SAMPLE_RATE * 25) == 83
@@ -123,10 +122,10 @@ def test_odd_sized_avatar_is_padded_to_even(tmp_path: Path) -> None:
     assert isinstance(next(iter(render_frames(samples, avatar, Settings(), speech=np.zeros(12, bool)))), RenderedFrame)
 
 
-def test_too_short_audio_is_rejected(tmp_path: Path) -> None:
+def test_too_short_audio_is_rejected(tmp_path: Path, lipsync_settings) -> None:
     from speech import to_wav_bytes
 
     wav = tmp_path / "blip.wav"
     wav.write_bytes(to_wav_bytes(np.zeros(300, np.float32)))
     with pytest.raises(MalformedAudio, match="at least one frame"):
-        render_file(wav, tmp_path / "out.mp4", Settings(home=tmp_path / "home"), progress=False)
+        render_file(wav, tmp_path / "out.mp4", lipsync_settings, progress=False)
