@@ -94,9 +94,9 @@ class GatewayDeployment:
 
     async def push_audio(self, session_id: str | int, token: str | None, samples: Any,
                          utterance_id: str | None = None, interrupt: bool = False,
-                         compat: bool = False) -> dict:
+                         final: bool = True, compat: bool = False) -> dict:
         return await self.gateway.push_audio(session_id, token, samples, utterance_id,
-                                              interrupt, compat=compat)
+                                              interrupt, final, compat=compat)
 
     async def interrupt(self, session_id: str | int, token: str | None = None,
                         compat: bool = False) -> dict:

@@ -26,7 +26,7 @@ from ray_lipsync.api.events import EventHub
 from ray_lipsync.api.metrics import GatewayMetrics
 from ray_lipsync.clock import SAMPLE_RATE
 from ray_lipsync.config import Settings
-from ray_lipsync.errors import AtCapacity, SessionError, UnknownSession
+from ray_lipsync.errors import AtCapacity, MalformedAudio, SessionError, UnknownSession
 from ray_lipsync.types import OutputFrame
 
 logger = logging.getLogger(__name__)
@@ -238,17 +238,22 @@ class Gateway:
 
     # ---- speech ----------------------------------------------------------------------
     async def push_audio(self, session_id: str | int, token: str | None, samples: np.ndarray,
-                         utterance_id: str | None = None, interrupt: bool = False, *,
-                         compat: bool = False) -> dict:
-        """Queue 16 kHz mono float32 `samples`; repeated pushes with one utterance_id extend it.
+                         utterance_id: str | None = None, interrupt: bool = False,
+                         final: bool = True, *, compat: bool = False) -> dict:
+        """Queue 16 kHz mono float32 `samples` as (part of) one utterance.
 
-        Returns {utterance_id, duration_ms, start_frame, end_frame} of the whole utterance.
+        A streamed utterance is pushed in pieces: every piece but the last with final=False,
+        the later ones with the utterance_id the first push returned, the last with
+        final=True. Returns {utterance_id, duration_ms, start_frame, end_frame} of the
+        whole utterance so far.
         """
         entry = self._entry(session_id, token, compat=compat)
         samples = np.ascontiguousarray(samples, dtype=np.float32).reshape(-1)
+        if not samples.size:
+            raise MalformedAudio("the audio piece is empty; send at least one sample")
         if interrupt:
             await entry.session.interrupt()
-        utterance = await entry.session.push_audio(samples, utterance_id)
+        utterance = await entry.session.push_audio(samples, utterance_id, final=final)
         entry.pushes.append((utterance.end_frame, time.monotonic()))
         return {"utterance_id": utterance.utterance_id, "duration_ms": utterance.duration_ms,
                 "start_frame": utterance.start_frame, "end_frame": utterance.end_frame}

@@ -18,6 +18,7 @@ from ray_lipsync.config import Settings
 from ray_lipsync.errors import AudioTooLarge, MalformedAudio
 
 PUSH_SAMPLES = 3200  # push to the session in pieces of >= 200 ms
+HOLD_SAMPLES = 320  # kept back until the upload ends, so the final push is never empty
 
 
 def _too_large(settings: Settings) -> AudioTooLarge:
@@ -29,43 +30,66 @@ async def stream_upload(client: GatewayClient, settings: Settings, *, session_id
                         token: str | None, content_type: str | None,
                         body: AsyncIterator[bytes], interrupt: bool = False,
                         compat: bool = False) -> dict[str, Any]:
-    """Decode `body` incrementally and push it as one utterance: {utterance_id, duration_ms}."""
+    """Decode `body` incrementally and push it as one utterance: {utterance_id, duration_ms}.
+
+    Pieces go out with final=False while the upload continues; a tail of HOLD_SAMPLES is
+    kept back so that the last push (final=True) is never empty. If the upload fails midway
+    (too large, malformed) the part already pushed is closed as a finished utterance.
+    """
     from ray_lipsync.audio import open_stream, parse_content_type
 
     decoder = open_stream(parse_content_type(content_type or ""), settings.audio)
     received = 0
-    pending: list[np.ndarray] = []
-    pending_n = 0
+    pending = _Pending()
     pushed = 0
     result: dict[str, Any] | None = None
 
-    async def push(samples: np.ndarray) -> None:
+    async def push(samples: np.ndarray, final: bool) -> None:
         nonlocal result, pushed
         result = await client.call(
             "push_audio", session_id=session_id, token=token, samples=samples,
             utterance_id=result["utterance_id"] if result else None,
-            interrupt=interrupt and result is None, compat=compat)
+            interrupt=interrupt and result is None, final=final, compat=compat)
         pushed += len(samples)
 
-    async for piece in body:
-        received += len(piece)
-        if received > settings.audio.max_bytes:
-            raise _too_large(settings)
-        samples = decoder.feed(piece)
-        if len(samples):
-            pending.append(samples)
-            pending_n += len(samples)
-        if pending_n >= PUSH_SAMPLES:
-            await push(np.concatenate(pending))
-            pending, pending_n = [], 0
-    tail = decoder.close()
-    if len(tail):
-        pending.append(tail)
-    if pending and sum(len(p) for p in pending):
-        await push(np.concatenate(pending))
+    try:
+        async for piece in body:
+            received += len(piece)
+            if received > settings.audio.max_bytes:
+                raise _too_large(settings)
+            pending.add(decoder.feed(piece))
+            if pending.size >= PUSH_SAMPLES + HOLD_SAMPLES:
+                await push(pending.take(pending.size - HOLD_SAMPLES), final=False)
+        pending.add(decoder.close())
+    except Exception:
+        if result is not None and pending.size:  # close the streamed utterance, then fail
+            await push(pending.take(pending.size), final=True)
+        raise
+    if pending.size:
+        await push(pending.take(pending.size), final=True)
     if result is None:
         raise MalformedAudio("the upload held no audio samples; send a non-empty WAV or L16 body")
     return {"utterance_id": result["utterance_id"], "duration_ms": pushed * 1000 // 16000}
+
+
+class _Pending:
+    """Decoded samples not pushed yet."""
+
+    def __init__(self) -> None:
+        self._pieces: list[np.ndarray] = []
+        self.size = 0
+
+    def add(self, samples: np.ndarray) -> None:
+        if len(samples):
+            self._pieces.append(samples)
+            self.size += len(samples)
+
+    def take(self, n: int) -> np.ndarray:
+        """The first `n` samples (the rest stays pending)."""
+        joined = np.concatenate(self._pieces) if len(self._pieces) > 1 else self._pieces[0]
+        head, rest = joined[:n], joined[n:]
+        self._pieces, self.size = ([rest] if len(rest) else []), len(rest)
+        return head
 
 
 async def push_decoded(client: GatewayClient, *, session_id: str | int, token: str | None,
