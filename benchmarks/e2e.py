@@ -149,7 +149,11 @@ def histogram_quantiles(metrics_text: str, quantiles: tuple[float, ...]) -> dict
 
 async def run_client(http: httpx.AsyncClient, samples: np.ndarray, seconds: float, avatar: str) -> SessionResult:
     result = SessionResult()
-    created = (await http.post("/v1/sessions", json={"avatar": avatar})).raise_for_status().json()
+    try:
+        created = (await http.post("/v1/sessions", json={"avatar": avatar})).raise_for_status().json()
+    except Exception as exc:
+        result.errors.append(f"create session: {exc.__class__.__name__}: {exc}")
+        return result
     result.session_id = created["session_id"]
     headers = {"Authorization": f"Bearer {created['token']}"}
     client = ReceiverClient(ice_servers=created.get("ice_servers") or [], keep_audio=False)
@@ -193,10 +197,23 @@ async def run_client(http: httpx.AsyncClient, samples: np.ndarray, seconds: floa
 # -- the run ---------------------------------------------------------------------------------
 
 
-def start_server(port: int, extra: list[str]) -> subprocess.Popen:
+def start_server(port: int, extra: list[str], ray_cpus: float | None) -> subprocess.Popen:
+    """`ray-lipsync serve` with a local Ray; `ray_cpus` overrides its logical CPU count."""
     cmd = [sys.executable, "-m", "ray_lipsync.cli", "-q", "serve", "--port", str(port), *extra]
+    env = dict(os.environ)
+    if ray_cpus:
+        env["RAY_OVERRIDE_RESOURCES"] = json.dumps({"CPU": ray_cpus})
     log.info("starting %s", " ".join(cmd))
-    return subprocess.Popen(cmd, cwd=Path(__file__).resolve().parent.parent)
+    return subprocess.Popen(cmd, cwd=Path(__file__).resolve().parent.parent, env=env)
+
+
+async def warm_up(http: httpx.AsyncClient, avatar: str) -> float:
+    """Create and close one session (places the pipeline actors, loads the avatar): seconds."""
+    t = time.monotonic()
+    created = (await http.post("/v1/sessions", json={"avatar": avatar})).raise_for_status().json()
+    await http.delete(f"/v1/sessions/{created['session_id']}",
+                      headers={"Authorization": f"Bearer {created['token']}"})
+    return time.monotonic() - t
 
 
 async def wait_healthy(http: httpx.AsyncClient, timeout: float, server: subprocess.Popen | None) -> None:
@@ -214,13 +231,14 @@ async def wait_healthy(http: httpx.AsyncClient, timeout: float, server: subproce
 
 
 async def benchmark(args: argparse.Namespace) -> dict:
-    server = start_server(args.port, args.serve_arg) if args.start else None
+    server = start_server(args.port, args.serve_arg, args.ray_cpus) if args.start else None
     url = args.url or f"http://127.0.0.1:{args.port}"
     server_pid = server.pid if server else args.server_pid
     try:
-        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+        async with httpx.AsyncClient(base_url=url, timeout=args.startup_timeout) as http:
             await wait_healthy(http, args.startup_timeout, server)
             samples = await asyncio.to_thread(speech, args.text)
+            warmup_s = await warm_up(http, args.avatar)
             cpu0, t0 = (cpu_seconds(server_pid) if server_pid else None), time.monotonic()
             results = await asyncio.gather(
                 *(run_client(http, samples, args.seconds, args.avatar) for _ in range(args.sessions)))
@@ -245,6 +263,7 @@ async def benchmark(args: argparse.Namespace) -> dict:
         "sessions": args.sessions,
         "seconds": args.seconds,
         "sessions_ok": len(ok),
+        "warmup_session_create_s": round(warmup_s, 2),
         "time_to_first_frame_s_max": max((r.time_to_first_frame_s or 0 for r in ok), default=None),
         "received_fps_min": min((r.received_fps or 0 for r in ok), default=None),
         "frames_dropped_total": sum(r.frames_dropped or 0 for r in ok),
@@ -267,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start", action="store_true", help="start `ray-lipsync serve` for the run")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--serve-arg", action="append", default=[], help="extra argument for serve (repeat)")
+    parser.add_argument("--ray-cpus", type=float, default=4.0,
+                        help="with --start: logical CPUs of the local Ray (the gateway and the pipeline "
+                             "actors reserve more than 2; 0 = Ray's default)")
     parser.add_argument("--server-pid", type=int, help="PID of a running server, for CPU accounting")
     parser.add_argument("--sessions", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=30.0)
