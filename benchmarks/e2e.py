@@ -6,9 +6,9 @@
 Each client creates a session, sends its offer, and once video arrives streams offline-TTS
 speech (ray_lipsync.tts) to POST /audio in real-time pieces, so the service sees a live
 talker. Measured per session: time to first frame (offer -> first decoded frame), received
-fps, frames sent / dropped and per-frame latency p50 (GET /v1/sessions/{id}); p95 / p99 from
-the status when the API exposes them, else from the /metrics latency histogram; CPU of the
-server process tree per session (/proc; with --start or --server-pid).
+fps, frames sent / dropped and per-frame latency p50 (GET /v1/sessions/{id}; p95 / p99 when
+the status exposes them), the gateway's push-to-sent histogram quantiles (/metrics), and CPU
+of the server process tree per session (/proc; with --start or --server-pid).
 Target: 4 sessions at 25 fps with 0 dropped frames and p50 <= 150 ms.
 """
 
@@ -253,9 +253,6 @@ async def benchmark(args: argparse.Namespace) -> dict:
             except subprocess.TimeoutExpired:
                 server.kill()
     q = histogram_quantiles(metrics, (0.5, 0.95, 0.99))
-    for r in results:
-        r.latency_ms_p95 = r.latency_ms_p95 if r.latency_ms_p95 is not None else q[0.95]
-        r.latency_ms_p99 = r.latency_ms_p99 if r.latency_ms_p99 is not None else q[0.99]
     ok = [r for r in results if not r.errors]
     p50s = [r.latency_ms_p50 for r in ok if r.latency_ms_p50 is not None]
     summary = {
@@ -268,7 +265,11 @@ async def benchmark(args: argparse.Namespace) -> dict:
         "received_fps_min": min((r.received_fps or 0 for r in ok), default=None),
         "frames_dropped_total": sum(r.frames_dropped or 0 for r in ok),
         "latency_ms_p50_max": max(p50s) if p50s else None,
-        "gateway_histogram_ms": {"p50": q[0.5], "p95": q[0.95], "p99": q[0.99]},
+        "latency_ms_p95_max": max((r.latency_ms_p95 for r in ok if r.latency_ms_p95 is not None), default=None),
+        "latency_ms_p99_max": max((r.latency_ms_p99 for r in ok if r.latency_ms_p99 is not None), default=None),
+        # /metrics histogram: audio *pushed* -> frame sent, so it includes how far ahead of
+        # playback the speech was pushed and the playout delay (not the per-frame compute latency)
+        "gateway_push_to_sent_ms": {"p50": q[0.5], "p95": q[0.95], "p99": q[0.99]},
         "server_cpu_percent_per_session": round(100 * cpu / wall / args.sessions, 1) if cpu is not None else None,
     }
     summary["target_met"] = bool(
