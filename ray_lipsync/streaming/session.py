@@ -99,6 +99,7 @@ class Session:
         self._audio_at: dict[int, float] = {}  # frame -> time its last sample reached the engine
         self._latencies: deque[float] = deque(maxlen=2000)
         self._next_emit = max(0, clock.frame_at(time.time()) + 1)
+        self._late_ends: list[str] = []  # utterance ends cut by an interrupt into the past
         self._wake = asyncio.Event()
         self._closed = False
         self.frames_emitted = 0
@@ -139,7 +140,13 @@ class Session:
     async def interrupt(self) -> int:
         """Stop the current speech: nothing of it is shown from the next frame on."""
         self._check_open()
+        utterances = self._timeline.utterances
+        started = [u.utterance_id for u in utterances.values()
+                   if u.start_frame < self._next_emit <= u.end_frame - 1]  # end mark not sent yet
         cut_frame = self._timeline.interrupt(time.time())
+        # a cut utterance whose new last frame was already emitted ends on the next frame
+        self._late_ends += [uid for uid in started
+                            if uid not in utterances or utterances[uid].end_frame <= self._next_emit]
         epoch = self._timeline.epoch
         for k in [k for k in self._ready if k >= cut_frame]:
             del self._ready[k]
@@ -289,6 +296,10 @@ class Session:
         if dropped:
             self.frames_dropped += 1
         timeline = self._timeline
+        meta = timeline.marks(k)
+        if self._late_ends:
+            meta.setdefault("utterance_end", []).extend(self._late_ends)
+            self._late_ends = []
         frame = OutputFrame(
             session_id=self.session_id,
             epoch=timeline.epoch,
@@ -299,7 +310,7 @@ class Session:
             presentation_time=self.clock.presentation_time(k),
             speech=timeline.speaking(k),
             dropped=dropped,
-            meta=timeline.marks(k),
+            meta=meta,
         )
         timeline.forget_before(k + 1)
         self.frames_emitted += 1
