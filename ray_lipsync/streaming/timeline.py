@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ray_lipsync.clock import FRAME_MS, SAMPLE_RATE, SAMPLES_PER_FRAME, SessionClock
-from ray_lipsync.errors import Backpressure
+from ray_lipsync.errors import Backpressure, MalformedAudio
 from ray_lipsync.streaming.buffer import SampleBuffer
 
 
@@ -75,6 +75,8 @@ class SessionTimeline:
         self, samples: np.ndarray, now: float, utterance_id: str | None, final: bool
     ) -> Placement:
         """Put `samples` on the timeline. Same utterance id: continue it (contiguous)."""
+        if not np.all(np.isfinite(samples)):  # would fail the shared feature step of all sessions
+            raise MalformedAudio("pushed audio contains NaN or inf samples; send finite float32 PCM")
         queued = self.queued_seconds(now) + len(samples) / SAMPLE_RATE
         if queued > self.max_queued_s:
             raise Backpressure(

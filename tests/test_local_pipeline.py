@@ -1,0 +1,343 @@
+"""LocalPipeline end to end: the media clock, many sessions, interrupt, late frames, bad use.
+
+Sessions run in real time (frames leave at their presentation times), on the procedural
+backend and the default avatar, with offline TTS speech. Assertions are about which frame
+carries which audio and image, never about how fast this machine is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import pytest
+from speech import silence, speech
+
+from ray_lipsync.backends.procedural import ProceduralRenderer
+from ray_lipsync.clock import PTS_PER_FRAME, SAMPLES_PER_FRAME
+from ray_lipsync.config import Settings
+from ray_lipsync.errors import AtCapacity, Backpressure, MalformedAudio, SessionClosed, UnknownSession
+from ray_lipsync.streaming.local import LocalPipeline
+from ray_lipsync.streaming.session import Session
+from ray_lipsync.types import OutputFrame
+
+F = SAMPLES_PER_FRAME
+PHRASE_A = "Hello there, how are you today?"
+PHRASE_B = "Streaming avatars need steady latency."
+
+
+# -- helpers (also used by test_ray_pipeline.py) -------------------------------------------
+
+
+@dataclass
+class Received:
+    frame: OutputFrame
+    at: float  # wall time at which frames() yielded it
+
+
+def tuned(settings: Settings, **pipeline: object) -> Settings:
+    """`settings` with some pipeline fields replaced."""
+    return settings.model_copy(update={"pipeline": settings.pipeline.model_copy(update=pipeline)})
+
+
+class Receiver:
+    """Consumes `session.frames()` in a task, recording each frame and when it came."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.frames: list[Received] = []
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        async for frame in self.session.frames():
+            self.frames.append(Received(frame, time.time()))
+
+    async def until_frame(self, k: int, timeout: float = 15.0) -> list[Received]:
+        """Wait until frame k has been received; returns everything received so far."""
+
+        async def wait() -> None:
+            while not self.frames or self.frames[-1].frame.frame_index < k:
+                if self._task.done():
+                    self._task.result()  # re-raise what ended the stream
+                    raise AssertionError(f"stream ended before frame {k}")
+                await asyncio.sleep(0.02)
+
+        await asyncio.wait_for(wait(), timeout)
+        return list(self.frames)
+
+    async def stop(self) -> list[Received]:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        return list(self.frames)
+
+
+def is_idle(session: Session, frame: OutputFrame) -> bool:
+    avatar = session.avatar
+    return np.array_equal(frame.image, avatar.frames[avatar.cycle_index(frame.frame_index)])
+
+
+def audio_from(received: list[Received], first_frame: int) -> np.ndarray:
+    return np.concatenate([r.frame.audio for r in received if r.frame.frame_index >= first_frame])
+
+
+def assert_clock(received: list[Received], session: Session) -> None:
+    """Consecutive frames k with pts 3600k, presented at t0 + D + 0.04k, never early."""
+    ks = [r.frame.frame_index for r in received]
+    assert ks == list(range(ks[0], ks[0] + len(ks))), "frames must arrive in order without gaps"
+    clock = session.clock
+    for r in received:
+        k = r.frame.frame_index
+        assert r.frame.pts == PTS_PER_FRAME * k
+        assert r.frame.presentation_time == pytest.approx(clock.t0 + clock.delay_s + 0.04 * k, abs=1e-9)
+        assert r.at >= r.frame.presentation_time - 1e-3
+        assert r.frame.audio.shape == (F,) and r.frame.audio.dtype == np.float32
+        assert r.frame.session_id == session.session_id
+
+
+def assert_audio_is(received: list[Received], start_frame: int, voice: np.ndarray) -> None:
+    """The output audio from `start_frame` on is exactly `voice`, then silence; none before."""
+    out = audio_from(received, start_frame)
+    assert len(out) >= len(voice)
+    np.testing.assert_array_equal(out[: len(voice)], voice)
+    assert not out[len(voice) :].any()
+    before = [r.frame.audio for r in received if r.frame.frame_index < start_frame]
+    assert not any(a.any() for a in before)
+
+
+def speech_frames(detector, voice: np.ndarray, start_frame: int) -> set[int]:
+    """Frames the VAD calls speech when `voice` starts at frame `start_frame`."""
+    padded = np.concatenate([voice, np.zeros(-len(voice) % F, np.float32)])
+    flags = detector.detect(padded).reshape(-1, 2).any(axis=1)
+    return {start_frame + i for i in np.flatnonzero(flags)}
+
+
+async def push_in_real_time(session: Session, voice: np.ndarray, utterance_id: str):
+    """Push `voice` in 20 ms chunks paced by the wall clock (one streamed utterance)."""
+    start, first = time.time(), None
+    for i, at in enumerate(range(0, len(voice), 320)):
+        utt = await session.push_audio(voice[at : at + 320], utterance_id, final=at + 320 >= len(voice))
+        first = first or utt
+        await asyncio.sleep(max(0.0, start + (i + 1) * 0.02 - time.time()))
+    return first
+
+
+@pytest.fixture(scope="module")
+def settings(lipsync_settings: Settings) -> Settings:
+    return tuned(lipsync_settings, playout_delay_ms=400)  # headroom on a busy 2-core machine
+
+
+# -- behaviour -----------------------------------------------------------------------------
+
+
+def test_frame_k_carries_pts_3600k_and_exactly_its_audio(settings, speech_detector):
+    voice = speech(PHRASE_A)
+
+    async def run():
+        pipeline = LocalPipeline(settings)
+        session = await pipeline.create_session()
+        rx = Receiver(session)
+        utt = await push_in_real_time(session, voice, "u1")
+        await rx.until_frame(utt.end_frame + 3)
+        received = await rx.stop()
+        stats = session.stats()
+        await pipeline.shutdown()
+        return session, utt, stats, received
+
+    session, utt, stats, received = asyncio.run(run())
+    assert_clock(received, session)
+    assert utt.end_frame == utt.start_frame + -(-len(voice) // F)
+    assert_audio_is(received, utt.start_frame, voice)
+    talking = {r.frame.frame_index for r in received if not is_idle(session, r.frame)}
+    expected = speech_frames(speech_detector, voice, utt.start_frame)
+    assert talking <= expected and len(talking) >= 0.8 * len(expected)
+    assert stats.frames_dropped == 0 and not any(r.frame.dropped for r in received)
+    marks = {r.frame.frame_index: r.frame.meta for r in received if r.frame.meta}
+    assert marks[utt.start_frame]["utterance_start"] == ["u1"]
+    assert marks[utt.end_frame - 1]["utterance_end"] == ["u1"]
+    assert stats.latency_ms_p50 is not None
+
+
+def test_concurrent_sessions_get_their_own_frames(settings, speech_detector):
+    voices = {"early": speech(PHRASE_A), "late": speech(PHRASE_B), "silent": None}
+
+    async def run():
+        pipeline = LocalPipeline(settings)
+        sessions = {name: await pipeline.create_session(session_id=name) for name in voices}
+        rxs = {name: Receiver(s) for name, s in sessions.items()}
+        utts = {"early": await sessions["early"].push_audio(voices["early"], "e")}
+        await asyncio.sleep(len(voices["early"]) / 16000 + 0.3)
+        utts["late"] = await sessions["late"].push_audio(voices["late"], "l")
+        received = {}
+        for name, rx in rxs.items():
+            await rx.until_frame(utts["late"].end_frame + 3)
+            received[name] = await rx.stop()
+        stats = {name: s.stats() for name, s in sessions.items()}
+        await pipeline.shutdown()
+        return sessions, utts, stats, received
+
+    sessions, utts, stats, all_received = asyncio.run(run())
+    late_starts = sessions["late"].clock.presentation_time(utts["late"].start_frame)
+    assert late_starts > sessions["early"].clock.presentation_time(utts["early"].end_frame)
+    for name, session in sessions.items():
+        received = all_received[name]
+        assert_clock(received, session)
+        talking = {r.frame.frame_index for r in received if not is_idle(session, r.frame)}
+        assert stats[name].frames_dropped == 0
+        if voices[name] is None:
+            assert not talking
+            assert not any(r.frame.audio.any() for r in received)
+            continue
+        utt = utts[name]
+        assert_audio_is(received, utt.start_frame, voices[name])
+        expected = speech_frames(speech_detector, voices[name], utt.start_frame)
+        assert talking <= expected and len(talking) >= 0.8 * len(expected)
+
+
+def test_interrupt_silences_old_speech_within_two_frames(settings):
+    voice = np.concatenate([speech(PHRASE_A), speech(PHRASE_B)])
+    reply = speech(PHRASE_B)
+
+    async def run():
+        pipeline = LocalPipeline(settings)
+        session = await pipeline.create_session()
+        rx = Receiver(session)
+        utt = await session.push_audio(voice, "long")
+        # interrupt 1 s into the utterance's presentation
+        await asyncio.sleep(session.clock.presentation_time(utt.start_frame) + 1.0 - time.time())
+        t_interrupt = time.time()
+        epoch = await session.interrupt()
+        new = await session.push_audio(reply, "reply")  # barge-in: the new answer right away
+        await rx.until_frame(new.end_frame + 2)
+        received = await rx.stop()
+        await pipeline.shutdown()
+        return session, utt, new, epoch, t_interrupt, received
+
+    session, utt, new, epoch, t_interrupt, received = asyncio.run(run())
+    assert_clock(received, session)
+    assert epoch == 1
+    before = [r for r in received if r.frame.presentation_time <= t_interrupt]
+    assert any(not is_idle(session, r.frame) for r in before), "speech was on screen before"
+    limit = t_interrupt + 0.08
+    old = [r for r in received if r.frame.presentation_time > limit and r.frame.frame_index < new.start_frame]
+    assert old, "frames between the interrupt and the reply"
+    for r in old:
+        assert r.at > limit - 1e-3
+        assert not r.frame.audio.any() and is_idle(session, r.frame)
+        assert r.frame.epoch == 1
+    first_after = min(r.frame.frame_index for r in received if r.frame.presentation_time > t_interrupt)
+    assert utt.end_frame <= first_after + 1  # the utterance was cut there ...
+    assert utt.end_frame < utt.start_frame + len(voice) // F  # ... well before its end
+    assert_audio_is([r for r in received if r.frame.frame_index >= new.start_frame], new.start_frame, reply)
+    talking = [r for r in received if r.frame.frame_index >= new.start_frame and not is_idle(session, r.frame)]
+    assert len(talking) > 10, "the reply after the interrupt is rendered"
+
+
+class SlowRenderer(ProceduralRenderer):
+    """A real renderer that takes 0.3 s per batch: frames miss their presentation time."""
+
+    def render(self, jobs):
+        time.sleep(0.3)
+        return super().render(jobs)
+
+
+def test_late_frames_are_idle_and_counted_but_audio_is_never_held(
+    settings, speech_detector, monkeypatch
+):
+    import ray_lipsync.streaming.local as local
+
+    monkeypatch.setattr(local, "create_renderer", lambda settings, name=None: SlowRenderer(settings))
+    voice = speech(PHRASE_A)
+
+    async def run():
+        pipeline = LocalPipeline(tuned(settings, playout_delay_ms=240))
+        session = await pipeline.create_session()
+        rx = Receiver(session)
+        utt = await push_in_real_time(session, voice, "slow")
+        await rx.until_frame(utt.end_frame + 3)
+        received = await rx.stop()
+        stats = session.stats()
+        await pipeline.shutdown()
+        return session, utt, stats, received
+
+    session, utt, stats, received = asyncio.run(run())
+    assert_clock(received, session)
+    assert_audio_is(received, utt.start_frame, voice)  # audio exact although video is late
+    dropped = [r for r in received if r.frame.dropped]
+    assert stats.frames_dropped == len(dropped) > 0
+    assert all(is_idle(session, r.frame) for r in dropped)
+    assert {r.frame.frame_index for r in dropped} <= speech_frames(speech_detector, voice, utt.start_frame)
+
+
+# -- bad use ------------------------------------------------------------------------------
+
+
+def test_unknown_and_closed_sessions_raise_typed_errors(settings):
+    async def run():
+        pipeline = LocalPipeline(settings)
+        with pytest.raises(UnknownSession, match="nope"):
+            pipeline.get("nope")
+        session = await pipeline.create_session()
+        assert pipeline.get(session.session_id) is session
+        await pipeline.close_session(session.session_id)
+        with pytest.raises(SessionClosed, match="create a new one"):
+            await session.push_audio(silence(0.1))
+        with pytest.raises(SessionClosed):
+            await session.interrupt()
+        with pytest.raises(UnknownSession):
+            pipeline.get(session.session_id)
+        await session.close()  # idempotent
+
+    asyncio.run(run())
+
+
+def test_pushing_faster_than_the_buffer_allows_is_backpressure(settings):
+    async def run():
+        pipeline = LocalPipeline(tuned(settings, audio_buffer_s=2.0))
+        session = await pipeline.create_session()
+        voice = speech(PHRASE_A)[: 12 * F]  # 0.48 s pieces (whole frames: no alignment gaps)
+        accepted = 0
+        with pytest.raises(Backpressure, match="wait or interrupt"):
+            for _ in range(10):
+                await session.push_audio(voice)
+                accepted += 1
+        queued = session.stats().queued_audio_s
+        await session.interrupt()  # frees the buffer
+        await session.push_audio(voice)
+        await pipeline.shutdown()
+        return accepted, queued
+
+    accepted, queued = asyncio.run(run())
+    assert accepted == 4 and queued <= 2.0
+
+
+def test_bad_audio_is_rejected_before_it_reaches_shared_stages(settings):
+    async def run():
+        pipeline = LocalPipeline(settings)
+        session = await pipeline.create_session()
+        bad = speech(PHRASE_A)[:3200].copy()
+        bad[100] = np.nan
+        with pytest.raises(MalformedAudio, match="NaN"):
+            await session.push_audio(bad)
+        bad[100] = np.inf
+        with pytest.raises(MalformedAudio, match="inf"):
+            await session.push_audio(bad)
+        assert session.stats().queued_audio_s == 0  # nothing of it was placed
+        await pipeline.shutdown()
+
+    asyncio.run(run())
+
+
+def test_no_free_slot_is_at_capacity(settings):
+    async def run():
+        pipeline = LocalPipeline(tuned(settings, sessions_per_replica=1))
+        first = await pipeline.create_session()
+        with pytest.raises(AtCapacity, match="retry later"):
+            await pipeline.create_session()
+        await pipeline.close_session(first.session_id)
+        await pipeline.create_session()  # the slot is free again
+        await pipeline.shutdown()
+
+    asyncio.run(run())
