@@ -116,6 +116,11 @@ def test_page_connects_plays_video_speaks_and_shows_events(service, browser):
 
     page.click("#interrupt")
     page.wait_for_selector('#events li[data-event="interrupt"]', state="attached", timeout=5_000)
+
+    page.click("#mic")  # Chromium's fake microphone (a beep) now reaches the session as speech
+    page.wait_for_function("""[...document.querySelectorAll('#events li[data-event="utterance.start"]')]
+                               .some((li) => li.textContent.includes('mic-'))""", timeout=15_000)
+    assert page.text_content("#mic") == "Microphone on"
     page.click("#disconnect")
     page.wait_for_function("document.body.dataset.state === 'not connected'", timeout=5_000)
     assert errors == []

@@ -173,6 +173,29 @@ def test_bad_offers_raise_value_error(sdp, kind, fragment):
         parse_offer(sdp, kind)
 
 
+def test_peer_rejects_a_bad_offer_and_closes_cleanly():
+    async def main():
+        peer = SessionPeer(None)  # the offer is checked before the session is touched
+        with pytest.raises(ValueError, match="v=0"):
+            await peer.answer("not an sdp")
+        await peer.close()
+        with pytest.raises(ValueError, match="closed"):
+            await peer.answer("v=0\r\n")
+        return peer.connection_state
+
+    assert asyncio.run(main()) == "closed"
+
+
+def test_ice_servers_are_validated():
+    from ray_lipsync.webrtc import ice_configuration
+
+    config = ice_configuration([{"urls": "stun:stun.example.org:3478"}])
+    assert config.iceServers[0].urls == "stun:stun.example.org:3478"
+    assert ice_configuration(None).iceServers == []
+    with pytest.raises(ValueError, match="urls"):
+        ice_configuration([{"url": "stun:x"}])
+
+
 # -- loopback: a real aiortc client against SessionPeer on LocalPipeline sessions -----------
 
 
@@ -295,6 +318,9 @@ def test_microphone_track_is_resampled_and_pushed_as_one_utterance(lipsync_setti
         await peer.close()
         await client.close()
         await pipeline.shutdown()
+        ours = ("mic-", "media-watch-", "session-media", "peer-close")
+        left = [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith(ours)]
+        assert left == []  # close() leaves no task of the peer behind
         return mic, sent
 
     mic, sent = asyncio.run(main())
