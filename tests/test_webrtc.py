@@ -133,6 +133,23 @@ def test_stop_ends_tracks_and_task():
     asyncio.run(main())
 
 
+def test_a_track_stopped_while_waiting_ends_its_recv():
+    async def never():
+        await asyncio.Event().wait()
+        yield make_frame(0)
+
+    async def main():
+        media = SessionMedia(never(), now=lambda: 0.0)
+        waiting = asyncio.ensure_future(media.video.recv())
+        await asyncio.sleep(0.01)
+        media.video.stop()
+        with pytest.raises(MediaStreamError):
+            await asyncio.wait_for(waiting, 1.0)
+        await media.stop()
+
+    asyncio.run(main())
+
+
 def test_frames_due_before_the_connection_are_skipped_with_their_marks_kept():
     async def late():
         for k in range(10):
@@ -366,3 +383,4 @@ def test_ray_pipeline_session_streams_over_webrtc(lipsync_settings):
     assert counters.video_frames_dropped == 0
     assert counters.audio_chunks_sent == 2 * counters.video_frames_sent == 2 * len(sent)
     assert [u for f in sent for u in f.meta.get("utterance_end", [])] == ["tone"]
+

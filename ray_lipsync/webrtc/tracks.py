@@ -114,6 +114,8 @@ class _SessionTrack(MediaStreamTrack):
         while not self._queue:
             self._ready.clear()
             await self._ready.wait()
+            if self.readyState != "live":
+                raise MediaStreamError
         item = self._queue.popleft()
         if item is None:
             self.stop()
