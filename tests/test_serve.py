@@ -1,39 +1,48 @@
-"""Real Ray Serve on loopback: two gateway replicas, session-affine routing, cluster /metrics.
+"""Real Ray Serve on loopback with the real RayPipeline: two gateway replicas, session-affine
+routing, cluster /metrics, and one session end to end over real HTTP + real WebRTC.
 
-Gateways run the stand-in pipeline of test_api.py (workers find it through PYTHONPATH).
+One Ray + Serve start for the whole module (the `base_url` fixture).
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
 from ray_lipsync.config import Settings  # noqa: E402
+from ray_lipsync.webrtc.client import ReceiverClient  # noqa: E402
+from speech import silence, speech, to_wav_bytes  # noqa: E402
+from test_api import loud_ms  # noqa: E402
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 PORT = 8123
 ROOT = Path(__file__).resolve().parent.parent
+FRAME_S = 0.04
+RECEIVER_PREFETCH_S = 0.08  # aiortc's audio JitterBuffer(prefetch=4) holds 4 x 20 ms packets
 
 
 @pytest.fixture(scope="module")
-def base_url():
+def base_url(lipsync_home):
     import serve_app
 
-    path = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
-    ray.init(num_cpus=4, include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": path}})
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    settings = Settings(serve={"min_gateways": 2, "max_gateways": 2,
-                               "livetalking_compat": True, "max_sessions": 50})
-    serve.run(serve_app.build_app(settings, pipeline="test_api:StubPipeline", gateway_cpus=0.5),
-              name="ray-lipsync", route_prefix="/")
+    settings = Settings(home=lipsync_home,
+                        serve={"min_gateways": 2, "max_gateways": 2,
+                               "livetalking_compat": True, "max_sessions": 50},
+                        pipeline={"sessions_per_replica": 64})
+    serve.run(serve_app.build_app(settings, gateway_cpus=0.5), name="ray-lipsync", route_prefix="/")
     yield f"http://127.0.0.1:{PORT}"
     serve.shutdown()
     ray.shutdown()
@@ -41,6 +50,7 @@ def base_url():
 
 def test_sessions_stay_on_their_home_replica(base_url):
     with httpx.Client(base_url=base_url, timeout=30) as client:
+        assert "<html" in client.get("/").text.lower()
         sessions: dict[str, dict] = {}
         homes: set[str] = set()
         for _ in range(40):
@@ -50,11 +60,12 @@ def test_sessions_stay_on_their_home_replica(base_url):
             if len(homes) == 2 and len(sessions) >= 6:
                 break
         assert len(homes) == 2, "sessions never spread over both gateways"
-        for _ in range(3):
+        for _ in range(2):
             for sid, auth in sessions.items():
                 state = client.get(f"/v1/sessions/{sid}", headers=auth)
                 assert state.status_code == 200, state.text
                 assert state.json()["gateway"] == sid.split(".")[0]
+                assert state.json()["replica"].startswith("replica-procedural-")
                 assert client.post(f"/v1/sessions/{sid}/interrupt", headers=auth).status_code == 200
         sid, auth = next(iter(sessions.items()))
         assert client.get(f"/v1/sessions/{sid}").status_code == 401
@@ -71,14 +82,154 @@ def test_sessions_stay_on_their_home_replica(base_url):
             time.sleep(0.5)
         for h in homes:
             assert f'lipsync_sessions{{replica="{h}"}}' in text
-        assert client.delete(f"/v1/sessions/{sid}", headers=auth).status_code == 204
+        for sid, auth in sessions.items():
+            assert client.delete(f"/v1/sessions/{sid}", headers=auth).status_code == 204
         assert client.get(f"/v1/sessions/{sid}", headers=auth).status_code == 404
 
 
-def test_livetalking_ids_route_home(base_url):
-    with httpx.Client(base_url=base_url, timeout=30) as client:
-        r = client.post("/offer", json={"sdp": "v=0", "type": "offer"})
-        # the stand-in pipeline has no WebRTC peer factory override in Ray workers: the real
-        # SessionPeer rejects this SDP, so the compat offer fails cleanly with code -1
-        assert r.json()["code"] == -1 and r.status_code == 400
-        assert client.get("/healthz").json() == {"status": "ok"}
+def test_livetalking_offer_routes_home(base_url):
+    async def main() -> tuple[dict, dict]:
+        receiver = ReceiverClient(ice_servers=[])
+        async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+            bad = (await client.post("/offer", json={"sdp": "v=0", "type": "offer"}))
+            r = (await client.post("/offer", json=await receiver.offer())).json()
+            await receiver.accept(r)
+            await receiver.wait_first_video(timeout=5)
+            state = (await client.post("/is_speaking", json={"sessionid": r["sessionid"]})).json()
+        await receiver.close()
+        return {"status": bad.status_code, **bad.json()}, {**r, "speaking": state}
+
+    bad, good = asyncio.run(main())
+    assert bad["code"] == -1 and bad["status"] == 400
+    assert isinstance(good["sessionid"], int) and good["speaking"] == {"code": 0, "data": False}
+
+
+class AudioArrivals:
+    """Arrival times of the receiver's decoded audio pieces (polled every 5 ms)."""
+
+    def __init__(self, receiver: ReceiverClient) -> None:
+        self._receiver = receiver
+        self.marks: list[tuple[float, int]] = []  # (time, pieces received by then)
+        self._task = asyncio.create_task(self._poll())
+
+    async def _poll(self) -> None:
+        while True:
+            self.marks.append((time.monotonic(), len(self._receiver.received.audio)))
+            await asyncio.sleep(0.005)
+
+    def between(self, start: float, end: float) -> list[np.ndarray]:
+        """Pieces that arrived within [start, end)."""
+        first = next((n for t, n in self.marks if t >= start), None)
+        last = next((n for t, n in self.marks if t >= end), len(self._receiver.received.audio))
+        return self._receiver.received.audio[first:last] if first is not None else []
+
+    def stop(self) -> None:
+        self._task.cancel()
+
+
+async def read_events(client: httpx.AsyncClient, url: str, into: list) -> None:
+    """Read the SSE stream over HTTP, recording (arrival time, event, data)."""
+    async with client.stream("GET", url) as response:
+        assert response.status_code == 200
+        event = None
+        async for line in response.aiter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: ") and event:
+                into.append((time.monotonic(), event, json.loads(line[6:])))
+                if event == "session.closed":
+                    return
+
+
+def test_end_to_end_over_http_and_webrtc(base_url):
+    """Issue checks: first frame < 2 s; 25 +/- 1 fps over 10 s; received speech as long as the
+    pushed speech; interrupt silences video and audio within 2 frames; events arrive."""
+    clip = np.concatenate([silence(0.2), speech("The quick brown fox jumps over the lazy dog."),
+                           silence(0.2)])
+
+    async def main() -> dict:
+        out: dict = {}
+        receiver = ReceiverClient(ice_servers=[])
+        events: list[tuple[float, str, dict]] = []
+        async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+            body = (await client.post("/v1/sessions", json={})).json()
+            sid, token = body["session_id"], body["token"]
+            auth = {"Authorization": f"Bearer {token}"}
+            listener = asyncio.create_task(
+                read_events(client, f"/v1/sessions/{sid}/events?token={token}", events))
+            r = await client.post(f"/v1/sessions/{sid}/offer", json=await receiver.offer(), headers=auth)
+            assert r.status_code == 200, r.text
+            await receiver.accept(r.json())
+            out["first_frame_s"] = await receiver.wait_first_video(timeout=10)
+            arrivals = AudioArrivals(receiver)
+            t0 = time.monotonic()
+
+            async def upload():
+                data = to_wav_bytes(clip)
+                for i in range(0, len(data), 8192):
+                    yield data[i:i + 8192]
+
+            await asyncio.sleep(0.3)
+            r = await client.post(f"/v1/sessions/{sid}/audio", content=upload(),
+                                  headers={**auth, "Content-Type": "audio/wav"})
+            assert r.status_code == 202, r.text
+            out["upload"] = r.json()
+            await asyncio.sleep(t0 + 4.5 - time.monotonic())
+            out["speech_audio"] = arrivals.between(t0, t0 + 4.5)
+            r = await client.post(f"/v1/sessions/{sid}/speak", headers=auth, json={
+                "text": "Streaming avatars need steady latency, even when they are interrupted."})
+            assert r.status_code == 202, r.text
+            out["spoken"] = r.json()
+            await asyncio.sleep(1.5)
+            r = await client.post(f"/v1/sessions/{sid}/interrupt", headers=auth)
+            out["interrupted_at"] = time.monotonic()
+            assert r.status_code == 200 and r.json()["epoch"] == 1
+            state = (await client.get(f"/v1/sessions/{sid}", headers=auth)).json()
+            out["speaking_after_interrupt"] = state["speaking"]
+            await asyncio.sleep(t0 + 10.0 - time.monotonic())
+            out["fps"] = receiver.received.fps(t0, t0 + 10.0)
+            out["before_interrupt"] = arrivals.between(out["interrupted_at"] - 1.0, out["interrupted_at"])
+            out["after_interrupt"] = arrivals.between(out["interrupted_at"], t0 + 10.0)
+            out["state"] = (await client.get(f"/v1/sessions/{sid}", headers=auth)).json()
+            assert (await client.delete(f"/v1/sessions/{sid}", headers=auth)).status_code == 204
+            await asyncio.wait_for(listener, 10)
+            arrivals.stop()
+        await receiver.close()
+        out["events"], out["rate"] = events, receiver.received.audio_rate
+        return out
+
+    r = asyncio.run(main())
+    print(f"first frame {r['first_frame_s']:.3f} s, {r['fps']:.2f} fps")
+    assert r["first_frame_s"] < 2.0
+    assert 24.0 <= r["fps"] <= 26.0, r["fps"]
+    assert r["state"]["frames_sent"] >= 250 and r["state"]["connection_state"] == "connected"
+
+    # the received speech is as long as the pushed speech (energy VAD on both)
+    heard = loud_ms(np.concatenate(r["speech_audio"]), r["rate"])
+    pushed = loud_ms(clip, 16000)
+    print(f"speech: pushed {pushed} ms, received {heard} ms")
+    assert abs(heard - pushed) <= 60, (heard, pushed)
+
+    # interrupt: no loud audio more than 2 frames after it (levels relative to the speech);
+    # the receiving client plays audio RECEIVER_PREFETCH_S late, so that much more arrives
+    piece_s = len(r["after_interrupt"][0]) / r["rate"]
+    level = max(float(np.sqrt((p.astype(np.float64) ** 2).mean())) for p in r["before_interrupt"])
+    loud_after = [i for i, p in enumerate(r["after_interrupt"])
+                  if np.sqrt((p.astype(np.float64) ** 2).mean()) > level * 0.05]
+    late_s = (loud_after[-1] + 1) * piece_s if loud_after else 0.0
+    print(f"interrupt: speech level {level:.3f}, speech heard for {late_s * 1000:.0f} ms after it")
+    assert level > 0.05, "the interrupted speech was not playing"
+    assert late_s <= 2 * FRAME_S + RECEIVER_PREFETCH_S + piece_s, late_s
+    assert r["speaking_after_interrupt"] is False
+
+    # events: one start/end per utterance, the interrupted one ended at the interrupt
+    events = [(t, e, d) for t, e, d in r["events"]]
+    names = [(e, d.get("utterance_id")) for _, e, d in events]
+    up, sp = r["upload"]["utterance_id"], r["spoken"]["utterance_id"]
+    assert names == [("utterance.start", up), ("utterance.end", up), ("utterance.start", sp),
+                     ("utterance.end", sp), ("session.closed", None)], names
+    ended = next(t for t, e, d in events if e == "utterance.end" and d["utterance_id"] == sp)
+    print(f"interrupt: utterance.end arrived {(ended - r['interrupted_at']) * 1000:.0f} ms after it")
+    assert ended - r["interrupted_at"] <= 2 * FRAME_S + 0.1
+    start_ev, end_ev = (d for _, e, d in events[:2])
+    assert end_ev["frame"] - start_ev["frame"] + 1 == -(-len(clip) // 640)
