@@ -47,6 +47,7 @@ class RayLink:
         self._replica = None
         self._epoch = 0
         self.repins = 0
+        self._repin_lock = asyncio.Lock()  # several failed renders of one replica: one re-pin
 
     @property
     def replica(self) -> str:
@@ -78,11 +79,14 @@ class RayLink:
             return [None] * n
 
     async def _repin(self, dead: str) -> None:
-        name, handle = await self._directory.repin.remote(self.session_id, dead)
-        if name != self._replica_name:
-            await self.attach(name, handle)
-            self.repins += 1
-            log.warning("session %s re-pinned from %s to %s", self.session_id, dead, name)
+        async with self._repin_lock:
+            if dead != self._replica_name:
+                return  # a concurrent failure already moved this session
+            name, handle = await self._directory.repin.remote(self.session_id, dead)
+            if name != self._replica_name:
+                await self.attach(name, handle)
+                self.repins += 1
+                log.warning("session %s re-pinned from %s to %s", self.session_id, dead, name)
 
     async def interrupt(self, epoch: int, cut_frame: int) -> None:
         self._epoch = epoch

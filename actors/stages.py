@@ -108,6 +108,10 @@ class InferenceReplica:
     def ping(self) -> str:
         return self.name
 
+    def node_id(self) -> str:
+        """The Ray node this replica runs on (placement checks, metrics)."""
+        return ray.get_runtime_context().get_node_id()
+
 
 @ray.remote
 class CompositorActor:

@@ -1,0 +1,230 @@
+"""RayPipeline on real Ray: the media clock through actors, replica failure, cluster placement.
+
+Two Ray instances, one after the other (class-scoped, started once each):
+- `TestLocalRay`: `ray.init(num_cpus=2)` with CPU inference replicas;
+- `TestSimulatedGpuCluster`: `ray.cluster_utils.Cluster` with a CPU-only head and two worker
+  nodes that declare one GPU each, so GPU pinning and placement run without real GPUs.
+Every test uses its own Ray namespace (its own SessionDirectory and actors) and kills that
+namespace's detached actors afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import numpy as np
+import pytest
+from speech import speech
+from test_local_pipeline import (
+    PHRASE_A,
+    PHRASE_B,
+    Receiver,
+    assert_audio_is,
+    assert_clock,
+    is_idle,
+    push_in_real_time,
+    speech_frames,
+    tuned,
+)
+
+from ray_lipsync.clock import SAMPLES_PER_FRAME
+from ray_lipsync.config import Settings
+from ray_lipsync.errors import AtCapacity, SessionClosed, UnknownSession
+
+ray = pytest.importorskip("ray")
+from actors.pipeline import RayPipeline  # noqa: E402
+
+pytestmark = pytest.mark.ray
+
+F = SAMPLES_PER_FRAME
+
+
+def kill_namespace(namespace: str) -> None:
+    """Kill the detached actors (directory, replicas, batcher, compositors) of `namespace`."""
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["namespace"] == namespace:
+            try:
+                ray.kill(ray.get_actor(entry["name"], namespace=namespace))
+            except ValueError:  # already gone
+                pass
+
+
+@pytest.fixture
+def make_settings(lipsync_settings: Settings):
+    """Settings in a fresh namespace per test (playout delay 400 ms: a busy 2-core machine)."""
+    used: list[str] = []
+
+    def make(**pipeline: object) -> Settings:
+        namespace = f"test-{uuid.uuid4().hex[:8]}"
+        used.append(namespace)
+        return tuned(lipsync_settings, **{"playout_delay_ms": 400, "namespace": namespace, **pipeline})
+
+    yield make
+    for namespace in used:
+        kill_namespace(namespace)
+
+
+def ray_env(home) -> dict:
+    return {"env_vars": {"RAY_LIPSYNC_HOME": str(home)}}
+
+
+# -- ray.init(num_cpus=2) ------------------------------------------------------------------
+
+
+class TestLocalRay:
+    @pytest.fixture(autouse=True, scope="class")
+    def local_ray(self, lipsync_home):
+        ray.init(num_cpus=2, include_dashboard=False, runtime_env=ray_env(lipsync_home), log_to_driver=False)
+        yield
+        ray.shutdown()
+
+    def test_frames_through_actors_keep_the_clock_and_exact_audio(self, make_settings, speech_detector):
+        settings = make_settings()
+        voice = speech(PHRASE_A)
+
+        async def run():
+            pipeline = await RayPipeline.connect(settings)
+            session = await pipeline.create_session()
+            rx = Receiver(session)
+            utt = await push_in_real_time(session, voice, "u1")
+            await rx.until_frame(utt.end_frame + 3)
+            received = await rx.stop()
+            stats = session.stats()
+            replicas = await pipeline.replica_stats()
+            await pipeline.shutdown()
+            return session, utt, received, stats, replicas
+
+        session, utt, received, stats, replicas = asyncio.run(run())
+        assert_clock(received, session)
+        assert_audio_is(received, utt.start_frame, voice)
+        talking = {r.frame.frame_index for r in received if not is_idle(session, r.frame)}
+        expected = speech_frames(speech_detector, voice, utt.start_frame)
+        assert talking <= expected and len(talking) >= 0.8 * len(expected)
+        assert stats.frames_dropped == 0
+        assert stats.replica == replicas[0]["replica"] and replicas[0]["frames"] >= len(talking)
+
+    def test_killed_replica_repins_its_session_and_spares_the_other(
+        self, make_settings, speech_detector, caplog
+    ):
+        # D = 1 s: on the shared 2-core machine the replacement replica's start competes with
+        # the bystander's replica for CPU (on a cluster it starts on another node)
+        settings = make_settings(cpu_replicas=2, playout_delay_ms=1000)
+        voice = np.concatenate([speech(PHRASE_A), speech(PHRASE_B)])
+
+        async def run():
+            pipeline = await RayPipeline.connect(settings)
+            victim = await pipeline.create_session(session_id="victim")
+            bystander = await pipeline.create_session(session_id="bystander")
+            pinned = {s.session_id: s.replica for s in (victim, bystander)}
+            rxs = [Receiver(victim), Receiver(bystander)]
+            utts = [await s.push_audio(voice, "speech") for s in (victim, bystander)]
+            await asyncio.sleep(victim.clock.presentation_time(utts[0].start_frame) + 1.0 - time.time())
+            killed_at = time.time()
+            ray.kill(ray.get_actor(pinned["victim"], namespace=settings.pipeline.namespace))
+            received = [await rx.until_frame(u.end_frame + 3) for rx, u in zip(rxs, utts)]
+            for rx in rxs:
+                await rx.stop()
+            stats = [victim.stats(), bystander.stats()]
+            replicas = await pipeline.replicas()
+            await pipeline.shutdown()
+            return victim, bystander, pinned, utts, killed_at, received, stats, replicas
+
+        victim, bystander, pinned, utts, killed_at, received, stats, replicas = asyncio.run(run())
+        assert pinned["victim"] != pinned["bystander"], "least-loaded placement spreads sessions"
+        assert stats[0].replica != pinned["victim"], "the victim was re-pinned"
+        assert len([r for r in caplog.records if "re-pinned" in r.getMessage()]) == 1  # once
+        assert stats[1].replica == pinned["bystander"] and stats[1].frames_dropped == 0
+        dead = [r for r in replicas if r["replica"] == pinned["victim"]]
+        assert dead and not dead[0]["alive"]
+        assert sum(r["alive"] for r in replicas) == 2  # a replacement was started
+
+        for session, got, utt in zip((victim, bystander), received, utts):
+            assert_clock(got, session)
+            assert_audio_is(got, utt.start_frame, voice)  # audio is never lost, even by the victim
+        expected = speech_frames(speech_detector, voice, utts[0].start_frame)
+        after = [r for r in received[0] if r.frame.presentation_time > killed_at and r.frame.frame_index in expected]
+        idle_after = [r for r in after if is_idle(victim, r.frame)]
+        assert len(idle_after) <= 25, "at most 1 s of speech frames lost to the failure"
+        assert len(after) - len(idle_after) > 25, "the victim keeps talking on its new replica"
+        talking = {r.frame.frame_index for r in received[1] if not is_idle(bystander, r.frame)}
+        expected_b = speech_frames(speech_detector, voice, utts[1].start_frame)
+        assert talking <= expected_b and len(talking) >= 0.8 * len(expected_b)
+
+    def test_bad_use_raises_typed_errors_quickly(self, make_settings):
+        settings = make_settings(sessions_per_replica=1)
+
+        async def run():
+            pipeline = await RayPipeline.connect(settings)
+            with pytest.raises(UnknownSession):
+                pipeline.get("nope")
+            first = await pipeline.create_session()
+            with pytest.raises(AtCapacity, match="retry later"):
+                await asyncio.wait_for(pipeline.create_session(), 20)
+            await pipeline.close_session(first.session_id)
+            with pytest.raises(SessionClosed):
+                await first.push_audio(np.zeros(320, np.float32))
+            with pytest.raises(UnknownSession):
+                pipeline.get(first.session_id)
+            second = await asyncio.wait_for(pipeline.create_session(), 20)  # the slot is free again
+            await pipeline.shutdown()
+            return second
+
+        assert asyncio.run(run()).replica
+
+
+# -- simulated GPU cluster -------------------------------------------------------------------
+
+
+class TestSimulatedGpuCluster:
+    @pytest.fixture(autouse=True, scope="class")
+    def gpu_cluster(self, lipsync_home):
+        from ray.cluster_utils import Cluster
+
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+        gpu_nodes = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
+        ray.init(address=cluster.address, runtime_env=ray_env(lipsync_home), log_to_driver=False)
+        cluster.wait_for_nodes()
+        yield {node.node_id for node in gpu_nodes}
+        ray.shutdown()
+        cluster.shutdown()
+
+    def test_replicas_on_gpu_nodes_spread_sessions_and_cap_them(self, gpu_cluster, make_settings):
+        settings = make_settings(sessions_per_replica=1)
+        voice = speech(PHRASE_A)
+
+        async def run():
+            pipeline = await RayPipeline.connect(settings)
+            sessions = [await pipeline.create_session() for _ in range(2)]
+            started = time.time()
+            with pytest.raises(AtCapacity):
+                await asyncio.wait_for(pipeline.create_session(), 20)
+            refused_after = time.time() - started
+            ns = settings.pipeline.namespace
+            replica_nodes = {
+                s.replica: await ray.get_actor(s.replica, namespace=ns).node_id.remote() for s in sessions
+            }
+            driver_node = ray.get_runtime_context().get_node_id()
+            compositor = ray.get_actor(f"compositor-{driver_node[:16]}", namespace=ns)
+            compositor_node = await compositor.node_id.remote()
+            rx = Receiver(sessions[0])
+            utt = await sessions[0].push_audio(voice, "u")
+            received = await rx.until_frame(utt.end_frame + 2)
+            await rx.stop()
+            replicas = await pipeline.replicas()
+            await pipeline.shutdown()
+            return driver_node, sessions, replica_nodes, compositor_node, refused_after, utt, received, replicas
+
+        driver_node, sessions, replica_nodes, compositor_node, refused_after, utt, received, replicas = asyncio.run(
+            run()
+        )
+        assert len(replicas) == 2 and all(r["alive"] for r in replicas)  # one per GPU
+        assert len(replica_nodes) == 2, "the two sessions are on different replicas"
+        assert set(replica_nodes.values()) == gpu_cluster, "one replica on each GPU node"
+        assert compositor_node == driver_node, "full frames are composited on the driver's node"
+        assert compositor_node not in gpu_cluster
+        assert refused_after < 20
+        assert any(not is_idle(sessions[0], r.frame) for r in received), "frames render on a GPU replica"
+        assert_audio_is(received, utt.start_frame, voice)
+
