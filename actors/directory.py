@@ -78,7 +78,7 @@ class SessionDirectory:
     async def batcher(self, backend: str) -> object:
         """The feature batcher actor of `backend` (started on first use)."""
         if backend not in self._batchers:
-            options: dict = {"num_cpus": 0.25}
+            options: dict = {"num_cpus": 0}  # light: CPU is budgeted by the replicas
             if backend == "musetalk" and self._gpus():
                 options["num_gpus"] = 0.1  # shares a GPU with a replica
             self._batchers[backend] = FeatureBatcherActor.options(
@@ -93,7 +93,7 @@ class SessionDirectory:
                 name=f"compositor-{node_id[:16]}",
                 namespace=self._ns,
                 lifetime="detached",
-                num_cpus=0.25,
+                num_cpus=0,  # light; pinned to its node by affinity
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=True),
             ).remote(self._settings)
         return self._compositors[node_id]

@@ -66,8 +66,9 @@ def ms_to_samples(ms: float) -> int:
 class SessionClock:
     """One clock per session: frame k and its chunks share `presentation_time(k)`.
 
-    `t0` is the monotonic time (s) at which frame 0's audio started to arrive; `delay_s` is the
-    playout delay D. Video and audio are both paced from this clock, never from two counters.
+    `t0` is the wall-clock time (s, `time.time()`, comparable across the processes and nodes
+    of a cluster) at which frame 0's audio slot starts; `delay_s` is the playout delay D.
+    Video and audio are both paced from this clock, never from two counters.
     """
 
     t0: float
@@ -80,5 +81,5 @@ class SessionClock:
         return self.t0 + self.delay_s + chunk_index * CHUNK_MS / 1000
 
     def frame_at(self, now: float) -> int:
-        """Index of the frame due at monotonic time `now` (may be negative before start)."""
+        """Index of the frame due at time `now` (may be negative before start)."""
         return int((now - self.t0 - self.delay_s) // (FRAME_MS / 1000))

@@ -275,7 +275,11 @@ class Session:
 
     # -- output -----------------------------------------------------------------------
     async def frames(self) -> AsyncIterator[OutputFrame]:
-        """Frames at their presentation times, idle when silent, until the session closes."""
+        """Frames at their presentation times, idle when silent, until the session closes.
+
+        A reader that starts late begins at the frame due now (no burst of stale frames).
+        """
+        self._skip_to(self.clock.frame_at(time.time()))
         while not self._closed:
             k = self._next_emit
             delay = self.clock.presentation_time(k) - time.time()
@@ -284,6 +288,14 @@ class Session:
                 if self._closed:
                     return
             yield self._emit(k)
+
+    def _skip_to(self, k: int) -> None:
+        if k <= self._next_emit:
+            return
+        self._next_emit = k
+        for stale in [f for f in self._ready if f < k]:
+            del self._ready[stale]
+        self._expected = {f for f in self._expected if f >= k}
 
     def _emit(self, k: int) -> OutputFrame:
         self._next_emit = k + 1
