@@ -35,6 +35,10 @@ APP_NAME = "ray-lipsync"
 METRICS_BOARD = "ray_lipsync_metrics"
 METRICS_PUSH_S = 1.0
 DEFAULT_PIPELINE = "actors.pipeline:RayPipeline"
+# Logical CPUs a gateway reserves. With 1.0, one gateway + ingress (0.1) + the CPU pipeline
+# actors (replica 0.5, batcher 0.25, compositor 0.25) need 2.1 CPUs: on a 2-core laptop the
+# compositor could never be placed and the first POST /v1/sessions hung.
+GATEWAY_CPUS = 0.5
 
 
 async def load_pipeline(spec: str, settings: Settings) -> Any:
@@ -141,7 +145,7 @@ class IngressDeployment:
 
 
 def build_app(settings: Settings, pipeline: str = DEFAULT_PIPELINE, *,
-              gateway_cpus: float = 1.0) -> serve.Application:
+              gateway_cpus: float = GATEWAY_CPUS) -> serve.Application:
     """The Serve application: Ingress -> Gateway (session-affine, autoscaled on sessions)."""
     s = settings.serve
     gateway = GatewayDeployment.options(
@@ -165,8 +169,12 @@ def build_app(settings: Settings, pipeline: str = DEFAULT_PIPELINE, *,
 
 
 def run(settings: Settings, address: str | None = None) -> None:
-    """Start or join Ray, deploy the app on settings.serve.host:port, block until Ctrl-C."""
-    ray.init(address=address, ignore_reinit_error=True)
+    """Start Ray (or join `address`), deploy the app on settings.serve.host:port, block.
+
+    Without an address a new local Ray instance is started: a bare ray.init() would join
+    whatever local cluster happens to be running (another user's, a test's).
+    """
+    ray.init(address=address or "local", ignore_reinit_error=True)
     serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port})
     serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
     logger.info("ray-lipsync is serving: open http://%s:%d/ (API docs at /docs)",

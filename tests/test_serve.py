@@ -42,7 +42,7 @@ def base_url(lipsync_home):
                         serve={"min_gateways": 2, "max_gateways": 2,
                                "livetalking_compat": True, "max_sessions": 50},
                         pipeline={"sessions_per_replica": 64})
-    serve.run(serve_app.build_app(settings, gateway_cpus=0.5), name="ray-lipsync", route_prefix="/")
+    serve.run(serve_app.build_app(settings), name="ray-lipsync", route_prefix="/")
     yield f"http://127.0.0.1:{PORT}"
     serve.shutdown()
     ray.shutdown()
