@@ -95,6 +95,7 @@ def log_mel(models: MuseTalkModels, windows: Sequence[np.ndarray], length: int) 
         max_length=length,
         truncation=True,
         return_tensors="pt",
+        device=str(models.device),
     )
     return batch.input_features.to(device=models.device, dtype=models.dtype)
 
@@ -140,11 +141,19 @@ class MuseTalkFeaturizer(Featurizer):
 
     name = "musetalk"
 
-    def __init__(self, settings: Settings, device: str | torch.device | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        device: str | torch.device | None = None,
+        models: MuseTalkModels | None = None,
+    ) -> None:
+        """Load Whisper from `settings.models_dir` (once per process), or use `models`."""
         cfg = settings.musetalk
-        self.device = torch.device(device) if device is not None else default_device()
-        dtype = default_dtype(self.device, cfg.fp16)
-        self.models = shared_models(settings.models_dir, self.device, dtype, parts=("whisper",))
+        if models is None:
+            device = torch.device(device) if device is not None else default_device()
+            models = shared_models(settings.models_dir, device, default_dtype(device, cfg.fp16), ("whisper",))
+        self.models = models
+        self.device = models.device
         self.lookahead_ms = cfg.lookahead_ms
         self.window_frames = int(round(cfg.encoder_window_s * SAMPLE_RATE)) // WHISPER_HOP
         self.context_ms = max(0, int(cfg.encoder_window_s * 1000) - cfg.lookahead_ms - 40)

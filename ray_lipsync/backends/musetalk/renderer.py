@@ -62,12 +62,21 @@ class MuseTalkRenderer(Renderer):
 
     name = "musetalk"
 
-    def __init__(self, settings: Settings, device: str | torch.device | None = None) -> None:
-        self.device = torch.device(device) if device is not None else default_device()
-        dtype = default_dtype(self.device, settings.musetalk.fp16)
-        self.models = shared_models(settings.models_dir, self.device, dtype, parts=("unet", "vae"))
+    def __init__(
+        self,
+        settings: Settings,
+        device: str | torch.device | None = None,
+        models: MuseTalkModels | None = None,
+    ) -> None:
+        """Load UNet + VAE from `settings.models_dir` (once per process), or use `models`."""
+        if models is None:
+            device = torch.device(device) if device is not None else default_device()
+            dtype = default_dtype(device, settings.musetalk.fp16)
+            models = shared_models(settings.models_dir, device, dtype, parts=("unet", "vae"))
+        self.models = models
+        self.device = models.device
         self.max_batch = settings.pipeline.max_batch
-        self.positions = sinusoidal_positions(*FEATURE_SHAPE).to(self.device, dtype)
+        self.positions = sinusoidal_positions(*FEATURE_SHAPE).to(self.device, models.dtype)
         self._latents: dict[str, torch.Tensor] = {}
 
     def load_avatar(self, avatar: Avatar) -> None:
