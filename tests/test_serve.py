@@ -35,7 +35,7 @@ RECEIVER_PREFETCH_S = 0.08  # aiortc's audio JitterBuffer(prefetch=4) holds 4 x 
 def base_url(lipsync_home):
     import serve_app
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     settings = Settings(home=lipsync_home,
