@@ -178,8 +178,8 @@ def test_lookahead_is_declared(featurizer: MuseTalkFeaturizer) -> None:
     assert featurizer.lookahead_ms >= 100 and featurizer.context_ms > 80
 
 
-def test_streaming_vs_offline_measurement_runs(featurizer: MuseTalkFeaturizer) -> None:
-    audio = speechlike(3.0, seed=3)
+def test_streaming_vs_offline_measurement_runs(featurizer: MuseTalkFeaturizer, speech_clip: np.ndarray) -> None:
+    audio = speech_clip[: 3 * SR]  # offline TTS speech (tests/speech.py)
     requests = streaming_requests(featurizer, audio)
     assert [r.frames.start for r in requests] == list(range(75))
     assert all(r.audio_start + len(r.audio) <= len(audio) for r in requests)

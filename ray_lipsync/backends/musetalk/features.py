@@ -196,7 +196,7 @@ class MuseTalkFeaturizer(Featurizer):
             return [np.zeros((0, *FEATURE_SHAPE), np.float32) for _ in requests]
         with torch.inference_mode():
             mel = log_mel(self.models, [w[2] for w in windows], self.pad_samples)
-            states = encode_states(self.models.whisper, mel)
+            states = encode_states(self.models.whisper, mel).float().cpu().numpy()  # one transfer
         results, index = [], 0
         for request, plan in zip(requests, plans):
             n_valid = (request.audio_start + len(request.audio)) // WHISPER_HOP
