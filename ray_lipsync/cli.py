@@ -71,7 +71,12 @@ def cmd_render(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import serve_app
 
-    serve_app.run(_settings(args), address=args.address)
+    settings = _settings(args)
+    if settings.backend == "musetalk":  # fail at startup, listing every missing/bad weight file
+        from ray_lipsync.backends.musetalk.weights import check_weights
+
+        check_weights(settings.models_dir)
+    serve_app.run(settings, address=args.address)
     return 0
 
 
