@@ -56,7 +56,9 @@ class OutputFrame:
 
     `image` is the full RGB frame; `audio` the 640 samples (16 kHz, float32) of chunks 2k and
     2k+1; `pts` the 90 kHz video timestamp; `presentation_time` the session clock's time (s);
-    `dropped` marks an idle frame that replaced one not ready in time.
+    `dropped` marks an idle frame that replaced one not ready in time; `latency_ms` is the
+    time from the arrival of the frame's last audio chunk to its composited image (None for
+    idle frames).
     """
 
     session_id: str
@@ -68,4 +70,5 @@ class OutputFrame:
     presentation_time: float
     speech: bool = False
     dropped: bool = False
+    latency_ms: float | None = None
     meta: dict[str, Any] = field(default_factory=dict)

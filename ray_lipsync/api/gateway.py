@@ -14,7 +14,6 @@ import logging
 import secrets
 import time
 import zlib
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -74,7 +73,6 @@ class _Entry:
     events: EventHub = field(default_factory=EventHub)
     peer: Any = None
     last_activity: float = field(default_factory=time.monotonic)
-    pushes: deque = field(default_factory=lambda: deque(maxlen=4096))  # (end_frame, t_pushed)
 
 
 class Gateway:
@@ -216,14 +214,9 @@ class Gateway:
             raise
 
     def _on_frame_sent(self, entry: _Entry, frame: OutputFrame) -> None:
-        latency_ms = None
         if frame.speech:
-            while entry.pushes and entry.pushes[0][0] < frame.frame_index:
-                entry.pushes.popleft()
-            if entry.pushes:
-                latency_ms = (time.monotonic() - entry.pushes[0][1]) * 1000
             entry.last_activity = time.monotonic()
-        self.metrics.frame_sent(frame.dropped, latency_ms)
+        self.metrics.frame_sent(frame.dropped, frame.latency_ms)
         for key, event in (("utterance_start", "utterance.start"), ("utterance_end", "utterance.end")):
             for utterance_id in frame.meta.get(key, ()):
                 entry.events.publish(event, {"utterance_id": utterance_id,
@@ -254,14 +247,12 @@ class Gateway:
         if interrupt:
             await entry.session.interrupt()
         utterance = await entry.session.push_audio(samples, utterance_id, final=final)
-        entry.pushes.append((utterance.end_frame, time.monotonic()))
         return {"utterance_id": utterance.utterance_id, "duration_ms": utterance.duration_ms,
                 "start_frame": utterance.start_frame, "end_frame": utterance.end_frame}
 
     async def interrupt(self, session_id: str | int, token: str | None = None, *,
                         compat: bool = False) -> dict:
         entry = self._entry(session_id, token, compat=compat)
-        entry.pushes.clear()
         return {"epoch": await entry.session.interrupt()}
 
     async def status(self, session_id: str | int, token: str | None = None, *,

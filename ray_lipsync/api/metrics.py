@@ -106,7 +106,7 @@ class _SnapshotCollector:
             yield family
         hist = HistogramMetricFamily(
             "lipsync_frame_latency_ms",
-            "Per-frame latency: audio pushed to frame sent (ms).",
+            "Per-frame latency: arrival of the frame's last audio chunk to its composited image (ms).",
             labels=["replica"],
         )
         for snap in self._snapshots:

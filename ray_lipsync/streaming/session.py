@@ -94,7 +94,7 @@ class Session:
         self._timeline = SessionTimeline(clock, max_queued_s)
         self._lookahead = ms_to_samples(lookahead_ms)
         self._lead = self._lookahead + ms_to_samples(RELEASE_MARGIN_MS)
-        self._ready: dict[int, np.ndarray] = {}  # frame -> composited image
+        self._ready: dict[int, tuple[np.ndarray, float | None]] = {}  # frame -> (image, latency ms)
         self._expected: set[int] = set()  # speech frames whose image is on its way
         self._audio_at: dict[int, float] = {}  # frame -> time its last sample reached the engine
         self._latencies: deque[float] = deque(maxlen=2000)
@@ -269,9 +269,10 @@ class Session:
             arrived = self._audio_at.pop(k, None)
             if image is None or epoch != self.epoch or k < self._next_emit:
                 continue
-            self._ready[k] = image
-            if arrived is not None:
-                self._latencies.append((done - arrived) * 1000)
+            latency = None if arrived is None else (done - arrived) * 1000
+            self._ready[k] = (image, latency)
+            if latency is not None:
+                self._latencies.append(latency)
 
     # -- output -----------------------------------------------------------------------
     async def frames(self) -> AsyncIterator[OutputFrame]:
@@ -299,7 +300,7 @@ class Session:
 
     def _emit(self, k: int) -> OutputFrame:
         self._next_emit = k + 1
-        image = self._ready.pop(k, None)
+        image, latency = self._ready.pop(k, (None, None))
         dropped = image is None and k in self._expected
         self._expected.discard(k)
         self._audio_at.pop(k, None)
