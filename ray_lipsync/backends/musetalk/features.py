@@ -15,7 +15,11 @@ Each window is `encoder_window_s` long (default 2 s = 100 tokens), aligned to 20
 audio and is padded with zeros (silence) on the right, as Whisper's own 30 s padding does.
 Every window has the same length, so a frame's features never depend on which other requests
 share the batch. `MuseTalkConfig.encoder_pad_30s = True` pads each window to 30 s instead
-(full positional table, closest to the offline features, ~15x the encoder cost).
+(full positional table, closest to the offline features, 15x the tokens of a 2 s window).
+Lookahead: frame i's last whisper frame 2i+5 ends 80 ms after the frame, and the STFT + conv
+stack reach ~2 whisper frames (40 ms) further, hence the 120 ms default (>= 100 enforced).
+`context_ms` (window - lookahead - 40 ms) asks the batcher for the left context that fills
+the window.
 `offline_features` is the original whole-clip path (30 s windows, the library's forward);
 `fidelity.compare_streaming` measures how far the streaming features are from it.
 """
