@@ -74,7 +74,9 @@ class GatewayDeployment:
     async def _push_metrics(self) -> None:
         while True:
             try:
-                self._board.put.remote(self.gateway.metrics_snapshot())
+                snapshot = self.gateway.metrics_snapshot()
+                snapshot["inference"] = await self.gateway.inference_stats()
+                self._board.put.remote(snapshot)
             except Exception:  # the board may be restarting; next tick retries
                 logger.warning("could not push metrics", exc_info=True)
                 self._board = metrics_board()

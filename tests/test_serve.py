@@ -77,11 +77,15 @@ def test_sessions_stay_on_their_home_replica(base_url):
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             text = client.get("/metrics").text
-            if all(f'lipsync_sessions{{replica="{h}"}}' in text for h in homes):
+            if all(f'lipsync_sessions{{replica="{h}"}}' in text for h in homes) and (
+                'lipsync_replica_queue_depth{inference_replica="replica-procedural-' in text
+            ):
                 break
             time.sleep(0.5)
         for h in homes:
             assert f'lipsync_sessions{{replica="{h}"}}' in text
+        assert 'lipsync_replica_sessions{inference_replica="replica-procedural-' in text
+        assert "lipsync_frame_latency_ms_bucket" in text
         for sid, auth in sessions.items():
             assert client.delete(f"/v1/sessions/{sid}", headers=auth).status_code == 204
         assert client.get(f"/v1/sessions/{sid}", headers=auth).status_code == 404

@@ -280,6 +280,11 @@ class Gateway:
             yield item
 
     # ---- metrics ---------------------------------------------------------------------
+    async def inference_stats(self) -> list[dict]:
+        """Per inference replica: sessions, queue depth, batches (pipelines that have replicas)."""
+        replica_stats = getattr(self.pipeline, "replica_stats", None)
+        return await replica_stats() if replica_stats else []
+
     def metrics_snapshot(self) -> dict:
         entries = list(self._entries.values())
         speaking = queued = 0.0

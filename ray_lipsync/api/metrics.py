@@ -104,6 +104,7 @@ class _SnapshotCollector:
             for snap in self._snapshots:
                 family.add_metric([snap["replica"]], float(snap[key]))
             yield family
+        yield from _inference_families(self._snapshots)
         hist = HistogramMetricFamily(
             "lipsync_frame_latency_ms",
             "Per-frame latency: arrival of the frame's last audio chunk to its composited image (ms).",
@@ -117,6 +118,30 @@ class _SnapshotCollector:
                 buckets.append((bound, float(cumulative)))
             hist.add_metric([snap["replica"]], buckets, float(snap["latency_sum_ms"]))
         yield hist
+
+
+_INFERENCE = {
+    "sessions": ("lipsync_replica_sessions", "Sessions pinned to the inference replica.", GaugeMetricFamily),
+    "queue_depth": ("lipsync_replica_queue_depth", "Frames waiting in the replica's queue.", GaugeMetricFamily),
+    "batches": ("lipsync_replica_batches", "Render batches run.", CounterMetricFamily),
+    "frames": ("lipsync_replica_frames_rendered", "Frames rendered.", CounterMetricFamily),
+    "max_batch_seen": ("lipsync_replica_max_batch", "Largest cross-session batch so far.", GaugeMetricFamily),
+    "dropped_late": ("lipsync_replica_frames_shed", "Frames shed because already late.", CounterMetricFamily),
+}
+
+
+def _inference_families(snapshots: list[Mapping[str, Any]]):
+    """Inference replica stats (every gateway reports them; the freshest report wins)."""
+    latest: dict[str, Mapping[str, Any]] = {}
+    for snap in sorted(snapshots, key=lambda s: s.get("received", 0)):
+        for stats in snap.get("inference", ()):
+            if "error" not in stats:
+                latest[stats["replica"]] = stats
+    for key, (name, doc, kind) in _INFERENCE.items():
+        family = kind(name, doc, labels=["inference_replica"])
+        for replica, stats in sorted(latest.items()):
+            family.add_metric([replica], float(stats.get(key, 0)))
+        yield family
 
 
 def render_prometheus(snapshots: Iterable[Mapping[str, Any]]) -> bytes:
