@@ -153,7 +153,7 @@ class FeatureStage:
         )
         request = None
         if speech.any():
-            lo = frames.start * SAMPLES_PER_FRAME - self._context
+            lo = max(0, frames.start * SAMPLES_PER_FRAME - self._context)
             hi = frames.stop * SAMPLES_PER_FRAME + self._lookahead
             request = FeatureRequest(self._state, self._audio.read(lo, hi), lo, frames)
         self.next_frame = until

@@ -323,6 +323,7 @@ class Session:
             presentation_time=self.clock.presentation_time(k),
             speech=timeline.speaking(k),
             dropped=dropped,
+            latency_ms=latency,
             meta=meta,
         )
         timeline.forget_before(k + 1)
