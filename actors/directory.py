@@ -94,7 +94,8 @@ class SessionDirectory:
                 namespace=self._ns,
                 lifetime="detached",
                 num_cpus=0,  # light; pinned to its node by affinity
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=True),
+                # hard: the caller runs on node_id, and a soft affinity was seen to spill elsewhere
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
             ).remote(self._settings)
         return self._compositors[node_id]
 

@@ -66,6 +66,11 @@ def make_settings(lipsync_settings: Settings):
         kill_namespace(namespace)
 
 
+async def bounded(work, seconds: float = 150.0):
+    """Fail a test that hangs (a pending actor) instead of blocking the suite."""
+    return await asyncio.wait_for(work, seconds)
+
+
 def ray_env(home) -> dict:
     return {"env_vars": {"RAY_LIPSYNC_HOME": str(home)}}
 
@@ -96,7 +101,7 @@ class TestLocalRay:
             await pipeline.shutdown()
             return session, utt, received, stats, replicas
 
-        session, utt, received, stats, replicas = asyncio.run(run())
+        session, utt, received, stats, replicas = asyncio.run(bounded(run()))
         assert_clock(received, session)
         assert_audio_is(received, utt.start_frame, voice)
         talking = {r.frame.frame_index for r in received if not is_idle(session, r.frame)}
@@ -131,7 +136,7 @@ class TestLocalRay:
             await pipeline.shutdown()
             return victim, bystander, pinned, utts, killed_at, received, stats, replicas
 
-        victim, bystander, pinned, utts, killed_at, received, stats, replicas = asyncio.run(run())
+        victim, bystander, pinned, utts, killed_at, received, stats, replicas = asyncio.run(bounded(run()))
         assert pinned["victim"] != pinned["bystander"], "least-loaded placement spreads sessions"
         assert stats[0].replica != pinned["victim"], "the victim was re-pinned"
         assert len([r for r in caplog.records if "re-pinned" in r.getMessage()]) == 1  # once
@@ -171,7 +176,7 @@ class TestLocalRay:
             await pipeline.shutdown()
             return second
 
-        assert asyncio.run(run()).replica
+        assert asyncio.run(bounded(run())).replica
 
 
 # -- simulated GPU cluster -------------------------------------------------------------------
@@ -183,7 +188,9 @@ class TestSimulatedGpuCluster:
         from ray.cluster_utils import Cluster
 
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
-        gpu_nodes = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
+        # 2 CPUs per GPU node: a 1-CPU node would let a small CPU actor (feature batcher)
+        # block the GPU replica's num_cpus=1 there, and the replica would never start
+        gpu_nodes = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
         ray.init(address=cluster.address, runtime_env=ray_env(lipsync_home), log_to_driver=False)
         cluster.wait_for_nodes()
         yield {node.node_id for node in gpu_nodes}
@@ -217,7 +224,7 @@ class TestSimulatedGpuCluster:
             return driver_node, sessions, replica_nodes, compositor_node, refused_after, utt, received, replicas
 
         driver_node, sessions, replica_nodes, compositor_node, refused_after, utt, received, replicas = asyncio.run(
-            run()
+            bounded(run())
         )
         assert len(replicas) == 2 and all(r["alive"] for r in replicas)  # one per GPU
         assert len(replica_nodes) == 2, "the two sessions are on different replicas"
@@ -228,3 +235,35 @@ class TestSimulatedGpuCluster:
         assert any(not is_idle(sessions[0], r.frame) for r in received), "frames render on a GPU replica"
         assert_audio_is(received, utt.start_frame, voice)
 
+
+    def test_killed_gpu_replica_is_replaced_on_the_freed_gpu(self, gpu_cluster, make_settings, speech_detector):
+        settings = make_settings(playout_delay_ms=1000)
+        ns = settings.pipeline.namespace
+        voice = speech(PHRASE_A)
+
+        async def run():
+            pipeline = await RayPipeline.connect(settings)
+            session = await pipeline.create_session()
+            before = session.replica
+            ray.kill(ray.get_actor(before, namespace=ns))  # dies before the session speaks
+            rx = Receiver(session)
+            utt = await session.push_audio(voice, "u")
+            received = await rx.until_frame(utt.end_frame + 2)
+            await rx.stop()
+            alive = [r["replica"] for r in await pipeline.replicas() if r["alive"]]
+            nodes = {
+                name: await asyncio.wait_for(ray.get_actor(name, namespace=ns).node_id.remote(), 60)
+                for name in alive
+            }
+            after = session.replica
+            await pipeline.shutdown()
+            return session, before, after, utt, received, nodes
+
+        session, before, after, utt, received, nodes = asyncio.run(bounded(run()))
+        assert after != before and after in nodes
+        assert before not in nodes and len(nodes) == 2, "the dead replica was replaced"
+        assert set(nodes.values()) == gpu_cluster, "the replacement took the freed GPU"
+        assert_audio_is(received, utt.start_frame, voice)
+        expected = speech_frames(speech_detector, voice, utt.start_frame)
+        idle = [r for r in received if r.frame.frame_index in expected and is_idle(session, r.frame)]
+        assert len(idle) <= 25 and len(expected) - len(idle) > 10, "at most 1 s lost, then it talks"
