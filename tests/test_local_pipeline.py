@@ -196,43 +196,58 @@ def test_concurrent_sessions_get_their_own_frames(settings, speech_detector):
         assert talking <= expected and len(talking) >= 0.8 * len(expected)
 
 
-def test_interrupt_silences_old_speech_within_two_frames(settings):
-    voice = np.concatenate([speech(PHRASE_A), speech(PHRASE_B)])
-    reply = speech(PHRASE_B)
+@dataclass
+class InterruptRun:
+    session: Session
+    long: object  # the interrupted Utterance
+    reply: object  # the Utterance pushed right after the interrupt
+    epoch: int
+    t_interrupt: float
+    received: list[Received]
 
-    async def run():
-        pipeline = LocalPipeline(settings)
-        session = await pipeline.create_session()
-        rx = Receiver(session)
-        utt = await session.push_audio(voice, "long")
-        # interrupt 1 s into the utterance's presentation
-        await asyncio.sleep(session.clock.presentation_time(utt.start_frame) + 1.0 - time.time())
-        t_interrupt = time.time()
-        epoch = await session.interrupt()
-        new = await session.push_audio(reply, "reply")  # barge-in: the new answer right away
-        await rx.until_frame(new.end_frame + 2)
-        received = await rx.stop()
-        await pipeline.shutdown()
-        return session, utt, new, epoch, t_interrupt, received
 
-    session, utt, new, epoch, t_interrupt, received = asyncio.run(run())
+async def interrupt_and_reply(pipeline, voice: np.ndarray, reply: np.ndarray) -> InterruptRun:
+    """Speak `voice`, interrupt 1 s into its presentation, push `reply` at once (barge-in)."""
+    session = await pipeline.create_session()
+    rx = Receiver(session)
+    utt = await session.push_audio(voice, "long")
+    await asyncio.sleep(session.clock.presentation_time(utt.start_frame) + 1.0 - time.time())
+    t_interrupt = time.time()
+    epoch = await session.interrupt()
+    new = await session.push_audio(reply, "reply")
+    await rx.until_frame(new.end_frame + 2)
+    received = await rx.stop()
+    await pipeline.shutdown()
+    return InterruptRun(session, utt, new, epoch, t_interrupt, received)
+
+
+def check_interrupt(run: InterruptRun, voice: np.ndarray, reply: np.ndarray) -> None:
+    """Nothing of the old speech after T + 80 ms; the reply plays exactly and is rendered."""
+    session, received, t_interrupt = run.session, run.received, run.t_interrupt
     assert_clock(received, session)
-    assert epoch == 1
+    assert run.epoch == 1
     before = [r for r in received if r.frame.presentation_time <= t_interrupt]
     assert any(not is_idle(session, r.frame) for r in before), "speech was on screen before"
     limit = t_interrupt + 0.08
-    old = [r for r in received if r.frame.presentation_time > limit and r.frame.frame_index < new.start_frame]
+    old = [r for r in received if r.frame.presentation_time > limit and r.frame.frame_index < run.reply.start_frame]
     assert old, "frames between the interrupt and the reply"
     for r in old:
         assert r.at > limit - 1e-3
         assert not r.frame.audio.any() and is_idle(session, r.frame)
         assert r.frame.epoch == 1
     first_after = min(r.frame.frame_index for r in received if r.frame.presentation_time > t_interrupt)
-    assert utt.end_frame <= first_after + 1  # the utterance was cut there ...
-    assert utt.end_frame < utt.start_frame + len(voice) // F  # ... well before its end
-    assert_audio_is([r for r in received if r.frame.frame_index >= new.start_frame], new.start_frame, reply)
-    talking = [r for r in received if r.frame.frame_index >= new.start_frame and not is_idle(session, r.frame)]
+    assert run.long.end_frame <= first_after + 1  # the utterance was cut there ...
+    assert run.long.end_frame < run.long.start_frame + len(voice) // F  # ... well before its end
+    start = run.reply.start_frame
+    assert_audio_is([r for r in received if r.frame.frame_index >= start], start, reply)
+    talking = [r for r in received if r.frame.frame_index >= start and not is_idle(session, r.frame)]
     assert len(talking) > 10, "the reply after the interrupt is rendered"
+
+
+def test_interrupt_silences_old_speech_within_two_frames(settings):
+    voice = np.concatenate([speech(PHRASE_A), speech(PHRASE_B)])
+    reply = speech(PHRASE_B)
+    check_interrupt(asyncio.run(interrupt_and_reply(LocalPipeline(settings), voice, reply)), voice, reply)
 
 
 class SlowRenderer(ProceduralRenderer):

@@ -23,6 +23,8 @@ from test_local_pipeline import (
     Receiver,
     assert_audio_is,
     assert_clock,
+    check_interrupt,
+    interrupt_and_reply,
     is_idle,
     push_in_real_time,
     speech_frames,
@@ -109,6 +111,16 @@ class TestLocalRay:
         assert talking <= expected and len(talking) >= 0.8 * len(expected)
         assert stats.frames_dropped == 0
         assert stats.replica == replicas[0]["replica"] and replicas[0]["frames"] >= len(talking)
+
+    def test_interrupt_through_actors_silences_old_speech_within_two_frames(self, make_settings):
+        settings = make_settings()
+        voice = np.concatenate([speech(PHRASE_A), speech(PHRASE_B)])
+        reply = speech(PHRASE_B)
+
+        async def run():
+            return await interrupt_and_reply(await RayPipeline.connect(settings), voice, reply)
+
+        check_interrupt(asyncio.run(bounded(run())), voice, reply)
 
     def test_killed_replica_repins_its_session_and_spares_the_other(
         self, make_settings, speech_detector, caplog
