@@ -247,6 +247,8 @@ class Session:
 
     def _track(self, submitted: Submitted) -> None:
         if submitted.epoch != self.epoch or submitted.images is None:
+            if asyncio.iscoroutine(submitted.images):
+                submitted.images.close()  # stale epoch: never awaited, so close it quietly
             return
         speech_frames = [k for k, s in zip(submitted.frames, submitted.speech) if s]
         self._expected.update(speech_frames)
