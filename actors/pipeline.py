@@ -19,7 +19,7 @@ from ray.exceptions import RayActorError
 from actors.directory import get_directory
 from ray_lipsync.avatar.model import Avatar
 from ray_lipsync.config import Settings
-from ray_lipsync.errors import UnknownSession
+from ray_lipsync.errors import AtCapacity, UnknownSession
 from ray_lipsync.streaming.features import Schedule
 from ray_lipsync.streaming.local import load_avatar, new_clock
 from ray_lipsync.streaming.session import Session, Submitted
@@ -32,6 +32,7 @@ except ImportError:  # pragma: no cover
     ActorUnavailableError = RayActorError  # type: ignore[misc, assignment]
 
 REPLICA_FAILURES = (RayActorError, ActorUnavailableError)
+REPLICA_START_TIMEOUT_S = 120.0  # a replica that cannot be placed must not hang create_session
 
 
 class RayLink:
@@ -149,9 +150,15 @@ class RayPipeline:
         link = RayLink(session_id, loaded, directory, batcher, compositor)
         clock = new_clock(self.settings)
         try:
-            await link.attach(name, replica)
+            await asyncio.wait_for(link.attach(name, replica), timeout=REPLICA_START_TIMEOUT_S)
             await batcher.open.remote(session_id, clock, len(loaded), self.schedule)
             lookahead = await batcher.lookahead_ms.remote()
+        except asyncio.TimeoutError:
+            await link.close()
+            raise AtCapacity(
+                f"inference replica {name} did not start within {REPLICA_START_TIMEOUT_S:.0f} s "
+                "(not enough CPU/GPU in the cluster?); retry later"
+            ) from None
         except Exception:
             await link.close()
             raise

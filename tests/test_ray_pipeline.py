@@ -83,7 +83,9 @@ def ray_env(home) -> dict:
 class TestLocalRay:
     @pytest.fixture(autouse=True, scope="class")
     def local_ray(self, lipsync_home):
-        ray.init(num_cpus=2, include_dashboard=False, runtime_env=ray_env(lipsync_home), log_to_driver=False)
+        ray.init(
+            address="local", num_cpus=2, include_dashboard=False, runtime_env=ray_env(lipsync_home), log_to_driver=False
+        )
         yield
         ray.shutdown()
 

@@ -125,7 +125,7 @@ def test_interrupt_cuts_from_next_presented_frame_and_bumps_epoch():
 # -- FeatureBatcher / FeatureStage ----------------------------------------------------------
 
 
-class CountingFeaturizer(ProceduralFeaturizer):
+class CountingFeaturizer(ProceduralFeaturizer):  # stateful: featurizes silent frames too
     """The procedural featurizer, recording how many requests each call carried."""
 
     def __init__(self) -> None:
@@ -195,11 +195,6 @@ def test_features_do_not_depend_on_push_size(speech_detector):
         assert_same_frames(reference, features_by_push_size(speech_detector, step))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known: a frame the VAD calls silent is featurized only when it shares a request "
-    "with speech frames, and it moves the procedural featurizer's running level and smoothing",
-)
 def test_features_with_multi_frame_pushes_match_chunked_pushes(speech_detector):
     assert_same_frames(features_by_push_size(speech_detector, 320), features_by_push_size(speech_detector, 3 * F))
 
@@ -230,7 +225,7 @@ def test_one_featurizer_call_serves_many_sessions_without_cross_talk(speech_dete
         return await asyncio.gather(*(shared.process(s, 0, 0, v, final=True) for s, v in voices.items()))
 
     results = dict(zip(voices, asyncio.run(run_shared())))
-    assert counting.calls == [2]  # both speaking sessions in one call; the silent one needs none
+    assert counting.calls == [3]  # one call for all; the stateful featurizer sees silence too
     for sid, voice in voices.items():
         solo = make_batcher(speech_detector, sessions=(sid,))
         alone = asyncio.run(solo.process(sid, 0, 0, voice, final=True))
@@ -343,3 +338,22 @@ def test_worker_failure_reaches_every_waiting_caller():
 
     outcomes = asyncio.run(run())
     assert all(isinstance(o, RuntimeError) for o in outcomes)
+
+
+def test_a_stateless_featurizer_is_not_asked_for_silent_frames(speech_detector):
+    class Stateless(CountingFeaturizer):
+        stateful = False  # like the MuseTalk featurizer: every window stands alone
+
+    counting = Stateless()
+    batcher = make_batcher(speech_detector, counting, sessions=("talk", "quiet"))
+
+    async def run():
+        return await asyncio.gather(
+            batcher.process("talk", 0, 0, speech(), final=True),
+            batcher.process("quiet", 0, 0, silence(1.0), final=True),
+        )
+
+    talk, quiet = asyncio.run(run())
+    assert counting.calls == [1]
+    assert all(j.features is None for j in quiet)
+    assert any(j.features is not None for j in talk)

@@ -383,7 +383,7 @@ def test_ray_pipeline_session_streams_over_webrtc(lipsync_settings):
         await pipeline.shutdown()
         return first, speech, audio, rate, peer.counters, sent
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         first, speech, audio, rate, counters, sent = asyncio.run(main())
     finally:

@@ -25,6 +25,10 @@ class Featurizer(ABC):
     name: str
     lookahead_ms: int  # audio needed past the end of a frame before its features exist
     context_ms: int = 0  # audio before a frame's start that improves its features
+    # A stateful featurizer (running levels, smoothing) sees every frame, silent ones too, so
+    # its output does not depend on how frames were grouped into requests; a stateless one
+    # is only asked for frames that include speech.
+    stateful: bool = True
 
     @abstractmethod
     def new_state(self) -> Any:

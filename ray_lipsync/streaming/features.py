@@ -75,6 +75,7 @@ class FeatureStage:
         self._vad_model = vad
         self._vad = vad.stream()
         self._state = featurizer.new_state()
+        self._stateful = featurizer.stateful
         self._lookahead = ms_to_samples(lookahead_ms)
         self._context = ms_to_samples(featurizer.context_ms)
         self._audio = SampleBuffer()
@@ -152,7 +153,7 @@ class FeatureStage:
             dtype=bool,
         )
         request = None
-        if speech.any():
+        if len(frames) and (self._stateful or speech.any()):
             lo = max(0, frames.start * SAMPLES_PER_FRAME - self._context)
             hi = frames.stop * SAMPLES_PER_FRAME + self._lookahead
             request = FeatureRequest(self._state, self._audio.read(lo, hi), lo, frames)

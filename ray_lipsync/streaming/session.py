@@ -21,7 +21,7 @@ import numpy as np
 
 from ray_lipsync.avatar.model import Avatar
 from ray_lipsync.clock import SAMPLE_RATE, SAMPLES_PER_FRAME, SessionClock, ms_to_samples, video_pts
-from ray_lipsync.errors import SessionClosed
+from ray_lipsync.errors import MalformedAudio, SessionClosed
 from ray_lipsync.streaming.timeline import SessionTimeline, Utterance
 from ray_lipsync.types import OutputFrame
 
@@ -131,7 +131,9 @@ class Session:
         Repeated pushes with one utterance_id and final=False stream a single utterance.
         """
         self._check_open()
-        samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+        samples = np.asarray(samples, dtype=np.float32)
+        if samples.ndim != 1:
+            raise MalformedAudio(f"push mono 16 kHz samples (1-D), got an array of shape {samples.shape}")
         placement = self._timeline.place(samples, time.time(), utterance_id, final)
         self.last_activity = placement.arrived
         self._wake.set()

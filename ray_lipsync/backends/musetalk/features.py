@@ -144,6 +144,7 @@ class MuseTalkFeaturizer(Featurizer):
     """Streaming Whisper-tiny features for MuseTalk v1.5 (see the module docstring)."""
 
     name = "musetalk"
+    stateful = False  # each window is encoded on its own
 
     def __init__(
         self,
