@@ -23,6 +23,7 @@ import ray
 from ray import serve
 from ray.serve.config import AutoscalingConfig, AutoscalingPolicy, RequestRouterConfig
 
+from actors.runtime import init_ray
 from ray_lipsync.api.client import ServeClient
 from ray_lipsync.api.gateway import Gateway
 from ray_lipsync.api.metrics import MetricsBoard
@@ -176,7 +177,7 @@ def run(settings: Settings, address: str | None = None) -> None:
     Without an address a new local Ray instance is started: a bare ray.init() would join
     whatever local cluster happens to be running (another user's, a test's).
     """
-    ray.init(address=address or "local", ignore_reinit_error=True)
+    init_ray(address, ignore_reinit_error=True)
     serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port})
     serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
     logger.info("ray-lipsync is serving: open http://%s:%d/ (API docs at /docs)",

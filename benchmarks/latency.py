@@ -154,9 +154,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
+    from actors.runtime import init_ray
+
     home = Path(os.environ.get("RAY_LIPSYNC_HOME") or tempfile.mkdtemp(prefix="lipsync-bench-"))
     settings = Settings(home=home, backend=args.backend)
-    ray.init(address=args.address, include_dashboard=False, logging_level=logging.WARNING)
+    init_ray(args.address, include_dashboard=False, logging_level=logging.WARNING)
     speech, source = load_speech(args.seconds)
     runs = []
     try:

@@ -92,11 +92,12 @@ def test_musetalk_local_pipeline(musetalk_settings: Settings) -> None:
 @pytest.mark.ray
 def test_musetalk_ray_pipeline(musetalk_settings: Settings) -> None:
     import ray
+    from actors.runtime import init_ray
 
     from actors.pipeline import RayPipeline
     from ray_lipsync.streaming.local import load_avatar
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="musetalk-test")
+    init_ray(num_cpus=2, include_dashboard=False, namespace="musetalk-test")
     try:
         async def main():
             pipeline = await RayPipeline.connect(musetalk_settings)

@@ -36,6 +36,7 @@ from ray_lipsync.config import Settings
 from ray_lipsync.errors import AtCapacity, SessionClosed, UnknownSession
 
 ray = pytest.importorskip("ray")
+from actors.runtime import init_ray  # noqa: E402
 from actors.pipeline import RayPipeline  # noqa: E402
 
 pytestmark = pytest.mark.ray
@@ -83,8 +84,8 @@ def ray_env(home) -> dict:
 class TestLocalRay:
     @pytest.fixture(autouse=True, scope="class")
     def local_ray(self, lipsync_home):
-        ray.init(
-            address="local", num_cpus=2, include_dashboard=False, runtime_env=ray_env(lipsync_home), log_to_driver=False
+        init_ray(
+            num_cpus=2, include_dashboard=False, runtime_env=ray_env(lipsync_home), log_to_driver=False
         )
         yield
         ray.shutdown()

@@ -18,6 +18,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
+from actors.runtime import init_ray  # noqa: E402
 
 from ray_lipsync.config import Settings  # noqa: E402
 from ray_lipsync.webrtc.client import ReceiverClient  # noqa: E402
@@ -35,7 +36,7 @@ RECEIVER_PREFETCH_S = 0.08  # aiortc's audio JitterBuffer(prefetch=4) holds 4 x 
 def base_url(lipsync_home):
     import serve_app
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+    init_ray(num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     settings = Settings(home=lipsync_home,

@@ -364,6 +364,7 @@ def test_microphone_track_is_resampled_and_pushed_as_one_utterance(lipsync_setti
 def test_ray_pipeline_session_streams_over_webrtc(lipsync_settings):
     """The same media path on a RayPipeline session (real Ray actors)."""
     ray = pytest.importorskip("ray")
+    from actors.runtime import init_ray
     from actors.pipeline import RayPipeline
 
     async def main():
@@ -383,7 +384,7 @@ def test_ray_pipeline_session_streams_over_webrtc(lipsync_settings):
         await pipeline.shutdown()
         return first, speech, audio, rate, peer.counters, sent
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         first, speech, audio, rate, counters, sent = asyncio.run(main())
     finally:
