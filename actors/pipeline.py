@@ -1,9 +1,10 @@
 """RayPipeline: the session API (ray_lipsync.streaming.session) on Ray actors.
 
-Per push of audio: the feature batcher returns the frames that became ready; the speech
-frames go to the session's pinned inference replica, whose crops go (as an ObjectRef, never
-through this process) to the compositor on this node; this process fetches only the finished
-full frames. If the replica dies, the session is re-pinned and keeps streaming.
+Per tick (actors/dispatch.py), the audio every session released goes to the feature batcher
+in one call; the speech frames that became ready go to each session's pinned inference
+replica, whose crops go (as an ObjectRef, never through this process) to the compositor on
+this node; this process fetches only the finished full frames. If a replica dies, its
+sessions are re-pinned and keep streaming.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from typing import Awaitable
 
 import numpy as np
 import ray
 from ray.exceptions import RayActorError
 
 from actors.directory import get_directory
+from actors.dispatch import Dispatcher
 from ray_lipsync.avatar.model import Avatar
 from ray_lipsync.config import Settings
 from ray_lipsync.errors import AtCapacity, UnknownSession
@@ -38,14 +41,17 @@ REPLICA_START_TIMEOUT_S = 120.0  # a replica that cannot be placed must not hang
 class RayLink:
     """SessionLink of one session: its batcher, pinned replica and local compositor."""
 
-    def __init__(self, session_id: str, avatar: Avatar, directory, batcher, compositor) -> None:
+    def __init__(
+        self, session_id: str, avatar: Avatar, backend: str, directory, batcher, dispatcher: Dispatcher
+    ) -> None:
         self.session_id = session_id
-        self._avatar = avatar
+        self.backend = backend
+        self.avatar_name = avatar.name
+        self.batcher = batcher
+        self.replica_handle = None
         self._directory = directory
-        self._batcher = batcher
-        self._compositor = compositor
+        self._dispatcher = dispatcher
         self._replica_name = ""
-        self._replica = None
         self._epoch = 0
         self.repins = 0
         self._repin_lock = asyncio.Lock()  # several failed renders of one replica: one re-pin
@@ -56,22 +62,16 @@ class RayLink:
 
     async def attach(self, name: str, handle) -> None:
         """Use replica `name` (after pinning or re-pinning) and register this session there."""
-        await handle.open_session.remote(self.session_id, self._avatar.name)
+        await handle.open_session.remote(self.session_id, self.avatar_name)
         if self._epoch:
             await handle.set_epoch.remote(self.session_id, self._epoch)
-        self._replica_name, self._replica = name, handle
+        self._replica_name, self.replica_handle = name, handle
 
     async def submit(self, epoch: int, start: int, samples: np.ndarray, final: bool) -> Submitted:
-        jobs = await self._batcher.process.remote(self.session_id, epoch, start, samples, final)
-        speech = [j for j in jobs if j.speech]
-        images = None
-        if speech:
-            crops = self._replica.render.remote(speech)
-            composed = self._compositor.compose.remote(self._avatar.name, [j.avatar_frame for j in speech], crops)
-            images = self._images(self._replica_name, composed, len(speech))
-        return Submitted(epoch, [j.frame_index for j in jobs], [j.speech for j in jobs], images)
+        return await self._dispatcher.submit(self, epoch, start, samples, final)
 
-    async def _images(self, replica: str, composed, n: int) -> list[np.ndarray | None]:
+    async def images(self, replica: str, composed: Awaitable[list], n: int) -> list[np.ndarray | None]:
+        """This session's composed frames of one dispatch round; re-pin if its replica died."""
         try:
             return await composed
         except REPLICA_FAILURES + (ray.exceptions.RayTaskError,) as exc:
@@ -92,15 +92,15 @@ class RayLink:
     async def interrupt(self, epoch: int, cut_frame: int) -> None:
         self._epoch = epoch
         await asyncio.gather(
-            self._batcher.interrupt.remote(self.session_id, epoch, cut_frame),
-            self._replica.set_epoch.remote(self.session_id, epoch),
+            self.batcher.interrupt.remote(self.session_id, epoch, cut_frame),
+            self.replica_handle.set_epoch.remote(self.session_id, epoch),
             return_exceptions=True,
         )
 
     async def close(self) -> None:
         await asyncio.gather(
-            self._batcher.close.remote(self.session_id),
-            self._replica.close_session.remote(self.session_id),
+            self.batcher.close.remote(self.session_id),
+            self.replica_handle.close_session.remote(self.session_id),
             self._directory.unpin.remote(self.session_id),
             return_exceptions=True,
         )
@@ -124,6 +124,8 @@ class RayPipeline:
         self._sessions: dict[str, Session] = {}
         self._avatars: dict[str, Avatar] = {}
         self._node_id = ray.get_runtime_context().get_node_id()
+        self._dispatcher: Dispatcher | None = None
+        self._batchers: dict[str, object] = {}
 
     @classmethod
     async def connect(cls, settings: Settings, schedule: Schedule = "streaming") -> "RayPipeline":
@@ -144,10 +146,14 @@ class RayPipeline:
         loaded = await self._avatar(avatar)
         session_id = session_id or uuid.uuid4().hex
         directory = self._directory
-        batcher = await directory.batcher.remote(backend)
-        compositor = await directory.compositor.remote(self._node_id)
+        if backend not in self._batchers:
+            self._batchers[backend] = await directory.batcher.remote(backend)
+        batcher = self._batchers[backend]
+        if self._dispatcher is None:
+            compositor = await directory.compositor.remote(self._node_id)
+            self._dispatcher = Dispatcher(compositor, self.settings.pipeline.dispatch_tick_ms / 1000)
         name, replica = await directory.pin.remote(session_id, backend)
-        link = RayLink(session_id, loaded, directory, batcher, compositor)
+        link = RayLink(session_id, loaded, backend, directory, batcher, self._dispatcher)
         clock = new_clock(self.settings)
         try:
             await asyncio.wait_for(link.attach(name, replica), timeout=REPLICA_START_TIMEOUT_S)

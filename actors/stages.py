@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Sequence
 
@@ -38,6 +39,10 @@ class FeatureBatcherActor:
         self, session_id: str, epoch: int, start: int, samples: np.ndarray, final: bool
     ) -> list[FrameJob]:
         return await self._batcher.process(session_id, epoch, start, samples, final)
+
+    async def process_many(self, pushes: list[tuple[str, int, int, np.ndarray, bool]]) -> list[list[FrameJob]]:
+        """Several sessions' pushes of one dispatch round, served by one featurizer step."""
+        return list(await asyncio.gather(*(self._batcher.process(*push) for push in pushes)))
 
     async def interrupt(self, session_id: str, epoch: int, cut_frame: int) -> None:
         await self._batcher.interrupt(session_id, epoch, cut_frame)
@@ -124,16 +129,19 @@ class CompositorActor:
         self._compositor = Compositor()
         self._avatars: dict[str, Avatar] = {}
 
-    def compose(
-        self, avatar: str, avatar_frames: list[int], crops: list[np.ndarray | None]
+    def compose_many(
+        self, frames: list[tuple[str, int]], crops: list[np.ndarray | None]
     ) -> list[np.ndarray | None]:
-        if avatar not in self._avatars:
-            self._avatars[avatar] = load_avatar(self._settings, avatar)
-        loaded = self._avatars[avatar]
+        """Full frames for (avatar, avatar frame) pairs and their crops (None stays None)."""
         return [
-            None if crop is None else self._compositor.compose(loaded, k, crop)
-            for k, crop in zip(avatar_frames, crops)
+            None if crop is None else self._compositor.compose(self._avatar(name), k, crop)
+            for (name, k), crop in zip(frames, crops)
         ]
+
+    def _avatar(self, name: str) -> Avatar:
+        if name not in self._avatars:
+            self._avatars[name] = load_avatar(self._settings, name)
+        return self._avatars[name]
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()

@@ -57,12 +57,13 @@ def load_speech(seconds: float) -> tuple[np.ndarray, str]:
     return np.tile(audio, reps), source
 
 
-async def drive_session(session, speech: np.ndarray, seconds: float) -> dict:
+async def drive_session(session, speech: np.ndarray, seconds: float, phase_s: float) -> dict:
     """Push `seconds` of speech in real time while consuming the paced output."""
     n_chunks = int(seconds * SAMPLE_RATE) // CHUNK_SAMPLES
     emitted = dropped = 0
 
     async def feed() -> None:
+        await asyncio.sleep(phase_s)  # clients speak at independent phases, not in lock-step
         start = time.time()
         for c in range(n_chunks):
             delay = start + c * CHUNK_SAMPLES / SAMPLE_RATE - time.time()
@@ -115,10 +116,11 @@ async def run_once(settings: Settings, sessions: int, seconds: float, schedule: 
     pipeline = await RayPipeline.connect(settings, schedule=schedule)  # type: ignore[arg-type]
     opened = [await pipeline.create_session() for _ in range(sessions)]
     offset = len(speech) // max(1, sessions)
+    rng = np.random.default_rng(sessions)
     try:
         results = await asyncio.gather(
             *[
-                drive_session(s, np.roll(speech, -i * offset), seconds)
+                drive_session(s, np.roll(speech, -i * offset), seconds, float(rng.uniform(0, 0.04)))
                 for i, s in enumerate(opened)
             ]
         )

@@ -90,9 +90,16 @@ class PipelineConfig(_Frozen):
         None, ge=0, description="Audio past a frame's end needed to compute it; None = backend's."
     )
     playout_delay_ms: int = Field(
-        240, ge=0, description="D: frame k is presented at t0 + D + k * 40 ms."
+        300,
+        ge=0,
+        description="D: frame k is presented at t0 + D + k * 40 ms. A frame is dropped when "
+        "its latency (lookahead included) exceeds D - 40 ms, so D covers the latency tail.",
     )
     max_batch: int = Field(16, gt=0, description="Most frames in one inference batch.")
+    dispatch_tick_ms: int = Field(
+        20, ge=0, le=40, description="A gateway sends all its sessions' work to the actors "
+        "once per tick (fewer Ray calls; adds tick/2 latency on average). 0 = at once."
+    )
     sessions_per_replica: int = Field(8, gt=0, description="Session capacity per replica.")
     audio_buffer_s: float = Field(
         30.0, gt=0, description="Most audio (s) a session may have queued ahead of playback."
