@@ -268,6 +268,8 @@ class Gateway:
             "frames_sent": stats.frames_sent,
             "frames_dropped": stats.frames_dropped,
             "latency_ms_p50": stats.latency_ms_p50,
+            "latency_ms_p95": stats.latency_ms_p95,
+            "latency_ms_p99": stats.latency_ms_p99,
             "queued_audio_s": stats.queued_audio_s,
             "connection_state": entry.peer.connection_state if entry.peer else "new",
         }

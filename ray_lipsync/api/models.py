@@ -56,7 +56,9 @@ class SessionState(BaseModel):
     speaking: bool
     frames_sent: int
     frames_dropped: int
-    latency_ms_p50: float | None
+    latency_ms_p50: float | None = Field(description="Per-frame latency (audio arrival to composited frame), median.")
+    latency_ms_p95: float | None = None
+    latency_ms_p99: float | None = None
     queued_audio_s: float
     connection_state: str
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import statistics
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -69,6 +68,7 @@ class SessionStats:
     frames_dropped: int
     latency_ms_p50: float | None
     latency_ms_p95: float | None
+    latency_ms_p99: float | None
     queued_audio_s: float
 
 
@@ -354,7 +354,13 @@ class Session:
             speaking=self.speaking(),
             frames_sent=self.frames_sent,
             frames_dropped=self.frames_dropped,
-            latency_ms_p50=statistics.median(lat) if lat else None,
-            latency_ms_p95=lat[min(len(lat) - 1, int(0.95 * len(lat)))] if lat else None,
+            latency_ms_p50=_quantile(lat, 0.5),
+            latency_ms_p95=_quantile(lat, 0.95),
+            latency_ms_p99=_quantile(lat, 0.99),
             queued_audio_s=self._timeline.queued_seconds(time.time()),
         )
+
+
+def _quantile(ordered: list[float], q: float) -> float | None:
+    """Nearest-rank quantile of an ascending list (None when empty)."""
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else None
