@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -132,19 +131,24 @@ def settings(lipsync_settings: Settings) -> Settings:
 # -- behaviour -----------------------------------------------------------------------------
 
 
+
+async def speak_once(pipeline, voice: np.ndarray, utterance_id: str):
+    """One session speaks `voice` in real time; returns (session, utterance, stats, received)."""
+    session = await pipeline.create_session()
+    rx = Receiver(session)
+    utt = await push_in_real_time(session, voice, utterance_id)
+    await rx.until_frame(utt.end_frame + 3)
+    received = await rx.stop()
+    return session, utt, session.stats(), received
+
 def test_frame_k_carries_pts_3600k_and_exactly_its_audio(settings, speech_detector):
     voice = speech(PHRASE_A)
 
     async def run():
         pipeline = LocalPipeline(settings)
-        session = await pipeline.create_session()
-        rx = Receiver(session)
-        utt = await push_in_real_time(session, voice, "u1")
-        await rx.until_frame(utt.end_frame + 3)
-        received = await rx.stop()
-        stats = session.stats()
+        result = await speak_once(pipeline, voice, "u1")
         await pipeline.shutdown()
-        return session, utt, stats, received
+        return result
 
     session, utt, stats, received = asyncio.run(run())
     assert_clock(received, session)
@@ -268,14 +272,9 @@ def test_late_frames_are_idle_and_counted_but_audio_is_never_held(
 
     async def run():
         pipeline = LocalPipeline(tuned(settings, playout_delay_ms=240))
-        session = await pipeline.create_session()
-        rx = Receiver(session)
-        utt = await push_in_real_time(session, voice, "slow")
-        await rx.until_frame(utt.end_frame + 3)
-        received = await rx.stop()
-        stats = session.stats()
+        result = await speak_once(pipeline, voice, "slow")
         await pipeline.shutdown()
-        return session, utt, stats, received
+        return result
 
     session, utt, stats, received = asyncio.run(run())
     assert_clock(received, session)

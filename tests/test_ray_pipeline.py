@@ -26,7 +26,7 @@ from test_local_pipeline import (
     check_interrupt,
     interrupt_and_reply,
     is_idle,
-    push_in_real_time,
+    speak_once,
     speech_frames,
     tuned,
 )
@@ -96,12 +96,7 @@ class TestLocalRay:
 
         async def run():
             pipeline = await RayPipeline.connect(settings)
-            session = await pipeline.create_session()
-            rx = Receiver(session)
-            utt = await push_in_real_time(session, voice, "u1")
-            await rx.until_frame(utt.end_frame + 3)
-            received = await rx.stop()
-            stats = session.stats()
+            session, utt, stats, received = await speak_once(pipeline, voice, "u1")
             replicas = await pipeline.replica_stats()
             await pipeline.shutdown()
             return session, utt, received, stats, replicas

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from aiortc.mediastreams import AudioStreamTrack, MediaStreamError
 
-from ray_lipsync.clock import SAMPLES_PER_FRAME, SessionClock, video_pts
+from ray_lipsync.clock import SAMPLES_PER_FRAME, video_pts
 from ray_lipsync.types import OutputFrame
 from ray_lipsync.webrtc import SessionMedia, SessionPeer, audio_chunks, parse_offer, video_frame
 from ray_lipsync.webrtc.client import ReceiverClient
@@ -271,7 +271,7 @@ def test_session_over_webrtc_timing_audio_interrupt_events_and_one_to_two(lipsyn
         return locals()
 
     r = asyncio.run(main())
-    peer, sent, client = r["peer"], r["sent"], r["client"]
+    peer, sent = r["peer"], r["sent"]
     assert r["first"] < 2.0  # first frame within 2 s of connect
     # 25 +/- 1 fps over 10 s: the stream carries every frame (pts on the 90 kHz clock) ...
     pts = r["pts"]
