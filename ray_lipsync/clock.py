@@ -8,6 +8,7 @@ audio PTS count samples at the output rate.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 SAMPLE_RATE = 16_000
@@ -82,4 +83,5 @@ class SessionClock:
 
     def frame_at(self, now: float) -> int:
         """Index of the frame due at time `now` (may be negative before start)."""
-        return int((now - self.t0 - self.delay_s) // (FRAME_MS / 1000))
+        # the epsilon keeps float rounding at a frame's exact start from landing on frame k-1
+        return math.floor((now - self.t0 - self.delay_s) * 1000 / FRAME_MS + 1e-6)

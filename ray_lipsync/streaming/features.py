@@ -22,6 +22,7 @@ from ray_lipsync.clock import (
     CHUNKS_PER_FRAME,
     SAMPLES_PER_FRAME,
     SessionClock,
+    frames_ready,
     ms_to_samples,
 )
 from ray_lipsync.errors import UnknownSession
@@ -129,7 +130,7 @@ class FeatureStage:
             block = BATCH16_FRAMES * SAMPLES_PER_FRAME
             whole = max(0, end - ms_to_samples(BATCH16_RIGHT_MS)) // block
             return whole * BATCH16_FRAMES
-        return max(0, end - self._lookahead) // SAMPLES_PER_FRAME
+        return frames_ready(end, self._lookahead)
 
     def _run_vad(self, stop: int) -> None:
         """Speech flags for every chunk before `stop` the VAD has not seen."""
