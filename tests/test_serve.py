@@ -39,7 +39,7 @@ def base_url(lipsync_home):
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     settings = Settings(home=lipsync_home,
-                        serve={"min_gateways": 2, "max_gateways": 2,
+                        serve={"min_gateways": 2, "max_gateways": 3, "target_sessions_per_gateway": 4,
                                "livetalking_compat": True, "max_sessions": 50},
                         pipeline={"sessions_per_replica": 64})
     serve.run(serve_app.build_app(settings), name="ray-lipsync", route_prefix="/")
@@ -237,3 +237,34 @@ def test_end_to_end_over_http_and_webrtc(base_url):
     assert ended - r["interrupted_at"] <= 2 * FRAME_S + 0.1
     start_ev, end_ev = (d for _, e, d in events[:2])
     assert end_ev["frame"] - start_ev["frame"] + 1 == -(-len(clip) // 640)
+
+
+def running_gateways() -> int:
+    deployments = serve.status().applications["ray-lipsync"].deployments
+    return sum(n for state, n in deployments["Gateway"].replica_states.items() if str(state).endswith("RUNNING"))
+
+
+def test_gateways_scale_up_on_sessions_and_old_sessions_stay_home(base_url):
+    """More sessions than 2 gateways x 4 target: a third gateway is added (custom metric);
+    sessions created before it keep reaching their home replica; a new one lands on it."""
+    with httpx.Client(base_url=base_url, timeout=30) as client:
+        sessions: dict[str, dict] = {}
+
+        def create() -> str:
+            body = client.post("/v1/sessions", json={}).json()
+            sessions[body["session_id"]] = {"Authorization": f"Bearer {body['token']}"}
+            return body["session_id"].split(".")[0]
+
+        homes = {create() for _ in range(10)}
+        before = dict(sessions)
+        deadline = time.monotonic() + 90
+        while running_gateways() < 3 and time.monotonic() < deadline:
+            time.sleep(1)
+        assert running_gateways() == 3, "10 sessions at 4 per gateway did not add a third gateway"
+        newcomer = create()  # least-loaded placement: the new, empty gateway
+        assert newcomer not in homes
+        for sid, auth in before.items():
+            state = client.get(f"/v1/sessions/{sid}", headers=auth)
+            assert state.status_code == 200 and state.json()["gateway"] == sid.split(".")[0]
+        for sid, auth in sessions.items():
+            assert client.delete(f"/v1/sessions/{sid}", headers=auth).status_code == 204
