@@ -161,7 +161,7 @@ def build_app(settings: Settings, pipeline: str = DEFAULT_PIPELINE, *,
             min_replicas=s.min_gateways, max_replicas=s.max_gateways,
             initial_replicas=s.min_gateways,
             upscale_delay_s=5.0, downscale_delay_s=600.0,
-            look_back_period_s=10.0,  # sessions are a level, not a rate: react within seconds
+            look_back_period_s=15.0,  # sessions are a level, not a rate: react within seconds
             policy=AutoscalingPolicy(
                 policy_function="ray_lipsync.api.router:SessionsAutoscalingPolicy",
                 policy_kwargs={"target_sessions_per_gateway": s.target_sessions_per_gateway},
