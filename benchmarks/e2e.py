@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fractions
 import io
 import json
 import logging
@@ -28,8 +29,10 @@ import wave
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import av
 import httpx
 import numpy as np
+from aiortc.mediastreams import AudioStreamTrack
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -147,7 +150,51 @@ def histogram_quantiles(metrics_text: str, quantiles: tuple[float, ...]) -> dict
 # -- one client ------------------------------------------------------------------------------
 
 
-async def run_client(http: httpx.AsyncClient, samples: np.ndarray, seconds: float, avatar: str) -> SessionResult:
+class SpeechTrack(AudioStreamTrack):
+    """A talker's microphone: `samples` (16 kHz) looped as 48 kHz stereo 20 ms frames in real time."""
+
+    def __init__(self, samples: np.ndarray) -> None:
+        super().__init__()
+        from ray_lipsync.audio import resample
+
+        pcm = np.clip(resample(samples, 16000, 48000), -1, 1)
+        self._pcm = (pcm * 32767).astype(np.int16)
+        self._sent = 0
+        self._start: float | None = None
+
+    async def recv(self) -> av.AudioFrame:
+        if self._start is None:
+            self._start = time.monotonic()
+        await asyncio.sleep(max(0.0, self._start + self._sent / 48000 - time.monotonic()))
+        at = self._sent % (len(self._pcm) - 960)
+        piece = self._pcm[at : at + 960]
+        frame = av.AudioFrame.from_ndarray(np.repeat(piece, 2).reshape(1, -1), format="s16", layout="stereo")
+        frame.sample_rate, frame.pts, frame.time_base = 48000, self._sent, fractions.Fraction(1, 48000)
+        self._sent += 960
+        return frame
+
+
+async def push_pieces(http: httpx.AsyncClient, result: SessionResult, headers: dict, samples: np.ndarray,
+                      seconds: float) -> None:
+    """The talker uploads its speech to POST /audio in real-time pieces of PIECE_S."""
+    start = time.monotonic()
+    end = start + seconds
+    pieces = max(1, int(PIECE_S * 16000))
+    i = 0
+    while time.monotonic() < end:
+        piece = samples[i : i + pieces]
+        i = (i + pieces) % len(samples)
+        r = await http.post(f"/v1/sessions/{result.session_id}/audio", content=wav_bytes(piece),
+                            headers={**headers, "Content-Type": "audio/wav"})
+        if r.status_code == 202:
+            result.speech_pushed_s += piece.size / 16000
+        else:
+            result.errors.append(f"audio {r.status_code}: {r.text[:120]}")
+        await asyncio.sleep(max(0.0, start + result.speech_pushed_s - 0.1 - time.monotonic()))
+
+
+async def run_client(http: httpx.AsyncClient, samples: np.ndarray, seconds: float, avatar: str,
+                     source: str = "mic") -> SessionResult:
     result = SessionResult()
     try:
         created = (await http.post("/v1/sessions", json={"avatar": avatar})).raise_for_status().json()
@@ -156,27 +203,19 @@ async def run_client(http: httpx.AsyncClient, samples: np.ndarray, seconds: floa
         return result
     result.session_id = created["session_id"]
     headers = {"Authorization": f"Bearer {created['token']}"}
-    client = ReceiverClient(ice_servers=created.get("ice_servers") or [], keep_audio=False)
+    mic = SpeechTrack(samples) if source == "mic" else None
+    client = ReceiverClient(mic=mic, ice_servers=created.get("ice_servers") or [], keep_audio=False)
     try:
         offer = await client.offer()
         answer = (await http.post(f"/v1/sessions/{result.session_id}/offer", json=offer, headers=headers)
                   ).raise_for_status().json()
         await client.accept(answer)
         result.time_to_first_frame_s = await client.wait_first_video(timeout=30)
-        start = time.monotonic()
-        end = start + seconds
-        pieces = max(1, int(PIECE_S * 16000))
-        i = 0
-        while time.monotonic() < end:
-            piece = samples[i : i + pieces]
-            i = (i + pieces) % len(samples)
-            r = await http.post(f"/v1/sessions/{result.session_id}/audio", content=wav_bytes(piece),
-                                headers={**headers, "Content-Type": "audio/wav"})
-            if r.status_code == 202:
-                result.speech_pushed_s += piece.size / 16000
-            else:
-                result.errors.append(f"audio {r.status_code}: {r.text[:120]}")
-            await asyncio.sleep(max(0.0, start + result.speech_pushed_s - 0.1 - time.monotonic()))
+        if source == "mic":
+            await asyncio.sleep(seconds)
+            result.speech_pushed_s = seconds
+        else:
+            await push_pieces(http, result, headers, samples, seconds)
         await asyncio.sleep(0.5)
         measured_from = client.first_video_at + 1.0  # past the start-up transient
         result.received_fps = round(client.received.fps(measured_from, time.monotonic()), 2)
@@ -241,7 +280,7 @@ async def benchmark(args: argparse.Namespace) -> dict:
             warmup_s = await warm_up(http, args.avatar)
             cpu0, t0 = (cpu_seconds(server_pid) if server_pid else None), time.monotonic()
             results = await asyncio.gather(
-                *(run_client(http, samples, args.seconds, args.avatar) for _ in range(args.sessions)))
+                *(run_client(http, samples, args.seconds, args.avatar, args.source) for _ in range(args.sessions)))
             wall = time.monotonic() - t0
             cpu = (cpu_seconds(server_pid) - cpu0) if server_pid else None
             metrics = (await http.get("/metrics")).text
@@ -258,6 +297,7 @@ async def benchmark(args: argparse.Namespace) -> dict:
     summary = {
         "url": url,
         "sessions": args.sessions,
+        "source": args.source,
         "seconds": args.seconds,
         "sessions_ok": len(ok),
         "warmup_session_create_s": round(warmup_s, 2),
@@ -292,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
                              "actors reserve more than 2; 0 = Ray's default)")
     parser.add_argument("--server-pid", type=int, help="PID of a running server, for CPU accounting")
     parser.add_argument("--sessions", type=int, default=4)
+    parser.add_argument("--source", choices=["mic", "http"], default="http",
+                        help="speech from each client's WebRTC microphone track (a live talker), or "
+                        "uploaded to POST /audio in real-time pieces")
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--avatar", default="default")
     parser.add_argument("--text", default=DEFAULT_TEXT)
