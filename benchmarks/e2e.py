@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import fractions
 import io
 import json
 import logging
@@ -29,14 +28,12 @@ import wave
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import av
 import httpx
 import numpy as np
-from aiortc.mediastreams import AudioStreamTrack
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ray_lipsync.webrtc.client import ReceiverClient  # noqa: E402
+from ray_lipsync.webrtc.client import PlaybackTrack, ReceiverClient  # noqa: E402
 
 log = logging.getLogger("benchmarks.e2e")
 
@@ -150,30 +147,6 @@ def histogram_quantiles(metrics_text: str, quantiles: tuple[float, ...]) -> dict
 # -- one client ------------------------------------------------------------------------------
 
 
-class SpeechTrack(AudioStreamTrack):
-    """A talker's microphone: `samples` (16 kHz) looped as 48 kHz stereo 20 ms frames in real time."""
-
-    def __init__(self, samples: np.ndarray) -> None:
-        super().__init__()
-        from ray_lipsync.audio import resample
-
-        pcm = np.clip(resample(samples, 16000, 48000), -1, 1)
-        self._pcm = (pcm * 32767).astype(np.int16)
-        self._sent = 0
-        self._start: float | None = None
-
-    async def recv(self) -> av.AudioFrame:
-        if self._start is None:
-            self._start = time.monotonic()
-        await asyncio.sleep(max(0.0, self._start + self._sent / 48000 - time.monotonic()))
-        at = self._sent % (len(self._pcm) - 960)
-        piece = self._pcm[at : at + 960]
-        frame = av.AudioFrame.from_ndarray(np.repeat(piece, 2).reshape(1, -1), format="s16", layout="stereo")
-        frame.sample_rate, frame.pts, frame.time_base = 48000, self._sent, fractions.Fraction(1, 48000)
-        self._sent += 960
-        return frame
-
-
 async def push_pieces(http: httpx.AsyncClient, result: SessionResult, headers: dict, samples: np.ndarray,
                       seconds: float) -> None:
     """The talker uploads its speech to POST /audio in real-time pieces of PIECE_S."""
@@ -203,7 +176,7 @@ async def run_client(http: httpx.AsyncClient, samples: np.ndarray, seconds: floa
         return result
     result.session_id = created["session_id"]
     headers = {"Authorization": f"Bearer {created['token']}"}
-    mic = SpeechTrack(samples) if source == "mic" else None
+    mic = PlaybackTrack(samples, loop=True) if source == "mic" else None
     client = ReceiverClient(mic=mic, ice_servers=created.get("ice_servers") or [], keep_audio=False)
     try:
         offer = await client.offer()

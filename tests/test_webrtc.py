@@ -10,15 +10,14 @@ import asyncio
 import fractions
 import time
 
-import av
 import numpy as np
 import pytest
-from aiortc.mediastreams import AudioStreamTrack, MediaStreamError
+from aiortc.mediastreams import MediaStreamError
 
 from ray_lipsync.clock import SAMPLES_PER_FRAME, video_pts
 from ray_lipsync.types import OutputFrame
 from ray_lipsync.webrtc import SessionMedia, SessionPeer, audio_chunks, parse_offer, video_frame
-from ray_lipsync.webrtc.client import ReceiverClient
+from ray_lipsync.webrtc.client import PlaybackTrack, ReceiverClient
 
 
 def make_frame(k: int, *, audio: np.ndarray | None = None, size: int = 64, t: float = 0.0) -> OutputFrame:
@@ -305,31 +304,6 @@ def test_session_over_webrtc_timing_audio_interrupt_events_and_one_to_two(lipsyn
     assert peer.connection_state == "closed"
 
 
-class ToneTrack(AudioStreamTrack):
-    """A microphone stand-in: 48 kHz stereo s16 tone in 20 ms frames, paced in real time."""
-
-    def __init__(self, seconds: float) -> None:
-        super().__init__()
-        self._pcm = (tone(seconds, hz=300, amp=0.4, rate=48000) * 32767).astype(np.int16)
-        self._sent = 0
-        self._start: float | None = None
-
-    async def recv(self):
-        if self._start is None:
-            self._start = time.monotonic()
-        due = self._start + self._sent / 48000
-        await asyncio.sleep(max(0.0, due - time.monotonic()))
-        piece = self._pcm[self._sent : self._sent + 960]
-        if piece.size < 960:
-            piece = np.zeros(960, np.int16)  # then silence: the client keeps sending
-        frame = av.AudioFrame.from_ndarray(np.repeat(piece, 2).reshape(1, -1), format="s16", layout="stereo")
-        frame.sample_rate = 48000
-        frame.pts = self._sent
-        frame.time_base = fractions.Fraction(1, 48000)
-        self._sent += 960
-        return frame
-
-
 def test_microphone_track_is_resampled_and_pushed_as_one_utterance(lipsync_settings):
     from ray_lipsync.streaming.local import LocalPipeline
 
@@ -337,7 +311,7 @@ def test_microphone_track_is_resampled_and_pushed_as_one_utterance(lipsync_setti
         pipeline = LocalPipeline(lipsync_settings)
         session = await pipeline.create_session()
         sent: list[OutputFrame] = []
-        client = ReceiverClient(mic=ToneTrack(0.8))
+        client = ReceiverClient(mic=PlaybackTrack(tone(0.8, hz=300, amp=0.4)))
         peer = await connect(session, client, on_frame_sent=sent.append)
         await client.wait_first_video(timeout=5)
         await asyncio.sleep(2.0)

@@ -8,17 +8,50 @@ decoded audio as mono float32 at the received rate (Opus decodes to 48 kHz).
 from __future__ import annotations
 
 import asyncio
+import fractions
 import logging
 import time
 from dataclasses import dataclass, field
 
+import av
 import numpy as np
 from aiortc import RTCPeerConnection, RTCSessionDescription
-from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.mediastreams import AudioStreamTrack, MediaStreamError, MediaStreamTrack
 
 from ray_lipsync.webrtc.peer import ice_configuration
 
 log = logging.getLogger(__name__)
+
+MIC_RATE = 48_000
+MIC_FRAME = 960  # 20 ms at 48 kHz
+
+
+class PlaybackTrack(AudioStreamTrack):
+    """A microphone stand-in: 16 kHz `samples` sent as 48 kHz stereo s16 20 ms frames in real
+    time; after the end it loops (`loop=True`) or sends silence, as a live mic keeps sending."""
+
+    def __init__(self, samples: np.ndarray, loop: bool = False) -> None:
+        super().__init__()
+        from ray_lipsync.audio import resample
+
+        pcm = np.clip(resample(np.asarray(samples, np.float32), 16_000, MIC_RATE), -1, 1)
+        self._pcm = (pcm * 32767).astype(np.int16)
+        self._loop = loop and len(self._pcm) > MIC_FRAME
+        self._sent = 0
+        self._start: float | None = None
+
+    async def recv(self) -> av.AudioFrame:
+        if self._start is None:
+            self._start = time.monotonic()
+        await asyncio.sleep(max(0.0, self._start + self._sent / MIC_RATE - time.monotonic()))
+        at = self._sent % (len(self._pcm) - MIC_FRAME) if self._loop else self._sent
+        piece = self._pcm[at : at + MIC_FRAME]
+        if piece.size < MIC_FRAME:
+            piece = np.zeros(MIC_FRAME, np.int16)
+        frame = av.AudioFrame.from_ndarray(np.repeat(piece, 2).reshape(1, -1), format="s16", layout="stereo")
+        frame.sample_rate, frame.pts, frame.time_base = MIC_RATE, self._sent, fractions.Fraction(1, MIC_RATE)
+        self._sent += MIC_FRAME
+        return frame
 
 
 @dataclass
