@@ -45,9 +45,9 @@ async def drain(track, into: list) -> None:
 
 def test_video_frame_carries_the_clock_pts():
     out = video_frame(make_frame(7))
-    assert out.format.name == "rgb24"
+    assert out.format.name == "yuv420p"  # what the VP8/H.264 encoders take, no reformat there
     assert out.pts == 7 * 3600 and out.time_base == fractions.Fraction(1, 90000)
-    assert out.to_ndarray(format="rgb24")[0, 0, 0] == 7
+    assert abs(int(out.to_ndarray(format="rgb24")[0, 0, 0]) - 7) <= 2
 
 
 def test_audio_chunks_are_two_20ms_s16_frames_with_sample_pts():

@@ -29,6 +29,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from ray_lipsync.clock import CHUNK_SAMPLES, SAMPLE_RATE, SAMPLES_PER_FRAME, VIDEO_CLOCK_HZ, audio_pts
 from ray_lipsync.types import OutputFrame
+from ray_lipsync.yuv import to_i420
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +41,11 @@ JOIN_LATE_S = 0.04  # at start, frames later than this are skipped (they were du
 
 
 def video_frame(frame: OutputFrame) -> av.VideoFrame:
-    """The av.VideoFrame (rgb24, pts = frame.pts on the 90 kHz clock) of an output frame."""
+    """The av.VideoFrame (yuv420p, pts = frame.pts on the 90 kHz clock) of an output frame."""
     image = np.ascontiguousarray(frame.image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"frame {frame.frame_index}: image must be HxWx3 uint8 RGB, got {image.dtype} {image.shape}")
-    out = av.VideoFrame.from_ndarray(image, format="rgb24")
+    out = av.VideoFrame.from_ndarray(to_i420(image), format="yuv420p")  # the encoder's format
     out.pts = int(frame.pts)
     out.time_base = VIDEO_TIME_BASE
     return out
