@@ -244,3 +244,23 @@ async def test_idle_timeout_and_peer_disconnect_free_sessions(lipsync_settings):
         assert gateway.session_count == 0 and gateway.pipeline.sessions() == []
         await gateway.shutdown()
         assert not gateway._closing and gateway._reaper is None
+
+
+
+async def test_small_audio_upload_still_checks_the_token_first(lipsync_settings):
+    """Short uploads skip the separate token check; a bad caller still gets 401/403, also
+    with a body that would not decode."""
+    gateway, client = make(lipsync_settings)
+    async with client:
+        sid, auth = await new_session(client)
+        url = f"/v1/sessions/{sid}/audio"
+        piece = to_wav_bytes(speech()[:3200])
+        for body in (b"RIFF....garbage", piece):
+            r = await client.post(url, content=body, headers={"Content-Type": "audio/wav"})
+            assert r.status_code == 401, r.text
+            r = await client.post(url, content=body,
+                                  headers={"Content-Type": "audio/wav", "Authorization": "Bearer wrong"})
+            assert r.status_code == 403, r.text
+        r = await client.post(url, content=piece, headers={"Content-Type": "audio/wav", **auth})
+        assert r.status_code == 202, r.text
+    await gateway.shutdown()
