@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from ray_lipsync.avatar.model import CROP_SIZE
-from ray_lipsync.backends.musetalk.weights import VAE_SCALE, default_device, default_dtype, shared_models
+from ray_lipsync.backends.musetalk.weights import VAE_SCALE, models_for
 from ray_lipsync.config import Settings
 from ray_lipsync.errors import AvatarError
 
@@ -80,10 +80,7 @@ def add_latents(store: Any, name: str, settings: Settings, device: str | torch.d
     float16 (N, 8, 32, 32), half the size, the precision the GPU renderer runs in; returned.
     """
     avatar = store.load(name)
-    device = torch.device(device) if device is not None else default_device()
-    models = shared_models(
-        settings.models_dir, device, default_dtype(device, settings.musetalk.fp16), parts=("vae",)
-    )
+    models = models_for(settings, ("vae",), device)
     log.info("encoding %d crops of avatar %r for MuseTalk", len(avatar), name)
     latents = compute_latents(models.vae, np.asarray(avatar.crops)).astype(np.float16)
     store.add_extras(name, {LATENTS_KEY: latents})

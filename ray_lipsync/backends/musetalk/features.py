@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ray_lipsync.backends.base import Featurizer
-from ray_lipsync.backends.musetalk.weights import MuseTalkModels, default_device, default_dtype, shared_models
+from ray_lipsync.backends.musetalk.weights import MuseTalkModels, models_for
 from ray_lipsync.clock import SAMPLE_RATE, SAMPLES_PER_FRAME, frames_in_samples, ms_to_samples
 from ray_lipsync.config import Settings
 from ray_lipsync.types import FeatureRequest
@@ -154,10 +154,7 @@ class MuseTalkFeaturizer(Featurizer):
     ) -> None:
         """Load Whisper from `settings.models_dir` (once per process), or use `models`."""
         cfg = settings.musetalk
-        if models is None:
-            device = torch.device(device) if device is not None else default_device()
-            models = shared_models(settings.models_dir, device, default_dtype(device, cfg.fp16), ("whisper",))
-        self.models = models
+        self.models = models = models or models_for(settings, ("whisper",), device)
         self.device = models.device
         self.lookahead_ms = cfg.lookahead_ms
         self.window_frames = int(round(cfg.encoder_window_s * SAMPLE_RATE)) // WHISPER_HOP

@@ -19,13 +19,7 @@ from ray_lipsync.avatar.model import Avatar
 from ray_lipsync.backends.base import Renderer
 from ray_lipsync.backends.musetalk.avatar import LATENT_SHAPE, LATENTS_KEY
 from ray_lipsync.backends.musetalk.features import FEATURE_SHAPE
-from ray_lipsync.backends.musetalk.weights import (
-    VAE_SCALE,
-    MuseTalkModels,
-    default_device,
-    default_dtype,
-    shared_models,
-)
+from ray_lipsync.backends.musetalk.weights import VAE_SCALE, MuseTalkModels, models_for
 from ray_lipsync.config import Settings
 from ray_lipsync.errors import AvatarError, AvatarNotFound
 from ray_lipsync.types import RenderJob
@@ -69,11 +63,7 @@ class MuseTalkRenderer(Renderer):
         models: MuseTalkModels | None = None,
     ) -> None:
         """Load UNet + VAE from `settings.models_dir` (once per process), or use `models`."""
-        if models is None:
-            device = torch.device(device) if device is not None else default_device()
-            dtype = default_dtype(device, settings.musetalk.fp16)
-            models = shared_models(settings.models_dir, device, dtype, parts=("unet", "vae"))
-        self.models = models
+        self.models = models = models or models_for(settings, ("unet", "vae"), device)
         self.device = models.device
         self.max_batch = settings.pipeline.max_batch
         self.positions = sinusoidal_positions(*FEATURE_SHAPE).to(self.device, models.dtype)

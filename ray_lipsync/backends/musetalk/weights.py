@@ -14,6 +14,8 @@ reported before anything is loaded. `shared_models` keeps one loaded copy per pr
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import functools
 import json
 import logging
@@ -24,6 +26,9 @@ from typing import Any, Collection, Mapping
 import torch
 
 from ray_lipsync.errors import WeightsError
+
+if TYPE_CHECKING:
+    from ray_lipsync.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -254,3 +259,9 @@ def shared_models(
 ) -> MuseTalkModels:
     """`load_models`, but loaded once per process for each (dir, device, dtype, parts)."""
     return _shared(str(Path(models_dir).resolve()), str(torch.device(device)), dtype, _parts(parts))
+
+
+def models_for(settings: "Settings", parts: Collection[str], device: str | torch.device | None = None) -> MuseTalkModels:
+    """The process's shared `parts` for `settings` on `device` (default: CUDA if present)."""
+    device = torch.device(device) if device is not None else default_device()
+    return shared_models(settings.models_dir, device, default_dtype(device, settings.musetalk.fp16), parts)
