@@ -146,9 +146,6 @@ class SessionDirectory:
         if name in self._replicas:
             self._replicas[name].sessions.discard(session_id)
 
-    async def replica_of(self, session_id: str) -> str | None:
-        return self._pins.get(session_id)
-
     async def replicas(self) -> list[dict]:
         """Replicas with their pinned session counts (for metrics and tests)."""
         return [

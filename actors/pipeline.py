@@ -53,7 +53,6 @@ class RayLink:
         self._dispatcher = dispatcher
         self._replica_name = ""
         self._epoch = 0
-        self.repins = 0
         self._repin_lock = asyncio.Lock()  # several failed renders of one replica: one re-pin
 
     @property
@@ -86,7 +85,6 @@ class RayLink:
             name, handle = await self._directory.repin.remote(self.session_id, dead)
             if name != self._replica_name:
                 await self.attach(name, handle)
-                self.repins += 1
                 log.warning("session %s re-pinned from %s to %s", self.session_id, dead, name)
 
     async def interrupt(self, epoch: int, cut_frame: int) -> None:

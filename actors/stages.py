@@ -35,11 +35,6 @@ class FeatureBatcherActor:
     async def open(self, session_id: str, clock: SessionClock, avatar_frames: int, schedule: Schedule) -> None:
         self._batcher.open(session_id, clock, avatar_frames, schedule)
 
-    async def process(
-        self, session_id: str, epoch: int, start: int, samples: np.ndarray, final: bool
-    ) -> list[FrameJob]:
-        return await self._batcher.process(session_id, epoch, start, samples, final)
-
     async def process_many(self, pushes: list[tuple[str, int, int, np.ndarray, bool]]) -> list[list[FrameJob]]:
         """Several sessions' pushes of one dispatch round, served by one featurizer step."""
         return list(await asyncio.gather(*(self._batcher.process(*push) for push in pushes)))

@@ -39,9 +39,10 @@ def load_avatar(settings: Settings, name: str) -> Avatar:
 
 
 def create_vad(settings: Settings):
+    """The Silero VAD configured by `settings.audio` (onnxruntime is imported only here)."""
     from ray_lipsync.audio.vad import SpeechDetector
 
-    return SpeechDetector(settings.audio.vad_threshold, settings.audio.vad_hangover_chunks)
+    return SpeechDetector.from_config(settings.audio)
 
 
 @dataclass

@@ -41,9 +41,8 @@ class QueueStats:
 class RenderQueue:
     """Deadline-ordered queue of frame jobs with epoch- and deadline-based dropping."""
 
-    def __init__(self, max_batch: int, late_margin_s: float = 0.0) -> None:
+    def __init__(self, max_batch: int) -> None:
         self.max_batch = max_batch
-        self.late_margin_s = late_margin_s
         self._heap: list[_Entry] = []
         self._seq = itertools.count()
         self._epochs: dict[str, int] = {}
@@ -77,7 +76,7 @@ class RenderQueue:
             if entry.job.epoch < self._epochs.get(entry.job.session_id, 0):
                 self.stats.dropped_stale += 1
                 _resolve(entry.future, None)
-            elif entry.deadline + self.late_margin_s < now:
+            elif entry.deadline < now:
                 self.stats.dropped_late += 1
                 _resolve(entry.future, None)
             else:

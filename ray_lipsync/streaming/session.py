@@ -102,7 +102,6 @@ class Session:
         self._late_ends: list[str] = []  # utterance ends cut by an interrupt into the past
         self._wake = asyncio.Event()
         self._closed = False
-        self.frames_emitted = 0
         self.frames_sent = 0
         self.frames_dropped = 0
         self.last_activity = time.time()
@@ -331,7 +330,6 @@ class Session:
             meta=meta,
         )
         timeline.forget_before(k + 1)
-        self.frames_emitted += 1
         return frame
 
     def record_sent(self, frame: OutputFrame) -> None:
