@@ -261,8 +261,15 @@ def test_gateways_scale_up_on_sessions_and_old_sessions_stay_home(base_url):
         while running_gateways() < 3 and time.monotonic() < deadline:
             time.sleep(1)
         assert running_gateways() == 3, "10 sessions at 4 per gateway did not add a third gateway"
-        newcomer = create()  # least-loaded placement: the new, empty gateway
-        assert newcomer not in homes
+        # least-loaded placement reads routing stats refreshed every second: the new, empty
+        # gateway takes new sessions once the router has seen it
+        newcomers = []
+        for _ in range(10):
+            newcomers.append(create())
+            if newcomers[-1] not in homes:
+                break
+            time.sleep(1)
+        assert newcomers[-1] not in homes, f"no new session reached the added gateway: {newcomers}"
         for sid, auth in before.items():
             state = client.get(f"/v1/sessions/{sid}", headers=auth)
             assert state.status_code == 200 and state.json()["gateway"] == sid.split(".")[0]
