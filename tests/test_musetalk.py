@@ -92,13 +92,13 @@ def test_shape_and_dtype_mismatch_reported(models_dir: Path, tmp_path: Path) -> 
     broken = tmp_path / "models"
     shutil.copytree(models_dir, broken)
     state = torch.load(broken / UNET_WEIGHTS, weights_only=True)
-    state["conv_in.weight"] = torch.zeros(32, 9, 3, 3)
+    state["conv_in.weight"] = torch.zeros(16, 9, 3, 3)
     state["conv_out.bias"] = torch.zeros(4, dtype=torch.int64)
     torch.save(state, broken / UNET_WEIGHTS)
     with pytest.raises(WeightsError) as info:
         check_weights(broken)
     message = str(info.value)
-    assert "conv_in.weight has shape (32, 9, 3, 3), the config expects (32, 8, 3, 3)" in message
+    assert "conv_in.weight has shape (16, 9, 3, 3), the config expects (16, 8, 3, 3)" in message
     assert "conv_out.bias has dtype torch.int64" in message
 
 
