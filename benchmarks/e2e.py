@@ -3,9 +3,10 @@
     python benchmarks/e2e.py http://127.0.0.1:8000 --sessions 4 --seconds 30 --json out.json
     python benchmarks/e2e.py --start --sessions 4 --seconds 30      # starts `ray-lipsync serve`
 
-Each client creates a session, sends its offer, and once video arrives streams offline-TTS
-speech (ray_lipsync.tts) to POST /audio in real-time pieces, so the service sees a live
-talker. Measured per session: time to first frame (offer -> first decoded frame), received
+Each client creates a session, sends its offer, and once video arrives talks: offline-TTS
+speech (ray_lipsync.tts) streamed in real time, either as one chunked POST /audio (--source
+http, the default) or as its WebRTC microphone track (--source mic), so the service sees a
+live talker. Measured per session: time to first frame (offer -> first decoded frame), received
 fps, frames sent / dropped and per-frame latency p50 (GET /v1/sessions/{id}; p95 / p99 when
 the status exposes them), the gateway's push-to-sent histogram quantiles (/metrics), and CPU
 of the server process tree per session (/proc; with --start or --server-pid).
@@ -39,7 +40,7 @@ log = logging.getLogger("benchmarks.e2e")
 
 DEFAULT_TEXT = ("The quick brown fox jumps over the lazy dog. Streaming avatars need steady frames "
                 "and low latency, so every frame is timed by one clock.")
-PIECE_S = 0.2  # speech is uploaded in real-time pieces of this length
+PIECE_S = 0.2  # the streamed upload sends the speech in real-time pieces of this length
 
 
 @dataclass
@@ -147,23 +148,30 @@ def histogram_quantiles(metrics_text: str, quantiles: tuple[float, ...]) -> dict
 # -- one client ------------------------------------------------------------------------------
 
 
-async def push_pieces(http: httpx.AsyncClient, result: SessionResult, headers: dict, samples: np.ndarray,
-                      seconds: float) -> None:
-    """The talker uploads its speech to POST /audio in real-time pieces of PIECE_S."""
-    start = time.monotonic()
-    end = start + seconds
-    pieces = max(1, int(PIECE_S * 16000))
-    i = 0
-    while time.monotonic() < end:
-        piece = samples[i : i + pieces]
-        i = (i + pieces) % len(samples)
-        r = await http.post(f"/v1/sessions/{result.session_id}/audio", content=wav_bytes(piece),
-                            headers={**headers, "Content-Type": "audio/wav"})
-        if r.status_code == 202:
-            result.speech_pushed_s += piece.size / 16000
-        else:
-            result.errors.append(f"audio {r.status_code}: {r.text[:120]}")
-        await asyncio.sleep(max(0.0, start + result.speech_pushed_s - 0.1 - time.monotonic()))
+async def stream_speech(http: httpx.AsyncClient, result: SessionResult, headers: dict, samples: np.ndarray,
+                        seconds: float) -> None:
+    """The talker streams its speech as one chunked POST /audio (raw L16), paced in real time.
+
+    One request carries the whole talk: each PIECE_S piece is sent when it is spoken, and the
+    service turns it into frames while the upload goes on.
+    """
+    piece = max(1, int(PIECE_S * 16000))
+    total = int(seconds * 16000)
+    loop = np.resize(samples, total)  # the speech repeated to `seconds`
+    pcm = (np.clip(loop, -1, 1) * 32767).astype("<i2")
+
+    async def body():
+        start = time.monotonic()
+        for i in range(0, total, piece):
+            await asyncio.sleep(max(0.0, start + i / 16000 - 0.1 - time.monotonic()))
+            result.speech_pushed_s += len(pcm[i : i + piece]) / 16000
+            yield pcm[i : i + piece].tobytes()
+
+    r = await http.post(f"/v1/sessions/{result.session_id}/audio", content=body(),
+                        headers={**headers, "Content-Type": "audio/L16;rate=16000;channels=1"},
+                        timeout=seconds + 60)
+    if r.status_code != 202:
+        result.errors.append(f"audio {r.status_code}: {r.text[:120]}")
 
 
 async def run_client(http: httpx.AsyncClient, samples: np.ndarray, seconds: float, avatar: str,
@@ -188,7 +196,7 @@ async def run_client(http: httpx.AsyncClient, samples: np.ndarray, seconds: floa
             await asyncio.sleep(seconds)
             result.speech_pushed_s = seconds
         else:
-            await push_pieces(http, result, headers, samples, seconds)
+            await stream_speech(http, result, headers, samples, seconds)
         await asyncio.sleep(0.5)
         measured_from = client.first_video_at + 1.0  # past the start-up transient
         result.received_fps = round(client.received.fps(measured_from, time.monotonic()), 2)
@@ -306,8 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-pid", type=int, help="PID of a running server, for CPU accounting")
     parser.add_argument("--sessions", type=int, default=4)
     parser.add_argument("--source", choices=["mic", "http"], default="http",
-                        help="speech from each client's WebRTC microphone track (a live talker), or "
-                        "uploaded to POST /audio in real-time pieces")
+                        help="speech from each client's WebRTC microphone track, or streamed as one "
+                        "chunked POST /audio paced in real time")
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--avatar", default="default")
     parser.add_argument("--text", default=DEFAULT_TEXT)

@@ -10,13 +10,14 @@ import asyncio
 import fractions
 import time
 
+import av
 import numpy as np
 import pytest
 from aiortc.mediastreams import MediaStreamError
 
 from ray_lipsync.clock import SAMPLES_PER_FRAME, video_pts
 from ray_lipsync.types import OutputFrame
-from ray_lipsync.webrtc import SessionMedia, SessionPeer, audio_chunks, parse_offer, video_frame
+from ray_lipsync.webrtc import SessionMedia, SessionPeer, Vp8Stream, audio_chunks, parse_offer
 from ray_lipsync.webrtc.client import PlaybackTrack, ReceiverClient
 
 
@@ -43,11 +44,53 @@ async def drain(track, into: list) -> None:
 # -- frame conversion ------------------------------------------------------------------------
 
 
-def test_video_frame_carries_the_clock_pts():
-    out = video_frame(make_frame(7))
-    assert out.format.name == "yuv420p"  # what the VP8/H.264 encoders take, no reformat there
-    assert out.pts == 7 * 3600 and out.time_base == fractions.Fraction(1, 90000)
-    assert abs(int(out.to_ndarray(format="rgb24")[0, 0, 0]) - 7) <= 2
+def test_vp8_stream_encodes_frames_at_the_clock_pts_and_decodes_back():
+    stream = Vp8Stream()
+    decoder = av.CodecContext.create("libvpx", "r")
+    y, x = np.mgrid[0:64, 0:96]
+    base = np.stack([x * 2, y * 3, (x + y)], axis=-1).astype(np.uint8)  # smooth, like a face
+    for k in range(30):
+        image = base.copy()
+        image[20:40, 30:60] = (k * 8) % 256  # a moving "mouth"
+        packet = stream.encode(image, video_pts(k))
+        assert packet.pts == 3600 * k and packet.time_base == fractions.Fraction(1, 90000)
+        assert packet.is_keyframe == (k == 0)  # then only on request or every 10 s
+        decoded = decoder.decode(packet)[0].to_ndarray(format="rgb24")
+        assert decoded.shape == image.shape
+        assert np.abs(decoded.astype(int) - image.astype(int)).mean() < 6
+
+
+def test_vp8_keyframe_on_request_and_on_interval():
+    stream = Vp8Stream(keyframe_interval=5)
+    image = np.full((32, 32, 3), 90, np.uint8)
+    keys = [stream.encode(image, video_pts(k)).is_keyframe for k in range(11)]
+    assert keys == [True, False, False, False, False, True, False, False, False, False, True]
+    stream.request_keyframe()
+    assert stream.encode(image, video_pts(11)).is_keyframe
+    assert not stream.encode(image, video_pts(12)).is_keyframe
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        stream.encode(np.zeros((32, 32), np.uint8), 0)
+
+
+def test_receiver_keyframe_request_reaches_the_stream():
+    from aiortc import RTCPeerConnection
+    from aiortc.rtp import RTCP_PSFB_PLI, RtcpPsfbPacket
+
+    from ray_lipsync.webrtc.encoder import attach_keyframe_requests
+
+    async def main():
+        pc = RTCPeerConnection()
+        sender = pc.addTransceiver("video", direction="sendonly").sender
+        stream = Vp8Stream()
+        image = np.full((32, 32, 3), 90, np.uint8)
+        stream.encode(image, 0)
+        attach_keyframe_requests(sender, stream)
+        await sender._handle_rtcp_packet(RtcpPsfbPacket(fmt=RTCP_PSFB_PLI, ssrc=1, media_ssrc=sender._ssrc))
+        keyframe = stream.encode(image, 3600).is_keyframe
+        await pc.close()
+        return keyframe
+
+    assert asyncio.run(main())
 
 
 def test_audio_chunks_are_two_20ms_s16_frames_with_sample_pts():
@@ -59,7 +102,7 @@ def test_audio_chunks_are_two_20ms_s16_frames_with_sample_pts():
         assert chunk.time_base == fractions.Fraction(1, 16000)
         assert chunk.pts == (2 * 5 + i) * 320
     # frame k and its chunks share one presentation time
-    assert first.pts / 16000 == video_frame(make_frame(5)).pts / 90000
+    assert first.pts / 16000 == video_pts(5) / 90000
     pcm = np.concatenate([first.to_ndarray().ravel(), second.to_ndarray().ravel()])
     assert pcm[0] == -32767 and pcm[-1] == 32767
 
@@ -79,7 +122,8 @@ def test_media_fans_out_one_to_two_and_reports_frames_in_order():
     async def main():
         sent: list[int] = []
         recorded: list[int] = []
-        media = SessionMedia(frame_list(40), now=lambda: 0.0, record_sent=lambda f: recorded.append(f.frame_index),
+        media = SessionMedia(frame_list(40), now=lambda: 0.0, video_queue=40,
+                             record_sent=lambda f: recorded.append(f.frame_index),
                              on_frame_sent=lambda f: sent.append(f.frame_index))
         video, audio = [], []
         await asyncio.gather(drain(media.video, video), drain(media.audio, audio))

@@ -11,8 +11,8 @@ from ray_lipsync.webrtc.tracks import (
     SessionMedia,
     SessionVideoTrack,
     audio_chunks,
-    video_frame,
 )
+from ray_lipsync.webrtc.encoder import Vp8Stream
 
 __all__ = [
     "MediaCounters",
@@ -23,6 +23,6 @@ __all__ = [
     "SessionVideoTrack",
     "audio_chunks",
     "ice_configuration",
+    "Vp8Stream",
     "parse_offer",
-    "video_frame",
 ]

@@ -20,13 +20,15 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+from aiortc.rtcrtpparameters import RTCRtpCodecCapability
 from aiortc.mediastreams import MediaStreamTrack
 from aiortc.sdp import SessionDescription
 
 from ray_lipsync.types import OutputFrame
 from ray_lipsync.webrtc.mic import MicReader
-from ray_lipsync.webrtc.tracks import MediaCounters, SessionMedia
+from ray_lipsync.webrtc.encoder import attach_keyframe_requests
+from ray_lipsync.webrtc.tracks import MediaCounters, SessionMedia, SessionVideoTrack
 
 if TYPE_CHECKING:
     from ray_lipsync.streaming.session import Session
@@ -53,6 +55,12 @@ def ice_configuration(ice_servers: list[dict] | None) -> RTCConfiguration:
             raise ValueError(f"ice_servers[{i}] has unknown keys {sorted(unknown)}; use urls/username/credential")
         servers.append(RTCIceServer(urls=entry["urls"], username=entry.get("username"), credential=entry.get("credential")))
     return RTCConfiguration(iceServers=servers)
+
+
+def vp8_codecs() -> list[RTCRtpCodecCapability]:
+    """aiortc's VP8 capability and its retransmission (rtx) entry, for setCodecPreferences."""
+    codecs = RTCRtpSender.getCapabilities("video").codecs
+    return [c for c in codecs if c.mimeType.lower() in ("video/vp8", "video/rtx")]
 
 
 def parse_offer(sdp: str, type: str) -> SessionDescription:
@@ -130,10 +138,13 @@ class SessionPeer:
         want_audio = any(m.kind == "audio" and (m.direction or "sendrecv") in _RECEIVING for m in offer.media)
         if not (want_video or want_audio):
             raise ValueError("the offer receives neither audio nor video; use direction recvonly or sendrecv")
+        if want_video:  # answered with VP8 only: the video track sends VP8 packets
+            self._pc.addTransceiver("video", direction="sendonly").setCodecPreferences(vp8_codecs())
         try:
             await self._pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         except Exception as exc:
-            raise ValueError(f"the offer was rejected: {exc.__class__.__name__}: {exc}") from exc
+            hint = " (the video section must offer VP8)" if want_video else ""
+            raise ValueError(f"the offer was rejected{hint}: {exc.__class__.__name__}: {exc}") from exc
         self.media = SessionMedia(
             self.session.frames(),
             record_sent=self.session.record_sent,
@@ -142,7 +153,9 @@ class SessionPeer:
             audio=want_audio,
         )
         for track in self.media.tracks:
-            self._pc.addTrack(track)
+            sender = self._pc.addTrack(track)
+            if isinstance(track, SessionVideoTrack):
+                attach_keyframe_requests(sender, track.encoder)
         answer = await self._pc.createAnswer()
         await self._pc.setLocalDescription(answer)
         self._spawn(self._watch_media(self.media), "media-watch")

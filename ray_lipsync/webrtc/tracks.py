@@ -2,12 +2,14 @@
 
 One `SessionMedia` per session is the *single* consumer of `session.frames()` (which is
 already paced by the session's `SessionClock`). It fans each `OutputFrame` out to a
-`SessionVideoTrack` (one av.VideoFrame, pts = 3600k on the 90 kHz clock) and a
-`SessionAudioTrack` (two 20 ms av.AudioFrame, s16 mono 16 kHz, pts counted in samples), so
-frame k and chunks 2k, 2k+1 always carry the same presentation time. The tracks never pace
-themselves: `recv()` just waits for the next item the media source queued.
+`SessionVideoTrack` (one VP8 av.Packet, pts = 3600k on the 90 kHz clock, encoded by the
+session's `Vp8Stream` when the sender takes it) and a `SessionAudioTrack` (two 20 ms
+av.AudioFrame, s16 mono 16 kHz, pts counted in samples), so frame k and chunks 2k, 2k+1 always
+carry the same presentation time. The tracks never pace themselves: `recv()` just waits for
+the next item the media source queued.
 
-Backpressure: the video queue is bounded and drops its *oldest* frame when the sender lags
+Backpressure: the video queue (of frames not encoded yet, so a drop never breaks the VP8
+reference chain) is bounded and drops its *oldest* frame when the sender lags
 (counted in `video_frames_dropped`); audio is never dropped or delayed (silence is sent as
 zeros, never as a gap). A frame is reported as sent (`record_sent`, `on_frame_sent`) once its
 video (or its drop) and both its audio chunks have been handed to the encoders.
@@ -27,28 +29,16 @@ import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from ray_lipsync.clock import CHUNK_SAMPLES, SAMPLE_RATE, SAMPLES_PER_FRAME, VIDEO_CLOCK_HZ, audio_pts
+from ray_lipsync.clock import CHUNK_SAMPLES, SAMPLE_RATE, SAMPLES_PER_FRAME, audio_pts
 from ray_lipsync.types import OutputFrame
-from ray_lipsync.yuv import to_i420
+from ray_lipsync.webrtc.encoder import Vp8Stream
 
 log = logging.getLogger(__name__)
 
-VIDEO_TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK_HZ)
 AUDIO_TIME_BASE = fractions.Fraction(1, SAMPLE_RATE)
 DEFAULT_VIDEO_QUEUE = 4  # frames (160 ms) before the oldest is dropped
 DEFAULT_AUDIO_QUEUE = 50 * 30  # chunks (30 s); only reached if the audio sender is stuck
 JOIN_LATE_S = 0.04  # at start, frames later than this are skipped (they were due before connect)
-
-
-def video_frame(frame: OutputFrame) -> av.VideoFrame:
-    """The av.VideoFrame (yuv420p, pts = frame.pts on the 90 kHz clock) of an output frame."""
-    image = np.ascontiguousarray(frame.image)
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"frame {frame.frame_index}: image must be HxWx3 uint8 RGB, got {image.dtype} {image.shape}")
-    out = av.VideoFrame.from_ndarray(to_i420(image), format="yuv420p")  # the encoder's format
-    out.pts = int(frame.pts)
-    out.time_base = VIDEO_TIME_BASE
-    return out
 
 
 def audio_chunks(frame: OutputFrame) -> tuple[av.AudioFrame, av.AudioFrame]:
@@ -86,11 +76,11 @@ class MediaCounters:
 
 
 class _Item:
-    """A queued av frame and the output frame it belongs to."""
+    """A queued output frame and, for audio, its ready av frame (video is encoded on send)."""
 
     __slots__ = ("av_frame", "frame")
 
-    def __init__(self, av_frame: av.frame.Frame, frame: OutputFrame) -> None:
+    def __init__(self, av_frame: av.frame.Frame | None, frame: OutputFrame) -> None:
         self.av_frame = av_frame
         self.frame = frame
 
@@ -121,7 +111,12 @@ class _SessionTrack(MediaStreamTrack):
         if item is None:
             self.stop()
             raise MediaStreamError
+        out = await self._media_of(item)
         self._media._on_sent(self.kind, item.frame)
+        return out
+
+    async def _media_of(self, item: _Item) -> av.frame.Frame | av.Packet:
+        assert item.av_frame is not None
         return item.av_frame
 
     def stop(self) -> None:
@@ -130,9 +125,22 @@ class _SessionTrack(MediaStreamTrack):
 
 
 class SessionVideoTrack(_SessionTrack):
-    """Video of one session: frame k as av.VideoFrame rgb24, pts 3600k, time base 1/90000."""
+    """Video of one session: frame k as a VP8 av.Packet, pts 3600k, time base 1/90000.
+
+    Frames are encoded (in a worker thread) when the sender takes them, in order, by one
+    `Vp8Stream`; the sender must negotiate VP8 (`SessionPeer` restricts the answer to it).
+    """
 
     kind = "video"
+
+    def __init__(self, media: "SessionMedia") -> None:
+        super().__init__(media)
+        self.encoder = Vp8Stream()
+
+    async def _media_of(self, item: _Item) -> av.Packet:
+        frame = item.frame
+        return await asyncio.get_running_loop().run_in_executor(
+            None, self.encoder.encode, np.asarray(frame.image), int(frame.pts))
 
     def _put_frame(self, item: _Item, limit: int) -> None:
         while sum(1 for i in self._queue if i is not None) >= limit:
@@ -286,7 +294,7 @@ class SessionMedia:
             self.audio._put(_Item(first, frame))
             self.audio._put(_Item(second, frame))
         if self.video is not None:
-            self.video._put_frame(_Item(video_frame(frame), frame), self._video_limit)
+            self.video._put_frame(_Item(None, frame), self._video_limit)
 
     def _on_video_dropped(self, frame: OutputFrame) -> None:
         self.counters.video_frames_dropped += 1
