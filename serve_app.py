@@ -60,7 +60,10 @@ def metrics_board() -> Any:
     ).remote()
 
 
-@serve.deployment(name="Gateway", max_ongoing_requests=1000, graceful_shutdown_timeout_s=5)
+# No access log for the gateway: its calls are the ingress's internal ones (an audio push
+# every 200 ms per talking session); the ingress logs every HTTP request.
+@serve.deployment(name="Gateway", max_ongoing_requests=1000, graceful_shutdown_timeout_s=5,
+                  logging_config={"enable_access_log": False})
 class GatewayDeployment:
     """One gateway replica: hosts sessions' peers; its unique_id is the prefix of their ids."""
 

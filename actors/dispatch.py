@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Awaitable
 
 import numpy as np
 
+from ray_lipsync.compositing import Patch
 from ray_lipsync.streaming.session import Submitted
 from ray_lipsync.types import FrameJob
 
@@ -93,20 +94,20 @@ class Dispatcher:
             push.future.set_result(submitted)
 
     def _render(self, replica: str, entries: list[tuple[Submitted, _Push, list[FrameJob]]]) -> None:
-        """One render call on `replica` and one compose call for all its sessions' frames."""
+        """One render call on `replica` and one compositor call for all its sessions' frames."""
         jobs = [j for _, _, speech in entries for j in speech]
         crops = entries[0][1].link.replica_handle.render.remote(jobs)
-        composed = self._compositor.compose_many.remote(
+        patches = self._compositor.patch_many.remote(
             [(push.link.avatar_name, j.avatar_frame) for _, push, speech in entries for j in speech], crops
         )
-        shared = asyncio.ensure_future(_await(composed))
+        shared = asyncio.ensure_future(_await(patches))
         offset = 0
         for submitted, push, speech in entries:
             submitted.images = push.link.images(replica, _slice(shared, offset, len(speech)), len(speech))
             offset += len(speech)
 
 
-async def _await(ref) -> list[np.ndarray | None]:
+async def _await(ref) -> list[Patch | None]:
     return await ref
 
 

@@ -3,7 +3,8 @@
 Per tick (actors/dispatch.py), the audio every session released goes to the feature batcher
 in one call; the speech frames that became ready go to each session's pinned inference
 replica, whose crops go (as an ObjectRef, never through this process) to the compositor on
-this node; this process fetches only the finished full frames. If a replica dies, its
+this node; this process fetches only the blended mouth patches and pastes them into its own
+(memory-mapped) avatar frames. If a replica dies, its
 sessions are re-pinned and keep streaming.
 """
 
@@ -21,6 +22,7 @@ from ray.exceptions import RayActorError
 from actors.directory import get_directory
 from actors.dispatch import Dispatcher
 from ray_lipsync.avatar.model import Avatar
+from ray_lipsync.compositing import Patch
 from ray_lipsync.config import Settings
 from ray_lipsync.errors import AtCapacity, UnknownSession
 from ray_lipsync.streaming.features import Schedule
@@ -47,6 +49,7 @@ class RayLink:
         self.session_id = session_id
         self.backend = backend
         self.avatar_name = avatar.name
+        self._avatar = avatar
         self.batcher = batcher
         self.replica_handle = None
         self._directory = directory
@@ -69,14 +72,17 @@ class RayLink:
     async def submit(self, epoch: int, start: int, samples: np.ndarray, final: bool) -> Submitted:
         return await self._dispatcher.submit(self, epoch, start, samples, final)
 
-    async def images(self, replica: str, composed: Awaitable[list], n: int) -> list[np.ndarray | None]:
-        """This session's composed frames of one dispatch round; re-pin if its replica died."""
+    async def images(self, replica: str, patches: Awaitable[list[Patch | None]], n: int) -> list[np.ndarray | None]:
+        """This session's frames of one dispatch round (its compositor patches pasted into the
+        avatar's frames); re-pin if its replica died."""
         try:
-            return await composed
+            done = await patches
         except REPLICA_FAILURES + (ray.exceptions.RayTaskError,) as exc:
             if replica == self._replica_name and _replica_failed(exc):
                 await self._repin(replica)
             return [None] * n
+        frames = self._avatar.frames
+        return [None if p is None else p.apply(frames[p.avatar_frame]) for p in done]
 
     async def _repin(self, dead: str) -> None:
         async with self._repin_lock:

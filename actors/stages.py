@@ -12,6 +12,7 @@ import ray
 from ray_lipsync.avatar.model import Avatar
 from ray_lipsync.backends import create_featurizer, create_renderer
 from ray_lipsync.clock import SessionClock
+from ray_lipsync.compositing import Patch
 from ray_lipsync.config import Settings
 from ray_lipsync.streaming.features import FeatureBatcher, Schedule
 from ray_lipsync.streaming.local import create_vad, load_avatar
@@ -115,7 +116,12 @@ class InferenceReplica:
 
 @ray.remote
 class CompositorActor:
-    """Pastes crops into full avatar frames; lives on the node that streams the sessions."""
+    """Blends crops into avatar frames; lives on the node that streams the sessions.
+
+    It returns `Patch`es (the blended mouth region, a few KB) rather than full frames: the
+    gateway pastes them into its own memory-mapped avatar frames, so no full frame passes
+    through the object store (on a 2-core node that transfer cost more than the blending).
+    """
 
     def __init__(self, settings: Settings) -> None:
         from ray_lipsync.compositing import Compositor
@@ -124,12 +130,12 @@ class CompositorActor:
         self._compositor = Compositor()
         self._avatars: dict[str, Avatar] = {}
 
-    def compose_many(
+    def patch_many(
         self, frames: list[tuple[str, int]], crops: list[np.ndarray | None]
-    ) -> list[np.ndarray | None]:
-        """Full frames for (avatar, avatar frame) pairs and their crops (None stays None)."""
+    ) -> list[Patch | None]:
+        """Patches for (avatar, avatar frame) pairs and their crops (None stays None)."""
         return [
-            None if crop is None else self._compositor.compose(self._avatar(name), k, crop)
+            None if crop is None else self._compositor.patch(self._avatar(name), k, crop)
             for (name, k), crop in zip(frames, crops)
         ]
 

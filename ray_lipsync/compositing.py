@@ -78,11 +78,33 @@ def blend_region(frame_size: tuple[int, int], crop_box: np.ndarray, mask: np.nda
     )
 
 
-def blend_into(frame: np.ndarray, crop: np.ndarray, region: BlendRegion) -> None:
-    """Alpha-blend `crop` into `frame` (modified in place) over `region`."""
-    if region.empty:
-        return
+@dataclass(frozen=True)
+class Patch:
+    """The pixels a composed frame changes: frame[y0:y0 + h, x0:x0 + w] = pixels.
+
+    A patch covers only the blend region (the mouth area), a few KB instead of a full frame,
+    so a compositor on another process can ship it cheaply to the process holding the frames.
+    """
+
+    avatar_frame: int
+    x0: int
+    y0: int
+    pixels: np.ndarray  # (h, w, 3) uint8
+
+    def apply(self, source: np.ndarray) -> np.ndarray:
+        """A copy of `source` (the avatar frame) with the patch pasted in."""
+        out = np.array(source)
+        h, w = self.pixels.shape[:2]
+        out[self.y0 : self.y0 + h, self.x0 : self.x0 + w] = self.pixels
+        return out
+
+
+def blend_patch(frame: np.ndarray, crop: np.ndarray, region: BlendRegion) -> np.ndarray:
+    """The pixels of `frame` over `region` with `crop` alpha-blended in (a new array)."""
     h, w = region.fy1 - region.fy0, region.fx1 - region.fx0
+    roi = frame[region.fy0 : region.fy1, region.fx0 : region.fx1]
+    if region.empty:
+        return np.array(roi)
     scale_x, scale_y = CROP_SIZE / region.box_w, CROP_SIZE / region.box_h
     # resample only the part of the crop the region needs; same sampling as cv2.resize
     affine = np.array(
@@ -95,10 +117,15 @@ def blend_into(frame: np.ndarray, crop: np.ndarray, region: BlendRegion) -> None
     patch = cv2.warpAffine(
         crop, affine, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE
     )
-    roi = frame[region.fy0 : region.fy1, region.fx0 : region.fx1]
     a = region.alpha
     blended = (patch.astype(np.uint16) * a + roi.astype(np.uint16) * (255 - a) + 127) // 255
-    roi[...] = blended.astype(np.uint8)
+    return blended.astype(np.uint8)
+
+
+def blend_into(frame: np.ndarray, crop: np.ndarray, region: BlendRegion) -> None:
+    """Alpha-blend `crop` into `frame` (modified in place) over `region`."""
+    if not region.empty:
+        frame[region.fy0 : region.fy1, region.fx0 : region.fx1] = blend_patch(frame, crop, region)
 
 
 def composite(frame: np.ndarray, crop: np.ndarray, crop_box: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -135,18 +162,25 @@ class Compositor:
 
         `crop` None gives the idle source frame itself as a read-only view (no copy).
         """
-        self.load_avatar(avatar)
-        if not 0 <= avatar_frame < len(avatar):
-            raise AvatarError(f"avatar {avatar.name!r} has {len(avatar)} frames, asked for {avatar_frame}")
-        source = avatar.frames[avatar_frame]
+        source = self._source(avatar, avatar_frame)
         if crop is None:
             view = source.view()
             view.flags.writeable = False
             return view
+        return self.patch(avatar, avatar_frame, crop).apply(source)
+
+    def patch(self, avatar: Avatar, avatar_frame: int, crop: np.ndarray) -> Patch:
+        """Only what `compose` changes in source frame `avatar_frame`: the blended region."""
+        source = self._source(avatar, avatar_frame)
         _check_crop(crop)
-        out = np.array(source)
-        blend_into(out, crop, self._region(avatar, avatar_frame))
-        return out
+        region = self._region(avatar, avatar_frame)
+        return Patch(avatar_frame, region.fx0, region.fy0, blend_patch(source, crop, region))
+
+    def _source(self, avatar: Avatar, avatar_frame: int) -> np.ndarray:
+        self.load_avatar(avatar)
+        if not 0 <= avatar_frame < len(avatar):
+            raise AvatarError(f"avatar {avatar.name!r} has {len(avatar)} frames, asked for {avatar_frame}")
+        return avatar.frames[avatar_frame]
 
     def _region(self, avatar: Avatar, index: int) -> BlendRegion:
         if avatar.name not in self._avatars:
