@@ -90,6 +90,20 @@ def test_compositor_idle_and_speech_frames() -> None:
     np.testing.assert_array_equal(compositor.compose(avatar, 2, None), avatar.frames[2])
 
 
+def test_patch_is_the_changed_region_only() -> None:
+    avatar = synthetic_avatar(n_frames=2)
+    compositor = Compositor()
+    crop = np.zeros((256, 256, 3), np.uint8)
+    patch = compositor.patch(avatar, 1, crop)
+    full = compositor.compose(avatar, 1, crop)
+    np.testing.assert_array_equal(patch.apply(avatar.frames[1]), full)
+    h, w = patch.pixels.shape[:2]
+    outside = full.copy()
+    outside[patch.y0 : patch.y0 + h, patch.x0 : patch.x0 + w] = avatar.frames[1][patch.y0 : patch.y0 + h, patch.x0 : patch.x0 + w]
+    np.testing.assert_array_equal(outside, avatar.frames[1])  # nothing changes outside it
+    assert patch.avatar_frame == 1 and patch.pixels.nbytes < full.nbytes / 2
+
+
 def test_validation() -> None:
     frame = noise_image(64, 64, 0)
     with pytest.raises(AvatarError, match="crop must be"):
