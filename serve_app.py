@@ -1,13 +1,16 @@
-"""The Ray Serve application: a stateless FastAPI ingress and the gateway deployment.
+"""The Ray Serve application: the gateway deployment, which serves the HTTP API (FastAPI).
 
     serve run serve_app:app            # or: ray-lipsync serve
 
-Shape: `Ingress` (HTTP, stateless, any number of replicas) calls `Gateway` replicas through a
-DeploymentHandle whose `SessionRouter` sends every call for a session to the replica named
-in its id (the replica holding its aiortc peer), also after gateways are added. Gateways
-autoscale on the `sessions` custom metric within serve.min_gateways..max_gateways.
-Each gateway pushes a metrics snapshot every second to the named `MetricsBoard` actor;
-/metrics on any ingress renders all gateways' snapshots (label `replica`).
+Shape: the Serve proxy sends each HTTP request to a `Gateway` replica chosen by the
+deployment's `SessionRouter`: a request with a session in its path (/v1/sessions/{id}/...)
+goes to the replica named in the id (the one holding its aiortc peer), also after gateways
+are added; others go to the replica with the fewest sessions. A request whose session is
+named only in its body (LiveTalking's routes) is forwarded by the replica it reached, through
+a DeploymentHandle with the same router. No separate ingress: an audio push is one hop.
+Gateways autoscale on the `sessions` custom metric within serve.min_gateways..max_gateways,
+and push a metrics snapshot every second to the named `MetricsBoard` actor; /metrics on any
+gateway renders all gateways' snapshots (label `replica`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from ray import serve
 from ray.serve.config import AutoscalingConfig, AutoscalingPolicy, RequestRouterConfig
 
 from actors.runtime import init_ray
-from ray_lipsync.api.client import ServeClient
+from ray_lipsync.api.client import HomeClient, ServeClient
 from ray_lipsync.api.gateway import Gateway
 from ray_lipsync.api.metrics import MetricsBoard
 from ray_lipsync.api.routes import build_api
@@ -33,12 +36,13 @@ from ray_lipsync.config import Settings
 logger = logging.getLogger("ray_lipsync.serve")
 
 APP_NAME = "ray-lipsync"
+GATEWAY = "Gateway"
 METRICS_BOARD = "ray_lipsync_metrics"
 METRICS_PUSH_S = 1.0
 DEFAULT_PIPELINE = "actors.pipeline:RayPipeline"
-# Logical CPUs a gateway reserves. With 1.0, one gateway + ingress (0.1) + the CPU pipeline
-# actors (replica 0.5, batcher 0.25, compositor 0.25) need 2.1 CPUs: on a 2-core laptop the
-# compositor could never be placed and the first POST /v1/sessions hung.
+# Logical CPUs a gateway reserves. With 1.0, one gateway + the CPU pipeline actors (replica
+# 0.5, batcher 0.25, compositor 0.25) + a second gateway would not fit a 2-core laptop, and
+# a compositor that cannot be placed hangs the first POST /v1/sessions.
 GATEWAY_CPUS = 0.5
 
 
@@ -60,20 +64,27 @@ def metrics_board() -> Any:
     ).remote()
 
 
-# No access log for the gateway: its calls are the ingress's internal ones (an audio push
-# every 200 ms per talking session); the ingress logs every HTTP request.
-@serve.deployment(name="Gateway", max_ongoing_requests=1000, graceful_shutdown_timeout_s=5,
-                  logging_config={"enable_access_log": False})
+@serve.deployment(name=GATEWAY, max_ongoing_requests=1000, graceful_shutdown_timeout_s=5)
+@serve.ingress()
 class GatewayDeployment:
-    """One gateway replica: hosts sessions' peers; its unique_id is the prefix of their ids."""
+    """One gateway replica: serves the HTTP API and hosts its sessions' peers; its unique_id
+    is the prefix of their ids. Its methods are the calls other replicas forward to it."""
 
     async def __init__(self, settings_json: str, pipeline: str) -> None:
-        settings = Settings.model_validate_json(settings_json)
-        replica = serve.get_replica_context().replica_id.unique_id
-        self.gateway = Gateway(settings, await load_pipeline(pipeline, settings), replica)
+        self._settings = settings = Settings.model_validate_json(settings_json)
+        context = serve.get_replica_context()
+        self._app_name = context.app_name
+        self.gateway = Gateway(settings, await load_pipeline(pipeline, settings), context.replica_id.unique_id)
         self._board = metrics_board()
         self._pusher = asyncio.get_running_loop().create_task(self._push_metrics())
-        logger.info("gateway replica %s ready", replica)
+        logger.info("gateway replica %s ready", self.gateway.replica)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        others = ServeClient(serve.get_deployment_handle(GATEWAY, self._app_name), self._snapshots)
+        return build_api(self._settings, HomeClient(self.gateway, others), gateway=self.gateway.replica)
+
+    async def _snapshots(self) -> list[dict]:
+        return await self._board.get.remote()
 
     async def _push_metrics(self) -> None:
         while True:
@@ -133,28 +144,12 @@ class GatewayDeployment:
         await self.gateway.pipeline.shutdown()
 
 
-@serve.deployment(name="Ingress", max_ongoing_requests=1000)
-@serve.ingress()
-class IngressDeployment:
-    """Stateless HTTP ingress; every session call goes to the session's home gateway."""
-
-    def __init__(self, settings_json: str, gateway: Any) -> None:
-        self._settings = Settings.model_validate_json(settings_json)
-        self._board = metrics_board()
-        self._client = ServeClient(gateway, self._snapshots)
-
-    async def _snapshots(self) -> list[dict]:
-        return await self._board.get.remote()
-
-    def __serve_build_asgi_app__(self) -> Any:
-        return build_api(self._settings, self._client)
-
-
 def build_app(settings: Settings, pipeline: str = DEFAULT_PIPELINE, *,
               gateway_cpus: float = GATEWAY_CPUS) -> serve.Application:
-    """The Serve application: Ingress -> Gateway (session-affine, autoscaled on sessions)."""
+    """The Serve application: Gateway replicas serving the HTTP API (session-affine routing,
+    autoscaled on sessions)."""
     s = settings.serve
-    gateway = GatewayDeployment.options(
+    return GatewayDeployment.options(
         ray_actor_options={"num_cpus": gateway_cpus},
         request_router_config=RequestRouterConfig(
             request_router_class="ray_lipsync.api.router:SessionRouter",
@@ -171,8 +166,6 @@ def build_app(settings: Settings, pipeline: str = DEFAULT_PIPELINE, *,
             ),
         ),
     ).bind(settings.model_dump_json(), pipeline)
-    return IngressDeployment.options(ray_actor_options={"num_cpus": 0.1}).bind(
-        settings.model_dump_json(), gateway)
 
 
 def run(settings: Settings, address: str | None = None) -> None:

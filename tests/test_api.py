@@ -264,3 +264,34 @@ async def test_small_audio_upload_still_checks_the_token_first(lipsync_settings)
         r = await client.post(url, content=piece, headers={"Content-Type": "audio/wav", **auth})
         assert r.status_code == 202, r.text
     await gateway.shutdown()
+
+
+async def test_home_client_runs_own_sessions_here_and_forwards_the_rest(lipsync_settings):
+    from ray_lipsync.api.client import HomeClient
+    from ray_lipsync.api.gateway import COMPAT_RANDOM_DIGITS, replica_code
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.calls: list[dict] = []
+
+        async def call(self, method, **kwargs):
+            self.calls.append(kwargs)
+            return "forwarded"
+
+        async def snapshots(self):
+            return [{"from": "board"}]
+
+    gateway = Gateway(lipsync_settings, LocalPipeline(lipsync_settings), "here")
+    remote = Recorder()
+    client = HomeClient(gateway, remote)
+    created = await client.call("create_session")  # no session yet: created in this replica
+    assert home_of(created["session_id"])[0] == "here"
+    status = await client.call("status", session_id=created["session_id"], token=created["token"])
+    assert status["gateway"] == "here" and remote.calls == []
+    assert await client.call("status", session_id="there.x", token="t") == "forwarded"
+    elsewhere = ((replica_code("here") + 1) % 1_000_000) * 10**COMPAT_RANDOM_DIGITS  # a LiveTalking id
+    assert await client.call("status", session_id=elsewhere, compat=True) == "forwarded"
+    assert [c["session_id"] for c in remote.calls] == ["there.x", elsewhere]
+    assert await client.snapshots() == [{"from": "board"}]
+    await gateway.shutdown()
+    await gateway.pipeline.shutdown()

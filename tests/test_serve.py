@@ -65,6 +65,8 @@ def test_sessions_stay_on_their_home_replica(base_url):
                 state = client.get(f"/v1/sessions/{sid}", headers=auth)
                 assert state.status_code == 200, state.text
                 assert state.json()["gateway"] == sid.split(".")[0]
+                # the proxy sent the HTTP request straight to the home gateway (no forwarding)
+                assert state.headers["x-lipsync-gateway"] == sid.split(".")[0]
                 assert state.json()["replica"].startswith("replica-procedural-")
                 assert client.post(f"/v1/sessions/{sid}/interrupt", headers=auth).status_code == 200
         sid, auth = next(iter(sessions.items()))

@@ -1,4 +1,6 @@
-"""How the HTTP ingress reaches gateways: in-process (`LocalClient`) or via Ray Serve (`ServeClient`).
+"""How the HTTP API reaches gateways: in-process (`LocalClient`), via Ray Serve (`ServeClient`)
+or, inside a gateway replica, in-process for its own sessions and via Serve for others
+(`HomeClient`).
 
 Both expose `call(method, **kwargs)`, `stream(method, **kwargs)` and `snapshots()`. Session
 calls pass `session_id` as a keyword: the Serve request router reads it to pick the session's
@@ -10,7 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
-from ray_lipsync.api.gateway import Gateway
+from ray_lipsync.api.gateway import Gateway, home_of, replica_code
 
 
 class GatewayClient(Protocol):
@@ -71,3 +73,35 @@ class ServeClient:
 
     async def snapshots(self) -> list[dict]:
         return await self._snapshots()
+
+
+class HomeClient:
+    """The API's client inside a gateway replica (the Serve app has no separate ingress).
+
+    The proxy routes requests with the session in their path to its home replica, so these
+    run in-process; a request whose session is named only in its body (LiveTalking's routes)
+    may land on another replica and is forwarded through `remote` (a `ServeClient`).
+    """
+
+    def __init__(self, gateway: Gateway, remote: GatewayClient) -> None:
+        self._local = LocalClient(gateway)
+        self._remote = remote
+        self._replica = gateway.replica
+
+    def _client(self, kwargs: dict[str, Any]) -> GatewayClient:
+        session_id = kwargs.get("session_id")
+        if session_id is None:
+            return self._local
+        tag, code = home_of(session_id)
+        elsewhere = (tag is not None and tag != self._replica) or (
+            code is not None and code != replica_code(self._replica))
+        return self._remote if elsewhere else self._local
+
+    async def call(self, method: str, **kwargs: Any) -> Any:
+        return await self._client(kwargs).call(method, **kwargs)
+
+    def stream(self, method: str, **kwargs: Any) -> AsyncIterator[Any]:
+        return self._client(kwargs).stream(method, **kwargs)
+
+    async def snapshots(self) -> list[dict]:
+        return await self._remote.snapshots()

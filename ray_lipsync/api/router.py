@@ -2,7 +2,8 @@
 
 Session ids name their home replica ("<replica unique_id>.<random>", or for LiveTalking's
 integer ids a 6-digit replica code in the leading digits), so every call for a session is
-sent to the replica holding its peer, whatever replicas are added later. Calls without a
+sent to the replica holding its peer, whatever replicas are added later: handle calls by
+their `session_id` argument, HTTP requests from the proxy by the id in /v1/sessions/{id}. Calls without a
 session (create_session) go to the replica with the fewest sessions (from
 `record_routing_stats`). Consistent hashing is not used: it remaps sessions on scale-up.
 """
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
+import re
 from typing import Any
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
@@ -20,10 +23,29 @@ from ray_lipsync.api.gateway import home_of, replica_code
 logger = logging.getLogger(__name__)
 
 
+_SESSION_PATH = re.compile(r"^/v1/sessions/([^/]+)")
+
+
 def _session_arg(pending: PendingRequest | None) -> Any:
+    """The session a request is for: the `session_id` of a handle call, or the id in the path
+    of an HTTP request from the Serve proxy; None for requests of no session (or unknown)."""
     if pending is None:
         return None
-    return pending.kwargs.get("session_id")
+    session_id = pending.kwargs.get("session_id")
+    return session_id if session_id is not None else _http_session(pending.args)
+
+
+def _http_session(args: Any) -> str | None:
+    # The proxy passes an HTTP request as one argument: the pickled request with its ASGI
+    # scope (Ray Serve's StreamingHTTPRequest, as the replica itself unpickles it).
+    if not args or not isinstance(args[0], bytes):
+        return None
+    try:
+        scope = getattr(pickle.loads(args[0]), "asgi_scope", None)
+    except Exception:  # noqa: BLE001 - not an HTTP request from the proxy
+        return None
+    match = _SESSION_PATH.match(scope.get("path", "")) if isinstance(scope, dict) else None
+    return match.group(1) if match else None
 
 
 class SessionRouter(RequestRouter):

@@ -194,11 +194,40 @@ def session_routes(settings: Settings, client: GatewayClient) -> APIRouter:
     return api
 
 
-def build_api(settings: Settings, client: GatewayClient) -> FastAPI:
-    """The whole HTTP API over `client` (LiveTalking routes only with the compat flag)."""
+GATEWAY_HEADER = "X-Lipsync-Gateway"
+
+
+class ServedBy:
+    """ASGI middleware: the X-Lipsync-Gateway header on every HTTP response (streams untouched)."""
+
+    def __init__(self, app: Any, gateway: str) -> None:
+        self.app = app
+        self.header = (GATEWAY_HEADER.lower().encode(), gateway.encode())
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_header(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)
+
+
+def build_api(settings: Settings, client: GatewayClient, gateway: str | None = None) -> FastAPI:
+    """The whole HTTP API over `client` (LiveTalking routes only with the compat flag).
+
+    `gateway`: the replica serving this app, sent back in the X-Lipsync-Gateway header of
+    every response (which replica answered: for operators, and the routing tests).
+    """
     app = FastAPI(title="ray-lipsync", version="0.1.0",
                   description="Real-time lip-synced avatar streaming over WebRTC.")
     install_error_handlers(app)
+    if gateway is not None:
+        app.add_middleware(ServedBy, gateway=gateway)
     app.include_router(session_routes(settings, client))
 
     @app.get("/healthz")
