@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Awaitable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -103,13 +103,10 @@ class Dispatcher:
         shared = asyncio.ensure_future(_await(patches))
         offset = 0
         for submitted, push, speech in entries:
-            submitted.images = push.link.images(replica, _slice(shared, offset, len(speech)), len(speech))
+            submitted.images = push.link.images(replica, shared, offset, len(speech))
             offset += len(speech)
 
 
 async def _await(ref) -> list[Patch | None]:
     return await ref
 
-
-async def _slice(shared: Awaitable[list], offset: int, n: int) -> list:
-    return (await shared)[offset : offset + n]

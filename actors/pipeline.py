@@ -72,17 +72,18 @@ class RayLink:
     async def submit(self, epoch: int, start: int, samples: np.ndarray, final: bool) -> Submitted:
         return await self._dispatcher.submit(self, epoch, start, samples, final)
 
-    async def images(self, replica: str, patches: Awaitable[list[Patch | None]], n: int) -> list[np.ndarray | None]:
-        """This session's frames of one dispatch round (its compositor patches pasted into the
-        avatar's frames); re-pin if its replica died."""
+    async def images(self, replica: str, patches: Awaitable[list[Patch | None]], offset: int,
+                     n: int) -> list[np.ndarray | None]:
+        """This session's frames of one dispatch round: its `n` patches from `offset` in the
+        round's compositor result, pasted into the avatar's frames; re-pin if its replica died."""
         try:
-            done = await patches
+            mine = (await patches)[offset : offset + n]
         except REPLICA_FAILURES + (ray.exceptions.RayTaskError,) as exc:
             if replica == self._replica_name and _replica_failed(exc):
                 await self._repin(replica)
             return [None] * n
         frames = self._avatar.frames
-        return [None if p is None else p.apply(frames[p.avatar_frame]) for p in done]
+        return [None if p is None else p.apply(frames[p.avatar_frame]) for p in mine]
 
     async def _repin(self, dead: str) -> None:
         async with self._repin_lock:
