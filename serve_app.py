@@ -26,7 +26,7 @@ import ray
 from ray import serve
 from ray.serve.config import AutoscalingConfig, AutoscalingPolicy, RequestRouterConfig
 
-from actors.runtime import init_ray
+from actors.runtime import init_ray, serial_opencv
 from ray_lipsync.api.client import HomeClient, ServeClient
 from ray_lipsync.api.gateway import Gateway
 from ray_lipsync.api.metrics import MetricsBoard
@@ -71,6 +71,7 @@ class GatewayDeployment:
     is the prefix of their ids. Its methods are the calls other replicas forward to it."""
 
     async def __init__(self, settings_json: str, pipeline: str) -> None:
+        serial_opencv()
         self._settings = settings = Settings.model_validate_json(settings_json)
         context = serve.get_replica_context()
         self._app_name = context.app_name

@@ -9,6 +9,7 @@ from typing import Sequence
 import numpy as np
 import ray
 
+from actors.runtime import serial_opencv
 from ray_lipsync.avatar.model import Avatar
 from ray_lipsync.backends import create_featurizer, create_renderer
 from ray_lipsync.clock import SessionClock
@@ -27,6 +28,7 @@ class FeatureBatcherActor:
     """One per backend: the core FeatureBatcher behind actor calls (async, concurrent)."""
 
     def __init__(self, settings: Settings, backend: str) -> None:
+        serial_opencv()
         featurizer = create_featurizer(settings, backend)
         self._batcher = FeatureBatcher(featurizer, create_vad(settings), settings.pipeline.lookahead_ms)
 
@@ -59,6 +61,7 @@ class InferenceReplica:
     """
 
     def __init__(self, settings: Settings, backend: str, name: str) -> None:
+        serial_opencv()
         self.name = name
         self._settings = settings
         self._renderer = create_renderer(settings, backend)
@@ -126,6 +129,7 @@ class CompositorActor:
     def __init__(self, settings: Settings) -> None:
         from ray_lipsync.compositing import Compositor
 
+        serial_opencv()
         self._settings = settings
         self._compositor = Compositor()
         self._avatars: dict[str, Avatar] = {}
