@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import logging
 import os
@@ -25,7 +24,6 @@ import re
 import subprocess
 import sys
 import time
-import wave
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -57,18 +55,6 @@ class SessionResult:
     latency_ms_p95: float | None = None
     latency_ms_p99: float | None = None
     errors: list[str] = field(default_factory=list)
-
-
-def wav_bytes(samples: np.ndarray, rate: int = 16000) -> bytes:
-    """16-bit mono WAV of float samples in [-1, 1]."""
-    pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2")
-    out = io.BytesIO()
-    with wave.open(out, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(pcm.tobytes())
-    return out.getvalue()
 
 
 def speech(text: str) -> np.ndarray:

@@ -167,11 +167,13 @@ class Compositor:
             view = source.view()
             view.flags.writeable = False
             return view
-        return self.patch(avatar, avatar_frame, crop).apply(source)
+        return self._patch(avatar, avatar_frame, source, crop).apply(source)
 
     def patch(self, avatar: Avatar, avatar_frame: int, crop: np.ndarray) -> Patch:
         """Only what `compose` changes in source frame `avatar_frame`: the blended region."""
-        source = self._source(avatar, avatar_frame)
+        return self._patch(avatar, avatar_frame, self._source(avatar, avatar_frame), crop)
+
+    def _patch(self, avatar: Avatar, avatar_frame: int, source: np.ndarray, crop: np.ndarray) -> Patch:
         _check_crop(crop)
         region = self._region(avatar, avatar_frame)
         return Patch(avatar_frame, region.fx0, region.fy0, blend_patch(source, crop, region))

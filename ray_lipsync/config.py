@@ -114,8 +114,8 @@ class PipelineConfig(_Frozen):
 class ServeConfig(_Frozen):
     """HTTP / WebRTC service."""
 
-    host: str = Field("127.0.0.1", description="Bind address of the HTTP ingress.")
-    port: int = Field(8000, gt=0, lt=65536, description="Port of the HTTP ingress.")
+    host: str = Field("127.0.0.1", description="Bind address of the HTTP API (the Serve proxy).")
+    port: int = Field(8000, gt=0, lt=65536, description="Port of the HTTP API (the Serve proxy).")
     max_sessions: int = Field(16, gt=0, description="Most concurrent sessions per gateway.")
     idle_timeout_s: float = Field(300.0, gt=0, description="A session without activity closes.")
     livetalking_compat: bool = Field(

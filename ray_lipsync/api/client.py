@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
-from ray_lipsync.api.gateway import Gateway, home_of, replica_code
+from ray_lipsync.api.gateway import Gateway, home_of, names_replica
 
 
 class GatewayClient(Protocol):
@@ -90,12 +90,9 @@ class HomeClient:
 
     def _client(self, kwargs: dict[str, Any]) -> GatewayClient:
         session_id = kwargs.get("session_id")
-        if session_id is None:
-            return self._local
-        tag, code = home_of(session_id)
-        elsewhere = (tag is not None and tag != self._replica) or (
-            code is not None and code != replica_code(self._replica))
-        return self._remote if elsewhere else self._local
+        if session_id is None or home_of(session_id) == (None, None) or names_replica(session_id, self._replica):
+            return self._local  # new sessions, ids naming no replica (404 here), our own
+        return self._remote
 
     async def call(self, method: str, **kwargs: Any) -> Any:
         return await self._client(kwargs).call(method, **kwargs)

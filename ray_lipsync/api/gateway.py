@@ -51,6 +51,12 @@ def home_of(session_id: str | int) -> tuple[str | None, int | None]:
     return (tag if sep and tag else None), None
 
 
+def names_replica(session_id: str | int, replica: str) -> bool:
+    """Whether `session_id` names `replica` as its home."""
+    tag, code = home_of(session_id)
+    return tag == replica or (code is not None and code == replica_code(replica))
+
+
 class PeerFactory(Protocol):
     def __call__(self, session: Any, *, ice_servers: list[dict] | None,
                  on_frame_sent: Callable[[OutputFrame], None],

@@ -18,7 +18,7 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-from ray_lipsync.api.gateway import home_of, replica_code
+from ray_lipsync.api.gateway import names_replica
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +59,7 @@ class SessionRouter(RequestRouter):
                               ) -> list[list[RunningReplica]]:
         session_id = _session_arg(pending_request)
         if session_id is not None:
-            tag, code = home_of(session_id)
-            home = [r for r in candidate_replicas
-                    if r.replica_id.unique_id == tag
-                    or (code is not None and replica_code(r.replica_id.unique_id) == code)]
+            home = [r for r in candidate_replicas if names_replica(session_id, r.replica_id.unique_id)]
             if home:
                 return [home]
             # Home replica gone: any replica answers "unknown session" (404).

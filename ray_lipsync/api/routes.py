@@ -1,4 +1,4 @@
-"""The FastAPI ingress: /v1 session API, /healthz, /metrics, the page at `/` (OpenAPI at /docs).
+"""The FastAPI app (served by each gateway replica): /v1 session API, /healthz, /metrics, the page at `/` (OpenAPI at /docs).
 
 `build_api(settings, client)` works over any GatewayClient: in-process or through Ray Serve.
 Errors map to HTTP codes in one place (`error_response`).

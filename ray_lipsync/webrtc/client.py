@@ -11,7 +11,9 @@ import asyncio
 import fractions
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import av
 import numpy as np
@@ -137,11 +139,7 @@ class ReceiverClient:
         self._tasks.append(asyncio.ensure_future(reader(track)))
 
     async def _read_video(self, track: MediaStreamTrack) -> None:
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
+        async for frame in _frames(track):
             now = time.monotonic()
             r = self.received
             r.video_times.append(now)
@@ -154,11 +152,7 @@ class ReceiverClient:
                 self._first_video.set()
 
     async def _read_audio(self, track: MediaStreamTrack) -> None:
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
+        async for frame in _frames(track):
             r = self.received
             r.audio_frames += 1
             r.audio_rate = frame.sample_rate
@@ -168,3 +162,12 @@ class ReceiverClient:
             r.audio_samples += mono.size
             if self._keep_audio:
                 r.audio.append(mono)
+
+
+async def _frames(track: MediaStreamTrack) -> AsyncIterator[Any]:
+    """The frames of a remote track until it ends."""
+    while True:
+        try:
+            yield await track.recv()
+        except MediaStreamError:
+            return

@@ -41,7 +41,6 @@ class Vp8Stream:
         self._codec: av.VideoCodecContext | None = None
         self._since_keyframe = 0
         self._keyframe_requested = threading.Event()
-        self.keyframes = 0
 
     def request_keyframe(self) -> None:
         """Make the next encoded frame a keyframe (thread-safe)."""
@@ -61,7 +60,6 @@ class Vp8Stream:
             self._keyframe_requested.clear()
             frame.pict_type = av.video.frame.PictureType.I
             self._since_keyframe = 0
-            self.keyframes += 1
         self._since_keyframe += 1
         packets = codec.encode(frame)
         if len(packets) != 1:  # lag-in-frames 0: one packet in, one out

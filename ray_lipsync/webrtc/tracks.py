@@ -44,12 +44,13 @@ JOIN_LATE_S = 0.04  # at start, frames later than this are skipped (they were du
 def audio_chunks(frame: OutputFrame) -> tuple[av.AudioFrame, av.AudioFrame]:
     """The two 20 ms av.AudioFrame (s16 mono 16 kHz) of frame k: chunks 2k and 2k+1.
 
-    Missing or short audio is padded with zeros so the audio stream never has a gap.
+    Missing or short audio is padded with zeros so the audio stream never has a gap. The
+    samples are finite (the session timeline refuses anything else).
     """
     samples = np.zeros(SAMPLES_PER_FRAME, dtype=np.float32)
     if frame.audio is not None:
         audio = np.asarray(frame.audio, dtype=np.float32).reshape(-1)[:SAMPLES_PER_FRAME]
-        samples[: len(audio)] = np.nan_to_num(audio, nan=0.0, posinf=0.0, neginf=0.0)
+        samples[: len(audio)] = audio
     pcm = (np.clip(samples, -1.0, 1.0) * 32767.0).astype(np.int16)
     chunks = []
     for i in range(2):
