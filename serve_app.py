@@ -169,13 +169,14 @@ def build_app(settings: Settings, pipeline: str = DEFAULT_PIPELINE, *,
     ).bind(settings.model_dump_json(), pipeline)
 
 
-def run(settings: Settings, address: str | None = None) -> None:
+def run(settings: Settings, address: str | None = None, dashboard: bool = False) -> None:
     """Start Ray (or join `address`), deploy the app on settings.serve.host:port, block.
 
-    Without an address a new local Ray instance is started: a bare ray.init() would join
-    whatever local cluster happens to be running (another user's, a test's).
+    Without an address a new local Ray instance is started (with its dashboard if
+    `dashboard`): a bare ray.init() would join whatever local cluster happens to be running
+    (another user's, a test's).
     """
-    init_ray(address, ignore_reinit_error=True)
+    init_ray(address, ignore_reinit_error=True, **({} if address else {"include_dashboard": dashboard}))
     serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port})
     serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
     logger.info("ray-lipsync is serving: open http://%s:%d/ (API docs at /docs)",

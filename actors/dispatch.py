@@ -6,7 +6,12 @@ then one render call per inference replica and one compositor call for the speec
 of all sessions pinned there. On a small node the per-call overhead of Ray (serialisation,
 scheduling, object store) costs far more CPU than the lip-sync work itself, so coalescing the
 calls of concurrent sessions is what lets one node carry more of them; the price is at most
-one tick of extra latency (10 ms on average with the default 20 ms tick).
+one tick of extra latency (20 ms on average with the default 40 ms tick). The default tick
+is one frame period: every session releases audio about once per frame, so each round
+carries a frame of every talking session and the number of calls per second stays fixed
+(3 per tick) as sessions are added; a 20 ms tick doubled them for ~10 ms less latency,
+a bad trade on a node whose cores are already busy (an empty actor call costs ~3 ms of CPU,
+both sides, on the 2-core dev VM).
 """
 
 from __future__ import annotations

@@ -7,21 +7,33 @@ from typing import Any
 
 import ray
 
-# Ray starts worker processes at niceness 15, so on a busy node the gateway (a driver or a
-# Serve replica at niceness 0) starves the feature batcher, replicas and compositors: on the
-# 2-core dev VM this alone moved 4-session p99 latency from ~200 ms to ~95 ms and dropped
-# frames from dozens to 0. Workers of a real-time pipeline run at normal priority.
-WORKER_NICENESS_ENV = "RAY_worker_niceness"
+# Ray settings for a real-time pipeline, as the environment variables every Ray process reads.
+PIPELINE_RAY_ENV = {
+    # Ray starts worker processes at niceness 15, so on a busy node the gateway (a driver or a
+    # Serve replica at niceness 0) starves the feature batcher, replicas and compositors: on
+    # the 2-core dev VM this alone moved 4-session p99 latency from ~200 ms to ~95 ms and
+    # dropped frames from dozens to 0. Workers of a real-time pipeline run at normal priority.
+    "RAY_worker_niceness": "0",
+    # A round's rendered crops (up to max_batch x 196 KB) travel inline with the task reply
+    # instead of through the shared-memory object store: on the 2-core dev VM the store's
+    # put/pin/get traffic cost the raylet ~8% of a core at 4 sessions, inline costs nothing
+    # there. 4 MiB bounds what may go inline (a 16-frame batch is 3 MiB).
+    "RAY_max_direct_call_object_size": str(4 << 20),
+    # Serve's controller reconciles every 100 ms by default (~4.5% of a core here even when
+    # idle); sessions change on a scale of seconds, so 500 ms loses nothing.
+    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+}
 
 
 def init_ray(address: str | None = None, **kwargs: Any) -> None:
     """`ray.init` that starts a *new* local Ray unless `address` is given.
 
     A bare `ray.init()` silently joins any local cluster already running; here the caller
-    says which. The worker niceness applies to Ray instances this call starts; for `ray start`
-    (cluster.yaml) export RAY_worker_niceness=0 the same way.
+    says which. PIPELINE_RAY_ENV applies to Ray instances this call starts (unless already
+    set); `ray start` (cluster.yaml) exports the same variables.
     """
-    os.environ.setdefault(WORKER_NICENESS_ENV, "0")
+    for name, value in PIPELINE_RAY_ENV.items():
+        os.environ.setdefault(name, value)
     ray.init(address=address or "local", **kwargs)
 
 

@@ -97,8 +97,9 @@ class PipelineConfig(_Frozen):
     )
     max_batch: int = Field(16, gt=0, description="Most frames in one inference batch.")
     dispatch_tick_ms: int = Field(
-        20, ge=0, le=40, description="A gateway sends all its sessions' work to the actors "
-        "once per tick (fewer Ray calls; adds tick/2 latency on average). 0 = at once."
+        40, ge=0, le=40, description="A gateway sends all its sessions' work to the actors "
+        "once per tick (one frame period by default: a round per frame, whatever the number "
+        "of sessions; adds tick/2 latency on average). 0 = at once."
     )
     sessions_per_replica: int = Field(8, gt=0, description="Session capacity per replica.")
     audio_buffer_s: float = Field(

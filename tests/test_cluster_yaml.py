@@ -34,6 +34,16 @@ def test_cluster_starts_the_serve_app(config):
     assert any("pip install" in c for c in config["setup_commands"])
 
 
+def test_every_node_starts_ray_with_the_pipeline_settings(config):
+    """The cluster's nodes get the same Ray settings as a local `ray-lipsync serve`."""
+    from actors.runtime import PIPELINE_RAY_ENV
+
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        [start] = [c for c in config[key] if "ray start" in c]
+        exports = dict(a.split("=", 1) for a in start.split("export ", 1)[1].split(";", 1)[0].split())
+        assert exports == PIPELINE_RAY_ENV, key
+
+
 def test_schema_rejects_a_broken_config(config):
     broken = copy.deepcopy(config)
     broken["available_node_types"]["gpu_worker"]["resources"] = "lots"

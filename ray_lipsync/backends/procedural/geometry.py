@@ -40,7 +40,8 @@ class MouthGeometry:
     grid_y: np.ndarray  # (h, 1) float32 crop y of ROI rows
     drop: np.ndarray  # (h, w) float32
     widen: np.ndarray  # (h, w) float32
-    alpha: np.ndarray  # (h, w, 1) float32 blend mask in [0, 1]
+    alpha: np.ndarray  # (h, w) float32 blend mask in [0, 1]
+    keep: np.ndarray  # (h, w) float32, 1 - alpha
 
     @property
     def max_drop(self) -> float:
@@ -93,9 +94,9 @@ def build_geometry(avatar: Avatar, index: int) -> MouthGeometry | None:
     drop = below * under_chin * fall - UPPER_LIP_LIFT * above * fall_mouth
     around = np.exp(-(((gy - (gap_top + tear_y) / 2) / (0.35 * face_h)) ** 2))
     widen = (gx[None, :] - cx) * np.exp(-(((gx - cx) / (1.1 * width)) ** 2))[None, :] * around
-    alpha = (mask[y0:y1, x0:x1].astype(np.float32) / 255.0)[:, :, None]
+    alpha = mask[y0:y1, x0:x1].astype(np.float32) / 255.0
     return MouthGeometry(
         x0=x0, y0=y0, x1=x1, y1=y1, cx=cx, lip_gap_top=gap_top, lip_gap_bottom=gap_bottom,
         mouth_width=width, face_height=face_h, grid_x=gx, grid_y=gy,
-        drop=drop.astype(np.float32), widen=widen.astype(np.float32), alpha=alpha,
+        drop=drop.astype(np.float32), widen=widen.astype(np.float32), alpha=alpha, keep=1.0 - alpha,
     )

@@ -3,8 +3,8 @@
 Per job: jaw drop = open x max_drop (lower lip and chin move down, smooth falloff), the upper
 lip lifts a little, the mouth widens (spread) or narrows (round), and a shaded dark mouth
 interior with soft edges (and a hint of upper teeth) fills the gap between the lips. Only the
-ROI inside the blend mask is touched (one cv2.remap on precomputed fields); features ~0 give
-the crop back unchanged.
+ROI inside the blend mask is touched (one cv2.remap on precomputed fields and one
+cv2.blendLinear, in uint8); features ~0 give the crop back unchanged.
 """
 
 from __future__ import annotations
@@ -101,14 +101,11 @@ class ProceduralRenderer(Renderer):
         drop_px = open_ * geo.max_drop
         map_x = geo.grid_x[None, :] - widen * geo.widen
         map_y = geo.grid_y - drop_px * geo.drop
-        roi = crop[geo.y0 : geo.y1, geo.x0 : geo.x1]
-        warped = cv2.remap(
-            crop, map_x, map_y, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
-        ).astype(np.float32)
+        warped = cv2.remap(crop, map_x, map_y, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         if drop_px > 0.5:
             self._draw_interior(warped, geo, drop_px, widen, open_)
-        base = roi.astype(np.float32)
-        roi[...] = np.clip(base + (warped - base) * geo.alpha + 0.5, 0, 255).astype(np.uint8)
+        roi = crop[geo.y0 : geo.y1, geo.x0 : geo.x1]
+        roi[...] = cv2.blendLinear(warped, roi, geo.alpha, geo.keep)
 
     @staticmethod
     def _draw_interior(
@@ -144,4 +141,4 @@ class ProceduralRenderer(Renderer):
             teeth = (0.8 * teeth)[:, :, None]
             colour = colour * (1.0 - teeth) + TEETH_RGB * teeth
         region = warped[ya - geo.y0 : yb - geo.y0, xa - geo.x0 : xb - geo.x0]
-        region[...] = region * (1.0 - alpha) + colour * alpha
+        region[...] = region * (1.0 - alpha) + colour * alpha + 0.5
