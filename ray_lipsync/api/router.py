@@ -5,7 +5,10 @@ integer ids a 6-digit replica code in the leading digits), so every call for a s
 sent to the replica holding its peer, whatever replicas are added later: handle calls by
 their `session_id` argument, HTTP requests from the proxy by the id in /v1/sessions/{id}. Calls without a
 session (create_session) go to the replica with the fewest sessions (from
-`record_routing_stats`). Consistent hashing is not used: it remaps sessions on scale-up.
+`record_routing_stats`, refreshed about once a second, plus what this router sent each
+replica since its last refresh, so a burst of new sessions spreads instead of piling onto the
+replica the stale figures favour). Consistent hashing is not used: it remaps sessions on
+scale-up.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import logging
 import math
 import pickle
 import re
+import time
+from dataclasses import dataclass
 from typing import Any
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
@@ -24,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 
 _SESSION_PATH = re.compile(r"^/v1/sessions/([^/]+)")
+RECENT_TTL_S = 5.0  # a replica's stats not refreshed for this long: forget what was sent since
 
 
 def _session_arg(pending: PendingRequest | None) -> Any:
@@ -48,11 +54,20 @@ def _http_session(args: Any) -> str | None:
     return match.group(1) if match else None
 
 
+@dataclass
+class _Recent:
+    """Requests of no session sent to one replica since its routing stats `stats` arrived."""
+
+    stats: Any
+    since: float
+    sent: int = 0
+
+
 class SessionRouter(RequestRouter):
     """Pins each session's calls to the replica its id names; new sessions to the least loaded."""
 
     def initialize_state(self, **kwargs: Any) -> None:
-        pass
+        self._recent: dict[str, _Recent] = {}
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None
@@ -64,12 +79,21 @@ class SessionRouter(RequestRouter):
                 return [home]
             # Home replica gone: any replica answers "unknown session" (404).
             return [candidate_replicas[:1]] if candidate_replicas else []
-        return [[r] for r in sorted(candidate_replicas, key=_load)]
+        ranked = sorted(candidate_replicas, key=self._load)
+        if ranked:
+            self._recent_of(ranked[0]).sent += 1
+        return [[r] for r in ranked]
 
+    def _load(self, replica: RunningReplica) -> float:
+        stats = replica.routing_stats or {}
+        return float(stats.get("sessions", 0)) + self._recent_of(replica).sent
 
-def _load(replica: RunningReplica) -> float:
-    stats = replica.routing_stats or {}
-    return float(stats.get("sessions", 0))
+    def _recent_of(self, replica: RunningReplica) -> _Recent:
+        key, now = replica.replica_id.unique_id, time.monotonic()
+        recent = self._recent.get(key)
+        if recent is None or recent.stats is not replica.routing_stats or now - recent.since > RECENT_TTL_S:
+            recent = self._recent[key] = _Recent(replica.routing_stats, now)
+        return recent
 
 
 class SessionsAutoscalingPolicy:
