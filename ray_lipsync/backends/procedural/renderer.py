@@ -101,7 +101,7 @@ class ProceduralRenderer(Renderer):
         drop_px = open_ * geo.max_drop
         map_x = geo.grid_x[None, :] - widen * geo.widen
         map_y = geo.grid_y - drop_px * geo.drop
-        warped = cv2.remap(crop, map_x, map_y, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        warped = cv2.remap(crop, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         if drop_px > 0.5:
             self._draw_interior(warped, geo, drop_px, widen, open_)
         roi = crop[geo.y0 : geo.y1, geo.x0 : geo.x1]
