@@ -176,7 +176,7 @@ def run(settings: Settings, address: str | None = None, dashboard: bool = False)
     `dashboard`): a bare ray.init() would join whatever local cluster happens to be running
     (another user's, a test's).
     """
-    init_ray(address, ignore_reinit_error=True, **({} if address else {"include_dashboard": dashboard}))
+    init_ray(address, ignore_reinit_error=True, include_dashboard=None if address else dashboard)
     serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port})
     serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
     logger.info("ray-lipsync is serving: open http://%s:%d/ (API docs at /docs)",

@@ -12,7 +12,6 @@ the region that moves) so the speed-up is not bought with quality.
 from __future__ import annotations
 
 import argparse
-import fractions
 import json
 import logging
 import sys
@@ -25,29 +24,23 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.latency import load_speech  # noqa: E402
+from ray_lipsync.clock import SAMPLE_RATE, video_pts  # noqa: E402
 from ray_lipsync.config import Settings  # noqa: E402
 from ray_lipsync.render import render_frames  # noqa: E402
 from ray_lipsync.streaming.local import load_avatar  # noqa: E402
-from ray_lipsync.webrtc.encoder import BITRATE, Vp8Stream  # noqa: E402
+from ray_lipsync.webrtc.encoder import BITRATE, VIDEO_TIME_BASE, Vp8Stream  # noqa: E402
 from ray_lipsync.yuv import to_i420  # noqa: E402
 
 log = logging.getLogger("benchmarks.vp8")
-SPEECH = Path(__file__).resolve().parents[1] / ".." / "shared" / "media" / "eng.wav"
-TIME_BASE = fractions.Fraction(1, 90000)
 ROUNDS = 3
 
 
 def talking_frames(n: int) -> np.ndarray:
     """`n` frames of the default avatar talking (procedural backend)."""
     settings = Settings()
-    if SPEECH.is_file():
-        from ray_lipsync.audio.decode import load_audio
-
-        samples = load_audio(SPEECH, settings.audio)
-    else:
-        from ray_lipsync.tts import Synthesizer
-
-        samples = Synthesizer().synthesize("The quick brown fox jumps over the lazy dog. " * 4)
+    seconds = n / settings.media.fps
+    samples = load_speech(seconds)[0][: int(seconds * SAMPLE_RATE)]
     frames = [np.array(f.image) for f in render_frames(samples, load_avatar(settings, "default"), settings)]
     return np.stack((frames * (n // len(frames) + 1))[:n])
 
@@ -62,7 +55,7 @@ def aiortc_encode(frames: np.ndarray) -> tuple[list[float], list[bytes]]:
     for k, image in enumerate(frames):
         t = time.perf_counter()
         frame = av.VideoFrame.from_ndarray(to_i420(image), format="yuv420p")
-        frame.pts, frame.time_base = k * 3600, TIME_BASE
+        frame.pts, frame.time_base = video_pts(k), VIDEO_TIME_BASE
         rtp_payloads = encoder.encode(frame)[0]
         times.append(time.perf_counter() - t)
         payloads.append(b"".join(VpxPayloadDescriptor.parse(p)[1] for p in rtp_payloads))
@@ -74,7 +67,7 @@ def stream_encode(frames: np.ndarray) -> tuple[list[float], list[av.Packet]]:
     times, packets = [], []
     for k, image in enumerate(frames):
         t = time.perf_counter()
-        packets.append(stream.encode(image, k * 3600))
+        packets.append(stream.encode(image, video_pts(k)))
         times.append(time.perf_counter() - t)
     return times, packets
 

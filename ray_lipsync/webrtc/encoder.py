@@ -3,8 +3,9 @@
 aiortc's own VP8 encoder is tuned for camera input (temporal denoising, cpu-used -6). An
 avatar is rendered, noise-free content on a still background, so this one turns the denoiser
 off, uses libvpx's fastest real-time speed and skips unchanged blocks: about 3x less encode
-time per frame than aiortc's settings at 512x512 (the gateway's largest per-frame cost). The video track hands the packets to aiortc, whose
-sender only packetizes them (`Vp8Encoder.pack`).
+time per frame than aiortc's settings at 512x512 (the gateway's largest per-frame cost). The
+video track hands the packets to aiortc, whose sender only packetizes them
+(`Vp8Encoder.pack`).
 
 Keyframes: the first frame, every `keyframe_interval` frames (a safety net), and whenever the
 receiver asks (RTCP PLI / FIR), which `attach_keyframe_requests` routes here.

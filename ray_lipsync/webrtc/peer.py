@@ -21,8 +21,8 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
-from aiortc.rtcrtpparameters import RTCRtpCodecCapability
 from aiortc.mediastreams import MediaStreamTrack
+from aiortc.rtcrtpparameters import RTCRtpCodecCapability
 from aiortc.sdp import SessionDescription
 
 from ray_lipsync.types import OutputFrame

@@ -14,14 +14,12 @@ reported before anything is loaded. `shared_models` keeps one loaded copy per pr
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import functools
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Collection, Mapping
+from typing import TYPE_CHECKING, Any, Collection, Mapping
 
 import torch
 
