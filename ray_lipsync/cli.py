@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--address", help="join an existing Ray cluster (default: start a local one)")
     serve.add_argument(
         "--ray-dashboard", action="store_true",
-        help="start the local Ray with its dashboard (off: it costs ~3%% of a core)",
+        help="start the local Ray with its dashboard (off: it costs ~4%% of a core)",
     )
     serve.add_argument(
         "--livetalking-compat", action="store_true", help="also serve LiveTalking's unauthenticated routes"
