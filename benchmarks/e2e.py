@@ -85,17 +85,33 @@ def process_tree(root: int) -> list[int]:
     return tree
 
 
-def cpu_seconds(root: int) -> float:
-    """utime + stime (s) of `root` and its descendants now alive."""
+def cpu_by_process(root: int) -> dict[str, float]:
+    """utime + stime (s) of `root` and its descendants now alive, by process title.
+
+    Ray names its worker processes after what they run (`ray::ServeReplica:ray-lipsync:Gateway`,
+    `ray::InferenceReplica...`), so the gateway's share can be told from the pipeline's.
+    """
     tick = os.sysconf("SC_CLK_TCK")
-    total = 0
+    totals: dict[str, float] = {}
     for pid in process_tree(root):
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])
-    return total / tick
+        name = title.split()[0] if title.startswith("ray::") else Path(title.split()[0] if title else "?").name
+        totals[name] = totals.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return totals
+
+
+def cpu_seconds(root: int) -> float:
+    """utime + stime (s) of `root` and its descendants now alive."""
+    return sum(cpu_by_process(root).values())
+
+
+def gateway_cpu(before: dict[str, float], after: dict[str, float]) -> float:
+    """CPU seconds spent by the gateway replicas between two `cpu_by_process` readings."""
+    return sum(after[k] - before.get(k, 0.0) for k in after if "Gateway" in k)
 
 
 # -- latency quantiles from the Prometheus histogram -------------------------------------------
@@ -245,11 +261,14 @@ async def benchmark(args: argparse.Namespace) -> dict:
             await wait_healthy(http, args.startup_timeout, server)
             samples = await asyncio.to_thread(speech, args.text)
             warmup_s = await warm_up(http, args.avatar)
-            cpu0, t0 = (cpu_seconds(server_pid) if server_pid else None), time.monotonic()
+            procs0 = cpu_by_process(server_pid) if server_pid else {}
+            t0 = time.monotonic()
             results = await asyncio.gather(
                 *(run_client(http, samples, args.seconds, args.avatar, args.source) for _ in range(args.sessions)))
             wall = time.monotonic() - t0
-            cpu = (cpu_seconds(server_pid) - cpu0) if server_pid else None
+            procs1 = cpu_by_process(server_pid) if server_pid else {}
+            cpu = (sum(procs1.values()) - sum(procs0.values())) if server_pid else None
+            gw_cpu = gateway_cpu(procs0, procs1) if server_pid else None
             metrics = (await http.get("/metrics")).text
     finally:
         if server is not None:
@@ -278,6 +297,9 @@ async def benchmark(args: argparse.Namespace) -> dict:
         # playback the speech was pushed and the playout delay (not the per-frame compute latency)
         "gateway_push_to_sent_ms": {"p50": q[0.5], "p95": q[0.95], "p99": q[0.99]},
         "server_cpu_percent_per_session": round(100 * cpu / wall / args.sessions, 1) if cpu is not None else None,
+        "gateway_cpu_percent_per_session": round(100 * gw_cpu / wall / args.sessions, 1) if gw_cpu is not None else None,
+        "cpu_percent_by_process": {k: round(100 * (procs1[k] - procs0.get(k, 0.0)) / wall, 1)
+                                   for k in sorted(procs1)} if server_pid else None,
     }
     summary["target_met"] = bool(
         len(ok) == args.sessions
