@@ -1,171 +1,406 @@
-"""SessionDirectory: creates the pipeline actors, pins sessions to replicas, re-pins on failure.
+"""SessionDirectory: inference capacity, and the one place where a session is pinned.
 
-One named, detached actor per cluster (namespace settings.pipeline.namespace). Replicas:
-one per GPU (`num_gpus=1`) when the cluster has GPUs, else `pipeline.cpu_replicas` CPU
-replicas. Every session is pinned at creation to the least-loaded live replica with a free
-slot (`pipeline.sessions_per_replica`); when a replica dies its sessions are re-pinned to live
-ones and a replacement replica is started.
+One named, detached, restartable actor per settings *generation* (a hash of the settings, so
+a redeploy with other settings never gets the actors of the old ones). It starts the
+feature batchers and inference replicas, pins every session to the least-loaded ready replica
+with a free slot, and follows demand:
+
+- **Leases.** Gateways renew their sessions' pins every `LEASE_RENEW_S`; a gateway silent
+  for `pipeline.lease_s` (it died) loses its pins, so its slots free up. The renewals also
+  rebuild the pins after the directory itself restarted.
+- **Scale.** Replicas wanted = ceil((pinned sessions + 1) / sessions_per_replica), within
+  `pipeline.min_replicas..max_replicas`: the +1 keeps a slot ready for the next session. A
+  replica asks `num_gpus` where GPUs are wanted (so a pending replica is what makes the Ray
+  autoscaler add a GPU node); in `auto` mode CPU replicas are drained (no new pins, removed
+  once empty) as soon as the cluster has GPUs. Idle replicas above the wanted count are
+  removed after `pipeline.idle_replica_s`.
+- **Failures.** A replica that failed in its constructor is forgotten and its backend is
+  refused for `BACKEND_RETRY_S` (503, not 500); one that cannot be placed is never pinned
+  and a session waits at most `pipeline.replica_wait_s` for capacity (then 503 +
+  Retry-After). A replica that does not answer is marked down and its sessions move to
+  ready replicas as their gateways report it (`repin`); Ray restarts it meanwhile.
+- **Stale generations.** A directory no gateway has talked to for `ORPHAN_S` removes its
+  actors and itself.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import hashlib
 import logging
+import math
+import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from actors.stages import CompositorActor, FeatureBatcherActor, InferenceReplica
+from actors.stages import RESTARTABLE, ActorUnavailableError, FeatureBatcherActor, InferenceReplica
 from ray_lipsync.config import Settings
-from ray_lipsync.errors import AtCapacity
+from ray_lipsync.errors import AtCapacity, BackendUnavailable
 
 log = logging.getLogger(__name__)
 
-DIRECTORY_NAME = "lipsync-directory"
+LEASE_RENEW_S = 2.0
+BACKEND_RETRY_S = 30.0
+ORPHAN_S = 120.0
+MAINTAIN_S = 1.0
+PING_TIMEOUT_S = 1.0
+
+State = Literal["starting", "ready", "down", "draining"]
+
+
+def generation_of(settings: Settings) -> str:
+    """A short hash naming the actors made for these settings."""
+    return hashlib.sha1(settings.model_dump_json().encode()).hexdigest()[:10]
 
 
 @dataclass
 class _Replica:
     name: str
     backend: str
+    gpu: bool
     handle: object
+    state: State = "starting"
     sessions: set[str] = field(default_factory=set)
-    alive: bool = True
+    idle_since: float = field(default_factory=time.monotonic)
+
+    def info(self) -> dict:
+        return {"replica": self.name, "backend": self.backend, "device": "gpu" if self.gpu else "cpu",
+                "state": self.state, "sessions": len(self.sessions)}
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, **{**RESTARTABLE, "max_task_retries": -1})
 class SessionDirectory:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
+        self._p = settings.pipeline
         self._ns = settings.pipeline.namespace
+        self._gen = generation_of(settings)
         self._replicas: dict[str, _Replica] = {}
         self._pins: dict[str, str] = {}  # session -> replica name
+        self._owner: dict[str, str] = {}  # session -> gateway
+        self._leases: dict[str, float] = {}  # gateway -> last renewal (monotonic)
         self._batchers: dict[str, object] = {}
-        self._compositors: dict[str, object] = {}
-        self._ids = itertools.count()
-        self._lock = asyncio.Lock()
+        self._failed: dict[str, tuple[float, str]] = {}  # backend -> (until, reason)
+        self._changed = asyncio.Condition()
+        self._last_seen = time.monotonic()
+        self._seq = 0
+        self._upkeep: asyncio.Task | None = None
+        self._adopt()
 
-    # -- actors -------------------------------------------------------------------------
-    def _gpus(self) -> int:
-        return int(ray.cluster_resources().get("GPU", 0))
+    def _ensure_upkeep(self) -> None:
+        """Start the upkeep loop (from the actor's event loop, on its first call)."""
+        if self._upkeep is None or self._upkeep.done():
+            self._upkeep = asyncio.get_running_loop().create_task(self._maintain())
 
-    def _start_replica(self, backend: str) -> _Replica:
-        name = f"replica-{backend}-{next(self._ids)}"
-        if self._gpus():
-            options = {"num_gpus": 1, "num_cpus": 1}
-        else:
-            options = {"num_cpus": self._settings.pipeline.replica_num_cpus}
-        handle = InferenceReplica.options(name=name, namespace=self._ns, lifetime="detached", **options).remote(
-            self._settings, backend, name
-        )
-        replica = _Replica(name, backend, handle)
-        self._replicas[name] = replica
-        log.info("started %s (%s)", name, options)
-        return replica
+    # -- actors ---------------------------------------------------------------------------
+    def _adopt(self) -> None:
+        """After a restart: take back this generation's replicas and batchers (by name)."""
+        prefix = f"replica-{self._gen}-"
+        for entry in ray.util.list_named_actors(all_namespaces=True):
+            name, namespace = entry["name"], entry["namespace"]
+            if namespace != self._ns or not name.startswith(prefix):
+                continue
+            try:
+                handle = ray.get_actor(name, namespace=self._ns)
+            except ValueError:
+                continue
+            backend, _, seq = name[len(prefix):].rpartition("-")
+            gpu = backend.endswith("-gpu")
+            backend = backend.removesuffix("-gpu").removesuffix("-cpu")
+            replica = _Replica(name, backend, gpu, handle, state="down")
+            self._replicas[name] = replica
+            self._seq = max(self._seq, int(seq) + 1 if seq.isdigit() else 0)
+        if self._replicas:
+            log.info("directory %s adopted %d replicas", self._gen, len(self._replicas))
 
-    def _target_replicas(self) -> int:
-        return self._gpus() or self._settings.pipeline.cpu_replicas
+    def _want_gpu(self) -> bool:
+        device = self._p.replica_device
+        if device != "auto":
+            return device == "gpu"
+        return ray.cluster_resources().get("GPU", 0) > 0
 
-    def _live(self, backend: str) -> list[_Replica]:
-        return [r for r in self._replicas.values() if r.alive and r.backend == backend]
-
-    def _ensure_replicas(self, backend: str) -> None:
-        while len(self._live(backend)) < self._target_replicas():
-            self._start_replica(backend)
-
-    async def batcher(self, backend: str) -> object:
-        """The feature batcher actor of `backend` (started on first use)."""
+    def _batcher(self, backend: str) -> object:
         if backend not in self._batchers:
             options: dict = {"num_cpus": 0}  # light: CPU is budgeted by the replicas
-            if backend == "musetalk" and self._gpus():
-                options["num_gpus"] = 0.1  # shares a GPU with a replica
+            if backend == "musetalk" and self._want_gpu():
+                options["num_gpus"] = self._p.batcher_gpus
             self._batchers[backend] = FeatureBatcherActor.options(
-                name=f"batcher-{backend}", namespace=self._ns, lifetime="detached", **options
+                name=f"batcher-{self._gen}-{backend}", namespace=self._ns, lifetime="detached",
+                get_if_exists=True, **options,
             ).remote(self._settings, backend)
         return self._batchers[backend]
 
-    async def compositor(self, node_id: str) -> object:
-        """The compositor on `node_id`, so full frames never cross nodes."""
-        if node_id not in self._compositors:
-            self._compositors[node_id] = CompositorActor.options(
-                name=f"compositor-{node_id[:16]}",
-                namespace=self._ns,
-                lifetime="detached",
-                num_cpus=0,  # light; pinned to its node by affinity
-                # hard: the caller runs on node_id, and a soft affinity was seen to spill elsewhere
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-            ).remote(self._settings)
-        return self._compositors[node_id]
+    def _start_replica(self, backend: str, gpu: bool) -> _Replica:
+        name = f"replica-{self._gen}-{backend}-{'gpu' if gpu else 'cpu'}-{self._seq}"
+        self._seq += 1
+        if gpu:
+            share = self._p.batcher_gpus if backend == "musetalk" else 0.0
+            options = {"num_gpus": 1.0 - share, "num_cpus": 1}
+        else:
+            options = {"num_cpus": self._p.replica_num_cpus}
+        handle = InferenceReplica.options(
+            name=name, namespace=self._ns, lifetime="detached", **options,
+        ).remote(self._settings, backend, name, self._gen, self._batcher(backend))
+        replica = _Replica(name, backend, gpu, handle)
+        self._replicas[name] = replica
+        asyncio.get_running_loop().create_task(self._await_ready(replica))
+        log.info("starting %s (%s)", name, options)
+        return replica
 
-    # -- pinning ------------------------------------------------------------------------
-    async def pin(self, session_id: str, backend: str) -> tuple[str, object]:
-        """Pin a new session to the least-loaded live replica with room (AtCapacity if none)."""
-        async with self._lock:
-            self._ensure_replicas(backend)
-            cap = self._settings.pipeline.sessions_per_replica
-            free = [r for r in self._live(backend) if len(r.sessions) < cap]
-            if not free:
-                total = cap * len(self._live(backend))
-                raise AtCapacity(f"all {total} session slots of the {backend} replicas are in use; retry later")
-            replica = min(free, key=lambda r: (len(r.sessions), r.name))
-            replica.sessions.add(session_id)
-            self._pins[session_id] = replica.name
-            return replica.name, replica.handle
-
-    async def repin(self, session_id: str, dead: str) -> tuple[str, object]:
-        """`dead` failed: mark it, start a replacement, move the session to a live replica."""
-        async with self._lock:
-            replica = self._replicas.get(dead)
-            if replica is not None and replica.alive and not await self._responds(replica):
-                replica.alive = False
-                log.warning("replica %s is dead; re-pinning its %d sessions", dead, len(replica.sessions))
-            current = self._pins.get(session_id)
-            if current is not None and current != dead and self._replicas[current].alive:
-                return current, self._replicas[current].handle  # already moved
-            backend = replica.backend if replica else self._settings.backend
-            if replica is not None:
-                replica.sessions.discard(session_id)
-            warm = self._live(backend)  # running replicas first: a new one needs seconds to start
-            self._ensure_replicas(backend)
-            target = min(warm or self._live(backend), key=lambda r: (len(r.sessions), r.name))
-            target.sessions.add(session_id)
-            self._pins[session_id] = target.name
-            return target.name, target.handle
-
-    async def _responds(self, replica: _Replica) -> bool:
+    async def _await_ready(self, replica: _Replica) -> None:
+        """A new replica becomes pinnable once its constructor ran (it may wait for a node)."""
         try:
-            await asyncio.wait_for(replica.handle.ping.remote(), timeout=2.0)  # type: ignore[attr-defined]
-            return True
-        except Exception:
-            return False
+            await replica.handle.ping.remote()  # type: ignore[attr-defined]
+        except Exception as exc:  # noqa: BLE001 - its constructor failed
+            self._replicas.pop(replica.name, None)
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[-1] if str(exc) else ''}"
+            self._failed[replica.backend] = (time.monotonic() + BACKEND_RETRY_S, reason)
+            log.error("replica %s failed to start: %s", replica.name, exc)
+        else:
+            if replica.state == "starting":
+                replica.state = "ready"
+        async with self._changed:
+            self._changed.notify_all()
+
+    def _kill(self, replica: _Replica) -> None:
+        self._replicas.pop(replica.name, None)
+        try:
+            ray.kill(replica.handle, no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        log.info("removed %s", replica.name)
+
+    # -- capacity ---------------------------------------------------------------------------
+    def _serving(self, backend: str) -> list[_Replica]:
+        """Replicas that count as capacity (ready, starting, or restarting)."""
+        return [r for r in self._replicas.values() if r.backend == backend and r.state != "draining"]
+
+    def _scale(self, backend: str) -> None:
+        """Start replicas so that the sessions of `backend` (+1) have slots; drain CPU ones
+        once GPUs are wanted."""
+        if backend in self._failed and self._failed[backend][0] > time.monotonic():
+            return
+        gpu = self._want_gpu()
+        for r in self._serving(backend):
+            if r.gpu != gpu and gpu:
+                r.state = "draining"
+                log.info("draining %s: GPU replicas replace it", r.name)
+        cap = self._p.sessions_per_replica
+        sessions = sum(len(r.sessions) for r in self._replicas.values() if r.backend == backend)
+        wanted = min(max(math.ceil((sessions + 1) / cap), self._p.min_replicas), self._p.max_replicas)
+        for _ in range(wanted - len(self._serving(backend))):
+            self._start_replica(backend, gpu)
+
+    def _free(self, backend: str) -> list[_Replica]:
+        cap = self._p.sessions_per_replica
+        return [r for r in self._replicas.values()
+                if r.backend == backend and r.state == "ready" and len(r.sessions) < cap]
+
+    def _check_backend(self, backend: str) -> None:
+        failed = self._failed.get(backend)
+        if failed and failed[0] > time.monotonic():
+            raise BackendUnavailable(
+                f"the {backend} backend could not start on this server (the operator finds why "
+                "in the server log); retry later or use another backend")
+
+    # -- pinning (the one place where a session is pinned) -------------------------------
+    async def pin(self, session_id: str, backend: str, gateway: str) -> tuple[str, object]:
+        """Pin a new session to the least-loaded ready replica with room, waiting up to
+        `replica_wait_s` for capacity being added (AtCapacity / BackendUnavailable after)."""
+        self._touch(gateway)
+        deadline = time.monotonic() + self._p.replica_wait_s
+        async with self._changed:
+            while True:
+                self._check_backend(backend)
+                free = self._free(backend)
+                if free:
+                    replica = min(free, key=lambda r: (len(r.sessions), r.name))
+                    self._assign(session_id, replica, gateway)
+                    self._scale(backend)
+                    return replica.name, replica.handle
+                self._scale(backend)
+                coming = any(r.state in ("starting", "down") for r in self._serving(backend))
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not coming:  # no capacity is on its way: do not wait
+                    total = self._p.sessions_per_replica * len(self._serving(backend))
+                    raise AtCapacity(f"all {total} session slots of the {backend} replicas are in "
+                                     "use or still starting; retry later")
+                try:
+                    await asyncio.wait_for(self._changed.wait(), remaining)
+                except asyncio.TimeoutError:
+                    pass
+
+    def _assign(self, session_id: str, replica: _Replica, gateway: str) -> None:
+        old = self._pins.get(session_id)
+        if old in self._replicas:
+            self._replicas[old].sessions.discard(session_id)
+        replica.sessions.add(session_id)
+        self._pins[session_id] = replica.name
+        self._owner[session_id] = gateway
+
+    async def repin(self, session_id: str, failed: str, gateway: str) -> tuple[str, object] | None:
+        """`failed` did not serve a round of the session: if it does not answer a ping, mark it
+        down and move the session to a ready replica with room. None: the session stays."""
+        self._touch(gateway)
+        replica = self._replicas.get(failed)
+        if replica is not None and replica.state in ("ready", "draining"):
+            if await self._responds(replica):
+                return None
+            replica.state = "down"
+            log.warning("replica %s does not answer; moving its sessions", failed)
+        current = self._replicas.get(self._pins.get(session_id, ""))
+        if current is not None and current.name != failed and current.state == "ready":
+            return current.name, current.handle  # moved already
+        backend = replica.backend if replica else self._settings.backend
+        async with self._changed:
+            free = self._free(backend)
+            if not free:
+                self._scale(backend)
+                return None  # nowhere to go yet: it stays; Ray restarts the replica
+            target = min(free, key=lambda r: (len(r.sessions), r.name))
+            self._assign(session_id, target, gateway)
+            self._scale(backend)
+            return target.name, target.handle
 
     async def unpin(self, session_id: str) -> None:
         name = self._pins.pop(session_id, None)
+        self._owner.pop(session_id, None)
         if name in self._replicas:
-            self._replicas[name].sessions.discard(session_id)
+            replica = self._replicas[name]
+            replica.sessions.discard(session_id)
+            if not replica.sessions:
+                replica.idle_since = time.monotonic()
+        async with self._changed:
+            self._changed.notify_all()
 
+    async def renew(self, gateway: str, sessions: dict[str, tuple[str, str]]) -> None:
+        """A gateway's lease: its open sessions as {session: (backend, replica)}."""
+        self._touch(gateway)
+        for session_id, (backend, name) in sessions.items():
+            if self._pins.get(session_id) == name:
+                continue
+            replica = self._replicas.get(name)
+            if replica is not None:  # after a directory restart: rebuild the pin
+                self._assign(session_id, replica, gateway)
+        for session_id in [s for s, g in self._owner.items() if g == gateway and s not in sessions]:
+            await self.unpin(session_id)
+
+    def _touch(self, gateway: str) -> None:
+        self._ensure_upkeep()
+        now = time.monotonic()
+        self._leases[gateway] = now
+        self._last_seen = now
+
+    # -- upkeep ------------------------------------------------------------------------------
+    async def _maintain(self) -> None:
+        while True:
+            await asyncio.sleep(MAINTAIN_S)
+            try:
+                await self._maintain_once()
+            except Exception:  # noqa: BLE001 - keep the loop alive
+                log.exception("directory upkeep failed")
+
+    async def _maintain_once(self) -> None:
+        now = time.monotonic()
+        for gateway, renewed in list(self._leases.items()):
+            if now - renewed > self._p.lease_s:
+                del self._leases[gateway]
+                lost = [s for s, g in self._owner.items() if g == gateway]
+                for session_id in lost:
+                    await self.unpin(session_id)
+                if lost:
+                    log.warning("gateway %s stopped renewing; freed %d slots", gateway, len(lost))
+        down = [r for r in self._replicas.values() if r.state == "down"]
+        for replica, ok in zip(down, await asyncio.gather(*(self._responds(r) for r in down))):
+            if ok and replica.state == "down":
+                replica.state = "ready"
+                log.info("replica %s answers again", replica.name)
+        for replica in list(self._replicas.values()):
+            if replica.state == "draining" and not replica.sessions:
+                self._kill(replica)
+        for backend in {r.backend for r in self._replicas.values()}:
+            self._scale_down(backend, now)
+        async with self._changed:
+            self._changed.notify_all()
+        if not self._pins and now - self._last_seen > ORPHAN_S:
+            self._retire()
+
+    def _scale_down(self, backend: str, now: float) -> None:
+        cap = self._p.sessions_per_replica
+        serving = self._serving(backend)
+        sessions = sum(len(r.sessions) for r in serving)
+        wanted = max(math.ceil((sessions + 1) / cap), self._p.min_replicas)
+        idle = sorted((r for r in serving if not r.sessions and r.state == "ready"
+                       and now - r.idle_since > self._p.idle_replica_s), key=lambda r: r.name)
+        for replica in idle[: max(0, len(serving) - wanted)]:
+            self._kill(replica)
+
+    def _retire(self) -> None:
+        """No gateway of this generation is left: remove its actors, then this directory."""
+        log.info("directory %s has no gateways left; removing its actors", self._gen)
+        for replica in list(self._replicas.values()):
+            self._kill(replica)
+        for handle in self._batchers.values():
+            ray.kill(handle, no_restart=True)
+        ray.actor.exit_actor()
+
+    async def _responds(self, replica: _Replica) -> bool:
+        """Whether `replica` answers a ping; one that died for good (killed without restart,
+        or its restarts exhausted) is forgotten, so a replacement starts."""
+        try:
+            await asyncio.wait_for(replica.handle.ping.remote(), PING_TIMEOUT_S)  # type: ignore[attr-defined]
+            return True
+        except (ActorUnavailableError, asyncio.TimeoutError):
+            return False  # restarting, or its node is not reachable (yet)
+        except Exception:  # noqa: BLE001 - ActorDiedError: gone for good
+            if self._replicas.pop(replica.name, None) is not None:
+                log.warning("replica %s died for good; its sessions move", replica.name)
+                self._scale(replica.backend)
+            return False
+
+    # -- introspection ------------------------------------------------------------------------
     async def replicas(self) -> list[dict]:
-        """Replicas with their pinned session counts (for metrics and tests)."""
-        return [
-            {"replica": r.name, "backend": r.backend, "alive": r.alive, "sessions": len(r.sessions)}
-            for r in self._replicas.values()
-        ]
+        """Replicas with state and pinned session counts (metrics, health, tests)."""
+        return [r.info() for r in self._replicas.values()]
 
     async def replica_stats(self) -> list[dict]:
-        out = []
-        for r in self._replicas.values():
-            if r.alive:
-                try:
-                    out.append(await asyncio.wait_for(r.handle.stats.remote(), timeout=2.0))  # type: ignore[attr-defined]
-                except Exception:
-                    out.append({"replica": r.name, "error": "unreachable"})
-        return out
+        live = [r for r in self._replicas.values() if r.state in ("ready", "draining")]
+
+        async def one(r: _Replica) -> dict:
+            try:
+                stats = await asyncio.wait_for(r.handle.stats.remote(), PING_TIMEOUT_S)  # type: ignore[attr-defined]
+            except Exception:  # noqa: BLE001
+                return {**r.info(), "error": "unreachable"}
+            return {**stats, **r.info()}
+
+        return list(await asyncio.gather(*(one(r) for r in live)))
+
+    async def health(self) -> dict:
+        """What is unavailable right now: {"degraded": [stage names]}."""
+        degraded = []
+        stats = await self.replica_stats()
+        for s in stats:
+            if "error" in s:
+                degraded.append(f"replica {s['replica']}")
+            else:
+                if s.get("batcher_down"):
+                    degraded.append(f"feature batcher ({s['backend']})")
+                if s.get("compositor_down"):
+                    degraded.append(f"compositor ({s['replica']})")
+        degraded += [f"replica {r.name}" for r in self._replicas.values() if r.state == "down"]
+        now = time.monotonic()
+        degraded += [f"{b} backend (failed to start)" for b, (until, _) in self._failed.items() if until > now]
+        return {"degraded": sorted(set(degraded))}
+
+    def generation(self) -> str:
+        return self._gen
 
 
 def get_directory(settings: Settings):
-    """The cluster's SessionDirectory (created on first use)."""
+    """The SessionDirectory of these settings (created by whoever asks first)."""
     return SessionDirectory.options(
-        name=DIRECTORY_NAME, namespace=settings.pipeline.namespace, lifetime="detached", get_if_exists=True
+        name=f"lipsync-directory-{generation_of(settings)}", namespace=settings.pipeline.namespace,
+        lifetime="detached", get_if_exists=True,
     ).remote(settings)

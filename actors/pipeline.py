@@ -1,122 +1,116 @@
 """RayPipeline: the session API (ray_lipsync.streaming.session) on Ray actors.
 
-Per tick (actors/dispatch.py), the audio every session released goes to the feature batcher
-in one call; the speech frames that became ready go to each session's pinned inference
-replica, whose crops go (as an ObjectRef, never through this process) to the compositor on
-this node; this process fetches only the blended mouth patches and pastes them into its own
-(memory-mapped) avatar frames. If a replica dies, its
-sessions are re-pinned and keep streaming.
+Per tick (actors/dispatch.py) this process makes one call per inference replica it uses,
+carrying the audio its sessions released; it gets back only mouth patches and pastes them
+into its own (memory-mapped) avatar frames. Sessions are pinned by the SessionDirectory;
+every few seconds this process renews the pins of its open sessions (a lease: if it dies,
+their slots free up). When a round fails or comes back too late the session counts the
+frames as dropped (`stage_unavailable`) and asks the directory whether to move to another
+replica.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
-from typing import Awaitable
 
 import numpy as np
 import ray
-from ray.exceptions import RayActorError
 
-from actors.directory import get_directory
+from actors.directory import LEASE_RENEW_S, get_directory
 from actors.dispatch import Dispatcher
+from actors.stages import STAGE_FAILURES, RoundResult
 from ray_lipsync.avatar.model import Avatar
-from ray_lipsync.compositing import Patch
 from ray_lipsync.config import Settings
-from ray_lipsync.errors import AtCapacity, UnknownSession
+from ray_lipsync.errors import AtCapacity, LipsyncError, StageUnavailable, UnknownSession
+from ray_lipsync.streaming.drops import DropReason
 from ray_lipsync.streaming.features import Schedule
 from ray_lipsync.streaming.local import load_avatar, new_clock
 from ray_lipsync.streaming.session import Session, Submitted
+from ray_lipsync.types import AudioPush, StageSpec
 
 log = logging.getLogger(__name__)
 
-try:  # newer Ray raises this while an actor restarts or is unreachable
-    from ray.exceptions import ActorUnavailableError
-except ImportError:  # pragma: no cover
-    ActorUnavailableError = RayActorError  # type: ignore[misc, assignment]
-
-REPLICA_FAILURES = (RayActorError, ActorUnavailableError)
-REPLICA_START_TIMEOUT_S = 120.0  # a replica that cannot be placed must not hang create_session
+DIRECTORY_TIMEOUT_S = 5.0  # a directory call slower than this: the directory is unavailable
 
 
 class RayLink:
-    """SessionLink of one session: its batcher, pinned replica and local compositor."""
+    """SessionLink of one session: its pinned replica, through this process's dispatcher."""
 
-    def __init__(
-        self, session_id: str, avatar: Avatar, backend: str, directory, batcher, dispatcher: Dispatcher
-    ) -> None:
+    def __init__(self, session_id: str, avatar: Avatar, backend: str, schedule: Schedule,
+                 clock, pipeline: "RayPipeline") -> None:
         self.session_id = session_id
         self.backend = backend
-        self.avatar_name = avatar.name
         self._avatar = avatar
-        self.batcher = batcher
+        self._spec = StageSpec(avatar.name, len(avatar), schedule)
+        self._clock = clock
+        self._pipeline = pipeline
+        self.replica = ""
         self.replica_handle = None
-        self._directory = directory
-        self._dispatcher = dispatcher
-        self._replica_name = ""
         self._epoch = 0
-        self._repin_lock = asyncio.Lock()  # several failed renders of one replica: one re-pin
+        self._moving: asyncio.Task | None = None
 
-    @property
-    def replica(self) -> str:
-        return self._replica_name
+    def attach(self, name: str, handle) -> None:
+        self.replica, self.replica_handle = name, handle
 
-    async def attach(self, name: str, handle) -> None:
-        """Use replica `name` (after pinning or re-pinning) and register this session there."""
-        await handle.open_session.remote(self.session_id, self.avatar_name)
-        if self._epoch:
-            await handle.set_epoch.remote(self.session_id, self._epoch)
-        self._replica_name, self.replica_handle = name, handle
+    def audio_push(self, epoch: int, start: int, samples: np.ndarray, final: bool, now: float) -> AudioPush:
+        """The push as sent at wall time `now` (its deadline as a budget from `now`)."""
+        return AudioPush(self.session_id, epoch, start, samples, final, self._spec, self._clock.due_in(now))
 
     async def submit(self, epoch: int, start: int, samples: np.ndarray, final: bool) -> Submitted:
-        return await self._dispatcher.submit(self, epoch, start, samples, final)
-
-    async def images(self, replica: str, patches: Awaitable[list[Patch | None]], offset: int,
-                     n: int) -> list[np.ndarray | None]:
-        """This session's frames of one dispatch round: its `n` patches from `offset` in the
-        round's compositor result, pasted into the avatar's frames; re-pin if its replica died."""
+        replica = self.replica
         try:
-            mine = (await patches)[offset : offset + n]
-        except REPLICA_FAILURES + (ray.exceptions.RayTaskError,) as exc:
-            if replica == self._replica_name and _replica_failed(exc):
-                await self._repin(replica)
-            return [None] * n
-        frames = self._avatar.frames
-        return [None if p is None else p.apply(frames[p.avatar_frame]) for p in mine]
+            result = await self._pipeline.dispatcher.submit(self, epoch, start, samples, final)
+        except STAGE_FAILURES + (ray.exceptions.RayTaskError,) as exc:
+            self._replica_failed(replica, exc)
+            raise
+        return Submitted(epoch, result.frames, result.speech, self._images(result))
 
-    async def _repin(self, dead: str) -> None:
-        async with self._repin_lock:
-            if dead != self._replica_name:
-                return  # a concurrent failure already moved this session
-            name, handle = await self._directory.repin.remote(self.session_id, dead)
-            if name != self._replica_name:
-                await self.attach(name, handle)
-                log.warning("session %s re-pinned from %s to %s", self.session_id, dead, name)
+    async def _images(self, result: RoundResult) -> list[np.ndarray | DropReason]:
+        frames = self._avatar.frames
+        return [p if isinstance(p, DropReason) else p.apply(frames[p.avatar_frame]) for p in result.patches]
+
+    def _replica_failed(self, replica: str, exc: BaseException) -> None:
+        if replica == self.replica and (self._moving is None or self._moving.done()):
+            log.warning("session %s: replica %s failed a round (%s)", self.session_id, replica,
+                        type(exc).__name__)
+            self._moving = asyncio.get_running_loop().create_task(self._repin(replica))
+
+    async def _repin(self, failed: str) -> None:
+        try:
+            moved = await asyncio.wait_for(
+                self._pipeline.directory.repin.remote(self.session_id, failed, self._pipeline.gateway_id),
+                DIRECTORY_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - the directory is restarting: try on the next failure
+            log.warning("session %s: could not ask the directory to re-pin", self.session_id, exc_info=True)
+            return
+        if moved is not None and moved[0] != self.replica:
+            name, handle = moved
+            self.attach(name, handle)
+            if self._epoch:
+                await self.interrupt_replica(self._epoch, 0)
+            log.warning("session %s re-pinned from %s to %s", self.session_id, failed, name)
 
     async def interrupt(self, epoch: int, cut_frame: int) -> None:
         self._epoch = epoch
-        await asyncio.gather(
-            self.batcher.interrupt.remote(self.session_id, epoch, cut_frame),
-            self.replica_handle.set_epoch.remote(self.session_id, epoch),
-            return_exceptions=True,
-        )
+        await self.interrupt_replica(epoch, cut_frame)
+
+    async def interrupt_replica(self, epoch: int, cut_frame: int) -> None:
+        try:
+            await asyncio.wait_for(self.replica_handle.interrupt.remote(self.session_id, epoch, cut_frame),
+                                   DIRECTORY_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - the next round carries the epoch anyway
+            log.warning("session %s: interrupt did not reach %s", self.session_id, self.replica)
 
     async def close(self) -> None:
+        self._pipeline.forget(self.session_id)
         await asyncio.gather(
-            self.batcher.close.remote(self.session_id),
-            self.replica_handle.close_session.remote(self.session_id),
-            self._directory.unpin.remote(self.session_id),
+            asyncio.wait_for(self.replica_handle.close_session.remote(self.session_id), DIRECTORY_TIMEOUT_S),
+            asyncio.wait_for(self._pipeline.directory.unpin.remote(self.session_id), DIRECTORY_TIMEOUT_S),
             return_exceptions=True,
         )
-
-
-def _replica_failed(exc: BaseException) -> bool:
-    """A failure of the replica actor itself (directly or as the compositor's input)."""
-    if isinstance(exc, REPLICA_FAILURES):
-        return True
-    cause = getattr(exc, "cause", None)
-    return isinstance(cause, REPLICA_FAILURES)
 
 
 class RayPipeline:
@@ -125,12 +119,13 @@ class RayPipeline:
     def __init__(self, settings: Settings, schedule: Schedule = "streaming") -> None:
         self.settings = settings
         self.schedule = schedule
-        self._directory = get_directory(settings)
+        self.directory = get_directory(settings)
+        self.gateway_id = uuid.uuid4().hex[:12]
+        self.dispatcher = Dispatcher(settings.pipeline.dispatch_tick_ms / 1000)
         self._sessions: dict[str, Session] = {}
+        self._links: dict[str, RayLink] = {}
         self._avatars: dict[str, Avatar] = {}
-        self._node_id = ray.get_runtime_context().get_node_id()
-        self._dispatcher: Dispatcher | None = None
-        self._batchers: dict[str, object] = {}
+        self._lease: asyncio.Task | None = None
 
     @classmethod
     async def connect(cls, settings: Settings, schedule: Schedule = "streaming") -> "RayPipeline":
@@ -144,47 +139,58 @@ class RayPipeline:
             self._avatars[name] = await asyncio.to_thread(load_avatar, self.settings, name)
         return self._avatars[name]
 
+    async def _directory_call(self, method: str, *args, timeout: float = DIRECTORY_TIMEOUT_S):
+        try:
+            return await asyncio.wait_for(getattr(self.directory, method).remote(*args), timeout)
+        except STAGE_FAILURES:
+            raise StageUnavailable("the session directory is not answering (restarting?); "
+                                   "retry in a few seconds") from None
+        except ray.exceptions.RayTaskError as error:
+            if isinstance(error.cause, LipsyncError):
+                raise error.cause from None  # AtCapacity, BackendUnavailable: typed for the API
+            raise
+
     async def create_session(
         self, avatar: str = "default", backend: str | None = None, session_id: str | None = None
     ) -> Session:
         backend = backend or self.settings.backend
         loaded = await self._avatar(avatar)
         session_id = session_id or uuid.uuid4().hex
-        directory = self._directory
-        if backend not in self._batchers:
-            self._batchers[backend] = await directory.batcher.remote(backend)
-        batcher = self._batchers[backend]
-        if self._dispatcher is None:
-            compositor = await directory.compositor.remote(self._node_id)
-            self._dispatcher = Dispatcher(compositor, self.settings.pipeline.dispatch_tick_ms / 1000)
-        name, replica = await directory.pin.remote(session_id, backend)
-        link = RayLink(session_id, loaded, backend, directory, batcher, self._dispatcher)
-        clock = new_clock(self.settings)
+        self._ensure_lease()
+        wait = self.settings.pipeline.replica_wait_s + DIRECTORY_TIMEOUT_S
+        name, replica = await self._directory_call("pin", session_id, backend, self.gateway_id, timeout=wait)
         try:
-            await asyncio.wait_for(link.attach(name, replica), timeout=REPLICA_START_TIMEOUT_S)
-            await batcher.open.remote(session_id, clock, len(loaded), self.schedule)
-            lookahead = await batcher.lookahead_ms.remote()
-        except asyncio.TimeoutError:
-            await link.close()
-            raise AtCapacity(
-                f"inference replica {name} did not start within {REPLICA_START_TIMEOUT_S:.0f} s "
-                "(not enough CPU/GPU in the cluster?); retry later"
-            ) from None
+            lookahead_ms = await asyncio.wait_for(replica.prepare.remote(loaded.name), wait)
         except Exception:
-            await link.close()
-            raise
+            await self._directory_call("unpin", session_id)
+            raise AtCapacity(f"inference replica {name} could not take the session; retry later") from None
+        clock = new_clock(self.settings)
+        link = RayLink(session_id, loaded, backend, self.schedule, clock, self)
+        link.attach(name, replica)
         session = Session(
-            session_id,
-            loaded,
-            backend,
-            link,
-            clock,
+            session_id, loaded, backend, link, clock,
             max_queued_s=self.settings.pipeline.audio_buffer_s,
-            lookahead_ms=lookahead,
+            lookahead_ms=lookahead_ms,
         )
         self._sessions[session_id] = session
+        self._links[session_id] = link
         return session
 
+    # -- leases --------------------------------------------------------------------------
+    def _ensure_lease(self) -> None:
+        if self._lease is None or self._lease.done():
+            self._lease = asyncio.get_running_loop().create_task(self._renew())
+
+    async def _renew(self) -> None:
+        while True:
+            pins = {sid: (link.backend, link.replica) for sid, link in self._links.items()}
+            try:
+                await asyncio.wait_for(self.directory.renew.remote(self.gateway_id, pins), DIRECTORY_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - the directory restarts; the next renewal rebuilds
+                log.warning("could not renew the session leases", exc_info=True)
+            await asyncio.sleep(LEASE_RENEW_S)
+
+    # -- sessions ------------------------------------------------------------------------
     def get(self, session_id: str) -> Session:
         session = self._sessions.get(session_id)
         if session is None or session.closed:
@@ -194,17 +200,28 @@ class RayPipeline:
     def sessions(self) -> list[Session]:
         return [s for s in self._sessions.values() if not s.closed]
 
-    async def close_session(self, session_id: str) -> None:
-        session = self.get(session_id)
-        await session.close()
+    def forget(self, session_id: str) -> None:
         self._sessions.pop(session_id, None)
+        self._links.pop(session_id, None)
+
+    async def close_session(self, session_id: str) -> None:
+        await self.get(session_id).close()
 
     async def replicas(self) -> list[dict]:
-        return await self._directory.replicas.remote()
+        return await self._directory_call("replicas")
 
     async def replica_stats(self) -> list[dict]:
-        return await self._directory.replica_stats.remote()
+        return await self._directory_call("replica_stats")
+
+    async def health(self) -> list[str]:
+        """Names of the stages unavailable right now (empty: all well)."""
+        try:
+            return (await self._directory_call("health"))["degraded"]
+        except StageUnavailable:
+            return ["session directory"]
 
     async def shutdown(self) -> None:
-        for session_id in list(self._sessions):
-            await self._sessions.pop(session_id).close()
+        if self._lease is not None:
+            self._lease.cancel()
+        for session in list(self._sessions.values()):
+            await session.close()

@@ -81,7 +81,19 @@ class SessionClock:
     def chunk_time(self, chunk_index: int) -> float:
         return self.t0 + self.delay_s + chunk_index * CHUNK_MS / 1000
 
+    def due_in(self, now: float) -> float:
+        """Seconds from wall-clock `now` until frame 0 is presented (see `AudioPush.due_in_s`)."""
+        return self.presentation_time(0) - now
+
     def frame_at(self, now: float) -> int:
         """Index of the frame due at time `now` (may be negative before start)."""
         # the epsilon keeps float rounding at a frame's exact start from landing on frame k-1
         return math.floor((now - self.t0 - self.delay_s) * 1000 / FRAME_MS + 1e-6)
+
+
+def frame_deadline(origin: float, frame_index: int) -> float:
+    """When frame `frame_index` is presented, on the local clock whose frame 0 is at `origin`.
+
+    Remote stages get `origin = time.monotonic() + push.due_in_s` on arrival of a push.
+    """
+    return origin + frame_index * FRAME_MS / 1000

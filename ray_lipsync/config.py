@@ -102,11 +102,38 @@ class PipelineConfig(_Frozen):
         "of sessions; adds tick/2 latency on average). 0 = at once."
     )
     sessions_per_replica: int = Field(8, gt=0, description="Session capacity per replica.")
+    min_replicas: int = Field(
+        1, ge=1, description="Inference replicas kept per backend in use (2+ for sub-second "
+        "failover when one dies: its sessions move to another instead of waiting for its restart)."
+    )
+    max_replicas: int = Field(8, ge=1, description="Most inference replicas per backend.")
+    replica_device: Literal["auto", "gpu", "cpu"] = Field(
+        "auto", description="Where replicas run: gpu asks num_gpus for each (on a `ray up` "
+        "cluster a pending replica makes the autoscaler add a GPU node); auto = gpu once the "
+        "cluster has GPUs (CPU replicas are then drained), else cpu."
+    )
+    replica_wait_s: float = Field(
+        20.0, ge=0, description="How long a new session waits for capacity being added before "
+        "it gets 503 + Retry-After."
+    )
+    idle_replica_s: float = Field(
+        120.0, ge=0, description="A replica without sessions beyond the wanted count is removed "
+        "after this long."
+    )
+    lease_s: float = Field(
+        6.0, gt=0, description="A gateway that has not renewed its sessions' pins for this long "
+        "is gone: their replica slots are freed."
+    )
+    stage_timeout_ms: int = Field(
+        400, gt=0, description="A feature batcher or compositor call slower than this counts as "
+        "unavailable: the replica does that work itself until the stage answers again."
+    )
+    batcher_gpus: float = Field(
+        0.1, gt=0, lt=1, description="GPU share of the musetalk feature batcher; GPU replicas "
+        "of that backend ask 1 - this, so the batcher fits beside one of them."
+    )
     audio_buffer_s: float = Field(
         30.0, gt=0, description="Most audio (s) a session may have queued ahead of playback."
-    )
-    cpu_replicas: int = Field(
-        1, gt=0, description="Inference replicas when the cluster has no GPU (else one per GPU)."
     )
     replica_num_cpus: float = Field(0.5, ge=0, description="CPUs reserved by a CPU-only replica.")
     namespace: str = Field("ray_lipsync", description="Ray namespace of the pipeline actors.")

@@ -70,3 +70,11 @@ class Backpressure(SessionError):
 
 class AtCapacity(LipsyncError):
     """No replica has room for another session (HTTP 503 with Retry-After)."""
+
+
+class BackendUnavailable(AtCapacity):
+    """The requested backend cannot run on this server right now (HTTP 503 with Retry-After)."""
+
+
+class StageUnavailable(LipsyncError):
+    """A pipeline stage did not answer (HTTP 503 with Retry-After)."""

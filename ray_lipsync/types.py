@@ -39,15 +39,47 @@ class RenderJob:
 
 @dataclass(frozen=True)
 class FrameJob:
-    """A frame of one session on its way through the pipeline."""
+    """A frame of one session on its way through the pipeline.
+
+    It carries no deadline: deadlines are local to the process that holds the job (see
+    `AudioPush.due_in_s`), never wall-clock times compared across nodes.
+    """
 
     session_id: str
     epoch: int
     frame_index: int
+    avatar: str
     avatar_frame: int
     speech: bool
-    deadline: float  # monotonic time by which the crop must exist
     features: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What a feature stage needs to (re)create a session's state on any process."""
+
+    avatar: str
+    avatar_frames: int
+    schedule: str = "streaming"
+
+
+@dataclass(frozen=True)
+class AudioPush:
+    """Session audio for timeline samples [start, start + len(samples)) sent down the pipeline.
+
+    `due_in_s`: seconds from the moment the push was sent until frame 0 of the session is
+    presented (negative once it has been). A receiver turns it into its own monotonic clock
+    (`time.monotonic() + due_in_s`) on arrival, so deadlines never depend on the wall clocks
+    of two nodes agreeing. `spec` lets a restarted stage rebuild the session's state.
+    """
+
+    session_id: str
+    epoch: int
+    start: int
+    samples: np.ndarray
+    final: bool
+    spec: StageSpec
+    due_in_s: float
 
 
 @dataclass
@@ -56,7 +88,8 @@ class OutputFrame:
 
     `image` is the full RGB frame; `audio` the 640 samples (16 kHz, float32) of chunks 2k and
     2k+1; `pts` the 90 kHz video timestamp; `presentation_time` the session clock's time (s);
-    `dropped` marks an idle frame that replaced one not ready in time; `latency_ms` is the
+    `dropped` marks an idle frame that replaced one known to be speech but not ready in time
+(see streaming/drops.py); `latency_ms` is the
     time from the arrival of the frame's last audio chunk to its composited image (None for
     idle frames).
     """

@@ -20,7 +20,8 @@ from ray_lipsync.streaming.buffer import SampleBuffer
 from ray_lipsync.streaming.features import BATCH16_FRAMES, FeatureBatcher
 from ray_lipsync.streaming.scheduler import BatchWorker, RenderQueue
 from ray_lipsync.streaming.timeline import SessionTimeline
-from ray_lipsync.types import FrameJob
+from ray_lipsync.streaming.drops import DropReason
+from ray_lipsync.types import AudioPush, FrameJob, StageSpec
 
 T0 = 1000.0
 F = SAMPLES_PER_FRAME
@@ -140,7 +141,7 @@ class CountingFeaturizer(ProceduralFeaturizer):  # stateful: featurizes silent f
 def make_batcher(speech_detector, featurizer=None, sessions=("s",), schedule="streaming"):
     batcher = FeatureBatcher(featurizer or ProceduralFeaturizer(), speech_detector)
     for sid in sessions:
-        batcher.open(sid, SessionClock(T0, 0.24), avatar_frames=5, schedule=schedule)
+        batcher.open(sid, StageSpec("default", avatar_frames=5, schedule=schedule))
     return batcher
 
 
@@ -158,7 +159,7 @@ def test_frames_become_ready_after_their_lookahead(speech_detector):
     jobs = asyncio.run(run())
     n = -(-len(voice) // F)
     assert [j.frame_index for j in jobs] == list(range(n))  # every frame once, in order
-    assert all(j.deadline == pytest.approx(T0 + 0.24 + 0.04 * j.frame_index) for j in jobs)
+    assert all(j.avatar == "default" for j in jobs)
     assert all(j.avatar_frame == [0, 1, 2, 3, 4, 3, 2, 1][j.frame_index % 8] for j in jobs)
     speaking = [j for j in jobs if j.speech]
     assert len(speaking) > n // 2
@@ -278,16 +279,16 @@ def test_unknown_session_is_a_typed_error(speech_detector):
 # -- RenderQueue / BatchWorker ------------------------------------------------------------
 
 
-def job(session: str, k: int, epoch: int = 0, deadline: float | None = None) -> FrameJob:
-    return FrameJob(session, epoch, k, 0, True, T0 + k * 0.04 if deadline is None else deadline)
+def job(session: str, k: int, epoch: int = 0) -> FrameJob:
+    return FrameJob(session, epoch, k, "default", 0, True)
 
 
 def test_queue_takes_oldest_deadline_first_and_drops_stale_and_late():
     async def run():
         queue = RenderQueue(max_batch=3)
-        futures = queue.submit([job("a", 5), job("b", 1), job("a", 3, epoch=0), job("b", 2)])
-        late = queue.submit([job("c", 0, deadline=T0 - 1.0)])
-        fresh = queue.submit([job("a", 4, epoch=1)])
+        futures = queue.submit([job("a", 5), job("b", 1), job("a", 3, epoch=0), job("b", 2)], T0)
+        late = queue.submit([job("c", 0)], T0 - 1.0)  # frame 0 of c was due a second ago
+        fresh = queue.submit([job("a", 4, epoch=1)], T0)
         queue.set_epoch("a", 1)  # interrupt: a's epoch-0 jobs are stale
         first = queue.next_batch(now=T0)
         second = queue.next_batch(now=T0)
@@ -296,8 +297,8 @@ def test_queue_takes_oldest_deadline_first_and_drops_stale_and_late():
     queue, futures, late, fresh, first, second = asyncio.run(run())
     assert [(e.job.session_id, e.job.frame_index) for e in first] == [("b", 1), ("b", 2), ("a", 4)]
     assert second == []
-    assert futures[0].result() is None and futures[2].result() is None  # stale -> None
-    assert late[0].result() is None
+    assert futures[0].result() is DropReason.STALE_EPOCH and futures[2].result() is DropReason.STALE_EPOCH
+    assert late[0].result() is DropReason.SHED
     assert queue.stats.dropped_stale == 2 and queue.stats.dropped_late == 1
     assert not fresh[0].done()  # in a batch, waiting for its render
 
@@ -311,9 +312,9 @@ def test_worker_batches_across_sessions_up_to_max_batch():
 
     async def run():
         worker = BatchWorker(RenderQueue(max_batch=4), render)
-        now = time.time()  # deadlines far in the future (the queue uses wall time)
-        jobs = {s: [FrameJob(s, 0, k, 0, True, now + 1e6 + k) for k in range(3)] for s in "abc"}
-        return await asyncio.gather(*(worker.run(js) for js in jobs.values())), worker
+        origin = time.monotonic() + 1e6  # deadlines far in the future (the queue's own clock)
+        jobs = {s: [FrameJob(s, 0, k, "default", 0, True) for k in range(3)] for s in "abc"}
+        return await asyncio.gather(*(worker.run(js, origin) for js in jobs.values())), worker
 
     results, worker = asyncio.run(run())
     for images in results:
@@ -323,21 +324,35 @@ def test_worker_batches_across_sessions_up_to_max_batch():
     assert worker.queue.stats.max_batch_seen == 4
 
 
-def test_worker_failure_reaches_every_waiting_caller():
+def test_worker_failure_reaches_every_waiting_caller_as_a_drop_reason():
     def render(jobs):
         raise RuntimeError("renderer exploded")
 
     async def run():
         worker = BatchWorker(RenderQueue(max_batch=8), render)
-        far = time.time() + 1e6
+        far = time.monotonic() + 1e6
         return await asyncio.gather(
-            worker.run([FrameJob("a", 0, 0, 0, True, far)]),
-            worker.run([FrameJob("b", 0, 0, 0, True, far)]),
-            return_exceptions=True,
+            worker.run([FrameJob("a", 0, 0, "default", 0, True)], far),
+            worker.run([FrameJob("b", 0, 0, "default", 0, True)], far),
         )
 
     outcomes = asyncio.run(run())
-    assert all(isinstance(o, RuntimeError) for o in outcomes)
+    assert outcomes == [[DropReason.STAGE_ERROR], [DropReason.STAGE_ERROR]]
+
+
+def test_a_restarted_batcher_reopens_sessions_from_their_push(speech_detector):
+    """A batcher that never saw a session (it restarted) rebuilds its stage from the push."""
+    batcher = FeatureBatcher(ProceduralFeaturizer(), speech_detector)
+    voice = speech()
+    spec = StageSpec("default", avatar_frames=5)
+    start = 40 * F  # the session was already 40 frames in when this batcher came up
+
+    async def run():
+        return await batcher.process_pushes([AudioPush("s", 2, start, voice, True, spec, 0.3)])
+
+    [jobs] = asyncio.run(run())
+    assert jobs and jobs[0].frame_index == 40 and all(j.epoch == 2 for j in jobs)
+    assert batcher.stages["s"].spec == spec
 
 
 def test_a_stateless_featurizer_is_not_asked_for_silent_frames(speech_detector):

@@ -21,13 +21,12 @@ from ray_lipsync.clock import (
     CHUNK_SAMPLES,
     CHUNKS_PER_FRAME,
     SAMPLES_PER_FRAME,
-    SessionClock,
     frames_ready,
     ms_to_samples,
 )
 from ray_lipsync.errors import UnknownSession
 from ray_lipsync.streaming.buffer import SampleBuffer
-from ray_lipsync.types import FeatureRequest, FrameJob
+from ray_lipsync.types import AudioPush, FeatureRequest, FrameJob, StageSpec
 
 log = logging.getLogger(__name__)
 
@@ -61,18 +60,16 @@ class FeatureStage:
     def __init__(
         self,
         session_id: str,
-        clock: SessionClock,
-        avatar_frames: int,
+        spec: StageSpec,
         featurizer: Featurizer,
         vad: Any,
         lookahead_ms: int,
-        schedule: Schedule = "streaming",
     ) -> None:
         self.session_id = session_id
-        self.clock = clock
-        self.avatar_frames = avatar_frames
+        self.spec = spec
+        self.avatar_frames = spec.avatar_frames
         self.epoch = 0
-        self.schedule = schedule
+        self.schedule: Schedule = "batch16" if spec.schedule == "batch16" else "streaming"
         self._vad_model = vad
         self._vad = vad.stream()
         self._state = featurizer.new_state()
@@ -176,9 +173,9 @@ class FeatureStage:
                 session_id=self.session_id,
                 epoch=self.epoch,
                 frame_index=k,
+                avatar=self.spec.avatar,
                 avatar_frame=mirror_index(k, self.avatar_frames),
                 speech=bool(ready.speech[i]),
-                deadline=self.clock.presentation_time(k),
                 features=features[i] if features is not None and ready.speech[i] else None,
             )
             for i, k in enumerate(ready.frames)
@@ -216,12 +213,21 @@ class FeatureBatcher:
         self.steps = 0
         self.frames = 0
 
-    def open(
-        self, session_id: str, clock: SessionClock, avatar_frames: int, schedule: Schedule = "streaming"
-    ) -> None:
-        self.stages[session_id] = FeatureStage(
-            session_id, clock, avatar_frames, self.featurizer, self.vad, self.lookahead_ms, schedule
-        )
+    def open(self, session_id: str, spec: StageSpec) -> None:
+        self.stages[session_id] = FeatureStage(session_id, spec, self.featurizer, self.vad, self.lookahead_ms)
+
+    async def process_pushes(self, pushes: Sequence[AudioPush]) -> list[list[FrameJob]]:
+        """Several sessions' pushes, served by one featurizer step.
+
+        A session this batcher does not know (it was restarted, or the session moved here) is
+        opened from the push's spec: its audio context and VAD state start afresh at the push.
+        """
+        for push in pushes:
+            if push.session_id not in self.stages:
+                self.open(push.session_id, push.spec)
+                self.stages[push.session_id].epoch = push.epoch
+        return list(await asyncio.gather(
+            *(self.process(p.session_id, p.epoch, p.start, p.samples, p.final) for p in pushes)))
 
     async def close(self, session_id: str) -> None:
         await self._submit(_Op("close", session_id, 0))

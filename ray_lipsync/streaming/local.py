@@ -23,7 +23,7 @@ from ray_lipsync.errors import AtCapacity, UnknownSession
 from ray_lipsync.streaming.features import FeatureBatcher, Schedule
 from ray_lipsync.streaming.scheduler import BatchWorker, RenderQueue
 from ray_lipsync.streaming.session import Session, Submitted
-from ray_lipsync.types import FrameJob, RenderJob
+from ray_lipsync.types import FrameJob, RenderJob, StageSpec
 
 
 def new_clock(settings: Settings) -> SessionClock:
@@ -58,8 +58,10 @@ class _Backend:
 class LocalLink:
     """SessionLink to the in-process stages."""
 
-    def __init__(self, session_id: str, backend: _Backend, pipeline: "LocalPipeline") -> None:
+    def __init__(self, session_id: str, clock: SessionClock, backend: _Backend,
+                 pipeline: "LocalPipeline") -> None:
         self.session_id = session_id
+        self._clock = clock
         self._backend = backend
         self._pipeline = pipeline
 
@@ -70,7 +72,8 @@ class LocalLink:
     async def submit(self, epoch: int, start: int, samples: np.ndarray, final: bool) -> Submitted:
         jobs = await self._backend.batcher.process(self.session_id, epoch, start, samples, final)
         speech = [j for j in jobs if j.speech]
-        images = self._backend.worker.run(speech) if speech else None
+        origin = time.monotonic() + self._clock.due_in(time.time())
+        images = self._backend.worker.run(speech, origin) if speech else None
         return Submitted(epoch, [j.frame_index for j in jobs], [j.speech for j in jobs], images)
 
     async def interrupt(self, epoch: int, cut_frame: int) -> None:
@@ -94,7 +97,7 @@ class LocalPipeline:
         self._compositor = Compositor()
         self._backends: dict[str, _Backend] = {}
         self._sessions: dict[str, Session] = {}
-        self._session_avatar: dict[str, Avatar] = {}
+        self._avatars: dict[str, Avatar] = {}  # by name, for the compositor
         self._vad = None
 
     def _backend(self, name: str) -> _Backend:
@@ -111,7 +114,7 @@ class LocalPipeline:
 
     def _render(self, renderer: Renderer, jobs: list[FrameJob]) -> Sequence[np.ndarray | None]:
         """Render + composite one cross-session batch (runs in a worker thread)."""
-        avatars = [self._session_avatar[j.session_id] for j in jobs]
+        avatars = [self._avatars[j.avatar] for j in jobs]
         crops = renderer.render([RenderJob(a.name, j.avatar_frame, j.features) for a, j in zip(avatars, jobs)])
         return [self._compositor.compose(a, j.avatar_frame, c) for a, j, c in zip(avatars, jobs, crops)]
 
@@ -129,13 +132,13 @@ class LocalPipeline:
         await asyncio.to_thread(stages.renderer.load_avatar, loaded)
         session_id = session_id or uuid.uuid4().hex
         clock = new_clock(self.settings)
-        stages.batcher.open(session_id, clock, len(loaded), self.schedule)
-        self._session_avatar[session_id] = loaded
+        stages.batcher.open(session_id, StageSpec(loaded.name, len(loaded), self.schedule))
+        self._avatars[loaded.name] = loaded
         session = Session(
             session_id,
             loaded,
             backend,
-            LocalLink(session_id, stages, self),
+            LocalLink(session_id, clock, stages, self),
             clock,
             max_queued_s=self.settings.pipeline.audio_buffer_s,
             lookahead_ms=stages.batcher.lookahead_ms,
@@ -157,7 +160,6 @@ class LocalPipeline:
 
     def _forget(self, session_id: str) -> None:
         self._sessions.pop(session_id, None)
-        self._session_avatar.pop(session_id, None)
 
     async def shutdown(self) -> None:
         for session in list(self._sessions.values()):

@@ -5,6 +5,10 @@ frames themselves are computed by an engine behind a `SessionLink` (in-process f
 `LocalPipeline`, Ray actors for `RayPipeline`). Frame k leaves `frames()` at its presentation
 time with chunks 2k and 2k+1; if its image is not ready then, the idle avatar frame takes its
 place and it counts as dropped. Audio is never held back.
+
+The session is the one place where drops are decided and counted (`DropCounter`, with a
+reason): stages only report why they shed a frame. Speech whose result arrives after its
+frame was shown, or whose engine call failed, counts when that becomes known.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import numpy as np
 from ray_lipsync.avatar.model import Avatar
 from ray_lipsync.clock import SAMPLE_RATE, SAMPLES_PER_FRAME, SessionClock, ms_to_samples, video_pts
 from ray_lipsync.errors import MalformedAudio, SessionClosed
+from ray_lipsync.streaming.drops import DropCounter, DropReason
 from ray_lipsync.streaming.timeline import SessionTimeline, Utterance
 from ray_lipsync.types import OutputFrame
 
@@ -35,14 +40,14 @@ __all__ = ["Session", "SessionLink", "SessionStats", "Submitted", "Utterance"]
 class Submitted:
     """What one push of audio made ready: all its frames, which are speech, and their images.
 
-    `images` resolves to one full frame (or None when a stage dropped it) per speech frame,
-    in order; None when no frame is speech.
+    `images` resolves to one full frame (or the DropReason of a stage that shed it) per speech
+    frame, in order; None when no frame is speech.
     """
 
     epoch: int
     frames: list[int]
     speech: list[bool]
-    images: Awaitable[list[np.ndarray | None]] | None
+    images: Awaitable[list[np.ndarray | DropReason]] | None
 
 
 class SessionLink(Protocol):
@@ -66,6 +71,7 @@ class SessionStats:
     speaking: bool
     frames_sent: int
     frames_dropped: int
+    drops: dict[str, int]
     latency_ms_p50: float | None
     latency_ms_p95: float | None
     latency_ms_p99: float | None
@@ -96,6 +102,8 @@ class Session:
         self._lead = self._lookahead + ms_to_samples(RELEASE_MARGIN_MS)
         self._ready: dict[int, tuple[np.ndarray, float | None]] = {}  # frame -> (image, latency ms)
         self._expected: set[int] = set()  # speech frames whose image is on its way
+        self._lost: dict[int, DropReason] = {}  # expected frames a stage reported it shed
+        self._drops = DropCounter()
         self._audio_at: dict[int, float] = {}  # frame -> time its last sample reached the engine
         self._latencies: deque[float] = deque(maxlen=2000)
         self._next_emit = max(0, clock.frame_at(time.time()) + 1)
@@ -103,8 +111,6 @@ class Session:
         self._wake = asyncio.Event()
         self._closed = False
         self.frames_sent = 0
-        self.frames_dropped = 0
-        self.last_activity = time.time()
         self._feeder = asyncio.create_task(self._feed(), name=f"feed-{session_id}")
         self._collectors: set[asyncio.Task] = set()
 
@@ -121,6 +127,14 @@ class Session:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def frames_dropped(self) -> int:
+        return self._drops.visible
+
+    @property
+    def drops(self) -> DropCounter:
+        return self._drops
+
     # -- input ------------------------------------------------------------------------
     async def push_audio(
         self, samples: np.ndarray, utterance_id: str | None = None, final: bool = True
@@ -134,7 +148,6 @@ class Session:
         if samples.ndim != 1:
             raise MalformedAudio(f"push mono 16 kHz samples (1-D), got an array of shape {samples.shape}")
         placement = self._timeline.place(samples, time.time(), utterance_id, final)
-        self.last_activity = placement.arrived
         self._wake.set()
         return placement.utterance
 
@@ -152,7 +165,6 @@ class Session:
         for k in [k for k in self._ready if k >= cut_frame]:
             del self._ready[k]
         self._expected = {k for k in self._expected if k < cut_frame}
-        self.last_activity = time.time()
         await self._link.interrupt(epoch, cut_frame)
         return epoch
 
@@ -198,12 +210,46 @@ class Session:
                 continue
             piece, arrived = self._take(stop)
             self._note_audio_ready(start, stop, max(now, arrived))
-            try:
-                submitted = await self._link.submit(timeline.epoch, start, piece, final)
-            except Exception:
-                log.exception("session %s: submit failed; its frames will show idle", self.session_id)
+            # Submits run as tasks (created in order, so pushes reach the engine in order): an
+            # engine that answers only once the frames are rendered never holds back the next
+            # release.
+            self._spawn(self._submit(timeline.epoch, start, piece, final))
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._collectors.add(task)
+        task.add_done_callback(self._collectors.discard)
+
+    async def _submit(self, epoch: int, start: int, piece: np.ndarray, final: bool) -> None:
+        try:
+            submitted = await self._link.submit(epoch, start, piece, final)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.warning("session %s: engine call failed; its frames show idle", self.session_id,
+                        exc_info=True)
+            self._lost_push(epoch, start, start + len(piece))
+            return
+        self._track(submitted)
+
+    def _lost_push(self, epoch: int, start: int, stop: int) -> None:
+        """An engine call failed: the speech frames it would have made are dropped (unavailable).
+
+        Which frames were speech is unknown (the VAD ran in the failed stage): every frame of
+        an utterance that the push could have completed counts.
+        """
+        if epoch != self.epoch:
+            return
+        first = max(0, (start - self._lookahead) // SAMPLES_PER_FRAME)
+        last = -(-stop // SAMPLES_PER_FRAME)
+        for k in range(first, last):
+            if not self._timeline.speaking(k) or k in self._ready:
                 continue
-            self._track(submitted)
+            if k < self._next_emit:
+                self._drops.count(DropReason.STAGE_UNAVAILABLE)
+            else:
+                self._expected.add(k)
+                self._lost[k] = DropReason.STAGE_UNAVAILABLE
 
     def _releasable(self, horizon: int) -> tuple[int, bool]:
         """End of the contiguous queued audio before `horizon`, and whether nothing follows."""
@@ -252,13 +298,14 @@ class Session:
                 submitted.images.close()  # stale epoch: never awaited, so close it quietly
             return
         speech_frames = [k for k, s in zip(submitted.frames, submitted.speech) if s]
-        self._expected.update(speech_frames)
-        task = asyncio.create_task(self._collect(submitted.epoch, speech_frames, submitted.images))
-        self._collectors.add(task)
-        task.add_done_callback(self._collectors.discard)
+        past = sum(k < self._next_emit for k in speech_frames)
+        if past:  # already shown idle before they were known as speech
+            self._drops.count(DropReason.LATE, past)
+        self._expected.update(k for k in speech_frames if k >= self._next_emit)
+        self._spawn(self._collect(submitted.epoch, speech_frames, submitted.images))
 
     async def _collect(
-        self, epoch: int, frames: list[int], images: Awaitable[list[np.ndarray | None]]
+        self, epoch: int, frames: list[int], images: Awaitable[list[np.ndarray | DropReason]]
     ) -> None:
         try:
             results = await images
@@ -266,11 +313,14 @@ class Session:
             raise
         except Exception:
             log.warning("session %s: frames %s lost", self.session_id, frames[:1], exc_info=True)
-            return
+            results = [DropReason.STAGE_UNAVAILABLE] * len(frames)
         done = time.time()
         for k, image in zip(frames, results):
             arrived = self._audio_at.pop(k, None)
-            if image is None or epoch != self.epoch or k < self._next_emit:
+            if epoch != self.epoch or k < self._next_emit:
+                continue  # cut by an interrupt (not a drop), or already shown and counted
+            if isinstance(image, DropReason) or image is None:
+                self._lost[k] = image or DropReason.STAGE_UNAVAILABLE
                 continue
             latency = None if arrived is None else (done - arrived) * 1000
             self._ready[k] = (image, latency)
@@ -300,17 +350,19 @@ class Session:
         for stale in [f for f in self._ready if f < k]:
             del self._ready[stale]
         self._expected = {f for f in self._expected if f >= k}
+        self._lost = {f: r for f, r in self._lost.items() if f >= k}
 
     def _emit(self, k: int) -> OutputFrame:
         self._next_emit = k + 1
         image, latency = self._ready.pop(k, (None, None))
         dropped = image is None and k in self._expected
         self._expected.discard(k)
+        reason = self._lost.pop(k, DropReason.LATE)
         self._audio_at.pop(k, None)
         if image is None:
             image = self.avatar.frames[self.avatar.cycle_index(k)]
         if dropped:
-            self.frames_dropped += 1
+            self._drops.count(reason)
         timeline = self._timeline
         meta = timeline.marks(k)
         if self._late_ends:
@@ -336,6 +388,10 @@ class Session:
         """The consumer reports that `frame` went out (drives stats and events)."""
         self.frames_sent += 1
 
+    def record_sender_drop(self, frame: OutputFrame) -> None:
+        """The consumer could not send `frame`'s video in time (its sender lagged)."""
+        self._drops.count(DropReason.SENDER_BACKPRESSURE)
+
     # -- state --------------------------------------------------------------------------
     def speaking(self) -> bool:
         return self._timeline.speaking(self._next_emit) or bool(self._timeline.unreleased)
@@ -352,6 +408,7 @@ class Session:
             speaking=self.speaking(),
             frames_sent=self.frames_sent,
             frames_dropped=self.frames_dropped,
+            drops=self._drops.by_reason(),
             latency_ms_p50=_quantile(lat, 0.5),
             latency_ms_p95=_quantile(lat, 0.95),
             latency_ms_p99=_quantile(lat, 0.99),
