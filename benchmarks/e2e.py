@@ -221,7 +221,7 @@ async def run_client(http: httpx.AsyncClient, samples: np.ndarray, seconds: floa
 
 def start_server(port: int, extra: list[str], ray_cpus: float | None) -> subprocess.Popen:
     """`ray-lipsync serve` with a local Ray; `ray_cpus` overrides its logical CPU count."""
-    cmd = [sys.executable, "-m", "ray_lipsync.cli", "-q", "serve", "--port", str(port), *extra]
+    cmd = [sys.executable, "-m", "serve_app", "-q", "serve", "--port", str(port), *extra]
     env = dict(os.environ)
     if ray_cpus:
         env["RAY_OVERRIDE_RESOURCES"] = json.dumps({"CPU": ray_cpus})

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from ray_lipsync.config import Settings
@@ -68,15 +69,19 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    import serve_app
+ServeRunner = Callable[..., None]  # (settings, address=..., dashboard=...) -> blocks
 
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if args.serve_runner is None:
+        raise LipsyncError("`serve` needs the Ray Serve application: run it as `ray-lipsync serve` "
+                           "(the installed command) or `python -m serve_app serve`")
     settings = _settings(args)
     if settings.backend == "musetalk":  # fail at startup, listing every missing/bad weight file
         from ray_lipsync.backends.musetalk.weights import check_weights
 
         check_weights(settings.models_dir)
-    serve_app.run(settings, address=args.address, dashboard=args.ray_dashboard)
+    args.serve_runner(settings, address=args.address, dashboard=args.ray_dashboard)
     return 0
 
 
@@ -132,8 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, serve: ServeRunner | None = None) -> int:
+    """Run the CLI. `serve` starts the service; the Serve application (serve_app.main) passes
+    it, so this core package never imports the application layer."""
     args = build_parser().parse_args(argv)
+    args.serve_runner = serve
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

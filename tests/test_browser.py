@@ -39,7 +39,6 @@ def free_port() -> int:
 
 def build_local_app(home: Path):
     """The service's FastAPI app over an in-process gateway and LocalPipeline."""
-    from ray_lipsync.api.client import LocalClient
     from ray_lipsync.api.gateway import Gateway
     from ray_lipsync.api.routes import build_api
     from ray_lipsync.config import Settings
@@ -47,7 +46,7 @@ def build_local_app(home: Path):
 
     settings = Settings(home=home)
     gateway = Gateway(settings, LocalPipeline(settings), "local")
-    return build_api(settings, LocalClient(gateway)), gateway
+    return build_api(settings, gateway), gateway
 
 
 @pytest.fixture(scope="module")

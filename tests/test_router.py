@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 pytest.importorskip("ray")
-from ray_lipsync.api.router import SessionRouter  # noqa: E402
+from serve_app import SessionRouter  # noqa: E402
 
 
 def replica(unique_id: str, sessions: int) -> SimpleNamespace:

@@ -67,7 +67,7 @@ def test_sessions_stay_on_their_home_replica(base_url):
                 assert state.json()["gateway"] == sid.split(".")[0]
                 # the proxy sent the HTTP request straight to the home gateway (no forwarding)
                 assert state.headers["x-lipsync-gateway"] == sid.split(".")[0]
-                assert state.json()["replica"].startswith("replica-procedural-")
+                assert state.json()["replica"].startswith("replica-") and "-procedural-" in state.json()["replica"]
                 assert client.post(f"/v1/sessions/{sid}/interrupt", headers=auth).status_code == 200
         sid, auth = next(iter(sessions.items()))
         assert client.get(f"/v1/sessions/{sid}").status_code == 401
@@ -80,13 +80,14 @@ def test_sessions_stay_on_their_home_replica(base_url):
         while time.monotonic() < deadline:
             text = client.get("/metrics").text
             if all(f'lipsync_sessions{{replica="{h}"}}' in text for h in homes) and (
-                'lipsync_replica_queue_depth{inference_replica="replica-procedural-' in text
+                'lipsync_replica_queue_depth{inference_replica="replica-' in text
             ):
                 break
             time.sleep(0.5)
         for h in homes:
             assert f'lipsync_sessions{{replica="{h}"}}' in text
-        assert 'lipsync_replica_sessions{inference_replica="replica-procedural-' in text
+        assert 'lipsync_replica_sessions{inference_replica="replica-' in text
+        assert 'lipsync_frames_dropped_total{reason="stage_unavailable",replica=' in text
         assert "lipsync_frame_latency_ms_bucket" in text
         for sid, auth in sessions.items():
             assert client.delete(f"/v1/sessions/{sid}", headers=auth).status_code == 204

@@ -1,104 +1,64 @@
-"""How the HTTP API reaches gateways: in-process (`LocalClient`), via Ray Serve (`ServeClient`)
-or, inside a gateway replica, in-process for its own sessions and via Serve for others
-(`HomeClient`).
+"""The gateway's API as one typed interface: what the HTTP routes call.
 
-Both expose `call(method, **kwargs)`, `stream(method, **kwargs)` and `snapshots()`. Session
-calls pass `session_id` as a keyword: the Serve request router reads it to pick the session's
-home replica.
+`GatewayAPI` is implemented by `Gateway` itself (in-process: laptop mode, tests) and, in the
+Serve application, by a client that runs a replica's own sessions in-process and forwards the
+others through a Serve handle (serve_app.HomeClient / ServeClient). Session calls pass
+`session_id` as a keyword: the Serve request router reads it to pick the session's home
+replica. `forwarded_kwargs` turns a call into those keywords, by the interface's own
+signature, so the forwarding clients name methods only through this Protocol.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import inspect
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
-from ray_lipsync.api.gateway import Gateway, home_of, names_replica
+import numpy as np
 
 
-class GatewayClient(Protocol):
-    async def call(self, method: str, **kwargs: Any) -> Any: ...
-    def stream(self, method: str, **kwargs: Any) -> AsyncIterator[Any]: ...
-    async def snapshots(self) -> list[dict]: ...
+class GatewayAPI(Protocol):
+    """One gateway replica's sessions (see ray_lipsync.api.gateway.Gateway for the semantics)."""
 
+    async def create_session(self, avatar: str = "default", backend: str | None = None) -> dict: ...
 
-class LocalClient:
-    """Calls one in-process Gateway directly (laptop mode and fast tests)."""
+    async def authorize(self, session_id: str, token: str | None) -> None: ...
 
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
+    async def offer(self, session_id: str | int, token: str | None, sdp: str, type: str = "offer",
+                    *, compat: bool = False) -> dict: ...
 
-    async def call(self, method: str, **kwargs: Any) -> Any:
-        result = getattr(self.gateway, method)(**kwargs)
-        return await result if isinstance(result, Awaitable) else result
+    async def push_audio(self, session_id: str | int, token: str | None, samples: np.ndarray,
+                         utterance_id: str | None = None, interrupt: bool = False,
+                         final: bool = True, *, compat: bool = False) -> dict: ...
 
-    def stream(self, method: str, **kwargs: Any) -> AsyncIterator[Any]:
-        return getattr(self.gateway, method)(**kwargs)
+    async def interrupt(self, session_id: str | int, token: str | None = None, *,
+                        compat: bool = False) -> dict: ...
 
-    async def snapshots(self) -> list[dict]:
-        return [self.gateway.metrics_snapshot()]
+    async def status(self, session_id: str | int, token: str | None = None, *,
+                     compat: bool = False) -> dict: ...
 
+    async def close(self, session_id: str | int, token: str | None = None, *,
+                    compat: bool = False) -> None: ...
 
-def _unwrap(error: BaseException) -> BaseException:
-    """The user exception inside a Ray task error (so handlers see UnknownSession etc.)."""
-    cause = getattr(error, "cause", None)
-    return cause if isinstance(cause, BaseException) else error
-
-
-class ServeClient:
-    """Calls gateway replicas through a DeploymentHandle routed by SessionRouter."""
-
-    def __init__(self, handle: Any, snapshots: Callable[[], Awaitable[list[dict]]]) -> None:
-        self._handle = handle
-        self._snapshots = snapshots
-
-    async def call(self, method: str, **kwargs: Any) -> Any:
-        from ray.exceptions import RayTaskError
-
-        try:
-            return await getattr(self._handle, method).remote(**kwargs)
-        except RayTaskError as error:
-            raise _unwrap(error) from None
-
-    async def stream(self, method: str, **kwargs: Any) -> AsyncIterator[Any]:
-        from ray.exceptions import RayTaskError
-
-        generator = getattr(self._handle.options(stream=True), method).remote(**kwargs)
-        try:
-            async for item in generator:
-                yield item
-        except RayTaskError as error:
-            raise _unwrap(error) from None
-        finally:
-            generator.cancel()
+    def events(self, session_id: str, token: str | None,
+               keepalive_s: float = 15.0) -> AsyncIterator[tuple[str, dict]]: ...
 
     async def snapshots(self) -> list[dict]:
-        return await self._snapshots()
+        """Metrics snapshots of every gateway replica of the deployment."""
+        ...
+
+    async def health(self) -> list[str]:
+        """Names of the pipeline stages unavailable right now (empty: healthy)."""
+        ...
 
 
-class HomeClient:
-    """The API's client inside a gateway replica (the Serve app has no separate ingress).
+SESSION_METHODS = ("authorize", "offer", "push_audio", "interrupt", "status", "close", "events")
 
-    The proxy routes requests with the session in their path to its home replica, so these
-    run in-process; a request whose session is named only in its body (LiveTalking's routes)
-    may land on another replica and is forwarded through `remote` (a `ServeClient`).
-    """
 
-    def __init__(self, gateway: Gateway, remote: GatewayClient) -> None:
-        self._local = LocalClient(gateway)
-        self._remote = remote
-        self._replica = gateway.replica
-
-    def _client(self, kwargs: dict[str, Any]) -> GatewayClient:
-        session_id = kwargs.get("session_id")
-        if session_id is None or home_of(session_id) == (None, None) or names_replica(session_id, self._replica):
-            return self._local  # new sessions, ids naming no replica (404 here), our own
-        return self._remote
-
-    async def call(self, method: str, **kwargs: Any) -> Any:
-        return await self._client(kwargs).call(method, **kwargs)
-
-    def stream(self, method: str, **kwargs: Any) -> AsyncIterator[Any]:
-        return self._client(kwargs).stream(method, **kwargs)
-
-    async def snapshots(self) -> list[dict]:
-        return await self._remote.snapshots()
+def forwarded_kwargs(method: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """`args`/`kwargs` of a call of GatewayAPI `method`, all as keywords (defaults filled)."""
+    bound = inspect.signature(method).bind(None, *args, **kwargs)
+    bound.apply_defaults()
+    arguments = dict(bound.arguments)
+    arguments.pop("self")
+    return arguments

@@ -23,7 +23,6 @@ import numpy as np
 from ray_lipsync.api.auth import check_token, new_token
 from ray_lipsync.api.events import EventHub
 from ray_lipsync.api.metrics import GatewayMetrics
-from ray_lipsync.clock import SAMPLE_RATE
 from ray_lipsync.config import Settings
 from ray_lipsync.errors import AtCapacity, MalformedAudio, SessionError, UnknownSession
 from ray_lipsync.types import OutputFrame
@@ -162,7 +161,7 @@ class Gateway:
         if self._entries.pop(entry.public_id, None) is None:
             return  # already closing
         self._by_compat.pop(entry.compat_id, None)
-        self.metrics.sessions_closed += 1
+        self.metrics.session_closed(entry.session.drops.by_reason())
         entry.events.close(("session.closed", {"session_id": entry.public_id, "reason": reason}))
         if entry.peer is not None:
             try:
@@ -222,7 +221,7 @@ class Gateway:
     def _on_frame_sent(self, entry: _Entry, frame: OutputFrame) -> None:
         if frame.speech:
             entry.last_activity = time.monotonic()
-        self.metrics.frame_sent(frame.dropped, frame.latency_ms)
+        self.metrics.frame_sent(frame.latency_ms)
         for key, event in (("utterance_start", "utterance.start"), ("utterance_end", "utterance.end")):
             for utterance_id in frame.meta.get(key, ()):
                 entry.events.publish(event, {"utterance_id": utterance_id,
@@ -273,6 +272,7 @@ class Gateway:
             "speaking": stats.speaking,
             "frames_sent": stats.frames_sent,
             "frames_dropped": stats.frames_dropped,
+            "drops": stats.drops,
             "latency_ms_p50": stats.latency_ms_p50,
             "latency_ms_p95": stats.latency_ms_p95,
             "latency_ms_p99": stats.latency_ms_p99,
@@ -287,7 +287,16 @@ class Gateway:
         async for item in entry.events.subscribe(keepalive_s):
             yield item
 
-    # ---- metrics ---------------------------------------------------------------------
+    # ---- metrics and health ------------------------------------------------------------
+    async def snapshots(self) -> list[dict]:
+        """This gateway's metrics snapshot (the Serve app reads every gateway's from its board)."""
+        return [self.metrics_snapshot()]
+
+    async def health(self) -> list[str]:
+        """Pipeline stages unavailable right now, as the pipeline reports them."""
+        health = getattr(self.pipeline, "health", None)
+        return await health() if health else []
+
     async def inference_stats(self) -> list[dict]:
         """Per inference replica: sessions, queue depth, batches (pipelines that have replicas)."""
         replica_stats = getattr(self.pipeline, "replica_stats", None)
@@ -302,10 +311,7 @@ class Gateway:
             queued += stats.queued_audio_s
         return self.metrics.snapshot(
             sessions=len(entries), speaking=int(speaking), queued_audio_s=queued,
-            queued_events=sum(e.events.queued for e in entries))
+            queued_events=sum(e.events.queued for e in entries),
+            open_drops=[e.session.drops.by_reason() for e in entries])
 
-
-def duration_ms(n_samples: int) -> int:
-    """Milliseconds of `n_samples` at the pipeline rate."""
-    return n_samples * 1000 // SAMPLE_RATE
 

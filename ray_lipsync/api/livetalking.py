@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from ray_lipsync.api.client import GatewayClient
+from ray_lipsync.api.client import GatewayAPI
 from ray_lipsync.api.uploads import parse_form, push_decoded
 from ray_lipsync.config import Settings
 from ray_lipsync.errors import LipsyncError
@@ -45,7 +45,7 @@ def _session(params: dict[str, Any]) -> int:
         raise ValueError("sessionid must be the integer returned by /offer") from None
 
 
-def livetalking_routes(settings: Settings, client: GatewayClient) -> APIRouter:
+def livetalking_routes(settings: Settings, client: GatewayAPI) -> APIRouter:
     """The five LiveTalking routes over `client` (no tokens, documented as unauthenticated)."""
     api = APIRouter(tags=["livetalking (unauthenticated)"])
 
@@ -66,13 +66,13 @@ def livetalking_routes(settings: Settings, client: GatewayClient) -> APIRouter:
             params = await _json(request)
             if params.get("type", "offer") != "offer" or not isinstance(params.get("sdp"), str):
                 raise ValueError("expected {\"sdp\": <offer SDP>, \"type\": \"offer\"}")
-            created = await client.call("create_session", avatar=settings.avatar.name)
+            created = await client.create_session(avatar=settings.avatar.name)
             sessionid = created["compat_id"]
             try:
-                answer = await client.call("offer", session_id=sessionid, token=None,
+                answer = await client.offer(session_id=sessionid, token=None,
                                            sdp=params["sdp"], type="offer", compat=True)
             except Exception:
-                await client.call("close", session_id=sessionid, compat=True)
+                await client.close(session_id=sessionid, compat=True)
                 raise
             return {"sdp": answer["sdp"], "type": answer["type"], "sessionid": sessionid}
 
@@ -84,7 +84,7 @@ def livetalking_routes(settings: Settings, client: GatewayClient) -> APIRouter:
             params = await _json(request)
             sessionid = _session(params)
             if params.get("interrupt"):
-                await client.call("interrupt", session_id=sessionid, compat=True)
+                await client.interrupt(session_id=sessionid, compat=True)
             kind = params.get("type", "echo")
             if kind == "chat":
                 raise ValueError("type 'chat' needs an LLM, which this server does not run; "
@@ -127,7 +127,7 @@ def livetalking_routes(settings: Settings, client: GatewayClient) -> APIRouter:
     async def interrupt_talk(request: Request) -> JSONResponse:
         async def run() -> dict:
             params = await _json(request)
-            await client.call("interrupt", session_id=_session(params), compat=True)
+            await client.interrupt(session_id=_session(params), compat=True)
             return {"code": 0, "msg": "ok"}
 
         return await guarded(request, run)
@@ -136,7 +136,7 @@ def livetalking_routes(settings: Settings, client: GatewayClient) -> APIRouter:
     async def is_speaking(request: Request) -> JSONResponse:
         async def run() -> dict:
             params = await _json(request)
-            state = await client.call("status", session_id=_session(params), compat=True)
+            state = await client.status(session_id=_session(params), compat=True)
             return {"code": 0, "data": bool(state["speaking"])}
 
         return await guarded(request, run)

@@ -15,6 +15,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from ray_lipsync.streaming.drops import DropReason
+
 LATENCY_BUCKETS_MS: tuple[float, ...] = (40, 80, 120, 160, 200, 250, 300, 400, 600, 1000, 2000)
 
 
@@ -26,21 +28,29 @@ class GatewayMetrics:
         self.sessions_created = 0
         self.sessions_closed = 0
         self.frames_sent = 0
-        self.frames_dropped = 0
+        self._closed_drops: dict[str, int] = {}  # drops of sessions already closed, by reason
         self._bucket_counts = [0] * (len(LATENCY_BUCKETS_MS) + 1)
         self._latency_sum_ms = 0.0
 
-    def frame_sent(self, dropped: bool, latency_ms: float | None) -> None:
+    def frame_sent(self, latency_ms: float | None) -> None:
         self.frames_sent += 1
-        if dropped:
-            self.frames_dropped += 1
         if latency_ms is not None:
             self._bucket_counts[bisect.bisect_left(LATENCY_BUCKETS_MS, latency_ms)] += 1
             self._latency_sum_ms += latency_ms
 
+    def session_closed(self, drops: Mapping[str, int]) -> None:
+        """Keep a closing session's drop counts (the open ones are read from their sessions)."""
+        self.sessions_closed += 1
+        for reason, n in drops.items():
+            self._closed_drops[reason] = self._closed_drops.get(reason, 0) + n
+
     def snapshot(self, *, sessions: int, speaking: int, queued_audio_s: float,
-                 queued_events: int) -> dict[str, Any]:
+                 queued_events: int, open_drops: Iterable[Mapping[str, int]] = ()) -> dict[str, Any]:
         """A picklable view of the counters plus the replica's current gauges."""
+        drops = {reason.value: 0 for reason in DropReason} | self._closed_drops
+        for session_drops in open_drops:
+            for reason, n in session_drops.items():
+                drops[reason] = drops.get(reason, 0) + n
         return {
             "replica": self.replica,
             "time": time.time(),
@@ -51,7 +61,7 @@ class GatewayMetrics:
             "sessions_created": self.sessions_created,
             "sessions_closed": self.sessions_closed,
             "frames_sent": self.frames_sent,
-            "frames_dropped": self.frames_dropped,
+            "drops": drops,
             "latency_buckets": list(self._bucket_counts),
             "latency_sum_ms": self._latency_sum_ms,
         }
@@ -92,7 +102,6 @@ class _SnapshotCollector:
             "sessions_created": ("lipsync_sessions_created", "Sessions created."),
             "sessions_closed": ("lipsync_sessions_closed", "Sessions closed."),
             "frames_sent": ("lipsync_frames_sent", "Video frames sent to peers."),
-            "frames_dropped": ("lipsync_frames_dropped", "Frames replaced because late."),
         }
         for key, (name, doc) in gauges.items():
             family = GaugeMetricFamily(name, doc, labels=["replica"])
@@ -104,6 +113,15 @@ class _SnapshotCollector:
             for snap in self._snapshots:
                 family.add_metric([snap["replica"]], float(snap[key]))
             yield family
+        dropped = CounterMetricFamily(
+            "lipsync_frames_dropped",
+            "Frames dropped, by reason (late, shed, stage_unavailable, stage_error, "
+            "sender_backpressure; stale_epoch = work cut by an interrupt, not a visible drop).",
+            labels=["replica", "reason"])
+        for snap in self._snapshots:
+            for reason, n in sorted(snap.get("drops", {}).items()):
+                dropped.add_metric([snap["replica"], reason], float(n))
+        yield dropped
         yield from _inference_families(self._snapshots)
         hist = HistogramMetricFamily(
             "lipsync_frame_latency_ms",

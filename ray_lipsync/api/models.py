@@ -55,7 +55,11 @@ class SessionState(BaseModel):
     epoch: int
     speaking: bool
     frames_sent: int
-    frames_dropped: int
+    frames_dropped: int = Field(description="Frames the viewer saw replaced (every drop reason "
+                                "but stale_epoch).")
+    drops: dict[str, int] = Field(description="Dropped frames by reason: late, shed, "
+                                  "stage_unavailable, stage_error, sender_backpressure, "
+                                  "stale_epoch (work cut by an interrupt; not a visible drop).")
     latency_ms_p50: float | None = Field(description="Per-frame latency (audio arrival to composited frame), median.")
     latency_ms_p95: float | None = None
     latency_ms_p99: float | None = None

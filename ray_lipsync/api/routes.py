@@ -1,6 +1,6 @@
 """The FastAPI app (served by each gateway replica): /v1 session API, /healthz, /metrics, the page at `/` (OpenAPI at /docs).
 
-`build_api(settings, client)` works over any GatewayClient: in-process or through Ray Serve.
+`build_api(settings, client)` works over any GatewayAPI: in-process or through Ray Serve.
 Errors map to HTTP codes in one place (`error_response`).
 """
 
@@ -18,15 +18,15 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 
 from ray_lipsync.api import models
 from ray_lipsync.api.auth import MissingToken, WrongToken, bearer_token
-from ray_lipsync.api.client import GatewayClient
+from ray_lipsync.api.client import GatewayAPI
 from ray_lipsync.api.events import format_sse
 from ray_lipsync.api.gateway import PeerConflict
 from ray_lipsync.api.metrics import render_prometheus
 from ray_lipsync.api.uploads import push_decoded, stream_upload
 from ray_lipsync.config import Settings
 from ray_lipsync.errors import (
-    AtCapacity, AudioInputError, AudioTooLarge, AvatarError, AvatarNotFound, Backpressure,
-    MalformedAudio, SessionClosed, UnknownSession, UnsupportedAudio,
+    AtCapacity, AudioInputError, AudioTooLarge, AvatarError, AvatarNotFound, BackendUnavailable,
+    Backpressure, MalformedAudio, SessionClosed, StageUnavailable, UnknownSession, UnsupportedAudio,
 )
 
 logger = logging.getLogger(__name__)
@@ -40,13 +40,21 @@ _STATUS: list[tuple[type[BaseException], int, str]] = [
     (SessionClosed, 410, "session_closed"), (PeerConflict, 409, "peer_exists"),
     (AudioTooLarge, 413, "too_large"), (UnsupportedAudio, 415, "unsupported_audio"),
     (MalformedAudio, 422, "malformed_audio"), (AudioInputError, 422, "invalid_audio"),
-    (Backpressure, 429, "backpressure"), (AtCapacity, 503, "at_capacity"),
+    (Backpressure, 429, "backpressure"), (BackendUnavailable, 503, "backend_unavailable"),
+    (AtCapacity, 503, "at_capacity"), (StageUnavailable, 503, "stage_unavailable"),
     (AvatarError, 400, "bad_avatar"), (ValueError, 400, "bad_request"),
 ]
 
 
 def error_response(error: BaseException) -> JSONResponse:
-    """The HTTP answer for a typed error: {error, detail} plus Retry-After where it applies."""
+    """The HTTP answer for a typed error: {error, detail} plus Retry-After where it applies.
+
+    An error raised on another process arrives wrapped (Ray's task error, whose text carries
+    a traceback, pids and addresses): only the original error's message is sent.
+    """
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, BaseException):
+        error = cause
     for kind, status, code in _STATUS:
         if isinstance(error, kind):
             headers = {"Retry-After": RETRY_AFTER_S} if status in (429, 503) else None
@@ -96,7 +104,7 @@ async def synthesize(request: Request, text: str) -> Any:
     return await asyncio.to_thread(state.synthesizer.synthesize, text)
 
 
-def session_routes(settings: Settings, client: GatewayClient) -> APIRouter:
+def session_routes(settings: Settings, client: GatewayAPI) -> APIRouter:
     """The /v1 session API."""
     api = APIRouter(prefix="/v1")
 
@@ -107,18 +115,18 @@ def session_routes(settings: Settings, client: GatewayClient) -> APIRouter:
     @api.post("/sessions", status_code=201, response_model=models.SessionCreated,
               responses={503: {"model": models.ErrorBody}})
     async def create_session(body: models.CreateSessionRequest) -> dict:
-        return await client.call("create_session", avatar=body.avatar, backend=body.backend)
+        return await client.create_session(avatar=body.avatar, backend=body.backend)
 
     async def auth(session_id: str, authorization: str | None) -> str:
         token = bearer_token(authorization)
-        await client.call("authorize", session_id=check_session_id(session_id), token=token)
+        await client.authorize(session_id=check_session_id(session_id), token=token)
         return token
 
     @api.post("/sessions/{session_id}/offer", response_model=models.SessionDescription)
     async def offer(session_id: str, body: models.OfferRequest,
                     authorization: str | None = Header(None)) -> dict:
         token = await auth(session_id, authorization)
-        return await client.call("offer", session_id=session_id, token=token,
+        return await client.offer(session_id=session_id, token=token,
                                  sdp=body.sdp, type=body.type)
 
     @api.post("/sessions/{session_id}/audio", status_code=202,
@@ -162,17 +170,17 @@ def session_routes(settings: Settings, client: GatewayClient) -> APIRouter:
     @api.post("/sessions/{session_id}/interrupt", response_model=models.InterruptResult)
     async def interrupt(session_id: str, authorization: str | None = Header(None)) -> dict:
         token = await auth(session_id, authorization)
-        return await client.call("interrupt", session_id=session_id, token=token)
+        return await client.interrupt(session_id=session_id, token=token)
 
     @api.get("/sessions/{session_id}", response_model=models.SessionState)
     async def status(session_id: str, authorization: str | None = Header(None)) -> dict:
         token = await auth(session_id, authorization)
-        return await client.call("status", session_id=session_id, token=token)
+        return await client.status(session_id=session_id, token=token)
 
     @api.delete("/sessions/{session_id}", status_code=204)
     async def close(session_id: str, authorization: str | None = Header(None)) -> Response:
         token = await auth(session_id, authorization)
-        await client.call("close", session_id=session_id, token=token)
+        await client.close(session_id=session_id, token=token)
         return Response(status_code=204)
 
     @api.get("/sessions/{session_id}/events", response_class=StreamingResponse,
@@ -181,10 +189,10 @@ def session_routes(settings: Settings, client: GatewayClient) -> APIRouter:
                      authorization: str | None = Header(None)) -> StreamingResponse:
         """Server-sent events; EventSource clients pass the token as `?token=`."""
         given = token or bearer_token(authorization)
-        await client.call("authorize", session_id=check_session_id(session_id), token=given)
+        await client.authorize(session_id=check_session_id(session_id), token=given)
 
         async def body():
-            async for event, data in client.stream("events", session_id=session_id,
+            async for event, data in client.events(session_id=session_id,
                                                    token=given, keepalive_s=15.0):
                 yield format_sse(event, data)
 
@@ -217,7 +225,7 @@ class ServedBy:
         await self.app(scope, receive, send_with_header)
 
 
-def build_api(settings: Settings, client: GatewayClient, gateway: str | None = None) -> FastAPI:
+def build_api(settings: Settings, client: GatewayAPI, gateway: str | None = None) -> FastAPI:
     """The whole HTTP API over `client` (LiveTalking routes only with the compat flag).
 
     `gateway`: the replica serving this app, sent back in the X-Lipsync-Gateway header of
@@ -230,9 +238,13 @@ def build_api(settings: Settings, client: GatewayClient, gateway: str | None = N
         app.add_middleware(ServedBy, gateway=gateway)
     app.include_router(session_routes(settings, client))
 
-    @app.get("/healthz")
-    async def healthz() -> dict:
-        return {"status": "ok"}
+    @app.get("/healthz", responses={503: {"description": "a pipeline stage is unavailable"}})
+    async def healthz() -> JSONResponse:
+        """200 {"status": "ok"}; 503 {"status": "degraded", "unavailable": [stage, ...]}."""
+        degraded = await client.health()
+        if degraded:
+            return JSONResponse({"status": "degraded", "unavailable": degraded}, 503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/metrics", response_class=Response)
     async def metrics() -> Response:

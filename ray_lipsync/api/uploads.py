@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ray_lipsync.api.client import GatewayClient
+from ray_lipsync.api.client import GatewayAPI
 from ray_lipsync.config import Settings
 from ray_lipsync.errors import AudioTooLarge, MalformedAudio
 
@@ -26,7 +26,7 @@ def _too_large(settings: Settings) -> AudioTooLarge:
                          "shorter clip or split it into several uploads")
 
 
-async def stream_upload(client: GatewayClient, settings: Settings, *, session_id: str | int,
+async def stream_upload(client: GatewayAPI, settings: Settings, *, session_id: str | int,
                         token: str | None, content_type: str | None,
                         body: AsyncIterator[bytes], interrupt: bool = False,
                         compat: bool = False) -> dict[str, Any]:
@@ -46,8 +46,7 @@ async def stream_upload(client: GatewayClient, settings: Settings, *, session_id
 
     async def push(samples: np.ndarray, final: bool) -> None:
         nonlocal result, pushed
-        result = await client.call(
-            "push_audio", session_id=session_id, token=token, samples=samples,
+        result = await client.push_audio(session_id=session_id, token=token, samples=samples,
             utterance_id=result["utterance_id"] if result else None,
             interrupt=interrupt and result is None, final=final, compat=compat)
         pushed += len(samples)
@@ -92,13 +91,13 @@ class _Pending:
         return head
 
 
-async def push_decoded(client: GatewayClient, *, session_id: str | int, token: str | None,
+async def push_decoded(client: GatewayAPI, *, session_id: str | int, token: str | None,
                        samples: np.ndarray, interrupt: bool = False,
                        compat: bool = False) -> dict[str, Any]:
     """Push already-decoded samples (TTS, whole files) as one utterance."""
     if len(samples) == 0:
         raise MalformedAudio("nothing to say: the audio is empty")
-    result = await client.call("push_audio", session_id=session_id, token=token,
+    result = await client.push_audio(session_id=session_id, token=token,
                                samples=samples, interrupt=interrupt, compat=compat)
     return {"utterance_id": result["utterance_id"], "duration_ms": len(samples) * 1000 // 16000}
 

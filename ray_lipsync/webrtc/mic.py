@@ -114,7 +114,3 @@ class MicReader:
             log.warning("microphone: session %s buffer full, %d samples dropped", self._session.session_id, piece.size)
 
 
-async def read_microphone(session: "Session", track: MediaStreamTrack) -> None:
-    """Convenience: run a `MicReader` on `track` (cancel the task to stop it)."""
-    await MicReader(session, track).run()
-

@@ -116,17 +116,6 @@ class SessionPeer:
         """Frames in, video frames sent/dropped, audio chunks sent (zeros before answer())."""
         return self.media.counters if self.media is not None else MediaCounters()
 
-    def stats(self) -> dict[str, Any]:
-        """A JSON-ready snapshot of this peer's media counters."""
-        c = self.counters
-        return {
-            "connection_state": self.connection_state,
-            "video_frames_sent": c.video_frames_sent,
-            "video_frames_dropped": c.video_frames_dropped,
-            "audio_chunks_sent": c.audio_chunks_sent,
-            "mic_samples_pushed": self.mic.samples_pushed if self.mic else 0,
-        }
-
     async def answer(self, sdp: str, type: str = "offer") -> dict:
         """Answer the client's offer: {"sdp": ..., "type": "answer"}. ValueError if unusable."""
         if self._closing:
@@ -148,6 +137,7 @@ class SessionPeer:
         self.media = SessionMedia(
             self.session.frames(),
             record_sent=self.session.record_sent,
+            record_dropped=self.session.record_sender_drop,
             on_frame_sent=self._on_frame_sent,
             video=want_video,
             audio=want_audio,

@@ -10,7 +10,8 @@ the next item the media source queued.
 
 Backpressure: the video queue (of frames not encoded yet, so a drop never breaks the VP8
 reference chain) is bounded and drops its *oldest* frame when the sender lags
-(counted in `video_frames_dropped`); audio is never dropped or delayed (silence is sent as
+(counted in `video_frames_dropped` and reported to the session, `record_dropped`, which
+counts it as a `sender_backpressure` drop); audio is never dropped or delayed (silence is sent as
 zeros, never as a gap). A frame is reported as sent (`record_sent`, `on_frame_sent`) once its
 video (or its drop) and both its audio chunks have been handed to the encoders.
 """
@@ -174,6 +175,7 @@ class SessionMedia:
         frames: AsyncIterator[OutputFrame],
         *,
         record_sent: Callable[[OutputFrame], None] | None = None,
+        record_dropped: Callable[[OutputFrame], None] | None = None,
         on_frame_sent: Callable[[OutputFrame], None] | None = None,
         video: bool = True,
         audio: bool = True,
@@ -187,6 +189,7 @@ class SessionMedia:
             raise ValueError("video_queue must be >= 1 and audio_queue >= 2")
         self._frames = frames
         self._record_sent = record_sent
+        self._record_dropped = record_dropped
         self._on_frame_sent = on_frame_sent
         self._video_limit = video_queue
         self._audio_space = asyncio.Semaphore(audio_queue // 2)  # whole frames of audio
@@ -299,6 +302,8 @@ class SessionMedia:
 
     def _on_video_dropped(self, frame: OutputFrame) -> None:
         self.counters.video_frames_dropped += 1
+        if self._record_dropped is not None:
+            self._record_dropped(frame)
         log.debug("session %s: video frame %d dropped (sender lagging)", frame.session_id, frame.frame_index)
         self._part_done(frame)
 
