@@ -29,6 +29,7 @@ import asyncio
 import hashlib
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -396,6 +397,15 @@ class SessionDirectory:
 
     def generation(self) -> str:
         return self._gen
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    async def warm(self, backend: str) -> None:
+        """Start the replicas `backend` wants before its first session asks (no cold start)."""
+        self._ensure_upkeep()
+        async with self._changed:
+            self._scale(backend)
 
 
 def get_directory(settings: Settings):

@@ -131,7 +131,12 @@ class RayPipeline:
         """Attach to (or create) the cluster's pipeline actors. Ray must be initialised."""
         if not ray.is_initialized():
             raise RuntimeError("ray.init() first (or run inside a Ray Serve replica)")
-        return cls(settings, schedule)
+        pipeline = cls(settings, schedule)
+        try:  # the default backend's replicas start now, not with the first session
+            await asyncio.wait_for(pipeline.directory.warm.remote(settings.backend), DIRECTORY_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - the first session will start them
+            log.warning("could not warm the pipeline", exc_info=True)
+        return pipeline
 
     async def _avatar(self, name: str) -> Avatar:
         if name not in self._avatars:

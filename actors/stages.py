@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Sequence, TypeVar
@@ -125,6 +126,9 @@ class FeatureBatcherActor:
     def ping(self) -> bool:
         return True
 
+    def pid(self) -> int:
+        return os.getpid()
+
     def stats(self) -> dict:
         return {"sessions": len(self._batcher.stages), "steps": self._batcher.steps, "frames": self._batcher.frames}
 
@@ -151,6 +155,9 @@ class CompositorActor:
 
     def ping(self) -> bool:
         return True
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -319,6 +326,9 @@ class InferenceReplica:
 
     def ping(self) -> str:
         return self.name
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def node_id(self) -> str:
         """The Ray node this replica runs on (placement checks, metrics)."""

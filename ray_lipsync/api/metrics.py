@@ -8,6 +8,7 @@ process) are rendered by `render_prometheus` with a `replica` label on every sam
 from __future__ import annotations
 
 import bisect
+import os
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -79,6 +80,9 @@ class MetricsBoard:
 
     def put(self, snapshot: dict[str, Any]) -> None:
         self._snapshots[snapshot["replica"]] = {**snapshot, "received": time.monotonic()}
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def get(self) -> list[dict[str, Any]]:
         now = time.monotonic()

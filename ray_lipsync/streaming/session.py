@@ -111,6 +111,7 @@ class Session:
         self._wake = asyncio.Event()
         self._closed = False
         self.frames_sent = 0
+        self._engine_ok = True
         self._feeder = asyncio.create_task(self._feed(), name=f"feed-{session_id}")
         self._collectors: set[asyncio.Task] = set()
 
@@ -225,11 +226,16 @@ class Session:
             submitted = await self._link.submit(epoch, start, piece, final)
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.warning("session %s: engine call failed; its frames show idle", self.session_id,
-                        exc_info=True)
+        except Exception as exc:
+            if self._engine_ok:  # once per outage, not once per frame
+                log.warning("session %s: engine call failed (%s: %s); its frames show idle",
+                            self.session_id, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            self._engine_ok = False
             self._lost_push(epoch, start, start + len(piece))
             return
+        if not self._engine_ok:
+            log.info("session %s: engine answers again", self.session_id)
+        self._engine_ok = True
         self._track(submitted)
 
     def _lost_push(self, epoch: int, start: int, stop: int) -> None:

@@ -1,0 +1,111 @@
+"""A real multi-node Ray cluster on this machine: `ray start` processes, every port explicit.
+
+Each node is its own `ray start` (a head, then workers joining it); all nodes and the driver
+share one `RAY_AUTH_MODE` (Ray 2.60's `ray start --head` turns token auth on when
+`~/.ray/auth_token` exists, `ray start --address` does not, and the join would fail). A node
+is stopped by killing its raylet and every process below it (SIGKILL, by PID), as a machine
+that dies would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from actors.runtime import PIPELINE_RAY_ENV
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+@dataclass
+class Node:
+    name: str
+    node_manager_port: int
+    args: list[str] = field(default_factory=list)
+
+    def raylet(self) -> psutil.Process | None:
+        flag = f"--node_manager_port={self.node_manager_port}"
+        for proc in psutil.process_iter(["cmdline"]):
+            cmd = proc.info["cmdline"] or []
+            if cmd and cmd[0].endswith("raylet") and flag in cmd:
+                return proc
+        return None
+
+    def processes(self) -> list[psutil.Process]:
+        raylet = self.raylet()
+        return [] if raylet is None else [raylet, *raylet.children(recursive=True)]
+
+    def kill(self) -> int:
+        """SIGKILL the node's raylet and everything under it; the number of processes killed."""
+        procs = self.processes()
+        for proc in procs:
+            try:
+                proc.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        return len(procs)
+
+
+class LocalCluster:
+    """Head + workers started with `ray start`, ports from `base` upwards (30 per node)."""
+
+    def __init__(self, base_port: int, temp_dir: Path, env: dict[str, str]) -> None:
+        self.base = base_port
+        self.temp_dir = temp_dir
+        self.env = {**os.environ, **PIPELINE_RAY_ENV, "RAY_AUTH_MODE": "disabled", **env}
+        self.nodes: list[Node] = []
+        self.address = f"127.0.0.1:{base_port}"
+
+    def _ports(self, index: int) -> list[str]:
+        p = self.base + 30 * index
+        return [
+            f"--node-manager-port={p + 1}", f"--object-manager-port={p + 2}",
+            f"--runtime-env-agent-port={p + 3}", f"--dashboard-agent-grpc-port={p + 4}",
+            f"--dashboard-agent-listen-port={p + 5}", f"--metrics-export-port={p + 6}",
+            f"--min-worker-port={p + 10}", f"--max-worker-port={p + 29}",
+        ]
+
+    def _start(self, name: str, args: list[str]) -> Node:
+        index = len(self.nodes)
+        cmd = [RAY, "start", *args, *self._ports(index), "--disable-usage-stats"]
+        out = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=180)
+        if out.returncode != 0:
+            raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{out.stdout}\n{out.stderr}")
+        node = Node(name, self.base + 30 * index + 1, args)
+        self.nodes.append(node)
+        return node
+
+    def start_head(self, num_cpus: float) -> Node:
+        return self._start("head", [
+            "--head", f"--port={self.base}", f"--num-cpus={num_cpus}", "--num-gpus=0",
+            f"--ray-client-server-port={self.base + 7}", f"--dashboard-port={self.base + 8}",
+            "--include-dashboard=false", f"--temp-dir={self.temp_dir}",
+        ])
+
+    def add_worker(self, name: str, num_cpus: float, num_gpus: int) -> Node:
+        return self._start(name, [
+            f"--address={self.address}", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}",
+            f"--resources={json.dumps({name: 1})}",
+        ])
+
+    def shutdown(self) -> None:
+        """Kill every node (workers first), then anything left of this cluster's processes."""
+        for node in reversed(self.nodes):
+            node.kill()
+        deadline = time.monotonic() + 10
+        for proc in psutil.process_iter(["cmdline"]):
+            cmd = " ".join(proc.info["cmdline"] or [])
+            if str(self.temp_dir) in cmd or f"127.0.0.1:{self.base}" in cmd:
+                try:
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait(max(0.1, deadline - time.monotonic()))
+                except (psutil.NoSuchProcess, psutil.TimeoutExpired):
+                    pass
