@@ -127,9 +127,10 @@ def test_browser_plays_video_and_audio_through_turn_only(service, browser, turn,
 
 
 @pytest.mark.parametrize("tamper", ["wrong", "expired"])
-def test_bad_credentials_fail_and_the_session_is_freed(service, browser, tamper):
+def test_bad_credentials_fail_and_the_session_is_freed(service, browser, tamper, caplog):
     from ray_lipsync.ice import turn_credentials
 
+    caplog.set_level(logging.INFO, logger="ray_lipsync.api.gateway")
     page = browser.new_page()
     sessions: list[dict] = []
 
@@ -164,5 +165,8 @@ def test_bad_credentials_fail_and_the_session_is_freed(service, browser, tamper)
         time.sleep(0.5)
     freed_after = time.monotonic() - offered
     assert freed_after < CONNECT_TIMEOUT_S + 5, freed_after
+    # aiortc's side stays "connecting" (no remote candidate ever arrives): the gateway's
+    # connect timeout frees it, not the idle timeout
+    assert f"{body['session_id']} closed: peer not connected" in caplog.text
     assert page.evaluate("document.body.dataset.state") != "connected"
     page.close()
