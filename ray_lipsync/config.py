@@ -210,6 +210,7 @@ class WebRTCConfig(_Frozen):
                                  "credential, or set webrtc.turn_secret for per-session credentials")
         return servers
 
+
 class Settings(_Frozen):
     """All of ray-lipsync's configuration, with documented defaults."""
 
