@@ -391,7 +391,7 @@ def build_app(settings: Settings, pipeline: str = DEFAULT_PIPELINE, *,
                 policy_kwargs={"target_sessions_per_gateway": s.target_sessions_per_gateway},
             ),
         ),
-    ).bind(settings.model_dump_json(), pipeline)
+    ).bind(settings.model_dump_json(context={"secrets": True}), pipeline)  # replicas need turn_secret
 
 
 def build(args: dict[str, Any]) -> serve.Application:

@@ -13,7 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SecretStr, SerializationInfo, ValidationInfo,
+                      field_serializer, field_validator, model_validator)
 
 BackendName = Literal["procedural", "musetalk"]
 
@@ -155,6 +156,89 @@ class ServeConfig(_Frozen):
     target_sessions_per_gateway: int = Field(8, gt=0, description="Autoscaling target.")
 
 
+ICE_SCHEMES = ("stun:", "stuns:", "turn:", "turns:")
+MASKED_SECRET = "**********"  # what a dumped (masked) SecretStr reads as
+
+
+class IceServer(_Frozen):
+    """One STUN/TURN server, as in the browser's RTCIceServer."""
+
+    urls: list[str] = Field(
+        min_length=1, description="stun:/turn:/turns: URLs, e.g. 'turn:turn.example.com:3478?transport=udp'."
+    )
+    username: str | None = Field(None, description="Static TURN username (when webrtc.turn_secret is not set).")
+    credential: str | None = Field(None, description="Static TURN password (when webrtc.turn_secret is not set).")
+
+    @field_validator("urls", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("urls")
+    @classmethod
+    def _schemes(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            if not url.startswith(ICE_SCHEMES) or len(url) > 512:
+                raise ValueError(f"ICE server URL {url[:80]!r} must start with one of {', '.join(ICE_SCHEMES)}")
+        return urls
+
+    @property
+    def is_turn(self) -> bool:
+        return any(url.startswith(("turn:", "turns:")) for url in self.urls)
+
+
+class WebRTCConfig(_Frozen):
+    """ICE: the STUN/TURN servers of the server's peers and of the clients (POST /v1/sessions)."""
+
+    # turn_secret comes first: ice_servers is checked against it (errors never quote the secret)
+    turn_secret: SecretStr | None = Field(
+        None,
+        description="coturn's static-auth-secret (use-auth-secret): every session gets its own TURN "
+        "credentials for the turn:/turns: servers. Never sent to clients, logged or dumped "
+        "(JSON dumps mask it unless dumped with context {'secrets': True}).",
+    )
+    turn_ttl_s: int = Field(3600, gt=0, le=7 * 86400, description="Lifetime of a session's TURN credentials.")
+    ice_servers: list[IceServer] = Field(
+        default_factory=list,
+        description="STUN/TURN servers, used by the server's aiortc peers and returned to clients. "
+        "Empty = host candidates only (a LAN). aiortc uses the first STUN and the first TURN URL.",
+    )
+    connect_timeout_s: float = Field(
+        30.0, gt=0, le=600, description="A session whose peer has not connected this long after its "
+        "offer is closed (e.g. the client could not reach the TURN server)."
+    )
+
+    @field_serializer("turn_secret", when_used="json")
+    def _dump_secret(self, secret: SecretStr | None, info: SerializationInfo) -> str | None:
+        if secret is None:
+            return None
+        context = info.context if isinstance(info.context, dict) else {}
+        return secret.get_secret_value() if context.get("secrets") else MASKED_SECRET
+
+    @field_validator("turn_secret")
+    @classmethod
+    def _real_secret(cls, secret: SecretStr | None) -> SecretStr | None:
+        if secret is not None and secret.get_secret_value() in ("", MASKED_SECRET):
+            raise ValueError("webrtc.turn_secret is empty or masked ('**********'); pass the real "
+                             "secret (a settings dump masks it unless dumped with context {'secrets': True})")
+        return secret
+
+    @field_validator("ice_servers")
+    @classmethod
+    def _credentials(cls, servers: list[IceServer], info: ValidationInfo) -> list[IceServer]:
+        secret = info.data.get("turn_secret")
+        for i, server in enumerate(servers):
+            if not server.is_turn:
+                continue
+            if secret is not None and (server.username is not None or server.credential is not None):
+                raise ValueError(f"webrtc.ice_servers[{i}] has a static username/credential and "
+                                 "webrtc.turn_secret is set: use one or the other")
+            if secret is None and (server.username is None or server.credential is None):
+                raise ValueError(f"webrtc.ice_servers[{i}] is a TURN server: give it username and "
+                                 "credential, or set webrtc.turn_secret for per-session credentials")
+        return servers
+
+
 class Settings(_Frozen):
     """All of ray-lipsync's configuration, with documented defaults."""
 
@@ -167,6 +251,14 @@ class Settings(_Frozen):
     musetalk: MuseTalkConfig = MuseTalkConfig()
     pipeline: PipelineConfig = PipelineConfig()
     serve: ServeConfig = ServeConfig()
+    webrtc: WebRTCConfig = WebRTCConfig()
+    avatar_uri: str | None = Field(
+        None,
+        description="Shared avatar location every node reads, as a pyarrow filesystem URI or path "
+        "(s3://bucket/avatars, gs://..., file:///shared/avatars, /mnt/avatars). Avatars missing "
+        "from <home>/avatars are fetched from it; `avatar prepare` uploads there too. "
+        "None = local store only.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":

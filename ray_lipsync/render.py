@@ -199,7 +199,7 @@ def load_render_avatar(settings: Settings, avatar_name: str | None) -> Avatar:
     from ray_lipsync.avatar.default import load_or_prepare
     from ray_lipsync.avatar.store import AvatarStore
 
-    return load_or_prepare(AvatarStore(settings.avatars_dir), avatar_name or settings.avatar.name, settings.avatar)
+    return load_or_prepare(AvatarStore(settings.avatars_dir, settings.avatar_uri), avatar_name or settings.avatar.name, settings.avatar)
 
 
 def render_file(

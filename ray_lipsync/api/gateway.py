@@ -25,6 +25,7 @@ from ray_lipsync.api.events import EventHub
 from ray_lipsync.api.metrics import GatewayMetrics
 from ray_lipsync.config import Settings
 from ray_lipsync.errors import AtCapacity, MalformedAudio, SessionError, UnknownSession
+from ray_lipsync.ice import session_ice_servers
 from ray_lipsync.types import OutputFrame
 
 logger = logging.getLogger(__name__)
@@ -78,6 +79,8 @@ class _Entry:
     events: EventHub = field(default_factory=EventHub)
     peer: Any = None
     last_activity: float = field(default_factory=time.monotonic)
+    ice_servers: list[dict] = field(default_factory=list)
+    offered_at: float | None = None  # monotonic time of the offer (for webrtc.connect_timeout_s)
 
 
 class Gateway:
@@ -91,7 +94,7 @@ class Gateway:
         self.settings = settings
         self.pipeline = pipeline
         self.replica = replica
-        self.ice_servers = ice_servers if ice_servers is not None else []
+        self._static_ice = ice_servers  # None: per session from settings.webrtc
         self._peer_factory = peer_factory
         self._entries: dict[str, _Entry] = {}
         self._by_compat: dict[int, str] = {}
@@ -145,12 +148,14 @@ class Gateway:
             self._creating -= 1
         public_id = f"{self.replica}.{secrets.token_urlsafe(12)}"
         compat_id = replica_code(self.replica) * _COMPAT_SPLIT + secrets.randbelow(_COMPAT_SPLIT)
-        self._entries[public_id] = _Entry(public_id, compat_id, new_token(), session)
+        ice = (self._static_ice if self._static_ice is not None
+               else session_ice_servers(self.settings.webrtc, public_id))
+        self._entries[public_id] = _Entry(public_id, compat_id, new_token(), session, ice_servers=ice)
         self._by_compat[compat_id] = public_id
         self.metrics.sessions_created += 1
         logger.info("session %s created (avatar %s)", public_id, avatar)
         return {"session_id": public_id, "token": self._entries[public_id].token,
-                "ice_servers": self.ice_servers, "compat_id": compat_id}
+                "ice_servers": ice, "compat_id": compat_id}
 
     async def close(self, session_id: str | int, token: str | None = None, *,
                     compat: bool = False) -> None:
@@ -190,12 +195,19 @@ class Gateway:
 
     async def _reap_idle(self) -> None:
         timeout = self.settings.serve.idle_timeout_s
+        connect_timeout = self.settings.webrtc.connect_timeout_s
         while True:
-            await asyncio.sleep(min(1.0, timeout / 4))
+            await asyncio.sleep(min(1.0, timeout / 4, connect_timeout / 4))
             now = time.monotonic()
             for entry in list(self._entries.values()):
                 if now - entry.last_activity > timeout:
                     await self._close_entry(entry, f"idle for more than {timeout:g} s")
+                elif entry.offered_at is not None and entry.peer is not None:
+                    if entry.peer.connection_state not in ("new", "connecting"):
+                        entry.offered_at = None  # connected (or closing by itself): done
+                    elif now - entry.offered_at > connect_timeout:
+                        await self._close_entry(entry, f"peer not connected {connect_timeout:g} s "
+                                                       "after the offer (ICE failed: check STUN/TURN)")
 
     # ---- WebRTC ----------------------------------------------------------------------
     async def offer(self, session_id: str | int, token: str | None, sdp: str,
@@ -207,10 +219,11 @@ class Gateway:
                                "to connect again")
         entry.peer = self._peer_factory(
             entry.session,
-            ice_servers=self.ice_servers,
+            ice_servers=entry.ice_servers,
             on_frame_sent=lambda frame: self._on_frame_sent(entry, frame),
             on_closed=lambda: self._on_peer_closed(entry),
         )
+        entry.offered_at = time.monotonic()
         try:
             return await entry.peer.answer(sdp, type)
         except Exception:

@@ -87,11 +87,16 @@ def check_session_id(session_id: str) -> str:
 
 
 def list_avatars(settings: Settings) -> list[str]:
-    """The default avatar plus every prepared avatar in the store."""
-    names = {settings.avatar.name}
-    if settings.avatars_dir.is_dir():
-        names.update(p.name for p in settings.avatars_dir.iterdir() if p.is_dir())
-    return sorted(names)
+    """The default avatar plus every prepared avatar in the store and its shared location."""
+    from ray_lipsync.avatar.store import AvatarStore
+
+    store = AvatarStore(settings.avatars_dir, settings.avatar_uri)
+    try:
+        names = store.names(include_shared=True)
+    except AvatarError:
+        logger.warning("listing the shared avatars failed; listing local ones", exc_info=True)
+        names = store.names()
+    return sorted({settings.avatar.name, *names})
 
 
 async def synthesize(request: Request, text: str) -> Any:
@@ -110,7 +115,7 @@ def session_routes(settings: Settings, client: GatewayAPI) -> APIRouter:
 
     @api.get("/avatars", response_model=models.AvatarList)
     async def avatars() -> dict:
-        return {"avatars": list_avatars(settings)}
+        return {"avatars": await asyncio.to_thread(list_avatars, settings)}
 
     @api.post("/sessions", status_code=201, response_model=models.SessionCreated,
               responses={503: {"model": models.ErrorBody}})

@@ -28,8 +28,9 @@ def default_image() -> np.ndarray:
 
 
 def ensure_default_avatar(store: AvatarStore, config: AvatarConfig) -> Avatar:
-    """Load the "default" avatar, preparing and saving it first if the store lacks it."""
-    if not store.exists(DEFAULT_NAME):
+    """Load the "default" avatar: from the store, else from its shared location, else
+    prepared and saved."""
+    if not store.exists(DEFAULT_NAME) and not store.fetch(DEFAULT_NAME):
         from ray_lipsync.avatar.prepare import prepare_image
 
         log.info("preparing the default avatar in %s", store.root)

@@ -331,18 +331,20 @@ def run_prepare(
     else:
         assert video is not None
         avatar, report = prepare_video(video, name, settings.avatar, progress=progress)
-    store = AvatarStore(settings.avatars_dir)
+    store = AvatarStore(settings.avatars_dir, settings.avatar_uri)
     store.save(avatar, report)
     if backend == "musetalk":
         from ray_lipsync.backends.musetalk.avatar import add_latents
 
         add_latents(store, name, settings)
+    if store.shared is not None:  # every node fetches it from there on first use
+        store.upload(name)
     return report
 
 
 def list_avatars(settings: Settings) -> list[dict[str, Any]]:
     """`ray-lipsync avatar list`: one summary dict per prepared avatar, by name."""
-    store = AvatarStore(settings.avatars_dir)
+    store = AvatarStore(settings.avatars_dir, settings.avatar_uri)
     rows = []
     for name in store.names():
         manifest = store.manifest(name)

@@ -9,6 +9,12 @@ Layout under `root`:
 Array columns are fixed-size binary (one row = the frame's raw bytes, C order); their dtype and
 per-row shape are in the field metadata, so loading is a zero-copy numpy view of the mapped
 file. Writes go to a temporary directory that is renamed into place.
+
+A store may have a shared location (`shared`: a pyarrow filesystem URI or path such as
+s3://bucket/avatars or /mnt/avatars, settings.avatar_uri) with the same layout: an avatar
+missing locally is fetched from it into `root` (pyarrow.fs.copy_files, then renamed into
+place), and `upload` copies a local avatar there (manifest last, so a reader that finds the
+manifest finds the whole avatar). Loading always reads the local copy (memory-mapped).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 
 from ray_lipsync.avatar.model import Avatar
 from ray_lipsync.errors import AvatarError, AvatarNotFound
@@ -85,10 +92,13 @@ def _decode(column: pa.Array | pa.ChunkedArray, field: pa.Field, copy: bool) -> 
 
 
 class AvatarStore:
-    """Prepared avatars under `root`, one directory per avatar (see module doc)."""
+    """Prepared avatars under `root`, one directory per avatar, optionally backed by a
+    `shared` location that every node reads (see module doc)."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, shared: str | None = None) -> None:
         self.root = Path(root)
+        self.shared = shared
+        self._shared_fs: tuple[pafs.FileSystem, str] | None = None
 
     def path(self, name: str) -> Path:
         """Directory of avatar `name` (validated; it need not exist)."""
@@ -97,17 +107,78 @@ class AvatarStore:
     def exists(self, name: str) -> bool:
         return (self.path(name) / MANIFEST_FILE).is_file()
 
-    def names(self) -> list[str]:
-        """Names of the stored avatars, sorted."""
-        if not self.root.is_dir():
-            return []
-        return sorted(
-            p.name for p in self.root.iterdir()
-            if _NAME.match(p.name) and (p / MANIFEST_FILE).is_file()
-        )  # fmt: skip
+    def names(self, include_shared: bool = False) -> list[str]:
+        """Names of the stored avatars, sorted (with those only in the shared location if asked)."""
+        names = set()
+        if self.root.is_dir():
+            names.update(
+                p.name for p in self.root.iterdir()
+                if _NAME.match(p.name) and (p / MANIFEST_FILE).is_file()
+            )  # fmt: skip
+        if include_shared and self.shared is not None:
+            filesystem, base = self._shared_location()
+            try:
+                entries = filesystem.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+            except OSError as exc:
+                raise AvatarError(f"cannot list the shared avatars at {self.shared}: {exc}") from exc
+            names.update(e.base_name for e in entries
+                         if e.type == pafs.FileType.Directory and _NAME.match(e.base_name))
+        return sorted(names)
+
+    def fetch(self, name: str) -> bool:
+        """Copy avatar `name` from the shared location into the local store (replacing a local
+        copy); False when there is no shared location or the avatar is not there."""
+        validate_name(name)
+        if self.shared is None:
+            return False
+        filesystem, base = self._shared_location()
+        source = f"{base}/{name}"
+        try:
+            if filesystem.get_file_info(f"{source}/{MANIFEST_FILE}").type != pafs.FileType.File:
+                return False
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = self.root / f".fetch-{name}-{uuid.uuid4().hex[:8]}"
+            tmp.mkdir()
+            try:
+                pafs.copy_files(source, str(tmp), source_filesystem=filesystem,
+                                destination_filesystem=pafs.LocalFileSystem())
+                try:
+                    self._swap_in(tmp, name)
+                except OSError:
+                    if not self.exists(name):  # else another process fetched it first: fine
+                        raise
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError as exc:  # the location goes to the log, not into the (client-facing) error
+            log.error("could not fetch avatar %r from %s: %s", name, self.shared, exc)
+            raise AvatarError(f"could not fetch avatar {name!r} from the shared avatar location "
+                              "(details in the server log)") from exc
+        log.info("fetched avatar %r from %s", name, self.shared)
+        return True
+
+    def upload(self, name: str) -> str:
+        """Copy local avatar `name` to the shared location; returns where it went."""
+        self.manifest(name)  # it must exist and be readable here first
+        if self.shared is None:
+            raise AvatarError("no shared avatar location configured (settings.avatar_uri)")
+        filesystem, base = self._shared_location()
+        target = f"{base}/{name}"
+        local = pafs.LocalFileSystem()
+        try:
+            filesystem.create_dir(target, recursive=True)
+            for file in (ARROW_FILE, MANIFEST_FILE):  # manifest last: it marks a complete avatar
+                pafs.copy_files(str(self.path(name) / file), f"{target}/{file}",
+                                source_filesystem=local, destination_filesystem=filesystem)
+        except OSError as exc:
+            raise AvatarError(f"could not upload avatar {name!r} to {self.shared}: {exc}") from exc
+        log.info("uploaded avatar %r to %s", name, self.shared)
+        return f"{self.shared.rstrip('/')}/{name}"
 
     def manifest(self, name: str) -> dict[str, Any]:
-        """The manifest of avatar `name`; AvatarNotFound / AvatarError when missing or unusable."""
+        """The manifest of avatar `name` (fetched from the shared location if it is only
+        there); AvatarNotFound / AvatarError when missing or unusable."""
+        if not self.exists(name):
+            self.fetch(name)
         path = self.path(name) / MANIFEST_FILE
         if not path.is_file():
             raise AvatarNotFound(f"no prepared avatar named {name!r} in {self.root}; prepare it with "
@@ -237,19 +308,36 @@ class AvatarStore:
                 with pa.ipc.new_file(sink, table.schema) as writer:
                     writer.write_table(table, max_chunksize=max(table.num_rows, 1))
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-            final = self.root / name
-            if final.exists():  # replace: move the old one aside, then swap in the new one
-                old = self.root / f".trash-{name}-{uuid.uuid4().hex[:8]}"
-                final.rename(old)
-                tmp.rename(final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(final)
+            final = self._swap_in(tmp, name)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         log.info("saved avatar %r (%d frames) to %s", name, table.num_rows, final)
         return final
+
+    def _swap_in(self, tmp: Path, name: str) -> Path:
+        """Rename the complete directory `tmp` to <root>/<name>, replacing what is there."""
+        final = self.root / name
+        if final.exists():  # replace: move the old one aside, then swap in the new one
+            old = self.root / f".trash-{name}-{uuid.uuid4().hex[:8]}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+        return final
+
+    def _shared_location(self) -> tuple[pafs.FileSystem, str]:
+        """(filesystem, base path) of the shared location; a plain path is a local directory."""
+        if self._shared_fs is None:
+            assert self.shared is not None
+            uri = self.shared if "://" in self.shared else str(Path(self.shared).expanduser().resolve())
+            try:
+                filesystem, base = pafs.FileSystem.from_uri(uri)
+            except (pa.ArrowInvalid, ValueError, OSError) as exc:
+                raise AvatarError(f"invalid avatar location {self.shared!r}: {exc}") from exc
+            self._shared_fs = (filesystem, base.rstrip("/"))
+        return self._shared_fs
 
     @staticmethod
     def _read(name: str, path: Path) -> pa.Table:

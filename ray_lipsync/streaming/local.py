@@ -35,7 +35,7 @@ def load_avatar(settings: Settings, name: str) -> Avatar:
     from ray_lipsync.avatar.default import load_or_prepare
     from ray_lipsync.avatar.store import AvatarStore
 
-    return load_or_prepare(AvatarStore(settings.avatars_dir), name, settings.avatar)
+    return load_or_prepare(AvatarStore(settings.avatars_dir, settings.avatar_uri), name, settings.avatar)
 
 
 def create_vad(settings: Settings):
