@@ -15,13 +15,12 @@ def serve_app(settings, port: int, replica: str = "local") -> Iterator[str]:
     """Serve `settings`' API on 127.0.0.1:`port`; yields its base URL; shuts the gateway down."""
     import uvicorn
 
-    from ray_lipsync.api.client import LocalClient
     from ray_lipsync.api.gateway import Gateway
     from ray_lipsync.api.routes import build_api
     from ray_lipsync.streaming.local import LocalPipeline
 
     gateway = Gateway(settings, LocalPipeline(settings), replica)
-    app = build_api(settings, LocalClient(gateway))
+    app = build_api(settings, gateway)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="test-service", daemon=True)
     thread.start()
