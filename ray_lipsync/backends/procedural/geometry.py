@@ -11,9 +11,10 @@ neighbouring source frames so that video avatars do not jitter) this derives:
   linear in the jaw drop so a frame only scales and adds them: `lip` (the lower lip moves
   rigidly with the jaw, fading into the chin), `jaw` (the chin and jaw skin, broad, fading
   below the chin), `lift` (the upper lip and its teeth rise a little, fading towards the
-  nose) and `widen` (horizontal offset that moves the corners out or in). Every field is
-  weighted by the blend mask squared, so where the compositor mixes rendered and original
-  pixels both are nearly the same: no seam, no double chin edge;
+  nose) and `widen` (horizontal offset that moves the corners out or in). Every field
+  fades in with the distance from where the blend mask is half strong, so the mask's outer
+  feather keeps the original pixels: the compositor never mixes moved and unmoved edges (no
+  seam, no double chin), and the skin between the lower lip and the chin compresses smoothly;
 - the avatar's colours: lips (for the mouth interior and tongue), teeth, skin brightness.
 """
 
@@ -21,12 +22,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 from ray_lipsync.avatar.model import CROP_SIZE, LANDMARK, Avatar
 
 LIFT_SHARE = 0.15  # the upper lip rises this fraction of the jaw drop
 MAX_DROP_SHARE = 0.2  # jaw drop at open = 1, as a fraction of nose-to-chin height
+MOTION_RAMP_SHARE = 0.22  # motion fades in over this share of nose-to-chin height from where the
+# blend mask is half strong (none in the mask's outer feather: no ghosts, no seam)
 WIDEN_REACH = 0.7  # the cheeks follow the corners over this share of the half width
 TEETH_MIN_GAP = 3.0  # px between the lips (crop space) above which visible teeth are looked for
 LANDMARK_SMOOTHING = (0.25, 0.5, 0.25)  # weights of source frames i-1, i, i+1
@@ -184,7 +188,10 @@ def build_geometry(avatar: Avatar, index: int) -> MouthGeometry | None:
     gx = np.arange(x0, x1, dtype=np.float64)
     gy = np.arange(y0, y1, dtype=np.float64)[:, None]
     alpha = mask[y0:y1, x0:x1].astype(np.float32) / 255.0
-    weight = alpha.astype(np.float64) ** 2  # motion fades out before the mask does
+    # motion fades in with the distance from where the mask is half strong
+    strong = (mask[y0:y1, x0:x1] >= 128).astype(np.uint8)
+    inside = cv2.distanceTransform(strong, cv2.DIST_L2, cv2.DIST_MASK_PRECISE).astype(np.float64)
+    weight = smoothstep(inside / (MOTION_RAMP_SHARE * face_h))
 
     # lower lip: rigid down to its outer edge, then handing over to the jaw towards the chin
     lower_outer = lips.y(gx, lips.lower_outer)[None, :]

@@ -1,10 +1,10 @@
-"""The procedural renderer: warps the avatar's lower face by [open, spread, round].
+"""The procedural renderer: [open, spread, round] per job -> the avatar's crop with its mouth moved.
 
-Per job: jaw drop = open x max_drop (lower lip and chin move down, smooth falloff), the upper
-lip lifts a little, the mouth widens (spread) or narrows (round), and a shaded dark mouth
-interior with soft edges (and a hint of upper teeth) fills the gap between the lips. Only the
-ROI inside the blend mask is touched (one cv2.remap on precomputed fields and one
-cv2.blendLinear, in uint8); features ~0 give the crop back unchanged.
+Per job, on the source frame's cached `MouthGeometry`: `mouth_warp` gives the warp (lower lip
+and jaw down, upper lip and its teeth up a little, corners out for spread and in for round)
+and the gap it opens; one cv2.remap applies it to the ROI, `draw_mouth` fills the gap (shaded
+cavity, tongue, teeth), and one cv2.blendLinear puts the ROI back through the blend mask, so
+no pixel outside the mask changes. Features ~0 give the crop back unchanged.
 """
 
 from __future__ import annotations
@@ -19,20 +19,15 @@ import numpy as np
 from ray_lipsync.avatar.model import CROP_SIZE, Avatar
 from ray_lipsync.backends.base import Renderer
 from ray_lipsync.backends.procedural.features import FEATURE_DIM
-from ray_lipsync.backends.procedural.geometry import LIFT_SHARE, MouthGeometry, build_geometry
+from ray_lipsync.backends.procedural.geometry import MouthGeometry, build_geometry
 from ray_lipsync.backends.procedural.mouth import draw_mouth
+from ray_lipsync.backends.procedural.warp import mouth_warp
 from ray_lipsync.config import Settings
 from ray_lipsync.errors import AvatarError, AvatarNotFound, LipsyncError
 from ray_lipsync.types import RenderJob
 
 log = logging.getLogger(__name__)
 
-SPREAD_GAIN = 0.14  # relative width change at spread = 1
-ROUND_GAIN = 0.2  # relative narrowing at round = 1
-ROUND_DROP = 0.2  # rounded vowels drop the jaw this much less
-LENS_POWER = 1.0  # opening across the mouth: (1 - u^2) ** power (smaller: rounder)
-SPREAD_LENS = 0.2  # spread flattens the opening towards the corners
-ROUND_LENS = 0.25  # round makes it rounder
 IDLE_EPS = 1e-3  # features below this leave the crop unchanged
 GEOMETRY_CACHE = 2048  # source frames whose warp geometry is kept (LRU)
 
@@ -100,24 +95,9 @@ class ProceduralRenderer(Renderer):
 
     def _warp(self, crop: np.ndarray, geo: MouthGeometry, open_: float, spread: float, rounded: float) -> None:
         """Warp crop's ROI in place, draw the mouth interior, blend through the mask."""
-        lips = geo.lips
-        drop = open_ * geo.max_drop * (1.0 - ROUND_DROP * rounded)
-        widen = SPREAD_GAIN * spread - ROUND_GAIN * rounded
-        # along the tear line: where each output column's source lies, and the opening there
-        source_x = geo.grid_x - widen * geo.widen_at_tear
-        u = lips.u(source_x).astype(np.float32)
-        power = LENS_POWER + SPREAD_LENS * spread - ROUND_LENS * rounded
-        opening = np.clip(1.0 - u * u, 0.0, 1.0) ** np.float32(power)
-        tear = lips.y(source_x, lips.tear).astype(np.float32)
-        below = geo.grid_y >= tear[None, :]
-        profile = opening[None, :] * np.where(below, geo.lip, geo.lift) + geo.jaw
-        map_y = geo.grid_y - np.float32(drop) * profile
-        map_x = geo.grid_x[None, :] - np.float32(widen) * geo.widen
-        warped = cv2.remap(crop, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-        open_cols = np.flatnonzero(opening > 0.0)
-        if drop > 0.0 and len(open_cols):
-            cols = slice(int(open_cols[0]), int(open_cols[-1]) + 1)
-            gap = drop * opening[cols]
-            draw_mouth(warped, geo, cols, tear[cols] - LIFT_SHARE * gap, tear[cols] + gap, u[cols], open_)
+        warp = mouth_warp(geo, open_, spread, rounded)
+        warped = cv2.remap(crop, warp.map_x, warp.map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        if warp.cols.stop > warp.cols.start:
+            draw_mouth(warped, geo, warp.cols, warp.top, warp.bottom, warp.u, open_)
         roi = crop[geo.y0 : geo.y1, geo.x0 : geo.x1]
         roi[...] = cv2.blendLinear(warped, roi, geo.alpha, geo.keep)
