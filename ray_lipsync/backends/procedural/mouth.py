@@ -24,8 +24,8 @@ from ray_lipsync.backends.procedural.geometry import MouthGeometry, smoothstep
 
 FEATHER_PX = 1.3  # soft edge of the gap, outside it
 MIN_GAP_PX = 2.0  # a gap fades in over this height, so a barely open mouth is a soft line
-CAVITY_DARK = np.array([22.0, 8.0, 9.0], np.float32)  # under the upper lip and in the corners
-CAVITY_LIT = np.array([92.0, 34.0, 38.0], np.float32)  # lower middle, towards the light
+CAVITY_DARK = np.array([30.0, 10.0, 12.0], np.float32)  # under the upper lip and in the corners
+CAVITY_LIT = np.array([112.0, 42.0, 46.0], np.float32)  # lower middle, towards the light
 UPPER_TEETH_SHARE = 0.055  # upper teeth height (of nose-to-chin), when drawn
 LOWER_TEETH_SHARE = 0.03
 TONGUE_WIDTH = 0.3  # tongue half width, of the mouth width
@@ -67,7 +67,7 @@ def draw_mouth(
     tongue_amount = float(smoothstep(np.array((open_ - 0.15) / 0.5)))
     mid = int(np.argmax(height))
     if tongue_amount > 0.0 and height[mid] > 1.0:
-        radius_y = 0.5 * height[mid] * tongue_amount
+        radius_y = 0.55 * height[mid] * tongue_amount
         centre_y = bottom[mid] + 0.2 * radius_y
         radius_x = TONGUE_WIDTH * geo.mouth_width
         dx = (geo.grid_x[cols] - geo.grid_x[cols][mid]) / radius_x
