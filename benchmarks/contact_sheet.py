@@ -99,7 +99,7 @@ def contact_sheet(avatar: Avatar, samples: np.ndarray, settings: Settings, tiles
         raise SystemExit("the utterance has no speech frames (VAD); use louder or longer audio")
     spoken = np.flatnonzero(speech)
     first, last = max(int(spoken[0]) - 1, 0), min(int(spoken[-1]) + 1, n - 1)
-    shown = sorted({int(round(k)) for k in np.linspace(first, last, tiles)})
+    shown = sorted({round(k) for k in np.linspace(first, last, tiles).tolist()})
     featurizer = ProceduralFeaturizer(settings)
     features = featurizer.featurize([FeatureRequest(featurizer.new_state(), samples, 0, range(n))])[0]
     opening = np.where(speech, features[:, 0], 0.0)  # silent frames show the idle avatar

@@ -6,6 +6,7 @@ Openings are measured on the images: pixels that turned much darker than the idl
 
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -160,11 +161,11 @@ def test_opening_grows_smoothly(renderer, default_avatar) -> None:
     idle = avatar.crops[0].astype(np.float32)
     levels = np.linspace(0.0, 1.0, 26)
     crops = [render(renderer, avatar, [level, 0.2, 0.1]).astype(np.float32) for level in levels]
-    steps = np.array([np.abs(b - a).mean() for a, b in zip(crops, crops[1:])])
+    steps = np.array([np.abs(b - a).mean() for a, b in pairwise(crops)])
     areas = [opened(c, idle).sum() for c in crops]
     assert steps[0] < 2.0 * np.median(steps)
     assert steps.max() < 3.0 * np.median(steps)
-    assert all(b >= a for a, b in zip(areas, areas[1:])) and areas[-1] > 300
+    assert all(b >= a for a, b in pairwise(areas)) and areas[-1] > 300
 
 
 def test_corners_move_for_spread_and_round(renderer, default_avatar) -> None:
@@ -194,3 +195,20 @@ def test_video_avatar_opens_steadily(renderer, yongen) -> None:
     areas = np.array(areas, np.float64)
     assert areas.min() > 150 and areas.std() < 0.2 * areas.mean()  # the same opening in every frame
     assert min(bright) > 170  # upper teeth drawn under the closed-lipped avatar's upper lip
+
+
+def test_teeth_that_come_and_go_in_a_video_change_gradually(default_avatar) -> None:
+    """A source frame without visible teeth between two with them: the opening's tear line and
+    the drawn teeth follow a smoothed score, not a per-frame switch."""
+    lm = default_avatar.landmarks[0]
+    crops = np.repeat(np.asarray(default_avatar.crops[:1]), 3, axis=0)
+    top, bottom = int(lm[LANDMARK["upper_lip_bottom"], 1]), int(lm[LANDMARK["lower_lip_top"], 1]) + 1
+    crops[1, top:bottom] = (150, 70, 75)  # the middle frame's teeth hidden behind lip colour
+    video = Avatar(
+        name="teeth", frames=np.repeat(default_avatar.frames[:1], 3, axis=0),
+        crop_boxes=np.repeat(default_avatar.crop_boxes[:1], 3, axis=0), crops=crops,
+        masks=np.repeat(default_avatar.masks[:1], 3, axis=0),
+        landmarks=np.repeat(default_avatar.landmarks[:1], 3, axis=0), detected=np.ones(3, bool),
+    )  # fmt: skip
+    shown = [build_geometry(video, i).teeth_shown for i in range(3)]
+    assert shown[0] == shown[2] and 0.6 < shown[0] < 0.9 and 0.3 < shown[1] < 0.7

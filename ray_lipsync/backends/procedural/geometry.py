@@ -20,7 +20,7 @@ neighbouring source frames so that video avatars do not jitter) this derives:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -83,7 +83,7 @@ class MouthGeometry:
     lips: LipContours
     mouth_width: float
     face_height: float  # nose tip to chin
-    shows_teeth: bool  # the avatar's own upper teeth are visible between the lips
+    teeth_shown: float  # 0..1: how clearly the avatar's own upper teeth show between the lips
     grid_x: np.ndarray  # (w,) crop x of ROI columns
     grid_y: np.ndarray  # (h, 1) crop y of ROI rows
     widen_at_tear: np.ndarray  # (w,) the widen field along the tear line
@@ -95,6 +95,10 @@ class MouthGeometry:
     keep: np.ndarray  # 1 - alpha
     lip_tint: np.ndarray  # (3,) float32 the lips' colour relative to a typical lip colour
     teeth_rgb: np.ndarray  # (3,) float32 teeth colour (the avatar's own when shown)
+
+    @property
+    def shows_teeth(self) -> bool:
+        return self.teeth_shown >= 0.5
 
     @property
     def max_drop(self) -> float:
@@ -135,30 +139,47 @@ def _luma(rgb: np.ndarray) -> np.ndarray:
     return rgb @ np.array([0.299, 0.587, 0.114], np.float32)
 
 
-def _colours(crop: np.ndarray, lips: LipContours, face_h: float) -> tuple[np.ndarray, np.ndarray, bool]:
-    """(lip colour, teeth colour, shows_teeth) sampled from the crop at rest."""
-    image = crop.astype(np.float32)
+def _ramp(value: float, start: float, width: float) -> float:
+    return float(smoothstep(np.array((value - start) / width)))
+
+
+def _mouth_columns(lips: LipContours) -> slice:
+    """Crop columns of the middle half of the mouth, where colours are sampled."""
     half = 0.25 * (lips.right[0] - lips.left[0])
-    xa, xb = int(max(lips.mid_x - half, 0)), int(min(lips.mid_x + half, CROP_SIZE - 1)) + 1
-    ya = int(np.ceil(lips.lower_inner + 0.25 * (lips.lower_outer - lips.lower_inner)))
-    yb = int(np.floor(lips.lower_outer - 0.25 * (lips.lower_outer - lips.lower_inner))) + 1
-    ya, yb = min(max(ya, 0), CROP_SIZE - 1), min(max(yb, ya + 1), CROP_SIZE)
-    lip = image[ya:yb, xa:xb].reshape(-1, 3).mean(axis=0)
-    skin_y = int(min(lips.lower_outer + 0.15 * face_h, CROP_SIZE - 1))
-    skin = image[skin_y, xa:xb].reshape(-1, 3).mean(axis=0)
+    return slice(int(max(lips.mid_x - half, 0)), int(min(lips.mid_x + half, CROP_SIZE - 1)) + 1)
+
+
+def _lip_rgb(image: np.ndarray, lips: LipContours) -> np.ndarray:
+    """Mean colour of the middle of the lower lip (float32 RGB)."""
+    thick = lips.lower_outer - lips.lower_inner
+    ya = min(max(int(np.ceil(lips.lower_inner + 0.25 * thick)), 0), CROP_SIZE - 1)
+    yb = min(max(int(np.floor(lips.lower_outer - 0.25 * thick)) + 1, ya + 1), CROP_SIZE)
+    return image[ya:yb, _mouth_columns(lips)].reshape(-1, 3).mean(axis=0).astype(np.float32)
+
+
+def _teeth(image: np.ndarray, lips: LipContours) -> tuple[float, np.ndarray]:
+    """(teeth shown in [0, 1], their colour) between the lips of a frame at rest.
+
+    Teeth count as shown where the lips are apart and the gap is brighter than the lips and
+    far less coloured (a dark or red gap is no teeth); the score is smooth in those measures.
+    """
     gap = lips.lower_inner - lips.upper_inner
-    teeth = DEFAULT_TEETH_RGB * float(np.clip(_luma(skin) / 185.0, 0.75, 1.0))
-    shows = False
-    if gap >= TEETH_MIN_GAP:
-        ta, tb = int(np.ceil(lips.upper_inner + 0.2 * gap)), int(np.floor(lips.lower_inner - 0.2 * gap)) + 1
-        region = image[ta:max(tb, ta + 1), xa:xb].reshape(-1, 3)
-        luma = _luma(region)
-        bright = region[luma >= np.percentile(luma, 50)]
-        colour = bright.mean(axis=0)
-        # teeth: brighter than the lips and far less coloured (a dark or red gap is no teeth)
-        if _luma(colour) > 1.1 * _luma(lip) and np.ptp(colour) < max(0.6 * np.ptp(lip), 25.0):
-            shows, teeth = True, colour
-    return lip.astype(np.float32), np.asarray(teeth, np.float32), shows
+    apart = _ramp(gap, TEETH_MIN_GAP - 1.0, 2.0)
+    if apart == 0.0:
+        return 0.0, DEFAULT_TEETH_RGB
+    ta = int(np.ceil(lips.upper_inner + 0.2 * gap))
+    tb = max(int(np.floor(lips.lower_inner - 0.2 * gap)) + 1, ta + 1)
+    region = image[ta:tb, _mouth_columns(lips)].reshape(-1, 3)
+    luma = _luma(region)
+    colour = region[luma >= np.percentile(luma, 50)].mean(axis=0)  # the brighter half
+    lip = _lip_rgb(image, lips)
+    brighter = _ramp(float(_luma(colour)) / max(float(_luma(lip)), 1.0), 1.0, 0.2)
+    paler = _ramp(max(0.6 * float(np.ptp(lip)), 25.0) - float(np.ptp(colour)), -5.0, 10.0)
+    return apart * brighter * paler, colour.astype(np.float32)
+
+
+def _ramp(value: float, start: float, width: float) -> float:
+    return float(smoothstep(np.array((value - start) / width)))
 
 
 def build_geometry(avatar: Avatar, index: int) -> MouthGeometry | None:
@@ -170,13 +191,25 @@ def build_geometry(avatar: Avatar, index: int) -> MouthGeometry | None:
         return None
     lm = smoothed_landmarks(avatar, index)
     lips = _lip_contours(lm)
+    image = np.asarray(avatar.crops[index]).astype(np.float32)
+    lip_rgb = _lip_rgb(image, lips)
+    # teeth shown, averaged like the landmarks: no flicker where a video shows them on and off
+    teeth_shown, n = 0.0, len(avatar)
+    for offset, weight in zip((-1, 0, 1), LANDMARK_SMOOTHING):
+        i = min(max(index + offset, 0), n - 1)
+        own = _lip_contours(np.asarray(avatar.landmarks[i], np.float64))
+        teeth_shown += weight * _teeth(np.asarray(avatar.crops[i]).astype(np.float32), own)[0]
     nose, chin = lm[LANDMARK["nose_tip"]], lm[LANDMARK["chin"]]
     jaw_l, jaw_r = lm[LANDMARK["jaw_left"]], lm[LANDMARK["jaw_right"]]
     width = lips.right[0] - lips.left[0]
     face_h = float(max(chin[1] - nose[1], 16.0))
-    lip_rgb, teeth_rgb, shows_teeth = _colours(np.asarray(avatar.crops[index]), lips, face_h)
-    if shows_teeth:  # the teeth belong to the upper jaw: open below them
-        lips = LipContours(**{**lips.__dict__, "tear": lips.lower_inner})
+    # drawn teeth take the brightness of the skin below the lips; shown ones keep their colour
+    skin_y = int(min(lips.lower_outer + 0.15 * face_h, CROP_SIZE - 1))
+    skin = image[skin_y, _mouth_columns(lips)].mean(axis=0)
+    drawn = DEFAULT_TEETH_RGB * float(np.clip(_luma(skin) / 185.0, 0.75, 1.0))
+    teeth_rgb = drawn + teeth_shown * (_teeth(image, lips)[1] - drawn)
+    # teeth belong to the upper jaw: the mouth opens below the teeth it shows
+    lips = replace(lips, tear=lips.tear + teeth_shown * (lips.lower_inner - lips.tear))
 
     x0 = int(max(cols[0], np.floor(min(jaw_l[0], lips.left[0] - 0.6 * width))))
     x1 = int(min(cols[-1] + 1, np.ceil(max(jaw_r[0], lips.right[0] + 0.6 * width)) + 1))
@@ -217,7 +250,7 @@ def build_geometry(avatar: Avatar, index: int) -> MouthGeometry | None:
     f32 = np.float32
     return MouthGeometry(
         x0=x0, y0=y0, x1=x1, y1=y1, lips=lips, mouth_width=float(width), face_height=face_h,
-        shows_teeth=shows_teeth, grid_x=gx.astype(f32), grid_y=gy.astype(f32),
+        teeth_shown=teeth_shown, grid_x=gx.astype(f32), grid_y=gy.astype(f32),
         widen_at_tear=widen_at_tear.astype(f32), lip=lip.astype(f32), jaw=jaw.astype(f32),
         lift=lift.astype(f32), widen=widen.astype(f32), alpha=alpha, keep=1.0 - alpha,
         lip_tint=np.clip(lip_rgb / TYPICAL_LIP_RGB, 0.6, 1.3).astype(f32), teeth_rgb=teeth_rgb,

@@ -32,6 +32,11 @@ TONGUE_WIDTH = 0.3  # tongue half width, of the mouth width
 TONGUE_RGB = np.array([184.0, 86.0, 90.0], np.float32)
 
 
+def _ramp(value: float, start: float, width: float) -> float:
+    """0 below `start`, 1 above `start + width`, smooth in between."""
+    return float(smoothstep(np.array((value - start) / width)))
+
+
 def draw_mouth(
     roi: np.ndarray,
     geo: MouthGeometry,
@@ -63,21 +68,21 @@ def draw_mouth(
     light = (0.35 + 0.65 * v) * np.sqrt(across)
     colour = (CAVITY_DARK + (CAVITY_LIT - CAVITY_DARK) * light[..., None]) * geo.lip_tint
 
-    # tongue: a rounded mound behind the lower lip's middle, rising as the mouth opens
-    tongue_amount = float(smoothstep(np.array((open_ - 0.15) / 0.5)))
-    mid = int(np.argmax(height))
-    if tongue_amount > 0.0 and height[mid] > 1.0:
-        radius_y = 0.55 * height[mid] * tongue_amount
-        centre_y = bottom[mid] + 0.2 * radius_y
-        radius_x = TONGUE_WIDTH * geo.mouth_width
-        dx = (geo.grid_x[cols] - geo.grid_x[cols][mid]) / radius_x
+    # tongue: a rounded mound behind the middle of the lower lip, rising as the mouth opens
+    tongue_amount = _ramp(open_, 0.15, 0.5)
+    xs = geo.grid_x[cols]
+    mid_height = float(np.interp(geo.lips.mid_x, xs, height))
+    if tongue_amount > 0.0 and mid_height > 0.5:
+        radius_y = 0.55 * mid_height * tongue_amount
+        centre_y = float(np.interp(geo.lips.mid_x, xs, bottom)) + 0.2 * radius_y
+        dx = (xs - geo.lips.mid_x) / (TONGUE_WIDTH * geo.mouth_width)
         inside_t = 1.0 - np.sqrt(dx[None, :] ** 2 + ((y - centre_y) / radius_y) ** 2)
         tongue = np.clip(inside_t * radius_y / 1.5, 0.0, 1.0) * tongue_amount
         shade = 0.4 + 0.45 * np.sqrt(np.clip(inside_t, 0.0, 1.0))
         colour += tongue[..., None] * (shade[..., None] * TONGUE_RGB * geo.lip_tint - colour)
 
     # lower teeth: a thin band above the lower lip, wide open only
-    lower_amount = float(smoothstep(np.array((open_ - 0.5) / 0.4)))
+    lower_amount = _ramp(open_, 0.5, 0.4)
     if lower_amount > 0.0:
         lower_h = np.minimum(LOWER_TEETH_SHARE * geo.face_height * lower_amount * across, 0.2 * height)
         lower = np.clip((lower_h - above_bottom) / 0.8, 0.0, 1.0) * smoothstep((0.6 - np.abs(u)) / 0.3)
@@ -85,11 +90,12 @@ def draw_mouth(
         colour += (0.8 * lower)[..., None] * (shade * geo.teeth_rgb - colour)
 
     # upper teeth under the upper lip, where the avatar shows none
-    if not geo.shows_teeth:
+    if geo.teeth_shown < 1.0:
         upper_h = np.minimum(UPPER_TEETH_SHARE * geo.face_height * across**0.3, 0.45 * height)
         upper = np.clip((upper_h - below_top) / 0.9, 0.0, 1.0) * smoothstep((0.92 - np.abs(u)) / 0.2)
-        shade = 0.62 + 0.38 * np.clip(1.0 - 0.6 * below_top / np.maximum(upper_h, 0.5), 0.0, 1.0) * across**0.5
-        colour += (0.95 * upper)[..., None] * (shade[..., None] * geo.teeth_rgb - colour)
+        lit = np.clip(1.0 - 0.6 * below_top / np.maximum(upper_h, 0.5), 0.0, 1.0)
+        shade = 0.62 + 0.38 * lit * across**0.5
+        colour += (0.95 * (1.0 - geo.teeth_shown) * upper)[..., None] * (shade[..., None] * geo.teeth_rgb - colour)
 
     region = roi[ya - geo.y0 : yb - geo.y0, cols]
     alpha = cover[..., None]
