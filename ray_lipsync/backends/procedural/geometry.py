@@ -6,7 +6,8 @@ neighbouring source frames so that video avatars do not jitter) this derives:
 - the lip contours as functions of x: each runs through both mouth corners and its midline
   landmark (a parabola per side, so turned faces with an off-centre midline work);
 - the tear line where the mouth opens: the lower lip's inner edge when the avatar shows its
-  upper teeth (the teeth stay with the upper lip), else halfway between the lips;
+  upper teeth (the teeth stay with the upper lip), else halfway between the lips, blended by
+  a smooth "teeth shown" score averaged over neighbouring source frames;
 - the region of interest (ROI: lower face inside the blend mask) and motion fields over it,
   linear in the jaw drop so a frame only scales and adds them: `lip` (the lower lip moves
   rigidly with the jaw, fading into the chin), `jaw` (the chin and jaw skin, broad, fading
@@ -15,7 +16,8 @@ neighbouring source frames so that video avatars do not jitter) this derives:
   fades in with the distance from where the blend mask is half strong, so the mask's outer
   feather keeps the original pixels: the compositor never mixes moved and unmoved edges (no
   seam, no double chin), and the skin between the lower lip and the chin compresses smoothly;
-- the avatar's colours: lips (for the mouth interior and tongue), teeth, skin brightness.
+- the avatar's colours: lips (tint of the mouth interior and tongue) and teeth (its own when
+  shown, else off-white at the brightness of its skin).
 """
 
 from __future__ import annotations
