@@ -5,7 +5,8 @@ Hann-weighted window that starts `context_ms` before the frame and ends `lookahe
 it, so the window's centre sits slightly after the frame's centre: the mouth starts to open
 just before a syllable's attack is heard. From that window it derives
 
-- open:   loudness (dBFS) relative to the session's running speech level, gated at silence;
+- open:   loudness (dBFS) relative to the session's running speech level, gated at silence,
+          on an expanding curve so the mouth nearly closes in the dips between syllables;
 - spread: spectral centroid high (front vowels /i/, /e/, fricatives) -> wider mouth;
 - round:  centroid low with energy concentrated below ~900 Hz (/u/, /o/) -> narrower mouth;
 
@@ -41,10 +42,11 @@ ACTIVITY_RANGE_DB = 12.0  # level above the gate at which spread/round reach ful
 INITIAL_SPEECH_DB = -22.0  # assumed speech level before the session has spoken
 LEVEL_UP = 0.25  # running speech level: per-frame follow rate when louder
 LEVEL_DOWN = 0.03  # ... and when quieter (only frames above the gate update it)
-OPEN_BELOW_DB = 24.0  # open = 0 at (speech level - this), 1 at speech level + OPEN_ABOVE_DB
-OPEN_ABOVE_DB = 4.0
+OPEN_BELOW_DB = 18.0  # open = 0 at (speech level - this), 1 at speech level + OPEN_ABOVE_DB
+OPEN_ABOVE_DB = 3.0
+OPEN_GAMMA = 1.5  # open = position between those levels ** gamma (> 1: quieter parts close more)
 ATTACK = 0.7  # smoothing: fraction of the gap closed per frame when rising
-RELEASE = 0.5  # ... when falling
+RELEASE = 0.6  # ... when falling
 SHAPE_RATE = 0.45  # spread/round smoothing (symmetric)
 SNAP = 0.01  # smoothed values below this become exactly 0
 
@@ -156,7 +158,7 @@ class ProceduralFeaturizer(Featurizer):
                 speech_db += rate * (level_db - speech_db)
                 floor = speech_db - OPEN_BELOW_DB
                 target = (level_db - floor) / (OPEN_BELOW_DB + OPEN_ABOVE_DB)
-                target = min(max(target, 0.0), 1.0)
+                target = min(max(target, 0.0), 1.0) ** OPEN_GAMMA
             else:
                 target = 0.0
             y_open += (ATTACK if target > y_open else RELEASE) * (target - y_open)

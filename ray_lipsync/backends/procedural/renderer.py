@@ -1,10 +1,10 @@
-"""The procedural renderer: warps the avatar's lower face by [open, spread, round].
+"""The procedural renderer: [open, spread, round] per job -> the avatar's crop with its mouth moved.
 
-Per job: jaw drop = open x max_drop (lower lip and chin move down, smooth falloff), the upper
-lip lifts a little, the mouth widens (spread) or narrows (round), and a shaded dark mouth
-interior with soft edges (and a hint of upper teeth) fills the gap between the lips. Only the
-ROI inside the blend mask is touched (one cv2.remap on precomputed fields and one
-cv2.blendLinear, in uint8); features ~0 give the crop back unchanged.
+Per job, on the source frame's cached `MouthGeometry`: `mouth_warp` gives the warp (lower lip
+and jaw down, upper lip and its teeth up a little, corners out for spread and in for round)
+and the gap it opens; one cv2.remap applies it to the ROI, `draw_mouth` fills the gap (shaded
+cavity, tongue, teeth), and one cv2.blendLinear puts the ROI back through the blend mask, so
+no pixel outside the mask changes. Features ~0 give the crop back unchanged.
 """
 
 from __future__ import annotations
@@ -19,18 +19,15 @@ import numpy as np
 from ray_lipsync.avatar.model import CROP_SIZE, Avatar
 from ray_lipsync.backends.base import Renderer
 from ray_lipsync.backends.procedural.features import FEATURE_DIM
-from ray_lipsync.backends.procedural.geometry import UPPER_LIP_LIFT as UPPER_LIFT_SHARE
 from ray_lipsync.backends.procedural.geometry import MouthGeometry, build_geometry
+from ray_lipsync.backends.procedural.mouth import draw_mouth
+from ray_lipsync.backends.procedural.warp import mouth_warp
 from ray_lipsync.config import Settings
 from ray_lipsync.errors import AvatarError, AvatarNotFound, LipsyncError
 from ray_lipsync.types import RenderJob
 
 log = logging.getLogger(__name__)
 
-SPREAD_GAIN = 0.16  # relative width change at spread = 1
-ROUND_GAIN = 0.22  # relative narrowing at round = 1
-MOUTH_RGB = np.array([70.0, 22.0, 28.0], np.float32)  # mouth interior (scaled by shading)
-TEETH_RGB = np.array([214.0, 206.0, 196.0], np.float32)
 IDLE_EPS = 1e-3  # features below this leave the crop unchanged
 GEOMETRY_CACHE = 2048  # source frames whose warp geometry is kept (LRU)
 
@@ -82,7 +79,7 @@ class ProceduralRenderer(Renderer):
         geo = self._geometry_of(avatar, job.avatar_frame)
         if geo is None:
             return crop
-        self._warp(crop, geo, open_, SPREAD_GAIN * spread - ROUND_GAIN * rounded)
+        self._warp(crop, geo, open_, spread, rounded)
         return crop
 
     def _geometry_of(self, avatar: Avatar, index: int) -> MouthGeometry | None:
@@ -96,49 +93,11 @@ class ProceduralRenderer(Renderer):
             self._geometry.popitem(last=False)
         return geo
 
-    def _warp(self, crop: np.ndarray, geo: MouthGeometry, open_: float, widen: float) -> None:
+    def _warp(self, crop: np.ndarray, geo: MouthGeometry, open_: float, spread: float, rounded: float) -> None:
         """Warp crop's ROI in place, draw the mouth interior, blend through the mask."""
-        drop_px = open_ * geo.max_drop
-        map_x = geo.grid_x[None, :] - widen * geo.widen
-        map_y = geo.grid_y - drop_px * geo.drop
-        warped = cv2.remap(crop, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-        if drop_px > 0.5:
-            self._draw_interior(warped, geo, drop_px, widen, open_)
+        warp = mouth_warp(geo, open_, spread, rounded)
+        warped = cv2.remap(crop, warp.map_x, warp.map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        if warp.cols.stop > warp.cols.start:
+            draw_mouth(warped, geo, warp.cols, warp.top, warp.bottom, warp.u, open_)
         roi = crop[geo.y0 : geo.y1, geo.x0 : geo.x1]
         roi[...] = cv2.blendLinear(warped, roi, geo.alpha, geo.keep)
-
-    @staticmethod
-    def _draw_interior(
-        warped: np.ndarray, geo: MouthGeometry, drop_px: float, widen: float, open_: float
-    ) -> None:
-        """Shaded mouth interior in the gap the jaw drop opened (ROI coordinates), soft-edged.
-
-        The gap runs from the (lifted) tear line to the lower lip's new upper edge; where the
-        avatar's mouth is closed, a hint of upper teeth is drawn at its top.
-        """
-        top = geo.lip_gap_bottom - UPPER_LIFT_SHARE * drop_px - 1.0
-        bottom = geo.lip_gap_bottom + drop_px
-        half_h = max((bottom - top) / 2, 0.5)
-        centre_y = (top + bottom) / 2
-        half_w = 0.5 * geo.mouth_width * (1.0 + widen)
-        xa = int(max(geo.x0, np.floor(geo.cx - half_w - 2)))
-        xb = int(min(geo.x1, np.ceil(geo.cx + half_w + 2)))
-        ya = int(max(geo.y0, np.floor(top - 2)))
-        yb = int(min(geo.y1, np.ceil(bottom + 2)))
-        if xb <= xa or yb <= ya:
-            return
-        xs = (np.arange(xa, xb, dtype=np.float32) - geo.cx) / half_w
-        y_abs = np.arange(ya, yb, dtype=np.float32)[:, None]
-        ys = (y_abs - centre_y) / half_h
-        # a lens: the opening tapers towards the corners
-        dist = np.sqrt(xs[None, :] ** 2 + (ys / np.clip(1.0 - xs[None, :] ** 2, 0.05, 1.0)) ** 2)
-        alpha = np.clip((1.0 - dist) * min(half_w, half_h) / 2.0, 0.0, 1.0)[:, :, None]
-        shade = (0.45 + 0.9 * np.clip(0.6 * ys**2 + 0.6 * xs[None, :] ** 2, 0.0, 1.0))[:, :, None]
-        colour = MOUTH_RGB * shade
-        if geo.lip_gap_bottom - geo.lip_gap_top < 3.0:
-            teeth_h = min(0.6 * half_h, 0.05 * geo.face_height)
-            teeth = np.clip((top + teeth_h - y_abs) / 1.5, 0.0, 1.0) * (np.abs(xs) < 0.65)[None, :]
-            teeth = (0.8 * teeth)[:, :, None]
-            colour = colour * (1.0 - teeth) + TEETH_RGB * teeth
-        region = warped[ya - geo.y0 : yb - geo.y0, xa - geo.x0 : xb - geo.x0]
-        region[...] = region * (1.0 - alpha) + colour * alpha + 0.5
