@@ -46,7 +46,7 @@ LEASE_RENEW_S = 2.0
 BACKEND_RETRY_S = 30.0
 ORPHAN_S = 120.0
 MAINTAIN_S = 1.0
-PING_TIMEOUT_S = 1.0
+PING_TIMEOUT_S = 0.3  # a live replica answers a ping in milliseconds, even while it renders
 
 State = Literal["starting", "ready", "down", "draining"]
 
@@ -241,16 +241,27 @@ class SessionDirectory:
         self._pins[session_id] = replica.name
         self._owner[session_id] = gateway
 
+    async def suspect(self, name: str) -> bool:
+        """A caller saw replica `name` fail: unless it answers a ping, it is marked down (no
+        pins) until it answers again. Whether it is down."""
+        replica = self._replicas.get(name)
+        if replica is None:
+            return True
+        if replica.state in ("ready", "draining"):
+            if await self._responds(replica):
+                return False
+            if name in self._replicas:
+                replica.state = "down"
+            log.warning("replica %s does not answer; moving its sessions", name)
+        return True
+
     async def repin(self, session_id: str, failed: str, gateway: str) -> tuple[str, object] | None:
         """`failed` did not serve a round of the session: if it does not answer a ping, mark it
         down and move the session to a ready replica with room. None: the session stays."""
         self._touch(gateway)
         replica = self._replicas.get(failed)
-        if replica is not None and replica.state in ("ready", "draining"):
-            if await self._responds(replica):
-                return None
-            replica.state = "down"
-            log.warning("replica %s does not answer; moving its sessions", failed)
+        if not await self.suspect(failed):
+            return None
         current = self._replicas.get(self._pins.get(session_id, ""))
         if current is not None and current.name != failed and current.state == "ready":
             return current.name, current.handle  # moved already

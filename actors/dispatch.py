@@ -14,12 +14,14 @@ session and the number of calls per second stays fixed as sessions are added.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
+import ray
 
 from actors.stages import RoundResult
 from ray_lipsync.clock import SAMPLES_PER_FRAME, frame_deadline
@@ -29,7 +31,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ROUND_MARGIN_S = 0.25  # a round may come back this long after its last frame was due
+ROUND_MARGIN_S = 0.1  # a round not back this long after its last frame was due has failed...
+ROUND_SLOW_FACTOR = 4.0  # ... nor one that takes this many times the replica's usual (p95) round
+ROUND_MIN_TIMEOUT_S = 0.2
+ROUND_HISTORY = 200
 
 
 @dataclass
@@ -50,6 +55,7 @@ class Dispatcher:
         self._pending: list[_Pending] = []
         self._round: asyncio.Task | None = None
         self._calls: set[asyncio.Task] = set()
+        self._durations: dict[str, collections.deque[float]] = {}  # replica -> recent round times
         self.rounds = 0
 
     async def submit(self, link: "RayLink", epoch: int, start: int, samples: np.ndarray,
@@ -81,14 +87,32 @@ class Dispatcher:
         # the round is useless once its last frame is past due: do not wait longer than that
         last_due = max(frame_deadline(push.due_in_s, -(-(push.start + len(push.samples)) // SAMPLES_PER_FRAME))
                        for push in pushes)
-        handle = group[0].link.replica_handle
+        replica, handle = group[0].link.replica, group[0].link.replica_handle
+        ref = handle.round.remote(pushes)
+        started = time.monotonic()
         try:
-            results = await asyncio.wait_for(handle.round.remote(pushes), max(last_due, 0) + ROUND_MARGIN_S)
+            results = await asyncio.wait_for(ref, self._timeout(replica, last_due))
         except Exception as exc:  # noqa: BLE001 - failed or too late: the sessions count the drops
+            if isinstance(exc, asyncio.TimeoutError):
+                # a round queued for a replica that is restarting must not run later, after
+                # the session's newer audio went elsewhere
+                ray.cancel(ref)
             for pending in group:
                 if not pending.future.done():
                     pending.future.set_exception(exc)
             return
+        self._durations.setdefault(replica, collections.deque(maxlen=ROUND_HISTORY)).append(
+            time.monotonic() - started)
         for pending, result in zip(group, results):
             if not pending.future.done():
                 pending.future.set_result(result)
+
+    def _timeout(self, replica: str, last_due: float) -> float:
+        """How long a round may take: until its frames are due, and, once the replica has a
+        history, no more than a few times its usual round (a dead replica is found sooner)."""
+        timeout = max(last_due, 0.0) + ROUND_MARGIN_S
+        history = self._durations.get(replica)
+        if history and len(history) >= 20:
+            usual = sorted(history)[int(0.95 * (len(history) - 1))]
+            timeout = min(timeout, max(ROUND_MIN_TIMEOUT_S, ROUND_SLOW_FACTOR * usual))
+        return timeout

@@ -162,12 +162,17 @@ class RayPipeline:
         session_id = session_id or uuid.uuid4().hex
         self._ensure_lease()
         wait = self.settings.pipeline.replica_wait_s + DIRECTORY_TIMEOUT_S
-        name, replica = await self._directory_call("pin", session_id, backend, self.gateway_id, timeout=wait)
-        try:
-            lookahead_ms = await asyncio.wait_for(replica.prepare.remote(loaded.name), wait)
-        except Exception:
-            await self._directory_call("unpin", session_id)
-            raise AtCapacity(f"inference replica {name} could not take the session; retry later") from None
+        for attempt in range(2):
+            name, replica = await self._directory_call("pin", session_id, backend, self.gateway_id,
+                                                       timeout=wait)
+            try:
+                lookahead_ms = await asyncio.wait_for(replica.prepare.remote(loaded.name), wait)
+                break
+            except Exception:  # noqa: BLE001 - it died since it was pinned: pin again, once
+                await self._directory_call("unpin", session_id)
+                await self._directory_call("suspect", name)
+        else:
+            raise AtCapacity("no inference replica can take the session right now; retry later")
         clock = new_clock(self.settings)
         link = RayLink(session_id, loaded, backend, self.schedule, clock, self)
         link.attach(name, replica)

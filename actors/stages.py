@@ -64,16 +64,19 @@ class RoundResult:
 class StageFallback:
     """Calls a remote stage, or does its work in-process while the stage is unavailable.
 
-    A call that fails or takes longer than `timeout_s` marks the stage down; until a
-    background ping answers again, calls go straight to the local path (no timeout paid per
-    round). `down` is reported in the replica's stats and in /healthz.
+    A call that fails or takes longer than `timeout_s` marks the stage down; calls then go
+    straight to the local path (no timeout paid per round) for at least `hold_s` and until a
+    background ping answers again (the hold keeps a stage that is only slow from flapping).
+    `down` is reported in the replica's stats and in /healthz.
     """
 
-    def __init__(self, name: str, handle: object, timeout_s: float, probe_s: float = 0.25) -> None:
+    def __init__(self, name: str, handle: object, timeout_s: float, probe_s: float = 0.25,
+                 hold_s: float = 2.0) -> None:
         self.name = name
         self.handle = handle
         self.timeout_s = timeout_s
         self.probe_s = probe_s
+        self.hold_s = hold_s
         self.down = False
         self.failovers = 0
         self._probe: asyncio.Task | None = None
@@ -92,6 +95,7 @@ class StageFallback:
         return await local()
 
     async def _wait_up(self) -> None:
+        await asyncio.sleep(self.hold_s)
         while self.down:
             try:
                 await asyncio.wait_for(self.handle.ping.remote(), self.probe_s * 4)  # type: ignore[attr-defined]
@@ -209,7 +213,8 @@ class InferenceReplica:
         self._queue = RenderQueue(settings.pipeline.max_batch)
         self._worker = BatchWorker(self._queue, self._render)
         self._avatars: dict[str, Avatar] = {}
-        self._local_batcher: FeatureBatcher | None = None
+        # standby feature stage: a batcher failure then costs no model load on the frame path
+        self._local_batcher = new_feature_batcher(settings, backend)
         self._patcher = Patcher(settings)
         self.node = ray.get_runtime_context().get_node_id()
         timeout = settings.pipeline.stage_timeout_ms / 1000
@@ -266,8 +271,6 @@ class InferenceReplica:
             lambda: asyncio.to_thread(self._patcher.patch_many, frames, crops))
 
     def _fallback_batcher(self) -> FeatureBatcher:
-        if self._local_batcher is None:
-            self._local_batcher = new_feature_batcher(self._settings, self._backend)
         return self._local_batcher
 
     def _render(self, jobs: list[FrameJob]) -> Sequence[np.ndarray | None]:
@@ -292,7 +295,7 @@ class InferenceReplica:
 
     async def interrupt(self, session_id: str, epoch: int, cut_frame: int) -> None:
         self._queue.set_epoch(session_id, epoch)
-        if self._local_batcher is not None and session_id in self._local_batcher.stages:
+        if session_id in self._local_batcher.stages:
             await self._local_batcher.interrupt(session_id, epoch, cut_frame)
         await self._features.call(
             lambda batcher: batcher.interrupt.remote(session_id, epoch, cut_frame),  # type: ignore[attr-defined]
@@ -300,8 +303,7 @@ class InferenceReplica:
 
     async def close_session(self, session_id: str) -> None:
         self._queue.forget(session_id)
-        if self._local_batcher is not None:
-            await self._local_batcher.close(session_id)
+        await self._local_batcher.close(session_id)
         await self._features.call(
             lambda batcher: batcher.close.remote(session_id), _none)  # type: ignore[attr-defined]
 

@@ -127,7 +127,7 @@ class PipelineConfig(_Frozen):
         "is gone: their replica slots are freed."
     )
     stage_timeout_ms: int = Field(
-        400, gt=0, description="A feature batcher or compositor call slower than this counts as "
+        250, gt=0, description="A feature batcher or compositor call slower than this counts as "
         "unavailable: the replica does that work itself until the stage answers again."
     )
     batcher_gpus: float = Field(

@@ -355,3 +355,46 @@ def test_no_free_slot_is_at_capacity(settings):
         await pipeline.shutdown()
 
     asyncio.run(run())
+
+
+def test_failed_engine_calls_drop_speech_frames_once_each_with_their_reason(settings):
+    """An engine outage: every speech frame that its failed calls would have completed is
+    shown idle and counted once as `stage_unavailable`; frames after it render again."""
+    voice = speech(PHRASE_A + " " + PHRASE_B)
+    outage = (0.8, 1.6)  # seconds into the utterance during which the engine fails
+
+    async def run():
+        pipeline = LocalPipeline(settings)
+        session = await pipeline.create_session()
+        link = session._link
+        real_submit = link.submit
+        started: list[float] = []
+
+        async def flaky_submit(epoch, start, samples, final):
+            t = time.time() - started[0]
+            if outage[0] <= t < outage[1]:
+                raise ConnectionError("stage gone")
+            return await real_submit(epoch, start, samples, final)
+
+        link.submit = flaky_submit
+        rx = Receiver(session)
+        started.append(time.time())
+        utt = await session.push_audio(voice, "u")
+        received = await rx.until_frame(utt.end_frame + 3)
+        await rx.stop()
+        stats = session.stats()
+        await pipeline.shutdown()
+        return session, utt, received, stats
+
+    session, utt, received, stats = asyncio.run(run())
+    speech_range = range(utt.start_frame, utt.end_frame)
+    shown_idle = [r for r in received if r.frame.frame_index in speech_range and is_idle(session, r.frame)]
+    assert stats.drops["stage_unavailable"] > 10, stats.drops  # ~0.8 s of released audio failed
+    assert stats.frames_dropped == sum(v for k, v in stats.drops.items() if k != "stale_epoch")
+    # every counted drop is a speech frame shown idle; nothing is counted twice
+    assert stats.drops["stage_unavailable"] <= len(shown_idle)
+    assert stats.drops["stage_unavailable"] <= 0.8 / 0.04 + 2
+    talking_after = [r for r in received if r.frame.frame_index in speech_range and not is_idle(session, r.frame)
+                     and r.frame.presentation_time > received[0].at + outage[1] + 1.0]
+    assert talking_after, "frames render again after the outage"
+    assert_audio_is(received, utt.start_frame, voice)  # audio is never lost

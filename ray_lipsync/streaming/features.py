@@ -85,8 +85,13 @@ class FeatureStage:
     def push(self, start: int, samples: np.ndarray, final: bool) -> list[ReadyFrames]:
         """Audio for timeline samples [start, start + len); returns what became ready."""
         ready = []
-        if start < self._audio.end:
-            raise ValueError(f"{self.session_id}: audio at {start} overlaps {self._audio.end}")
+        if start < self._audio.end:  # a stale push (e.g. replayed by a restarted stage): skip what is known
+            known = self._audio.end - start
+            log.debug("%s: push at %d overlaps %d; %d samples skipped", self.session_id, start,
+                      self._audio.end, min(known, len(samples)))
+            if known >= len(samples):
+                return []
+            start, samples = self._audio.end, samples[known:]
         if start > _ceil_frame(self._audio.end) * SAMPLES_PER_FRAME:
             self._final = True
             ready.append(self._take_ready())
@@ -273,23 +278,29 @@ class FeatureBatcher:
     def step(self, batch: Sequence[_Op]) -> list[list[FrameJob]]:
         """Apply operations in order, then featurize every ready frame in one call."""
         ready: list[tuple[int, ReadyFrames]] = []
+        results: list[list[FrameJob] | Exception] = [[] for _ in batch]
         for i, op in enumerate(batch):
             stage = self.stages.get(op.session_id)
             if stage is None:
                 continue
-            if op.kind == "close":
-                del self.stages[op.session_id]
-            elif op.kind == "interrupt":
-                stage.interrupt(op.epoch, op.start)
-                ready = [(j, r) for j, r in ready if r.stage is not stage]  # old epoch: dropped
-            elif op.epoch >= stage.epoch:
-                assert op.samples is not None
-                ready.extend((i, r) for r in stage.push(op.start, op.samples, op.final))
+            try:
+                if op.kind == "close":
+                    del self.stages[op.session_id]
+                elif op.kind == "interrupt":
+                    stage.interrupt(op.epoch, op.start)
+                    ready = [(j, r) for j, r in ready if r.stage is not stage]  # old epoch: dropped
+                elif op.epoch >= stage.epoch:
+                    assert op.samples is not None
+                    ready.extend((i, r) for r in stage.push(op.start, op.samples, op.final))
+            except Exception as exc:  # one session's bad operation fails that operation only
+                log.exception("feature stage of %s failed", op.session_id)
+                results[i] = exc
         requests = [r.request for _, r in ready if r.request is not None]
         features = iter(self.featurizer.featurize(requests) if requests else [])
-        results: list[list[FrameJob]] = [[] for _ in batch]
         for i, r in ready:
-            results[i].extend(r.stage.jobs(r, next(features) if r.request is not None else None))
+            jobs = r.stage.jobs(r, next(features) if r.request is not None else None)
+            if isinstance(results[i], list):
+                results[i].extend(jobs)  # type: ignore[union-attr]
             self.frames += len(r.frames)
         self.steps += 1
         return results

@@ -112,6 +112,7 @@ class Session:
         self._closed = False
         self.frames_sent = 0
         self._engine_ok = True
+        self._claimed = 0  # frames before this were completed by pushes already submitted
         self._feeder = asyncio.create_task(self._feed(), name=f"feed-{session_id}")
         self._collectors: set[asyncio.Task] = set()
 
@@ -166,6 +167,7 @@ class Session:
         for k in [k for k in self._ready if k >= cut_frame]:
             del self._ready[k]
         self._expected = {k for k in self._expected if k < cut_frame}
+        self._claimed = min(self._claimed, cut_frame)
         await self._link.interrupt(epoch, cut_frame)
         return epoch
 
@@ -214,14 +216,20 @@ class Session:
             # Submits run as tasks (created in order, so pushes reach the engine in order): an
             # engine that answers only once the frames are rendered never holds back the next
             # release.
-            self._spawn(self._submit(timeline.epoch, start, piece, final))
+            # the frames this push completes (the rest wait for their lookahead; frames in a
+            # gap before it are silence, never speech)
+            first = self._claimed
+            done = -(-stop // SAMPLES_PER_FRAME) if final else (stop - self._lookahead) // SAMPLES_PER_FRAME
+            self._claimed = max(first, done)
+            self._spawn(self._submit(timeline.epoch, start, piece, final, range(first, self._claimed)))
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
         self._collectors.add(task)
         task.add_done_callback(self._collectors.discard)
 
-    async def _submit(self, epoch: int, start: int, piece: np.ndarray, final: bool) -> None:
+    async def _submit(self, epoch: int, start: int, piece: np.ndarray, final: bool,
+                      frames: range) -> None:
         try:
             submitted = await self._link.submit(epoch, start, piece, final)
         except asyncio.CancelledError:
@@ -231,24 +239,20 @@ class Session:
                 log.warning("session %s: engine call failed (%s: %s); its frames show idle",
                             self.session_id, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
             self._engine_ok = False
-            self._lost_push(epoch, start, start + len(piece))
+            self._lost_push(epoch, frames)
             return
         if not self._engine_ok:
             log.info("session %s: engine answers again", self.session_id)
         self._engine_ok = True
         self._track(submitted)
 
-    def _lost_push(self, epoch: int, start: int, stop: int) -> None:
-        """An engine call failed: the speech frames it would have made are dropped (unavailable).
-
-        Which frames were speech is unknown (the VAD ran in the failed stage): every frame of
-        an utterance that the push could have completed counts.
-        """
+    def _lost_push(self, epoch: int, frames: range) -> None:
+        """An engine call failed: the speech frames it would have completed are dropped
+        (unavailable). Which were speech is unknown (the VAD ran in the failed stage): every
+        frame of an utterance counts."""
         if epoch != self.epoch:
             return
-        first = max(0, (start - self._lookahead) // SAMPLES_PER_FRAME)
-        last = -(-stop // SAMPLES_PER_FRAME)
-        for k in range(first, last):
+        for k in frames:
             if not self._timeline.speaking(k) or k in self._ready:
                 continue
             if k < self._next_emit:
