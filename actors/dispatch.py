@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 ROUND_MARGIN_S = 0.1  # a round not back this long after its last frame was due has failed...
 ROUND_SLOW_FACTOR = 4.0  # ... nor one that takes this many times the replica's usual (p95) round
-ROUND_MIN_TIMEOUT_S = 0.2
+ROUND_MIN_TIMEOUT_S = 0.45  # above the replica's own stage timeout: its fallbacks get to answer
 ROUND_HISTORY = 200
 
 

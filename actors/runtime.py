@@ -22,12 +22,6 @@ PIPELINE_RAY_ENV = {
     # Serve's controller reconciles every 100 ms by default (~4.5% of a core here even when
     # idle); sessions change on a scale of seconds, so 500 ms loses nothing.
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
-    # A node that stops answering is declared dead after period x threshold (default 3 s x 5):
-    # until then the actors it held (a batcher, the directory) are not restarted elsewhere.
-    # Sessions do not wait for it (their replica's rounds time out and they move), but new
-    # sessions do when the directory was there.
-    "RAY_health_check_period_ms": "1000",
-    "RAY_health_check_failure_threshold": "5",
 }
 
 
