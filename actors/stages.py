@@ -100,6 +100,7 @@ class InferenceReplica:
         q = self._queue.stats
         return {
             "replica": self.name,
+            "device": str(self._renderer.device),
             "sessions": len(self._session_avatar),
             "queue_depth": len(self._queue),
             "batches": q.batches,
