@@ -146,13 +146,65 @@ def test_zero_padding_at_the_edges(featurizer: MuseTalkFeaturizer) -> None:
         assert all(not block(last, k).any() for k in range(6, 10))  # 50..53: past the audio
 
 
+def featurizer_with(settings: Settings, **musetalk: object) -> MuseTalkFeaturizer:
+    cfg = settings.musetalk.model_copy(update=musetalk)
+    return MuseTalkFeaturizer(settings.model_copy(update={"musetalk": cfg}), device="cpu")
+
+
 def test_streaming_equals_offline_when_the_window_holds_the_clip(settings: Settings) -> None:
-    padded = settings.musetalk.model_copy(update={"encoder_pad_30s": True})
-    featurizer = MuseTalkFeaturizer(settings.model_copy(update={"musetalk": padded}), device="cpu")
+    featurizer = featurizer_with(settings, encoder_window_s=30.0)
     audio = speechlike(1.2)
     offline = featurizer.offline_features(audio)
     streamed = featurizer.featurize([FeatureRequest(None, audio, 0, range(len(offline)))])[0]
     np.testing.assert_allclose(streamed, offline, rtol=1e-4, atol=1e-4)
+
+
+def test_window_states_sit_at_absolute_positions(featurizer: MuseTalkFeaturizer) -> None:
+    """A window cut out of a 30 s segment adds the position rows of its place in the segment:
+    its input embedding (state 0: conv + positions, no attention) equals the 30 s forward's."""
+    models = featurizer.models
+    audio = speechlike(6.0)
+    first, width = 150, 100  # whisper frames 150..249 (3 s .. 5 s)
+    with torch.inference_mode():
+        full = encode_states(models.whisper, log_mel(models, [audio], 30 * SR))[0]
+        window = audio[first * 320 : (first + width) * 320]
+        mel = log_mel(models, [window], width * 320)
+        absolute = encode_states(models.whisper, mel, torch.tensor([first]))[0]
+        relative = encode_states(models.whisper, mel)[0]
+        with pytest.raises(ValueError, match="positions"):
+            encode_states(models.whisper, mel, torch.tensor([1450]))
+    inner = slice(2, width - 2)  # conv and STFT edges of the window aside
+    torch.testing.assert_close(absolute[inner, 0], full[first + 2 : first + width - 2, 0], rtol=1e-3, atol=1e-3)
+    assert (relative[inner, 0] - full[first + 2 : first + width - 2, 0]).abs().max() > 0.5
+
+
+def test_windows_never_cross_a_30s_segment(featurizer: MuseTalkFeaturizer) -> None:
+    audio = np.zeros(32 * SR, np.float32)
+    request = FeatureRequest(None, audio[28 * SR :], 28 * SR, range(749, 751))  # frames at 29.96 s
+    (group, windows), = featurizer.windows(request)
+    assert group == range(749, 751)
+    assert [(w.segment, w.first, w.offset, w.valid_to) for w in windows] == [(0, 1400, 1400, 1500), (1, 1500, 0, 1508)]
+    assert all(len(w.samples) == featurizer.window_frames * 320 for w in windows)
+
+
+def test_absolute_features_equal_offline_on_whole_30s_segments(settings: Settings) -> None:
+    """30 s windows over a clip of two segments (32 s): frames on both sides of the 30 s
+    boundary read each segment whole, as MuseTalk's offline path does, and match it."""
+    featurizer = featurizer_with(settings, encoder_window_s=30.0)
+    audio = np.concatenate([speechlike(16.0, seed=3), speechlike(16.0, seed=4)])
+    offline = featurizer.offline_features(audio)
+    frames = range(740, 800)  # 29.6 s .. 32 s: the boundary at frame 750, to the clip's end
+    streamed = featurizer.featurize([FeatureRequest(None, audio, 0, frames)])[0]
+    np.testing.assert_allclose(streamed, offline[frames.start : frames.stop], rtol=1e-4, atol=1e-4)
+
+
+def test_streaming_stays_close_to_offline(featurizer: MuseTalkFeaturizer, speech_clip: np.ndarray) -> None:
+    """Default 2 s window, 120 ms lookahead, on TTS speech (tiny random weights): the bound
+    measured in benchmarks/README.md (median cosine 0.98, worst 0.97; window-relative
+    positions gave 0.38)."""
+    summary = compare_streaming(featurizer, speech_clip).summary()
+    assert summary["cosine_median"] >= 0.97 and summary["cosine_min"] >= 0.95, summary
+    assert summary["rel_l2_median"] <= 0.25 and summary["rel_l2_max"] <= 0.32, summary
 
 
 def test_batch_composition_does_not_change_features(featurizer: MuseTalkFeaturizer) -> None:
@@ -176,6 +228,7 @@ def test_request_without_its_frames_audio_is_rejected(featurizer: MuseTalkFeatur
 
 def test_lookahead_is_declared(featurizer: MuseTalkFeaturizer) -> None:
     assert featurizer.lookahead_ms >= 100 and featurizer.context_ms > 80
+    assert featurizer.window_frames == 100  # 2 s by default, configurable
 
 
 def test_streaming_vs_offline_measurement_runs(featurizer: MuseTalkFeaturizer, speech_clip: np.ndarray) -> None:
