@@ -320,3 +320,79 @@ def test_bad_jobs_are_rejected(renderer: MuseTalkRenderer) -> None:
         renderer.render([RenderJob("jobs", 0, np.zeros((10, 384), np.float32))])
     with pytest.raises(KeyError, match="not loaded"):
         renderer.render([RenderJob("nobody", 0, good)])
+
+
+# --- post-processing, device, offline render -----------------------------------------------
+
+
+def test_post_processing_is_float32_like_musetalk() -> None:
+    """fp16 VAE output: (x / 2 + 0.5).clamp(0, 1) in fp16, then x 255 and round in float32
+    (MuseTalk's decode_latents); scaling and rounding in fp16 puts values one level off."""
+    from ray_lipsync.backends.musetalk.renderer import to_uint8
+
+    decoded = (torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2.4 - 1.2).half()
+    reference = (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().numpy()
+    reference = (reference * 255).round().astype(np.uint8)
+    ours = to_uint8(decoded)
+    assert ours.dtype == torch.uint8 and ours.shape == (4, 64, 64, 3)
+    np.testing.assert_array_equal(ours.numpy(), reference)
+    in_fp16 = ((decoded / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert (in_fp16 != reference).mean() > 0.01  # what the fp16 path got wrong
+
+
+def test_declared_gpu_without_cuda_fails_loudly(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from ray_lipsync.backends.musetalk.weights import resolve_device
+    from ray_lipsync.errors import DeviceError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has usable CUDA")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # what Ray sets for a num_gpus=1 actor
+    with pytest.raises(DeviceError, match="CUDA_VISIBLE_DEVICES=0.*musetalk.device = cpu"):
+        resolve_device("auto")
+    with pytest.raises(DeviceError, match="musetalk.device = cuda"):
+        resolve_device("cuda")
+    with caplog.at_level("WARNING"):
+        assert resolve_device("cpu") == torch.device("cpu")  # asked for: warned, not refused
+    assert "CPU" in caplog.text
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU given to this process
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_declared_gpu_stops_the_renderer_at_start(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray_lipsync.errors import DeviceError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has usable CUDA")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    with pytest.raises(DeviceError):
+        MuseTalkRenderer(settings)
+    cpu = settings.model_copy(update={"musetalk": settings.musetalk.model_copy(update={"device": "cpu"})})
+    assert str(MuseTalkRenderer(cpu).device) == "cpu"
+
+
+def test_offline_render_uses_the_offline_features(settings: Settings, renderer: MuseTalkRenderer) -> None:
+    """`render_frames` with the musetalk backend feeds the renderer MuseTalk's whole-clip
+    features (not the streaming windows, which differ from them)."""
+    from ray_lipsync.render import render_frames
+
+    class Recording(MuseTalkRenderer):
+        def __init__(self) -> None:  # share the loaded models of the fixture renderer
+            self.__dict__.update(renderer.__dict__)
+            self.seen: list[np.ndarray] = []
+
+        def render(self, jobs):  # type: ignore[no-untyped-def]
+            self.seen.extend(j.features for j in jobs)
+            return super().render(jobs)
+
+    featurizer = MuseTalkFeaturizer(settings, device="cpu")
+    avatar = make_avatar("offline", 2, seed=6)
+    avatar.extras[LATENTS_KEY] = compute_latents(renderer.models.vae, avatar.crops, progress=False)
+    audio = speechlike(2.4)
+    n = len(audio) // 640
+    recording = Recording()
+    frames = list(render_frames(audio, avatar, settings, speech=np.ones(n, bool), featurizer=featurizer, renderer=recording))
+    assert [f.index for f in frames] == list(range(n)) and all(f.speech for f in frames)
+    offline = featurizer.offline_features(audio)
+    np.testing.assert_array_equal(np.stack(recording.seen), offline)
+    streaming = featurizer.featurize([FeatureRequest(None, audio, 0, range(n))])[0]
+    assert np.abs(streaming - offline).max() > 1e-3  # the two paths really differ

@@ -10,6 +10,7 @@ may be partial. `musetalk.compile` wraps the UNet and the VAE decoder in `torch.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -56,10 +57,16 @@ class Networks:
 
     @classmethod
     def of(cls, models: MuseTalkModels, compile: bool = False) -> "Networks":
-        """`models`' UNet and VAE decoder, wrapped in `torch.compile` when `compile`."""
-        if compile:
-            return cls(torch.compile(models.unet), torch.compile(models.vae.decode))
-        return cls(models.unet, models.vae.decode)
+        """`models`' UNet and VAE decoder; with `compile`, their `torch.compile`d forms, made
+        once per process for each loaded model set (so every renderer shares the compiled
+        graphs: the first batches of new sizes compile, later renderers start warm)."""
+        return _compiled(models) if compile else cls(models.unet, models.vae.decode)
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled(models: MuseTalkModels) -> Networks:
+    log.info("musetalk: torch.compile of the UNet and VAE decoder (first batches compile)")
+    return Networks(torch.compile(models.unet), torch.compile(models.vae.decode))
 
 
 def render_latents(
