@@ -8,20 +8,27 @@ Video frame i takes whisper frames 2i-4 .. 2i+5 (zero outside the audio) -> [10,
 Streaming window (the design choice). The transformers `WhisperEncoder.forward` refuses
 anything but 3000 mel frames (30 s). Padding every step's audio to 30 s would cost 1500
 tokens per window however little audio is new, so instead `encode_states` runs the encoder's
-own modules (conv1, conv2, the layers, the final layer norm) on a window of W tokens with the
-positional embedding sliced to its first W rows - the same computation, minus the padding.
-Each window is `encoder_window_s` long (default 2 s = 100 tokens), aligned to 20 ms and ending
-`lookahead_ms` past the end of the last frame it serves; at a session's start it holds less
-audio and is padded with zeros (silence) on the right, as Whisper's own 30 s padding does.
-Every window has the same length, so a frame's features never depend on which other requests
-share the batch. `MuseTalkConfig.encoder_pad_30s = True` pads each window to 30 s instead
-(full positional table, closest to the offline features, 15x the tokens of a 2 s window).
+own modules (conv1, conv2, the layers, the final layer norm) on a window of W tokens. Whisper
+adds a fixed sinusoidal position table to its input, and offline (MuseTalk) every whisper
+frame sits at its place in its 30 s segment of the clip (segments start at 0, 30 s, ... of
+the session timeline). So a window is placed inside one segment and adds the table rows of
+its absolute positions there; with window-relative rows 0..W the 2 s features were at cosine
+~0.4 of the offline ones, with absolute rows ~0.98 (benchmarks/README.md).
+Windows: `encoder_window_s` long (default 2 s = 100 tokens), aligned to 20 ms, ending
+`lookahead_ms` past the end of the last frame they serve; they never reach before their
+segment's start (early in a segment the window starts there and the tokens not yet heard
+are zero-padded, i.e. silence, as Whisper pads its 30 s input), and a group of frames whose
+whisper frames straddle a segment boundary reads one window on each side, as offline does.
+Every window has the same length, so a frame's features never depend on which other
+requests share the batch. `encoder_window_s = 30` makes every window the whole segment so
+far: MuseTalk's offline computation on the audio received (15x the tokens of 2 s).
 Lookahead: frame i's last whisper frame 2i+5 ends 80 ms after the frame, and the STFT + conv
 stack reach ~2 whisper frames (40 ms) further, hence the 120 ms default (>= 100 enforced).
 `context_ms` (window - lookahead - 40 ms) asks the batcher for the left context that fills
 the window.
-`offline_features` is the original whole-clip path (30 s windows, the library's forward);
-`fidelity.compare_streaming` measures how far the streaming features are from it.
+`offline_features` is the original whole-clip path (30 s segments, the library's forward);
+the offline `render` command uses it, and `fidelity.compare_streaming` measures how far the
+streaming features are from it.
 """
 
 from __future__ import annotations
