@@ -26,7 +26,6 @@ import asyncio
 import json
 import logging
 import math
-import os
 import sys
 import tempfile
 import time
@@ -164,7 +163,10 @@ async def run_sessions(settings: Settings, sessions: int, seconds: float, speech
     }
 
 
-def pipeline_runs(settings: Settings, counts: tuple[int, ...], seconds: float, budget: Budget, speech: np.ndarray) -> list[dict]:
+def pipeline_runs(
+    settings: Settings, counts: tuple[int, ...], seconds: float, budget: Budget, speech: np.ndarray
+) -> list[dict]:
+    """`run_sessions` for each session count that still fits the budget."""
     runs = []
     for n in counts:
         need = seconds + settings.pipeline.playout_delay_ms / 1000 + 4 + 0.3 * n

@@ -340,7 +340,9 @@ def test_post_processing_is_float32_like_musetalk() -> None:
     assert (in_fp16 != reference).mean() > 0.01  # what the fp16 path got wrong
 
 
-def test_declared_gpu_without_cuda_fails_loudly(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_declared_gpu_without_cuda_fails_loudly(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     from ray_lipsync.backends.musetalk.weights import resolve_device
     from ray_lipsync.errors import DeviceError
 
@@ -390,7 +392,8 @@ def test_offline_render_uses_the_offline_features(settings: Settings, renderer: 
     audio = speechlike(2.4)
     n = len(audio) // 640
     recording = Recording()
-    frames = list(render_frames(audio, avatar, settings, speech=np.ones(n, bool), featurizer=featurizer, renderer=recording))
+    speech = np.ones(n, bool)
+    frames = list(render_frames(audio, avatar, settings, speech=speech, featurizer=featurizer, renderer=recording))
     assert [f.index for f in frames] == list(range(n)) and all(f.speech for f in frames)
     offline = featurizer.offline_features(audio)
     np.testing.assert_array_equal(np.stack(recording.seen), offline)
