@@ -109,6 +109,7 @@ class TestLocalRay:
         assert talking <= expected and len(talking) >= 0.8 * len(expected)
         assert stats.frames_dropped == 0
         assert stats.replica == replicas[0]["replica"] and replicas[0]["frames"] >= len(talking)
+        assert replicas[0]["device"] == "cpu"  # reaches /metrics and the session state
 
     def test_interrupt_through_actors_silences_old_speech_within_two_frames(self, make_settings):
         settings = make_settings()
