@@ -67,7 +67,7 @@ class _Replica:
     idle_since: float = field(default_factory=time.monotonic)
 
     def info(self) -> dict:
-        return {"replica": self.name, "backend": self.backend, "device": "gpu" if self.gpu else "cpu",
+        return {"replica": self.name, "backend": self.backend, "resources": "gpu" if self.gpu else "cpu",
                 "state": self.state, "sessions": len(self.sessions)}
 
 
@@ -385,7 +385,7 @@ class SessionDirectory:
                 stats = await asyncio.wait_for(r.handle.stats.remote(), PING_TIMEOUT_S)  # type: ignore[attr-defined]
             except Exception:  # noqa: BLE001
                 return {**r.info(), "error": "unreachable"}
-            return {**stats, **r.info()}
+            return {**r.info(), **stats}
 
         return list(await asyncio.gather(*(one(r) for r in live)))
 

@@ -313,7 +313,7 @@ class InferenceReplica:
         return {
             "replica": self.name,
             "backend": self._backend,
-            "device": getattr(self._renderer, "device", "cpu"),
+            "device": str(self._renderer.device),
             "queue_depth": len(self._queue),
             "rounds": self.rounds,
             "batches": q.batches,

@@ -5,7 +5,7 @@ params, sd-vae, whisper-tiny) with random weights - speed does not depend on the
 fp16 on CUDA. On CPU it runs a reduced size (small channels, batches 1 and 4, few iterations)
 and says so ("reduced": true). It also reports how far streaming features are from offline
 ones: with --models-dir holding the real weights that is the real figure, otherwise a
-mechanism check on random Whisper weights (on CPU: 6 s of speech, 30 s-padded mode skipped).
+mechanism check on random Whisper weights (on CPU: 6 s of speech, 30 s windows skipped).
 
     .venv/bin/python benchmarks/musetalk_gpu.py --json benchmarks/results/musetalk_gpu.json
 """
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from ray_lipsync.backends.musetalk.features import MuseTalkFeaturizer, encode_states, log_mel  # noqa: E402
 from ray_lipsync.backends.musetalk.fidelity import compare_streaming  # noqa: E402
-from ray_lipsync.backends.musetalk.renderer import render_latents, sinusoidal_positions  # noqa: E402
+from ray_lipsync.backends.musetalk.renderer import Networks, render_latents, sinusoidal_positions  # noqa: E402
 from ray_lipsync.backends.musetalk.weights import MuseTalkModels, check_weights, full_unet_config, load_models  # noqa: E402
 from ray_lipsync.config import Settings  # noqa: E402
 from ray_lipsync.errors import WeightsError  # noqa: E402
@@ -83,13 +83,16 @@ def timed(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int) 
     return float(np.median(times))
 
 
-def bench_render(models: MuseTalkModels, batches: list[int], warmup: int, iters: int) -> list[dict[str, float]]:
+def bench_render(
+    models: MuseTalkModels, batches: list[int], warmup: int, iters: int, networks: Networks | None = None
+) -> list[dict[str, float]]:
+    """Median latency and frames/s of `render_latents` per batch size (`networks`: compiled or not)."""
     positions = sinusoidal_positions(50, 384).to(models.device, models.dtype)
     rows = []
     for batch in batches:
         latents = torch.randn(batch, 8, 32, 32, device=models.device, dtype=models.dtype)
         features = torch.randn(batch, 50, 384, device=models.device, dtype=models.dtype)
-        seconds = timed(lambda: render_latents(models, latents, features, positions), models.device, warmup, iters)
+        seconds = timed(lambda: render_latents(models, latents, features, positions, networks), models.device, warmup, iters)
         rows.append({"batch": batch, "latency_ms": 1000 * seconds, "frames_per_s": batch / seconds})
         log.info("render batch %d: %.1f ms, %.1f frames/s", batch, 1000 * seconds, batch / seconds)
     return rows
@@ -139,11 +142,11 @@ def fidelity(args: argparse.Namespace, random_models: MuseTalkModels) -> dict[st
     seconds = args.fidelity_seconds if random_models.device.type == "cuda" else min(args.fidelity_seconds, 6.0)
     audio = audio[: int(seconds * 16000)]
     result: dict[str, Any] = {"weights": weights, "audio": source, "seconds": len(audio) / 16000}
-    modes = (False, True) if random_models.device.type == "cuda" else (False,)  # 30 s pads: GPU only
-    for pad30 in modes:
-        cfg = settings.musetalk.model_copy(update={"encoder_pad_30s": pad30})
+    windows = (settings.musetalk.encoder_window_s, 30.0) if random_models.device.type == "cuda" else (settings.musetalk.encoder_window_s,)
+    for window in windows:  # 30 s windows (the whole segment so far): GPU only
+        cfg = settings.musetalk.model_copy(update={"encoder_window_s": window})
         featurizer = MuseTalkFeaturizer(settings.model_copy(update={"musetalk": cfg}), models=models)
-        key = "pad_30s" if pad30 else f"window_{cfg.encoder_window_s:g}s"
+        key = f"window_{cfg.encoder_window_s:g}s"
         result[key] = compare_streaming(featurizer, audio, calls_of=32).summary()
         result[key]["lookahead_ms"] = featurizer.lookahead_ms
         log.info("fidelity %s: %s", key, result[key])

@@ -74,14 +74,23 @@ class MuseTalkConfig(_Frozen):
     """The neural backend (weights in `models_dir`, MuseTalk's own layout)."""
 
     encoder_window_s: float = Field(
-        2.0, gt=0.2, le=30.0, description="Audio window (s) the Whisper encoder runs on per step."
+        2.0, gt=0.2, le=30.0, description="Audio window (s) the Whisper encoder runs on per step, "
+        "ending lookahead_ms past the frames it serves, at their absolute positions in their 30 s "
+        "segment. 30 = everything of the segment so far (MuseTalk's offline computation on the "
+        "audio received; ~15x the cost of 2 s)."
     )
     lookahead_ms: int = Field(
         120, ge=100, description="Audio needed past the end of a frame before it is encoded."
     )
     fp16: bool = Field(True, description="Half precision on CUDA (always fp32 on CPU).")
-    encoder_pad_30s: bool = Field(
-        False, description="Pad each encoder window to Whisper's 30 s (closer to offline, ~15x cost)."
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="auto: CUDA when usable; a GPU declared to the process "
+        "(CUDA_VISIBLE_DEVICES, as Ray sets for num_gpus actors) without usable CUDA is an error; "
+        "no GPU at all: CPU with a warning. cuda: CUDA or an error. cpu: CPU (warned, reported)."
+    )
+    compile: bool = Field(
+        False, description="torch.compile the UNet, VAE decoder and Whisper encoder (opt-in: "
+        "slower start, first batches of each size recompile)."
     )
 
 

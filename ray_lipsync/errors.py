@@ -51,6 +51,10 @@ class WeightsError(LipsyncError):
     """Model weights missing or mismatched; the message lists the files and where to get them."""
 
 
+class DeviceError(LipsyncError):
+    """The compute device asked or declared for a backend cannot be used (e.g. no usable CUDA)."""
+
+
 class SessionError(LipsyncError):
     """Bad use of a session."""
 

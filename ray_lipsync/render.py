@@ -2,7 +2,8 @@
 
 Pipeline (the same stages the streaming service runs, in one process):
 decode to 16 kHz mono -> VAD per 20 ms chunk -> per-frame speech flags (frame k is speech if
-chunk 2k or 2k+1 is) -> features of all frames (one `FeatureRequest`) -> render the speech
+chunk 2k or 2k+1 is) -> features of all frames (`Featurizer.offline_features`: the whole clip at
+once; for musetalk MuseTalk's exact offline Whisper features, not the streaming windows) -> render the speech
 frames in batches of `settings.pipeline.max_batch` -> composite; silent frame k is the
 untouched idle frame `avatar.cycle_index(k)` -> H.264 (yuv420p, 25 fps) + AAC audio in MP4.
 
@@ -31,7 +32,7 @@ from ray_lipsync.clock import CHUNKS_PER_FRAME, FPS, SAMPLE_RATE, SAMPLES_PER_FR
 from ray_lipsync.compositing import Compositor
 from ray_lipsync.config import Settings
 from ray_lipsync.errors import LipsyncError, MalformedAudio
-from ray_lipsync.types import FeatureRequest, RenderJob
+from ray_lipsync.types import RenderJob
 from ray_lipsync.yuv import to_i420
 
 log = logging.getLogger(__name__)
@@ -119,8 +120,7 @@ def render_frames(
     compositor = compositor or Compositor()
     renderer.load_avatar(avatar)
     compositor.load_avatar(avatar)
-    request = FeatureRequest(featurizer.new_state(), samples, 0, range(n_frames))
-    features = featurizer.featurize([request])[0]
+    features = featurizer.offline_features(samples)  # musetalk: MuseTalk's own whole-clip path
     max_batch = settings.pipeline.max_batch
     start = 0
     while start < n_frames:

@@ -91,6 +91,7 @@ async def test_session_lifecycle_and_auth_errors(lipsync_settings):
         assert home_of(sid) == ("gw1", None)
         state = (await client.get(f"/v1/sessions/{sid}", headers=auth)).json()
         assert state["gateway"] == "gw1" and state["replica"] == "local"
+        assert state["device"] == "cpu"  # where the session's frames are rendered
         assert state["speaking"] is False and state["connection_state"] == "new"
         assert (await client.get(f"/v1/sessions/{sid}")).status_code == 401
         bad = {"Authorization": "Bearer nope"}

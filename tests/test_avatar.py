@@ -74,8 +74,10 @@ def test_crop_box_follows_musetalk_rule(prepared: tuple[Avatar, PrepareReport], 
     assert face is not None
     chin_y = face.landmarks[:, 1].max()
     assert y2 == pytest.approx(chin_y + CONFIG.extra_margin, abs=1.0)
-    nose_y = face.landmarks[4, 1]
-    assert y1 == pytest.approx(nose_y - (chin_y - nose_y), abs=1.0)
+    # half-face point = iBUG 29: two thirds down the nose line from Face Mesh 168 to 1
+    half_y = face.landmarks[168, 1] + 2 / 3 * (face.landmarks[1, 1] - face.landmarks[168, 1])
+    assert y1 == pytest.approx(half_y - (chin_y - half_y), abs=1.0)
+    assert abs(half_y - face.landmarks[5, 1]) < 3  # close to Face Mesh 5, as iBUG 29 is
     assert x1 == pytest.approx(face.landmarks[:, 0].min(), abs=1.0)
     # the crop is the box's pixels: its mean colour matches the frame region's
     region = astronaut[y1:y2, x1:x2].reshape(-1, 3).mean(0)
@@ -105,8 +107,11 @@ def test_mask_covers_mouth_and_fades_to_border(prepared: tuple[Avatar, PrepareRe
         cx, cy = np.round(lm[LANDMARK[name]]).astype(int)
         assert mask[cy, cx] >= 200, name
     assert mask[0].max() == mask[-1].max() == mask[:, 0].max() == mask[:, -1].max() == 0
-    nose_x, nose_y = np.round(lm[LANDMARK["nose_tip"]]).astype(int)
-    assert mask[: nose_y - 5].max() == 0  # eyes and nose stay original
+    # top edge at the box centre (MuseTalk "jaw" mode), feathered over mask_feather x 256 px
+    half = int(CONFIG.mask_feather * 256 / 2)
+    assert mask[: 128 - half - 1].max() == 0  # eyes and upper nose stay original
+    cx = int(round(lm[LANDMARK["nose_tip"], 0]))
+    assert 100 <= mask[128, cx] <= 155 and mask[128 + half + 2, cx] == 255
     # feathered: no step between neighbouring pixels larger than ~1/6 of full scale
     assert np.abs(np.diff(mask, axis=0)).max() <= 40
     assert np.abs(np.diff(mask, axis=1)).max() <= 40

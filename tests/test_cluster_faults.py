@@ -179,7 +179,7 @@ def test_serve_args_reach_every_replica_and_capacity_follows_sessions(cluster, s
     # every gateway and every replica was built from the Serve args (their generation)
     assert all(f"replica-{gen}-procedural-gpu-" in s["replica"] for s in states)
     assert len({s["gateway"] for s in states}) == 2, "serve.min_gateways=2 from the args"
-    assert all(r["replica"].startswith(f"replica-{gen}-") and r["device"] == "gpu" for r in grown)
+    assert all(r["replica"].startswith(f"replica-{gen}-") and r["resources"] == "gpu" for r in grown)
     assert len([r for r in grown if r["state"] == "ready"]) == 2, "3 sessions at 2 per replica: 2 replicas"
     assert shrunk, "after the sessions ended the idle replica was removed (min_replicas=1)"
 

@@ -146,13 +146,65 @@ def test_zero_padding_at_the_edges(featurizer: MuseTalkFeaturizer) -> None:
         assert all(not block(last, k).any() for k in range(6, 10))  # 50..53: past the audio
 
 
+def featurizer_with(settings: Settings, **musetalk: object) -> MuseTalkFeaturizer:
+    cfg = settings.musetalk.model_copy(update=musetalk)
+    return MuseTalkFeaturizer(settings.model_copy(update={"musetalk": cfg}), device="cpu")
+
+
 def test_streaming_equals_offline_when_the_window_holds_the_clip(settings: Settings) -> None:
-    padded = settings.musetalk.model_copy(update={"encoder_pad_30s": True})
-    featurizer = MuseTalkFeaturizer(settings.model_copy(update={"musetalk": padded}), device="cpu")
+    featurizer = featurizer_with(settings, encoder_window_s=30.0)
     audio = speechlike(1.2)
     offline = featurizer.offline_features(audio)
     streamed = featurizer.featurize([FeatureRequest(None, audio, 0, range(len(offline)))])[0]
     np.testing.assert_allclose(streamed, offline, rtol=1e-4, atol=1e-4)
+
+
+def test_window_states_sit_at_absolute_positions(featurizer: MuseTalkFeaturizer) -> None:
+    """A window cut out of a 30 s segment adds the position rows of its place in the segment:
+    its input embedding (state 0: conv + positions, no attention) equals the 30 s forward's."""
+    models = featurizer.models
+    audio = speechlike(6.0)
+    first, width = 150, 100  # whisper frames 150..249 (3 s .. 5 s)
+    with torch.inference_mode():
+        full = encode_states(models.whisper, log_mel(models, [audio], 30 * SR))[0]
+        window = audio[first * 320 : (first + width) * 320]
+        mel = log_mel(models, [window], width * 320)
+        absolute = encode_states(models.whisper, mel, torch.tensor([first]))[0]
+        relative = encode_states(models.whisper, mel)[0]
+        with pytest.raises(ValueError, match="positions"):
+            encode_states(models.whisper, mel, torch.tensor([1450]))
+    inner = slice(2, width - 2)  # conv and STFT edges of the window aside
+    torch.testing.assert_close(absolute[inner, 0], full[first + 2 : first + width - 2, 0], rtol=1e-3, atol=1e-3)
+    assert (relative[inner, 0] - full[first + 2 : first + width - 2, 0]).abs().max() > 0.5
+
+
+def test_windows_never_cross_a_30s_segment(featurizer: MuseTalkFeaturizer) -> None:
+    audio = np.zeros(32 * SR, np.float32)
+    request = FeatureRequest(None, audio[28 * SR :], 28 * SR, range(749, 751))  # frames at 29.96 s
+    (group, windows), = featurizer.windows(request)
+    assert group == range(749, 751)
+    assert [(w.segment, w.first, w.offset, w.valid_to) for w in windows] == [(0, 1400, 1400, 1500), (1, 1500, 0, 1508)]
+    assert all(len(w.samples) == featurizer.window_frames * 320 for w in windows)
+
+
+def test_absolute_features_equal_offline_on_whole_30s_segments(settings: Settings) -> None:
+    """30 s windows over a clip of two segments (32 s): frames on both sides of the 30 s
+    boundary read each segment whole, as MuseTalk's offline path does, and match it."""
+    featurizer = featurizer_with(settings, encoder_window_s=30.0)
+    audio = np.concatenate([speechlike(16.0, seed=3), speechlike(16.0, seed=4)])
+    offline = featurizer.offline_features(audio)
+    frames = range(740, 800)  # 29.6 s .. 32 s: the boundary at frame 750, to the clip's end
+    streamed = featurizer.featurize([FeatureRequest(None, audio, 0, frames)])[0]
+    np.testing.assert_allclose(streamed, offline[frames.start : frames.stop], rtol=1e-4, atol=1e-4)
+
+
+def test_streaming_stays_close_to_offline(featurizer: MuseTalkFeaturizer, speech_clip: np.ndarray) -> None:
+    """Default 2 s window, 120 ms lookahead, on TTS speech (tiny random weights): the bound
+    measured in benchmarks/README.md (median cosine 0.98, worst 0.97; window-relative
+    positions gave 0.38)."""
+    summary = compare_streaming(featurizer, speech_clip[: 6 * SR]).summary()
+    assert summary["cosine_median"] >= 0.97 and summary["cosine_min"] >= 0.95, summary
+    assert summary["rel_l2_median"] <= 0.25 and summary["rel_l2_max"] <= 0.32, summary
 
 
 def test_batch_composition_does_not_change_features(featurizer: MuseTalkFeaturizer) -> None:
@@ -176,6 +228,7 @@ def test_request_without_its_frames_audio_is_rejected(featurizer: MuseTalkFeatur
 
 def test_lookahead_is_declared(featurizer: MuseTalkFeaturizer) -> None:
     assert featurizer.lookahead_ms >= 100 and featurizer.context_ms > 80
+    assert featurizer.window_frames == 100  # 2 s by default, configurable
 
 
 def test_streaming_vs_offline_measurement_runs(featurizer: MuseTalkFeaturizer, speech_clip: np.ndarray) -> None:
@@ -240,14 +293,14 @@ def test_render_partial_batch_and_mirror_cycle(renderer: MuseTalkRenderer) -> No
     renderer.load_avatar(avatar)
     features = np.random.default_rng(2).standard_normal((50, 384)).astype(np.float32)
     sources = [avatar.cycle_index(k) for k in range(6)]
-    assert sources == [0, 1, 2, 1, 0, 1]
+    assert sources == [0, 1, 2, 2, 1, 0]  # MuseTalk: the list, then the list reversed
     jobs = [RenderJob("cycle", s, features) for s in sources]
     crops = renderer.render(jobs)  # max_batch 4: a batch of 4, then a partial one of 2
     assert len(crops) == 6 and all(c.shape == (256, 256, 3) and c.dtype == np.uint8 for c in crops)
     for k, crop in enumerate(crops):
         single = renderer.render([jobs[k]])[0]
         assert np.abs(crop.astype(int) - single.astype(int)).max() <= 1
-    assert np.abs(crops[1].astype(int) - crops[3].astype(int)).max() <= 1  # same source frame
+    assert np.abs(crops[1].astype(int) - crops[4].astype(int)).max() <= 1  # same source frame
     assert np.abs(crops[0].astype(int) - crops[2].astype(int)).max() > 1  # different frames
 
 
@@ -267,3 +320,94 @@ def test_bad_jobs_are_rejected(renderer: MuseTalkRenderer) -> None:
         renderer.render([RenderJob("jobs", 0, np.zeros((10, 384), np.float32))])
     with pytest.raises(KeyError, match="not loaded"):
         renderer.render([RenderJob("nobody", 0, good)])
+
+
+# --- post-processing, device, offline render -----------------------------------------------
+
+
+def test_post_processing_is_float32_like_musetalk() -> None:
+    """fp16 VAE output: (x / 2 + 0.5).clamp(0, 1) in fp16, then x 255 and round in float32
+    (MuseTalk's decode_latents); scaling and rounding in fp16 puts values one level off."""
+    from ray_lipsync.backends.musetalk.renderer import to_uint8
+
+    decoded = (torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2.4 - 1.2).half()
+    reference = (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().numpy()
+    reference = (reference * 255).round().astype(np.uint8)
+    ours = to_uint8(decoded)
+    assert ours.dtype == torch.uint8 and ours.shape == (4, 64, 64, 3)
+    np.testing.assert_array_equal(ours.numpy(), reference)
+    in_fp16 = ((decoded / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert (in_fp16 != reference).mean() > 0.01  # what the fp16 path got wrong
+
+
+def test_declared_gpu_without_cuda_fails_loudly(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from ray_lipsync.backends.musetalk.weights import resolve_device
+    from ray_lipsync.errors import DeviceError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has usable CUDA")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # what Ray sets for a num_gpus=1 actor
+    with pytest.raises(DeviceError, match="CUDA_VISIBLE_DEVICES=0.*musetalk.device = cpu"):
+        resolve_device("auto")
+    with pytest.raises(DeviceError, match="musetalk.device = cuda"):
+        resolve_device("cuda")
+    with caplog.at_level("WARNING"):
+        assert resolve_device("cpu") == torch.device("cpu")  # asked for: warned, not refused
+    assert "CPU" in caplog.text
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU given to this process
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_declared_gpu_stops_the_renderer_at_start(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray_lipsync.errors import DeviceError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has usable CUDA")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    with pytest.raises(DeviceError):
+        MuseTalkRenderer(settings)
+    cpu = settings.model_copy(update={"musetalk": settings.musetalk.model_copy(update={"device": "cpu"})})
+    assert str(MuseTalkRenderer(cpu).device) == "cpu"
+
+
+def test_offline_render_uses_the_offline_features(settings: Settings, renderer: MuseTalkRenderer) -> None:
+    """`render_frames` with the musetalk backend feeds the renderer MuseTalk's whole-clip
+    features (not the streaming windows, which differ from them)."""
+    from ray_lipsync.render import render_frames
+
+    class Recording(MuseTalkRenderer):
+        def __init__(self) -> None:  # share the loaded models of the fixture renderer
+            self.__dict__.update(renderer.__dict__)
+            self.seen: list[np.ndarray] = []
+
+        def render(self, jobs):  # type: ignore[no-untyped-def]
+            self.seen.extend(j.features for j in jobs)
+            return super().render(jobs)
+
+    featurizer = MuseTalkFeaturizer(settings, device="cpu")
+    avatar = make_avatar("offline", 2, seed=6)
+    avatar.extras[LATENTS_KEY] = compute_latents(renderer.models.vae, avatar.crops, progress=False)
+    audio = speechlike(2.4)
+    n = len(audio) // 640
+    recording = Recording()
+    speech = np.ones(n, bool)
+    frames = list(render_frames(audio, avatar, settings, speech=speech, featurizer=featurizer, renderer=recording))
+    assert [f.index for f in frames] == list(range(n)) and all(f.speech for f in frames)
+    offline = featurizer.offline_features(audio)
+    np.testing.assert_array_equal(np.stack(recording.seen), offline)
+    streaming = featurizer.featurize([FeatureRequest(None, audio, 0, range(n))])[0]
+    assert np.abs(streaming - offline).max() > 1e-3  # the two paths really differ
+
+
+def test_compile_setting_wraps_the_networks_once_per_process(settings: Settings, renderer: MuseTalkRenderer) -> None:
+    """musetalk.compile (opt-in): the UNet and VAE decoder are torch.compile'd once per loaded
+    model set and shared by every renderer; off, the renderer calls the models themselves.
+    (Compiling the tiny UNet on this CPU takes ~60 s, so the compiled output is checked by
+    hand and by benchmarks/gpu_check.py, not here: it matched eager within one grey level.)"""
+    assert renderer.networks.unet is renderer.models.unet
+    on = settings.model_copy(update={"musetalk": settings.musetalk.model_copy(update={"compile": True})})
+    a, b = MuseTalkRenderer(on, device="cpu"), MuseTalkRenderer(on, device="cpu")
+    assert a.networks is b.networks and a.networks.unet is not a.models.unet
+    assert callable(a.networks.unet) and callable(a.networks.decode)

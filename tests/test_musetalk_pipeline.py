@@ -79,11 +79,14 @@ def test_musetalk_local_pipeline(musetalk_settings: Settings) -> None:
     async def main():
         pipeline = LocalPipeline(musetalk_settings)
         try:
-            return await run_session(pipeline, SPEECH_S), pipeline
+            return await run_session(pipeline, SPEECH_S), await pipeline.replica_stats()
         finally:
             await pipeline.shutdown()
 
-    (frames, audio, utterance), _ = asyncio.run(main())
+    (frames, audio, utterance), stats = asyncio.run(main())
+    # no GPU here: the replica says it renders on the CPU (reaches /metrics and session state)
+    assert [(s["replica"], s["backend"], s["device"]) for s in stats] == [("local", "musetalk", "cpu")]
+    assert stats[0]["frames"] > 0
     from ray_lipsync.streaming.local import load_avatar
 
     check(frames, audio, utterance, load_avatar(musetalk_settings, "default").frames)

@@ -110,6 +110,7 @@ class TestLocalRay:
         assert talking <= expected and len(talking) >= 0.8 * len(expected)
         assert stats.frames_dropped == 0
         assert stats.replica == replicas[0]["replica"] and replicas[0]["frames"] >= len(talking)
+        assert replicas[0]["device"] == "cpu"  # reaches /metrics and the session state
 
     def test_interrupt_through_actors_silences_old_speech_within_two_frames(self, make_settings):
         settings = make_settings()
@@ -241,7 +242,7 @@ class TestSimulatedGpuCluster:
             bounded(run())
         )
         ready = [r for r in replicas if r["state"] == "ready"]
-        assert len(ready) == 2 and all(r["device"] == "gpu" for r in replicas)  # one per GPU
+        assert len(ready) == 2 and all(r["resources"] == "gpu" for r in replicas)  # one per GPU
         pending = [r for r in replicas if r["state"] == "starting"]
         assert len(pending) == 1, "a third GPU replica is asked for (what makes an autoscaler add a node)"
         assert len(replica_nodes) == 2, "the two sessions are on different replicas"

@@ -88,6 +88,7 @@ def test_sessions_stay_on_their_home_replica(base_url):
             assert f'lipsync_sessions{{replica="{h}"}}' in text
         assert 'lipsync_replica_sessions{inference_replica="replica-' in text
         assert 'lipsync_frames_dropped_total{reason="stage_unavailable",replica=' in text
+        assert 'lipsync_replica_device{device="cpu",inference_replica="replica-' in text
         assert "lipsync_frame_latency_ms_bucket" in text
         for sid, auth in sessions.items():
             assert client.delete(f"/v1/sessions/{sid}", headers=auth).status_code == 204

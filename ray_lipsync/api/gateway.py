@@ -101,6 +101,7 @@ class Gateway:
         self._creating = 0
         self._closing: set[asyncio.Task] = set()
         self._reaper: asyncio.Task | None = None
+        self._devices: dict[tuple[str, str], str] = {}  # (inference replica, backend) -> device
         self.metrics = GatewayMetrics(replica)
 
     # ---- lookup ----------------------------------------------------------------------
@@ -290,8 +291,18 @@ class Gateway:
             "latency_ms_p95": stats.latency_ms_p95,
             "latency_ms_p99": stats.latency_ms_p99,
             "queued_audio_s": stats.queued_audio_s,
+            "device": await self._device_of(stats.replica, entry.session.backend),
             "connection_state": entry.peer.connection_state if entry.peer else "new",
         }
+
+    async def _device_of(self, replica: str, backend: str) -> str | None:
+        """Where the session's inference replica renders ("cuda", "cpu"), None if unknown."""
+        key = (replica, backend)
+        if key not in self._devices:
+            for stats in await self.inference_stats():
+                if stats.get("replica") == replica and stats.get("backend", backend) == backend and "device" in stats:
+                    self._devices[key] = str(stats["device"])
+        return self._devices.get(key)
 
     async def events(self, session_id: str, token: str | None,
                      keepalive_s: float = 15.0) -> AsyncIterator[tuple[str, dict]]:

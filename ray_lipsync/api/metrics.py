@@ -164,6 +164,14 @@ def _inference_families(snapshots: list[Mapping[str, Any]]):
         for replica, stats in sorted(latest.items()):
             family.add_metric([replica], float(stats.get(key, 0)))
         yield family
+    device = GaugeMetricFamily(
+        "lipsync_replica_device", "Device the inference replica renders on (1 per replica).",
+        labels=["inference_replica", "device"],
+    )
+    for replica, stats in sorted(latest.items()):
+        if "device" in stats:
+            device.add_metric([replica, str(stats["device"])], 1.0)
+    yield device
 
 
 def render_prometheus(snapshots: Iterable[Mapping[str, Any]]) -> bytes:

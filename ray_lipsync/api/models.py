@@ -52,6 +52,7 @@ class SessionState(BaseModel):
     session_id: str
     gateway: str = Field(description="Tag of the gateway replica holding the session's peer.")
     replica: str = Field(description="Inference replica the session is pinned to.")
+    device: str | None = Field(None, description="Where that replica renders (cuda, cpu); None if unknown.")
     epoch: int
     speaking: bool
     frames_sent: int

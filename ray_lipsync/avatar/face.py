@@ -48,9 +48,19 @@ NAMED_INDICES: dict[str, int] = {
 NAMED_INDEX_ARRAY = np.array([NAMED_INDICES[n] for n in LANDMARK_NAMES], dtype=np.int64)
 _LR_PAIRS = (("mouth_left", "mouth_right"), ("jaw_left", "jaw_right"))
 
-# Lower nose ridge: the analogue of point 29 of the 68-point scheme MuseTalk uses as the
-# "half face" point of its crop box.
-HALF_FACE_INDEX = 4
+# MuseTalk's "half face" point is point 29 of the 68-point (iBUG / DWPose) scheme: the third of
+# the four nose-bridge points 27 (between the eyes) .. 30 (nose tip), two thirds of the way
+# down. Face Mesh has no such point; it is interpolated on the nose line from 168 (between
+# the eyes, iBUG 27) to 1 (nose tip, iBUG 30). See `half_face_point`.
+NOSE_BRIDGE_TOP = 168
+NOSE_TIP = 1
+HALF_FACE_FRACTION = 2.0 / 3.0
+
+
+def half_face_point(landmarks: np.ndarray) -> np.ndarray:
+    """The (x, y) of iBUG point 29 estimated from (478, 2) Face Mesh landmarks."""
+    top, tip = landmarks[NOSE_BRIDGE_TOP], landmarks[NOSE_TIP]
+    return (top + HALF_FACE_FRACTION * (tip - top)).astype(np.float32)
 
 # The face oval, in order around the face (MediaPipe's FACEMESH_FACE_OVAL as a loop).
 FACE_OVAL: tuple[int, ...] = (

@@ -2,7 +2,7 @@
 
 Images are RGB uint8 everywhere in ray-lipsync (OpenCV's BGR stays inside the modules that
 call OpenCV). Per-frame arrays are indexed by *source* frame; the idle cycle plays the source
-frames forward then backward ("mirror" indexing), see `Avatar.cycle_index`.
+frames forward then backward as MuseTalk does ("mirror" indexing), see `Avatar.cycle_index`.
 """
 
 from __future__ import annotations
@@ -30,15 +30,16 @@ LANDMARK = {name: i for i, name in enumerate(LANDMARK_NAMES)}
 
 
 def mirror_index(k: int, n: int) -> int:
-    """Source frame shown at cycle position k for n source frames: 0,1,..,n-1,n-2,..,1,0,1,..
+    """Source frame shown at cycle position k for n source frames: 0,1,..,n-1,n-1,..,1,0,0,1,..
 
-    The cycle has period 2n - 2 (1 for a single frame), so the idle loop never jumps.
+    MuseTalk's order: the frame list, then the reversed list (`frames + frames[::-1]`), period
+    2n; the loop never jumps (the turning frames show twice).
     """
     if n <= 1:
         return 0
-    period = 2 * n - 2
+    period = 2 * n
     i = k % period
-    return i if i < n else period - i
+    return i if i < n else period - 1 - i
 
 
 @dataclass

@@ -1,8 +1,10 @@
 """Avatar preparation: frames -> face crop boxes, 256x256 crops, landmarks and blend masks.
 
 Crop boxes follow MuseTalk v1.5: from the face landmarks x1 = min x, x2 = max x, y2 = max y
-(chin); the "half face" point is the lower nose ridge, y1 = nose_y - (y2 - nose_y); then
-y2 += extra_margin; clipped to the frame. The crop (resized to 256x256) is what backends
+(chin); the "half face" point is iBUG point 29 (`face.half_face_point`, interpolated two thirds
+down the nose line), y1 = half_y - (y2 - half_y); then y2 += extra_margin; clipped to the
+frame. The blend mask's top edge is the box centre (MuseTalk's "jaw" mode cuts its face-parsing
+mask at half the height of a box centred on the face box). The crop (resized to 256x256) is what backends
 animate; the blend mask says which crop pixels the compositor takes from the backend.
 
 Frames without a detected face get landmarks interpolated linearly from the nearest detected
@@ -22,12 +24,11 @@ import numpy as np
 
 from ray_lipsync.avatar.face import (
     FACE_OVAL,
-    HALF_FACE_INDEX,
-    NAMED_INDICES,
     NUM_LANDMARKS,
     FaceAnalyzer,
     FaceObservation,
     check_rgb,
+    half_face_point,
     named_landmarks,
 )
 from ray_lipsync.avatar.model import CROP_SIZE, LANDMARK, Avatar
@@ -72,8 +73,8 @@ def crop_box(landmarks: np.ndarray, extra_margin: int) -> np.ndarray:
     """MuseTalk v1.5 crop box (x1, y1, x2, y2) as float, unclipped, from (478, 2) landmarks."""
     x1, _ = landmarks.min(axis=0)
     x2, y2 = landmarks.max(axis=0)
-    nose_y = landmarks[HALF_FACE_INDEX, 1]
-    y1 = nose_y - (y2 - nose_y)
+    half_y = half_face_point(landmarks)[1]
+    y1 = half_y - (y2 - half_y)
     return np.array([x1, y1, x2, y2 + extra_margin], dtype=np.float64)
 
 
@@ -119,18 +120,16 @@ def _smoothstep(t: np.ndarray) -> np.ndarray:
 def lower_face_mask(crop_points: np.ndarray, crop_size: int = CROP_SIZE, feather: float = 0.08) -> np.ndarray:
     """Feathered lower-face blend mask (crop_size, crop_size) uint8 from (478, 2) crop landmarks.
 
-    The region is the face oval below a line just under the nose tip (halfway to the upper
-    lip), i.e. bounded by the jaw line and the chin. Its edge is feathered over
+    The region is the face oval below the crop's centre row (MuseTalk's "jaw" mode: its mask
+    is cut at half the height of a box centred on the face box), i.e. bounded by the jaw line
+    and the chin. Its edge is feathered over
     `feather * crop_size` pixels centred on the edge (smoothstep), and the mask is faded to
     0 over the same width at the crop border, so composites show no seam.
     """
     width = max(feather * crop_size, 1.0)
     region = np.zeros((crop_size, crop_size), dtype=np.uint8)
     cv2.fillPoly(region, [np.round(crop_points[_FACE_OVAL]).astype(np.int32)], 1)
-    nose_y = crop_points[NAMED_INDICES["nose_tip"], 1]
-    lip_y = crop_points[NAMED_INDICES["upper_lip_top"], 1]
-    cut = int(np.clip(np.ceil(nose_y + 0.5 * max(lip_y - nose_y, 0.0)), 0, crop_size))
-    region[:cut] = 0
+    region[: crop_size // 2] = 0
     inside = cv2.distanceTransform(region, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
     outside = cv2.distanceTransform(1 - region, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
     signed = np.where(region > 0, inside - 0.5, 0.5 - outside)

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ray_lipsync.avatar.model import Avatar
+from ray_lipsync.clock import frames_in_samples
 from ray_lipsync.types import FeatureRequest, RenderJob
 
 
@@ -41,11 +42,21 @@ class Featurizer(ABC):
         Requests of one session arrive in frame order; one call may mix many sessions.
         """
 
+    def offline_features(self, audio: np.ndarray) -> np.ndarray:
+        """Features of every frame of a whole clip (16 kHz, from sample 0), for offline render.
+
+        Default: one streaming request over the clip. A backend whose streaming features
+        approximate a whole-clip computation (MuseTalk) returns the exact one here.
+        """
+        frames = range(frames_in_samples(len(audio)))
+        return self.featurize([FeatureRequest(self.new_state(), audio, 0, frames)])[0]
+
 
 class Renderer(ABC):
     """Per-frame features plus an avatar frame to a 256x256 RGB face crop."""
 
     name: str
+    device: Any = "cpu"  # where it computes (str() of it is reported in replica stats)
 
     @abstractmethod
     def load_avatar(self, avatar: Avatar) -> None:

@@ -161,6 +161,20 @@ class LocalPipeline:
     def _forget(self, session_id: str) -> None:
         self._sessions.pop(session_id, None)
 
+    async def replica_stats(self) -> list[dict]:
+        """One entry per backend in use: the in-process "replica" and its render device."""
+        return [
+            {
+                "replica": "local",
+                "backend": name,
+                "device": str(b.renderer.device),
+                "sessions": sum(s.backend == name for s in self._sessions.values()),
+                "queue_depth": len(b.worker.queue),
+                **vars(b.worker.queue.stats),
+            }
+            for name, b in self._backends.items()
+        ]
+
     async def shutdown(self) -> None:
         for session in list(self._sessions.values()):
             await session.close()

@@ -4,17 +4,21 @@
 as its audio plus the featurizer's lookahead exist, with the featurizer's declared left
 context, `frames_per_request` frames at a time. It reports per-frame relative L2 distance
 and cosine similarity to `offline_features` (with random test weights only a mechanism check;
-with real weights, the real figure).
+with real weights, the real figure). `sweep` does it for several windows and lookaheads
+(benchmarks/musetalk_fidelity.py is its command line).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Sequence
 
 import numpy as np
 
 from ray_lipsync.backends.musetalk.features import MuseTalkFeaturizer
+from ray_lipsync.backends.musetalk.weights import MuseTalkModels
 from ray_lipsync.clock import SAMPLES_PER_FRAME, frames_in_samples, ms_to_samples
+from ray_lipsync.config import Settings
 from ray_lipsync.types import FeatureRequest
 
 
@@ -71,3 +75,21 @@ def compare_streaming(
     rel = diff / np.maximum(norm_o, 1e-12)
     cos = (streaming * offline).sum(axis=1) / np.maximum(norm_o * norm_s, 1e-12)
     return Fidelity(rel_l2=rel, cosine=cos)
+
+
+def sweep(
+    settings: Settings,
+    models: MuseTalkModels,
+    audio: np.ndarray,
+    windows_s: Sequence[float],
+    lookaheads_ms: Sequence[int],
+) -> list[dict[str, Any]]:
+    """`compare_streaming` summaries for every (encoder window, lookahead) pair."""
+    rows = []
+    for window in windows_s:
+        for lookahead in lookaheads_ms:
+            cfg = settings.musetalk.model_copy(update={"encoder_window_s": window, "lookahead_ms": lookahead})
+            featurizer = MuseTalkFeaturizer(settings.model_copy(update={"musetalk": cfg}), models=models)
+            summary = compare_streaming(featurizer, audio, calls_of=32).summary()
+            rows.append({"encoder_window_s": window, "lookahead_ms": lookahead, **summary})
+    return rows

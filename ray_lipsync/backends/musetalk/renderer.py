@@ -2,15 +2,19 @@
 
 latents [B, 8, 32, 32] (masked + reference, prepared per avatar frame) and audio features
 [B, 50, 384] + sinusoidal positions -> unet(latents, t=0, encoder_hidden_states).sample
-[B, 4, 32, 32] -> vae.decode(lat / 0.18215) -> (x / 2 + 0.5).clamp(0, 1) * 255 -> RGB uint8
-[B, 256, 256, 3]. Batches larger than `pipeline.max_batch` are split; the last may be partial.
+[B, 4, 32, 32] -> vae.decode(lat / 0.18215) -> `to_uint8`: (x / 2 + 0.5).clamp(0, 1), then x 255 and
+rounding in float32 (as MuseTalk's `decode_latents`, which converts to float32 before scaling)
+-> RGB uint8 [B, 256, 256, 3]. Batches larger than `pipeline.max_batch` are split; the last
+may be partial. `musetalk.compile` wraps the UNet and the VAE decoder in `torch.compile`.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -37,18 +41,48 @@ def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
     return table
 
 
+def to_uint8(image: torch.Tensor) -> torch.Tensor:
+    """VAE output [B, 3, H, W] in [-1, 1] (any dtype) -> uint8 [B, H, W, 3], as MuseTalk does:
+    (x / 2 + 0.5).clamp(0, 1) in the model's dtype, then x 255 and round in float32."""
+    image = (image / 2 + 0.5).clamp(0, 1)
+    return (image.permute(0, 2, 3, 1).float() * 255).round().to(torch.uint8)
+
+
+@dataclass(frozen=True)
+class Networks:
+    """The callables of one render step: the UNet and the VAE decoder (plain or compiled)."""
+
+    unet: Callable[..., Any]
+    decode: Callable[..., Any]
+
+    @classmethod
+    def of(cls, models: MuseTalkModels, compile: bool = False) -> "Networks":
+        """`models`' UNet and VAE decoder; with `compile`, their `torch.compile`d forms, made
+        once per process for each loaded model set (so every renderer shares the compiled
+        graphs: the first batches of new sizes compile, later renderers start warm)."""
+        return _compiled(models) if compile else cls(models.unet, models.vae.decode)
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled(models: MuseTalkModels) -> Networks:
+    log.info("musetalk: torch.compile of the UNet and VAE decoder (first batches compile)")
+    return Networks(torch.compile(models.unet), torch.compile(models.vae.decode))
+
+
 def render_latents(
-    models: MuseTalkModels, latents: torch.Tensor, features: torch.Tensor, positions: torch.Tensor
+    models: MuseTalkModels,
+    latents: torch.Tensor,
+    features: torch.Tensor,
+    positions: torch.Tensor,
+    networks: Networks | None = None,
 ) -> np.ndarray:
     """Crops [B, 256, 256, 3] uint8 from latents [B, 8, 32, 32] and features [B, 50, 384]."""
-    unet, vae = models.unet, models.vae
+    nets = networks or Networks.of(models)
     with torch.inference_mode():
         cond = features.to(models.device, models.dtype) + positions
         timestep = torch.zeros((), device=models.device, dtype=torch.long)
-        pred = unet(latents.to(models.device, models.dtype), timestep, encoder_hidden_states=cond).sample
-        image = vae.decode(pred / VAE_SCALE).sample
-        image = (image / 2 + 0.5).clamp(0, 1) * 255
-        return image.round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        pred = nets.unet(latents.to(models.device, models.dtype), timestep, encoder_hidden_states=cond).sample
+        return to_uint8(nets.decode(pred / VAE_SCALE).sample).cpu().numpy()
 
 
 class MuseTalkRenderer(Renderer):
@@ -66,6 +100,7 @@ class MuseTalkRenderer(Renderer):
         self.models = models = models or models_for(settings, ("unet", "vae"), device)
         self.device = models.device
         self.max_batch = settings.pipeline.max_batch
+        self.networks = Networks.of(models, settings.musetalk.compile)
         self.positions = sinusoidal_positions(*FEATURE_SHAPE).to(self.device, models.dtype)
         self._latents: dict[str, torch.Tensor] = {}
 
@@ -109,6 +144,6 @@ class MuseTalkRenderer(Renderer):
         crops: list[np.ndarray] = []
         for start in range(0, len(jobs), self.max_batch):
             latents, features = self._inputs(jobs[start : start + self.max_batch])
-            batch = render_latents(self.models, latents, features, self.positions)
+            batch = render_latents(self.models, latents, features, self.positions, self.networks)
             crops.extend(batch[i] for i in range(len(batch)))
         return crops

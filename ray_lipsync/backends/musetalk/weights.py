@@ -17,13 +17,14 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Collection, Mapping
 
 import torch
 
-from ray_lipsync.errors import WeightsError
+from ray_lipsync.errors import DeviceError, WeightsError
 
 if TYPE_CHECKING:
     from ray_lipsync.config import Settings
@@ -201,8 +202,48 @@ def check_weights(models_dir: str | Path, parts: Collection[str] = PARTS) -> Non
         raise WeightsError("\n".join(lines))
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def declared_gpus() -> str | None:
+    """CUDA_VISIBLE_DEVICES when it names devices (Ray sets it for `num_gpus` actors), else None."""
+    value = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    return value if value and value not in ("-1", "NoDevFiles") else None
+
+
+def _cuda_problem() -> str | None:
+    """Why CUDA cannot be used in this process, or None when it can."""
+    if torch.version.cuda is None:
+        return f"this torch ({torch.__version__}) is a CPU-only build; install the CUDA build of torch"
+    if not torch.cuda.is_available():
+        return "torch.cuda.is_available() is False (no driver, or no device visible to this process)"
+    try:
+        torch.zeros(1, device="cuda")
+    except RuntimeError as exc:
+        return f"allocating on CUDA failed: {exc}"
+    return None
+
+
+def resolve_device(requested: str = "auto") -> torch.device:
+    """The device for `musetalk.device` (see MuseTalkConfig); DeviceError when it cannot be used.
+
+    A GPU that was asked for or declared to this process (CUDA_VISIBLE_DEVICES) but is not
+    usable fails loudly: silently serving a GPU's load from the CPU would run at a few frames/s.
+    """
+    if requested not in ("auto", "cuda", "cpu"):
+        raise DeviceError(f"unknown musetalk.device {requested!r}; choose auto, cuda or cpu")
+    if requested == "cpu":
+        log.warning("musetalk runs on the CPU (musetalk.device = cpu): expect a few frames/s per replica")
+        return torch.device("cpu")
+    problem = _cuda_problem()
+    if problem is None:
+        return torch.device("cuda")
+    declared = declared_gpus()
+    if requested == "cuda" or declared:
+        why = "musetalk.device = cuda" if requested == "cuda" else f"CUDA_VISIBLE_DEVICES={declared}"
+        raise DeviceError(
+            f"a GPU is expected ({why}) but CUDA is not usable: {problem}. Fix the CUDA install, or "
+            "set musetalk.device = cpu to run on the CPU on purpose (a few frames/s)"
+        )
+    log.warning("no usable CUDA (%s): musetalk runs on the CPU, a few frames/s per replica", problem)
+    return torch.device("cpu")
 
 
 def default_dtype(device: torch.device, fp16: bool = True) -> torch.dtype:
@@ -260,6 +301,6 @@ def shared_models(
 
 
 def models_for(settings: "Settings", parts: Collection[str], device: str | torch.device | None = None) -> MuseTalkModels:
-    """The process's shared `parts` for `settings` on `device` (default: CUDA if present)."""
-    device = torch.device(device) if device is not None else default_device()
+    """The process's shared `parts` for `settings` on `device` (default: `musetalk.device`)."""
+    device = torch.device(device) if device is not None else resolve_device(settings.musetalk.device)
     return shared_models(settings.models_dir, device, default_dtype(device, settings.musetalk.fp16), parts)
