@@ -12,10 +12,13 @@ neighbouring source frames so that video avatars do not jitter) this derives:
   linear in the jaw drop so a frame only scales and adds them: `lip` (the lower lip moves
   rigidly with the jaw, fading into the chin), `jaw` (the chin and jaw skin, broad, fading
   below the chin), `lift` (the upper lip and its teeth rise a little, fading towards the
-  nose) and `widen` (horizontal offset that moves the corners out or in). Every field
-  fades in with the distance from where the blend mask is half strong, so the mask's outer
-  feather keeps the original pixels: the compositor never mixes moved and unmoved edges (no
-  seam, no double chin), and the skin between the lower lip and the chin compresses smoothly;
+  nose) and `widen` (horizontal offset that moves the corners out or in, fading on the
+  cheeks and, like `lift`, towards the nose). Every field is 0 at the nose row, where the ROI
+  starts (the blend mask may reach higher: MuseTalk's "jaw" mask starts at the crop box
+  centre, above the nose tip), and on the ROI's other edges. Every field also fades in with
+  the distance from where the blend mask is half strong, so the mask's outer feather keeps
+  the original pixels: the compositor never mixes moved and unmoved edges (no seam, no double
+  chin), and the skin between the lower lip and the chin compresses smoothly;
 - the avatar's colours: lips (tint of the mouth interior and tongue) and teeth (its own when
   shown, else off-white at the brightness of its skin).
 """
@@ -213,8 +216,11 @@ def build_geometry(avatar: Avatar, index: int) -> MouthGeometry | None:
     # teeth belong to the upper jaw: the mouth opens below the teeth it shows
     lips = replace(lips, tear=lips.tear + teeth_shown * (lips.lower_inner - lips.tear))
 
-    x0 = int(max(cols[0], np.floor(min(jaw_l[0], lips.left[0] - 0.6 * width))))
-    x1 = int(min(cols[-1] + 1, np.ceil(max(jaw_r[0], lips.right[0] + 0.6 * width)) + 1))
+    # the ROI holds every pixel that moves: the cheeks out to the widen field's reach
+    reach_l = lips.left[0] - (1.0 + WIDEN_REACH) * (lips.mid_x - lips.left[0])
+    reach_r = lips.right[0] + (1.0 + WIDEN_REACH) * (lips.right[0] - lips.mid_x)
+    x0 = int(max(cols[0], np.floor(min(jaw_l[0], reach_l))))
+    x1 = int(min(cols[-1] + 1, np.ceil(max(jaw_r[0], reach_r)) + 1))
     y0 = int(max(rows[0], np.floor(nose[1])))
     y1 = int(min(rows[-1] + 1, np.ceil(chin[1] + 0.45 * face_h) + 1, CROP_SIZE))
     if x1 - x0 < 2 or y1 - y0 < 2:
@@ -242,11 +248,13 @@ def build_geometry(avatar: Avatar, index: int) -> MouthGeometry | None:
     towards_nose = smoothstep((gy - nose[1]) / np.maximum(upper_outer - nose[1], 1.0))
     lift = -LIFT_SHARE * towards_nose * weight
     # widening: linear across the mouth (corners move by the full share), fading on the cheeks
+    # and, like the lift, towards the nose: the nose and the folds beside it stay where they
+    # are, wherever the blend mask starts (MuseTalk's mask reaches above the nose tip)
     mouth_cy = (lips.upper_outer + lips.lower_outer) / 2
     offset = gx - lips.mid_x
     half = np.where(offset < 0, lips.mid_x - lips.left[0], lips.right[0] - lips.mid_x)
     across = offset * (1.0 - smoothstep((np.abs(offset) - half) / (WIDEN_REACH * half)))
-    widen = across[None, :] * np.exp(-(((gy - mouth_cy) / (0.4 * face_h)) ** 2)) * weight
+    widen = across[None, :] * np.exp(-(((gy - mouth_cy) / (0.4 * face_h)) ** 2)) * towards_nose * weight
     tear_rows = np.clip(np.round(lips.y(gx, lips.tear)).astype(int) - y0, 0, y1 - y0 - 1)
     widen_at_tear = widen[tear_rows, np.arange(x1 - x0)]
     f32 = np.float32
