@@ -13,6 +13,7 @@ from skimage import data
 from ray_lipsync.avatar import Avatar, AvatarStore
 from ray_lipsync.avatar import face as face_module
 from ray_lipsync.avatar.default import ensure_default_avatar, load_or_prepare
+from ray_lipsync.avatar.store import FORMAT_VERSION
 from ray_lipsync.avatar.prepare import PrepareReport, list_avatars, run_prepare
 from ray_lipsync.config import AvatarConfig, Settings
 from ray_lipsync.errors import AvatarError, AvatarNotFound
@@ -77,7 +78,7 @@ def test_round_trip_is_exact_and_memory_mapped(tmp_path: Path) -> None:
     assert_same(avatar, copied)
     assert copied.frames.flags.writeable
     manifest = json.loads((path / "manifest.json").read_text())
-    assert manifest["format_version"] == 1 and manifest["frames"] == 3
+    assert manifest["format_version"] == FORMAT_VERSION and manifest["frames"] == 3
     assert (manifest["width"], manifest["height"], manifest["fps"]) == (64, 48, 30.0)
     assert manifest["crop_size"] == 256 and manifest["source"] == "synthetic"
     assert [p.name for p in tmp_path.iterdir()] == ["synth"]  # no temp dirs left behind
@@ -130,9 +131,9 @@ def test_unsupported_format_version_rejected(tmp_path: Path) -> None:
     store = AvatarStore(tmp_path)
     path = store.save(synthetic_avatar())
     manifest = json.loads((path / "manifest.json").read_text())
-    manifest["format_version"] = 2
+    manifest["format_version"] = FORMAT_VERSION + 1
     (path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(AvatarError, match="format_version 2.*prepare the avatar again"):
+    with pytest.raises(AvatarError, match=f"format_version {FORMAT_VERSION + 1}.*prepare the avatar again"):
         store.load("synth")
     (path / "manifest.json").write_text("{not json")
     with pytest.raises(AvatarError, match="unreadable manifest"):
@@ -231,3 +232,22 @@ def test_default_avatar_prepared_once(tmp_path: Path, monkeypatch: pytest.Monkey
         load_or_prepare(store, "someone", config)
     with pytest.raises(AvatarError, match="invalid avatar name"):
         load_or_prepare(store, "../default", config)
+
+
+def test_a_default_avatar_of_an_older_store_format_is_prepared_again(tmp_path):
+    """After an upgrade that changed the store format, the default avatar is made anew;
+    other avatars answer with a clear 'prepare it again'."""
+    import json
+
+    from ray_lipsync.avatar.default import ensure_default_avatar
+    from ray_lipsync.avatar.store import FORMAT_VERSION, AvatarStore
+    from ray_lipsync.config import AvatarConfig
+
+    store = AvatarStore(tmp_path)
+    ensure_default_avatar(store, AvatarConfig())
+    manifest = tmp_path / "default" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**data, "format_version": FORMAT_VERSION - 1}))
+    avatar = ensure_default_avatar(store, AvatarConfig())
+    assert json.loads(manifest.read_text())["format_version"] == FORMAT_VERSION
+    assert len(avatar) >= 1

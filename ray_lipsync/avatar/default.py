@@ -10,6 +10,7 @@ import numpy as np
 from ray_lipsync.avatar.model import Avatar
 from ray_lipsync.avatar.store import AvatarStore, validate_name
 from ray_lipsync.config import AvatarConfig
+from ray_lipsync.errors import AvatarError
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +31,16 @@ def default_image() -> np.ndarray:
 def ensure_default_avatar(store: AvatarStore, config: AvatarConfig) -> Avatar:
     """Load the "default" avatar: from the store, else from its shared location, else
     prepared and saved."""
-    if not store.exists(DEFAULT_NAME) and not store.fetch(DEFAULT_NAME):
-        from ray_lipsync.avatar.prepare import prepare_image
+    if store.exists(DEFAULT_NAME) or store.fetch(DEFAULT_NAME):
+        try:
+            return store.load(DEFAULT_NAME)
+        except AvatarError as exc:  # an older store format: the default can be made again
+            log.warning("re-preparing the default avatar: %s", exc)
+    from ray_lipsync.avatar.prepare import prepare_image
 
-        log.info("preparing the default avatar in %s", store.root)
-        avatar, report = prepare_image(default_image(), DEFAULT_NAME, config, source="skimage.data.astronaut")
-        store.save(avatar, report)
+    log.info("preparing the default avatar in %s", store.root)
+    avatar, report = prepare_image(default_image(), DEFAULT_NAME, config, source="skimage.data.astronaut")
+    store.save(avatar, report)
     return store.load(DEFAULT_NAME)
 
 

@@ -37,7 +37,7 @@ from ray_lipsync.errors import AvatarError, AvatarNotFound
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: MuseTalk v1.5 crop box (iBUG 29 half-face point) and jaw-mode mask
 ARROW_FILE = "avatar.arrow"
 MANIFEST_FILE = "manifest.json"
 EXTRA_PREFIX = "extras."
