@@ -66,8 +66,8 @@ def cluster(lipsync_home):
     os.environ.update({k: v for k, v in c.env.items() if k.startswith("RAY_")})  # the driver agrees
     try:
         c.start_head(num_cpus=1)
-        for name in ("gpu_a", "gpu_b"):
-            c.add_worker(name, num_cpus=2, num_gpus=1)
+        for name in ("gpu_a", "gpu_b"):  # 1 CPU: a GPU replica fills it, gateways stay on the head
+            c.add_worker(name, num_cpus=1, num_gpus=1)
         ray.init(address=c.address, log_to_driver=False, runtime_env={"env_vars": env})
         serve.start(http_options={"host": "127.0.0.1", "port": HTTP_PORT})
         serve.run(serve_app.build(serve_args(lipsync_home)), name="ray-lipsync", route_prefix="/")
