@@ -11,6 +11,7 @@ sessions do not notice. Capacity grows with sessions and shrinks back after they
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -39,6 +40,15 @@ FRAME_S = 0.04
 NAMESPACE = "faults"
 # Worst speech gap accepted after a kill, in frames (measured bounds: benchmarks/README.md)
 MAX_GAP_FRAMES = {"batcher": 25, "compositor": 25, "replica": 50, "node": 50}
+
+
+def record(name: str, **figures: object) -> None:
+    """Report a measured figure; benchmarks/failover.py collects them (LIPSYNC_FAILOVER_JSON)."""
+    print(f"{name}: {figures}")
+    path = os.environ.get("LIPSYNC_FAILOVER_JSON")
+    if path:
+        with open(path, "a") as out:
+            out.write(json.dumps({"case": name, **figures}) + "\n")
 
 
 def serve_args(home: Path) -> dict[str, str]:
@@ -221,7 +231,8 @@ def test_speech_resumes_after_a_pipeline_process_is_killed(cluster, settings, st
 
     before, after, healthy, metrics = run(main())
     gap = after[0]["frames_dropped"] - before["frames_dropped"]
-    print(f"{stage}: {gap} speech frames lost ({gap * FRAME_S * 1000:.0f} ms), drops {after[0]['drops']}")
+    record(f"kill {stage}", speech_frames_lost=gap, gap_ms=round(gap * FRAME_S * 1000),
+           drops=after[0]["drops"])
     assert gap <= MAX_GAP_FRAMES[stage], after[0]["drops"]
     assert after[0]["frames_sent"] > before["frames_sent"] + 100, "the session kept streaming"
     assert healthy and metrics == 200
@@ -256,6 +267,8 @@ def test_directory_and_metrics_board_deaths_are_survived(cluster, settings):
             return before, after, metrics, create_s, pins
 
     before, after, metrics, create_s, pins = run(main())
+    record("kill directory + metrics board", speech_frames_lost=after["frames_dropped"] - before["frames_dropped"],
+           new_session_after_s=round(create_s, 2))
     assert metrics == 200
     assert after["frames_dropped"] == before["frames_dropped"], "streaming never needs the directory"
     assert create_s < 30 and pins
@@ -297,6 +310,8 @@ def test_a_dead_gateway_frees_its_slots_and_the_other_gateway_does_not_notice(cl
             return before, alive, after, freed, freed_s
 
     before, alive, after, freed, freed_s = run(main())
+    record("kill gateway", slots_freed_after_s=round(freed_s, 2),
+           other_gateway_frames_lost=sum(after[s]["frames_dropped"] - before[s]["frames_dropped"] for s in after))
     assert 0 < sum(alive.values()) < len(alive), "exactly one gateway's sessions ended"
     assert freed and freed_s <= 10, f"the dead gateway's slots were freed after {freed_s:.1f} s"
     for sid, state in after.items():
@@ -328,7 +343,8 @@ def test_a_dead_worker_node_is_survived(cluster, settings):
 
     before, after, killed, created, create_s, metrics = run(main())
     gap = after["frames_dropped"] - before["frames_dropped"]
-    print(f"node: {killed} processes killed, {gap} speech frames lost, new session after {create_s:.1f} s")
+    record("kill worker node", processes_killed=killed, speech_frames_lost=gap,
+           gap_ms=round(gap * FRAME_S * 1000), new_session_after_s=round(create_s, 2))
     assert killed >= 2 and gap <= MAX_GAP_FRAMES["node"], after["drops"]
     assert after["replica"] != before["replica"], "the session moved off the dead node"
     assert created is not None and metrics == 200
