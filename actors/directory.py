@@ -215,6 +215,7 @@ class SessionDirectory:
         async with self._changed:
             while True:
                 self._check_backend(backend)
+                self._scale(backend)  # first: it drains CPU replicas once GPUs are wanted
                 free = self._free(backend)
                 if free:
                     replica = min(free, key=lambda r: (len(r.sessions), r.name))
@@ -287,11 +288,12 @@ class SessionDirectory:
         async with self._changed:
             self._changed.notify_all()
 
-    async def renew(self, gateway: str, sessions: dict[str, tuple[str, str]]) -> None:
-        """A gateway's lease: its open sessions as {session: (backend, replica)}."""
+    async def renew(self, gateway: str, sessions: dict[str, tuple[str, str | None]]) -> None:
+        """A gateway's lease: its open sessions as {session: (backend, replica)} (replica None:
+        still being created); the gateway's other pins are released."""
         self._touch(gateway)
         for session_id, (backend, name) in sessions.items():
-            if self._pins.get(session_id) == name:
+            if name is None or self._pins.get(session_id) == name:
                 continue
             replica = self._replicas.get(name)
             if replica is not None:  # after a directory restart: rebuild the pin

@@ -125,6 +125,7 @@ class RayPipeline:
         self._links: dict[str, RayLink] = {}
         self._avatars: dict[str, Avatar] = {}
         self._lease: asyncio.Task | None = None
+        self._pinning: dict[str, str] = {}  # sessions being created -> backend (held by the lease)
 
     @classmethod
     async def connect(cls, settings: Settings, schedule: Schedule = "streaming") -> "RayPipeline":
@@ -161,6 +162,13 @@ class RayPipeline:
         loaded = await self._avatar(avatar)
         session_id = session_id or uuid.uuid4().hex
         self._ensure_lease()
+        self._pinning[session_id] = backend
+        try:
+            return await self._create(session_id, loaded, backend)
+        finally:
+            self._pinning.pop(session_id, None)
+
+    async def _create(self, session_id: str, loaded: Avatar, backend: str) -> Session:
         wait = self.settings.pipeline.replica_wait_s + DIRECTORY_TIMEOUT_S
         for attempt in range(2):
             name, replica = await self._directory_call("pin", session_id, backend, self.gateway_id,
@@ -192,7 +200,8 @@ class RayPipeline:
 
     async def _renew(self) -> None:
         while True:
-            pins = {sid: (link.backend, link.replica) for sid, link in self._links.items()}
+            pins: dict[str, tuple[str, str | None]] = {sid: (b, None) for sid, b in self._pinning.items()}
+            pins.update({sid: (link.backend, link.replica) for sid, link in self._links.items()})
             try:
                 await asyncio.wait_for(self.directory.renew.remote(self.gateway_id, pins), DIRECTORY_TIMEOUT_S)
             except Exception:  # noqa: BLE001 - the directory restarts; the next renewal rebuilds

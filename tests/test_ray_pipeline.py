@@ -75,6 +75,14 @@ async def bounded(work, seconds: float = 150.0):
     return await asyncio.wait_for(work, seconds)
 
 
+async def ready_replicas(pipeline: RayPipeline, n: int, timeout: float = 60.0) -> None:
+    """Wait until `n` replicas are ready (min_replicas start at connect, in the background)."""
+    deadline = time.monotonic() + timeout
+    while sum(r["state"] == "ready" for r in await pipeline.replicas()) < n:
+        assert time.monotonic() < deadline, "replicas did not start"
+        await asyncio.sleep(0.2)
+
+
 def ray_env(home) -> dict:
     return {"env_vars": {"RAY_LIPSYNC_HOME": str(home)}}
 
@@ -132,6 +140,7 @@ class TestLocalRay:
 
         async def run():
             pipeline = await RayPipeline.connect(settings)
+            await ready_replicas(pipeline, 2)
             victim = await pipeline.create_session(session_id="victim")
             bystander = await pipeline.create_session(session_id="bystander")
             pinned = {s.session_id: s.replica for s in (victim, bystander)}
@@ -286,3 +295,43 @@ class TestSimulatedGpuCluster:
         # a lone replica killed for good: the gap is its replacement's start (~1.5 s measured on
         # the busy 2-core machine); with min_replicas >= 2 sessions move at once (test above)
         assert len(idle) <= 75 and len(expected) - len(idle) > 10, "at most 3 s lost, then it talks"
+
+
+# -- GPUs that join later ----------------------------------------------------------------------
+
+
+class TestGpusJoinLater:
+    @pytest.fixture(autouse=True, scope="class")
+    def growing_cluster(self, lipsync_home):
+        from ray.cluster_utils import Cluster
+
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+        ray.init(address=cluster.address, runtime_env=ray_env(lipsync_home), log_to_driver=False)
+        yield cluster
+        ray.shutdown()
+        cluster.shutdown()
+
+    def test_a_cpu_replica_is_replaced_by_a_gpu_replica_once_gpus_exist(self, growing_cluster, make_settings):
+        settings = make_settings(replica_device="auto", idle_replica_s=1)
+
+        async def run():
+            pipeline = await RayPipeline.connect(settings)
+            first = await pipeline.create_session()
+            before = await pipeline.replicas()
+            growing_cluster.add_node(num_cpus=2, num_gpus=1)
+            growing_cluster.wait_for_nodes()
+            second = await asyncio.wait_for(pipeline.create_session(), 60)
+            await pipeline.close_session(first.session_id)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                after = await pipeline.replicas()
+                if all(r["resources"] == "gpu" for r in after):
+                    break
+                await asyncio.sleep(0.5)
+            await pipeline.shutdown()
+            return first, second, before, after
+
+        first, second, before, after = asyncio.run(bounded(run()))
+        assert [r["resources"] for r in before] == ["cpu"] and "-cpu-" in first.replica
+        assert "-gpu-" in second.replica, "new sessions go to GPU replicas once the cluster has GPUs"
+        assert after and all(r["resources"] == "gpu" for r in after), "the drained CPU replica was removed"
