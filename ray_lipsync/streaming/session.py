@@ -26,6 +26,7 @@ from ray_lipsync.avatar.model import Avatar
 from ray_lipsync.clock import SAMPLE_RATE, SAMPLES_PER_FRAME, SessionClock, ms_to_samples, video_pts
 from ray_lipsync.errors import MalformedAudio, SessionClosed
 from ray_lipsync.streaming.drops import DropCounter, DropReason
+from ray_lipsync.streaming.playout import PlayoutPolicy
 from ray_lipsync.streaming.timeline import SessionTimeline, Utterance
 from ray_lipsync.types import OutputFrame
 
@@ -91,6 +92,7 @@ class Session:
         *,
         max_queued_s: float,
         lookahead_ms: int,
+        playout: PlayoutPolicy | None = None,
     ) -> None:
         self.session_id = session_id
         self.avatar = avatar
@@ -99,6 +101,8 @@ class Session:
         self._link = link
         self._timeline = SessionTimeline(clock, max_queued_s)
         self._lookahead = ms_to_samples(lookahead_ms)
+        self._lookahead_ms = lookahead_ms
+        self._playout = playout  # None: every utterance gets the clock's fixed D
         self._lead = self._lookahead + ms_to_samples(RELEASE_MARGIN_MS)
         self._ready: dict[int, tuple[np.ndarray, float | None]] = {}  # frame -> (image, latency ms)
         self._expected: set[int] = set()  # speech frames whose image is on its way
@@ -147,7 +151,9 @@ class Session:
         samples = np.asarray(samples, dtype=np.float32)
         if samples.ndim != 1:
             raise MalformedAudio(f"push mono 16 kHz samples (1-D), got an array of shape {samples.shape}")
-        placement = self._timeline.place(samples, time.time(), utterance_id, final)
+        delay = None if self._playout is None else self._playout.delay_s(
+            self._latencies, streamed=not final, lookahead_ms=self._lookahead_ms)
+        placement = self._timeline.place(samples, time.time(), utterance_id, final, delay)
         self._wake.set()
         return placement.utterance
 

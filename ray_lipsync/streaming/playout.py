@@ -1,0 +1,85 @@
+"""The playout delay policy: how long after it arrives a new utterance is presented.
+
+A session's clock never changes: frame k is presented at `t0 + D_clock + 40k` for the whole
+session, with `D_clock = pipeline.playout_delay_ms` (the upper bound of D). What adapts is
+where a *new* utterance lands on that clock: at the first frame presented at least `D` after
+the push arrived (and never before the end of speech already queued). So
+
+- frames already emitted or queued are never retimed: the frame index / time mapping is the
+  clock's, always;
+- an utterance is contiguous from its first to its last sample: speech is never stretched or
+  cut, D changes only in the silence between utterances;
+- `D` is `p99(latencies of the last playout_window speech frames) + playout_margin_ms`
+  (`playout_initial_ms` before anything was measured), plus one frame and the lookahead when
+  the utterance is streamed (its samples arrive in real time, so frame k's audio is complete
+  only 40 ms + lookahead after its slot starts), clamped to
+  `[playout_min_ms, playout_delay_ms]`.
+
+`new_clock` puts t0 so that frame 0 is presented `playout_min_ms` after the session was
+created; with `playout_adaptive=False` D is the fixed `playout_delay_ms` (t0 = creation).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ray_lipsync.clock import FRAME_MS, SessionClock
+from ray_lipsync.config import PipelineConfig
+
+__all__ = ["PlayoutPolicy", "new_clock"]
+
+
+def _p99(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+
+
+@dataclass(frozen=True)
+class PlayoutPolicy:
+    """D for the next utterance of a session, from its recent frame latencies (seconds)."""
+
+    max_s: float
+    min_s: float
+    initial_s: float
+    margin_s: float
+    window: int
+    adaptive: bool = True
+
+    @classmethod
+    def from_config(cls, config: PipelineConfig) -> "PlayoutPolicy":
+        top = config.playout_delay_ms / 1000
+        if not config.playout_adaptive:
+            return cls(top, top, top, 0.0, 1, adaptive=False)
+        initial = config.playout_delay_ms if config.playout_initial_ms is None else config.playout_initial_ms
+        return cls(top, config.playout_min_ms / 1000, initial / 1000,
+                   config.playout_margin_ms / 1000, config.playout_window)
+
+    @property
+    def floor_s(self) -> float:
+        """The smallest D this policy ever picks (where frame 0 of a new session is shown)."""
+        return self.min_s if self.adaptive else self.max_s
+
+    def delay_s(self, latencies_ms: Sequence[float], *, streamed: bool, lookahead_ms: int) -> float:
+        """D for a new utterance; `latencies_ms` oldest first (only the last `window` count)."""
+        if not self.adaptive:
+            return self.max_s
+        recent = list(latencies_ms)[-self.window:]
+        if not recent:
+            wanted = self.initial_s
+        else:
+            wanted = _p99(recent) / 1000 + self.margin_s
+            if streamed:
+                wanted += (FRAME_MS + lookahead_ms) / 1000
+        return min(self.max_s, max(self.min_s, wanted))
+
+
+def new_clock(policy: PlayoutPolicy, now: float | None = None) -> SessionClock:
+    """A session clock with D_clock = the policy's upper bound, frame 0 due `floor_s` from now.
+
+    Shifting t0 back by `max_s - floor_s` lets a session's first utterance land as early as
+    the policy allows; with a fixed D the shift is 0 (t0 = now).
+    """
+    now = time.time() if now is None else now
+    return SessionClock(t0=now - (policy.max_s - policy.floor_s), delay_s=policy.max_s)
