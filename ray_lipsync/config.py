@@ -99,9 +99,10 @@ class PipelineConfig(_Frozen):
     )
     playout_adaptive: bool = Field(
         True, description="Adapt D per session, between utterances: a new utterance lands "
-        "p99(recent frame latencies) + playout_margin_ms after it arrived (plus a frame and the "
-        "lookahead when it is streamed), within [playout_min_ms, playout_delay_ms]. False = "
-        "the fixed playout_delay_ms."
+        "p99(what the recent speech frames needed of D: latency, plus the wait for their audio "
+        "when streamed in real time) + playout_margin_ms after it arrived, within "
+        "[playout_min_ms, playout_delay_ms] (see streaming/playout.py). False = the fixed "
+        "playout_delay_ms."
     )
     playout_min_ms: int = Field(
         120, ge=0, description="Lower bound of the adaptive D (ms)."
@@ -114,7 +115,7 @@ class PipelineConfig(_Frozen):
         40, ge=0, description="Adaptive D: margin (ms) over the p99 frame latency."
     )
     playout_window: int = Field(
-        250, ge=10, description="Adaptive D: how many recent speech frames' latencies count."
+        250, ge=10, description="Adaptive D: how many recent speech frames count."
     )
     max_batch: int = Field(16, gt=0, description="Most frames in one inference batch.")
     dispatch_tick_ms: int = Field(

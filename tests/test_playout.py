@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 from speech import speech
-from test_local_pipeline import F, Receiver, assert_audio_is, assert_clock, tuned
+from test_local_pipeline import F, Receiver, assert_audio_is, assert_clock, push_in_real_time, tuned
 
 from ray_lipsync.clock import SessionClock
 from ray_lipsync.config import PipelineConfig
@@ -34,22 +34,20 @@ def policy(**fields: object) -> PlayoutPolicy:
 
 def test_fixed_playout_is_always_the_configured_delay():
     fixed = policy(playout_adaptive=False)
-    assert fixed.delay_s([500.0] * 20, streamed=True, lookahead_ms=120) == 0.3
-    assert fixed.delay_s([], streamed=False, lookahead_ms=0) == 0.3
+    assert fixed.delay_s([500.0] * 20) == 0.3
+    assert fixed.delay_s([]) == 0.3
     clock = new_clock(fixed, now=1000.0)
     assert (clock.t0, clock.delay_s) == (1000.0, 0.3)
 
 
 def test_adaptive_delay_is_p99_plus_margin_within_bounds():
     p = policy()
-    assert p.delay_s([], streamed=False, lookahead_ms=0) == 0.25  # nothing measured yet
-    assert p.delay_s([80.0] * 9 + [110.0], streamed=False, lookahead_ms=0) == pytest.approx(0.15)
-    assert p.delay_s([10.0] * 10, streamed=False, lookahead_ms=0) == 0.1  # lower bound
-    assert p.delay_s([900.0] * 10, streamed=False, lookahead_ms=0) == 0.3  # upper bound
-    # a streamed utterance's frame is complete a frame + the lookahead after its slot starts
-    assert p.delay_s([80.0] * 10, streamed=True, lookahead_ms=40) == pytest.approx(0.2)
-    # only the last `window` latencies count: an old spike is forgotten
-    assert p.delay_s([900.0] + [60.0] * 10, streamed=False, lookahead_ms=0) == pytest.approx(0.1)
+    assert p.delay_s([]) == 0.25  # nothing measured yet
+    assert p.delay_s([80.0] * 9 + [110.0]) == pytest.approx(0.15)
+    assert p.delay_s([10.0] * 10) == 0.1  # lower bound
+    assert p.delay_s([900.0] * 10) == 0.3  # upper bound
+    # only the last `window` frames count: an old spike is forgotten
+    assert p.delay_s([900.0] + [70.0] * 10) == pytest.approx(0.11)
 
 
 def test_adaptive_clock_shows_frame_0_at_the_lower_bound():
@@ -115,8 +113,9 @@ def test_d_changes_between_utterances_and_speech_stays_exact(lipsync_settings):
     d_a = clock.presentation_time(a.start_frame) - at_a
     d_b = clock.presentation_time(b.start_frame) - at_b
     assert a.delay_s == 0.6 and 0.6 <= d_a < 0.6 + 0.04 + 0.02
-    p99 = sorted(session.latencies_ms())[-1]  # upper estimate of what the policy used
-    assert 0.08 <= b.delay_s <= p99 / 1000 + 0.04 + 1e-9
+    needs = session.playout_needs_ms()
+    assert needs and max(needs) > 0  # the first frames wait for the pipeline; later ones are early
+    assert 0.08 <= b.delay_s <= max(0.08, max(needs) / 1000 + 0.04 + 1e-9)  # p99 + margin
     assert b.delay_s < 0.6, "the second utterance gets the measured, shorter D"
     assert b.delay_s <= d_b < b.delay_s + 0.04 + 0.02
     # speech exact and contiguous: a's samples from its first frame, then silence, then b's
@@ -125,3 +124,30 @@ def test_d_changes_between_utterances_and_speech_stays_exact(lipsync_settings):
     assert not out[len(voice):].any()
     assert_audio_is([r for r in received if r.frame.frame_index >= b.start_frame], b.start_frame, reply)
     assert session.frames_dropped == 0
+
+
+async def two_streamed_utterances(pipeline: LocalPipeline, voice: np.ndarray, reply: np.ndarray):
+    """Like a microphone: both utterances arrive in 20 ms pieces in real time."""
+    session = await pipeline.create_session()
+    rx = Receiver(session)
+    a = await push_in_real_time(session, voice, "a")
+    await rx.until_frame(a.end_frame + 5)
+    b = await push_in_real_time(session, reply, "b")
+    await rx.until_frame(b.end_frame + 3)
+    received = await rx.stop()
+    await pipeline.shutdown()
+    return session, a, b, received
+
+
+def test_streamed_speech_gets_the_d_it_needs(lipsync_settings):
+    settings = tuned(lipsync_settings, playout_delay_ms=600, playout_min_ms=40,
+                     playout_initial_ms=400, playout_margin_ms=40)
+    voice, reply = speech("Hello there."), speech("Streaming avatars need steady latency.")
+    session, a, b, received = asyncio.run(two_streamed_utterances(LocalPipeline(settings), voice, reply))
+    assert_clock(received, session)
+    # a real-time frame waits for its own 40 ms of audio (and the lookahead) before it can start
+    assert b.delay_s >= 0.04 + 0.04
+    assert b.delay_s < 0.4
+    assert_audio_is([r for r in received if r.frame.frame_index >= b.start_frame], b.start_frame, reply)
+    late = [r for r in received if b.start_frame <= r.frame.frame_index < b.end_frame and r.frame.dropped]
+    assert not late, f"{len(late)} frames of the streamed reply missed their time with D={b.delay_s:.3f}"

@@ -9,11 +9,15 @@ the push arrived (and never before the end of speech already queued). So
   clock's, always;
 - an utterance is contiguous from its first to its last sample: speech is never stretched or
   cut, D changes only in the silence between utterances;
-- `D` is `p99(latencies of the last playout_window speech frames) + playout_margin_ms`
-  (`playout_initial_ms` before anything was measured), plus one frame and the lookahead when
-  the utterance is streamed (its samples arrive in real time, so frame k's audio is complete
-  only 40 ms + lookahead after its slot starts), clamped to
-  `[playout_min_ms, playout_delay_ms]`.
+- `D` is `p99(need of the last playout_window speech frames) + playout_margin_ms`
+  (`playout_initial_ms` before anything was measured), clamped to
+  `[playout_min_ms, playout_delay_ms]`. The *need* of frame k is how much of its utterance's
+  D it needed: `ready time - (first push of its utterance + 40 ms x its place in it)`. For
+  speech pushed at once that is the pipeline's latency for the first frames (later ones are
+  early); for speech streamed in real time (microphone, streaming TTS) it also
+  holds the wait for the frame's own 40 ms of audio and the lookahead, so both kinds get
+  the D they need without being told apart. Frames whose image came too late count too
+  (their need exceeds D), so D grows after drops.
 
 `new_clock` puts t0 so that frame 0 is presented `playout_min_ms` after the session was
 created; with `playout_adaptive=False` D is the fixed `playout_delay_ms` (t0 = creation).
@@ -25,7 +29,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ray_lipsync.clock import FRAME_MS, SessionClock
+from ray_lipsync.clock import SessionClock
 from ray_lipsync.config import PipelineConfig
 
 __all__ = ["PlayoutPolicy", "new_clock"]
@@ -61,17 +65,12 @@ class PlayoutPolicy:
         """The smallest D this policy ever picks (where frame 0 of a new session is shown)."""
         return self.min_s if self.adaptive else self.max_s
 
-    def delay_s(self, latencies_ms: Sequence[float], *, streamed: bool, lookahead_ms: int) -> float:
-        """D for a new utterance; `latencies_ms` oldest first (only the last `window` count)."""
+    def delay_s(self, needs_ms: Sequence[float]) -> float:
+        """D for a new utterance; `needs_ms` oldest first (only the last `window` count)."""
         if not self.adaptive:
             return self.max_s
-        recent = list(latencies_ms)[-self.window:]
-        if not recent:
-            wanted = self.initial_s
-        else:
-            wanted = _p99(recent) / 1000 + self.margin_s
-            if streamed:
-                wanted += (FRAME_MS + lookahead_ms) / 1000
+        recent = list(needs_ms)[-self.window:]
+        wanted = _p99(recent) / 1000 + self.margin_s if recent else self.initial_s
         return min(self.max_s, max(self.min_s, wanted))
 
 

@@ -30,6 +30,7 @@ class Utterance:
     start_sample: int
     end_sample: int
     delay_s: float | None = None  # its playout delay D (None: the clock's)
+    placed_at: float | None = None  # wall time of its first push
 
     @property
     def duration_ms(self) -> int:
@@ -106,7 +107,7 @@ class SessionTimeline:
             uid = utterance_id or uuid.uuid4().hex[:12]
             start = self._align(start)
             utt = Utterance(uid, start // SAMPLES_PER_FRAME, start // SAMPLES_PER_FRAME, start, start,
-                            delay_s)
+                            delay_s, now)
             self.utterances[uid] = utt
         self.audio.write(start, samples.astype(np.float32, copy=False))
         utt.end_sample = start + len(samples)
@@ -160,6 +161,10 @@ class SessionTimeline:
         if ends:
             meta["utterance_end"] = ends
         return meta
+
+    def utterance_at(self, frame_index: int) -> Utterance | None:
+        """The utterance that frame k belongs to, if any."""
+        return next((u for u in self.utterances.values() if u.start_frame <= frame_index < u.end_frame), None)
 
     def speaking(self, frame_index: int) -> bool:
         return any(u.start_frame <= frame_index < u.end_frame for u in self.utterances.values())
