@@ -238,10 +238,11 @@ PROBE_JS = """async ({ delayMs, loud, box, size, wavs }) => {
                           headers: { ...auth(), "Content-Type": "audio/wav" } });
     b.posts.push({ name, t, status: r.status, answered: performance.now() });
   };
-  b.interrupt = async () => {
+  b.interrupt = async (how) => {  // "page": the page's Interrupt button; "api": a bare POST
     const t = performance.now();
+    if (how === "page") { await interrupt(); b.interrupts.push({ t, how, answered: performance.now() }); return; }
     const r = await fetch(`/v1/sessions/${app.session}/interrupt`, { method: "POST", headers: auth() });
-    b.interrupts.push({ t, status: r.status, answered: performance.now() });
+    b.interrupts.push({ t, how, status: r.status, answered: performance.now() });
   };
   return ctx.sampleRate;
 }"""
@@ -311,10 +312,10 @@ async def run_viewer(browser, service: Service, wavs: dict, args, index: int) ->
         await asyncio.sleep(max(0.0, start + i * args.interval_s + rng.uniform(0, 0.2) - time.time()))
         await page.evaluate("bench.say('short')")
     await asyncio.sleep(args.interval_s)
-    for _ in range(args.interrupts):
+    for i in range(args.interrupts):
         await page.evaluate("bench.say('long')")
         await asyncio.sleep(args.interrupt_after_s + rng.uniform(0, 0.3))
-        await page.evaluate("bench.interrupt()")
+        await page.evaluate(f"bench.interrupt('{'page' if i % 2 == 0 else 'api'}')")
         await asyncio.sleep(1.0)
     data = await page.evaluate(COLLECT_JS)
     data["connected_ms"] = connected
@@ -337,15 +338,17 @@ def audio_times(data: dict, clock_source: str) -> tuple[np.ndarray, np.ndarray]:
     else:  # currentTime <-> performance.now() read together (no output latency)
         ctx, perf = clock[:, 2], clock[:, 3]
     offset = np.median(perf - ctx * 1000)  # perf ms = ctx s * 1000 + offset (one clock, no drift)
+    if clock_source == "playout":  # when WebRTC handed it out + its reported device delay
+        offset += data["rtc"].get("playout_ms") or 0.0
     first = (origin + offset + (raw[:, 0] + raw[:, 1]) / rate * 1000) / 1000
     last = (origin + offset + (raw[:, 0] + raw[:, 2]) / rate * 1000) / 1000
     return first, last
 
 
-def analyse(data: dict, rows: list[dict], pushes: list[float], args) -> dict:
+def analyse(data: dict, rows: list[dict], pushes: list[float], args, audio_clock: str | None = None) -> dict:
     origin = data["timeOrigin"]
     wall = lambda perf: (origin + perf) / 1000  # noqa: E731
-    a_first, a_last = audio_times(data, args.audio_clock)
+    a_first, a_last = audio_times(data, audio_clock or args.audio_clock)
     video = np.asarray(data["video"], dtype=np.float64).reshape(-1, 4)
     v_time, v_mouth = wall(video[:, 0]), video[:, 3]
     frames = sorted(rows, key=lambda r: r["k"])
@@ -392,7 +395,7 @@ def analyse(data: dict, rows: list[dict], pushes: list[float], args) -> dict:
         srv_idle = next((r["pt"] for r in frames if r["pt"] > t and r["first_loud"] < 0 and not r["speech"]), None)
         if quiet_at is None or idle is None or not len(loud_after):
             continue
-        interrupts.append({"audio_ms": (quiet_at - t) * 1000, "mouth_ms": (idle - t) * 1000,
+        interrupts.append({"how": cut["how"], "audio_ms": (quiet_at - t) * 1000, "mouth_ms": (idle - t) * 1000,
                            "server_cut_ms": None if srv_idle is None else (srv_idle - t) * 1000})
     stats = data["stats"]
     return {"chromium": data["rtc"],"session": data["session"], "utterances": utterances, "interrupts": interrupts,
@@ -422,8 +425,10 @@ def summarise(sessions: list[dict]) -> dict:
         "abs_av_offset_ms_max_from_2s": max((abs(u["av_offset_ms"]) for u in later), default=None),
         "abs_av_offset_ms_p90_from_2s": p([abs(u["av_offset_ms"]) for u in later], 0.9),
         "av_offset_ms_first_2s": [round(u["av_offset_ms"], 1) for u in utts if u["since_connect_s"] < 2.0],
-        "interrupt_audio_ms_p50": med([c["audio_ms"] for c in cuts]),
-        "interrupt_mouth_ms_p50": med([c["mouth_ms"] for c in cuts]),
+        "interrupt_audio_ms_p50": med([c["audio_ms"] for c in cuts if c["how"] == "page"]),
+        "interrupt_mouth_ms_p50": med([c["mouth_ms"] for c in cuts if c["how"] == "page"]),
+        "interrupt_api_audio_ms_p50": med([c["audio_ms"] for c in cuts if c["how"] == "api"]),
+        "interrupt_api_mouth_ms_p50": med([c["mouth_ms"] for c in cuts if c["how"] == "api"]),
         "interrupt_server_cut_ms_p50": med([c["server_cut_ms"] for c in cuts if c["server_cut_ms"] is not None]),
         "frames_dropped": sum(s["frames_dropped"] or 0 for s in sessions),
     }
@@ -448,6 +453,12 @@ async def benchmark(args) -> dict:
                 await browser.close()
         sessions = [analyse(d, service.pipeline.records[d["internal"]],
                             service.pipeline.pushes[d["internal"]], args) for d in raw]
+        by_clock = {}
+        for clock in ("playout", "output", "context"):  # how much the audio reference matters
+            other = summarise([analyse(d, service.pipeline.records[d["internal"]],
+                                       service.pipeline.pushes[d["internal"]], args, clock) for d in raw])
+            by_clock[clock] = {k: other[k] for k in ("onset_audio_ms_p50", "av_offset_ms_p50_from_2s",
+                                                     "av_offset_ms_first_2s", "interrupt_audio_ms_p50")}
         if args.raw:
             Path(args.raw).write_text(json.dumps({"viewers": raw, "records": service.pipeline.records}))
     return {
@@ -457,6 +468,7 @@ async def benchmark(args) -> dict:
                    "playout_delay_ms": settings.pipeline.playout_delay_ms,
                    "playout_min_ms": settings.pipeline.playout_min_ms, "backend": settings.backend},
         "summary": summarise(sessions),
+        "by_audio_clock": by_clock,
         "sessions": sessions,
     }
 
@@ -466,11 +478,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=1)
     parser.add_argument("--utterances", type=int, default=10, help="short phrases per session")
     parser.add_argument("--interval-s", type=float, default=1.0, help="between short phrases")
-    parser.add_argument("--interrupts", type=int, default=3, help="long phrases cut per session")
+    parser.add_argument("--interrupts", type=int, default=4, help="long phrases cut per session "
+                        "(alternately with the page's Interrupt button and a bare API call)")
     parser.add_argument("--interrupt-after-s", type=float, default=0.9)
     parser.add_argument("--inject-audio-delay-ms", type=float, default=0.0)
-    parser.add_argument("--audio-clock", choices=["output", "context"], default="output",
-                        help="map AudioContext time with getOutputTimestamp (output) or currentTime")
+    parser.add_argument("--audio-clock", choices=["playout", "output", "context"], default="playout",
+                        help="when a sample is heard: when the probe got it (context) plus Chromium's "
+                        "reported audio playout delay (playout, default), or WebAudio's own output "
+                        "time (output, getOutputTimestamp: adds WebAudio's output latency)")
     parser.add_argument("--fixed-playout", action="store_true", help="fixed D (pipeline.playout_delay_ms)")
     parser.add_argument("--playout-delay-ms", type=int, default=None)
     parser.add_argument("--port", type=int, default=19500)
