@@ -354,15 +354,18 @@ def analyse(data: dict, rows: list[dict], pushes: list[float], args, audio_clock
     frames = sorted(rows, key=lambda r: r["k"])
     connected = data["connected_ms"] / 1000
     utterances, interrupts = [], []
+    skipped = {"still_audible": 0, "not_found": 0}
     for post in [p for p in data["posts"] if p["name"] == "short"]:
         t = wall(post["t"])
         srv_audio = next((r["pt"] + r["first_loud"] / 16000 for r in frames if r["pt"] > t and r["first_loud"] >= 0), None)
         srv_mouth = next((r["pt"] for r in frames if r["pt"] > t and r["mouth"] > MOUTH_THRESHOLD), None)
         if len(a_last[(a_last > t - 0.15) & (a_last <= t)]):
-            continue  # still hearing the previous phrase: no clean onset
+            skipped["still_audible"] += 1  # the previous phrase still plays: no clean onset
+            continue
         heard = a_first[a_first > t]
         seen = v_time[(v_time > t) & (v_mouth > MOUTH_THRESHOLD)]
         if srv_audio is None or srv_mouth is None or not len(heard) or not len(seen):
+            skipped["not_found"] += 1
             continue
         pushed = next((p for p in pushes if p[0] > t), None)
         utterances.append({
@@ -398,7 +401,7 @@ def analyse(data: dict, rows: list[dict], pushes: list[float], args, audio_clock
         interrupts.append({"how": cut["how"], "audio_ms": (quiet_at - t) * 1000, "mouth_ms": (idle - t) * 1000,
                            "server_cut_ms": None if srv_idle is None else (srv_idle - t) * 1000})
     stats = data["stats"]
-    return {"chromium": data["rtc"],"session": data["session"], "utterances": utterances, "interrupts": interrupts,
+    return {"chromium": data["rtc"], "skipped": skipped,"session": data["session"], "utterances": utterances, "interrupts": interrupts,
             "frames_dropped": stats.get("frames_dropped"), "drops": stats.get("drops"),
             "frames_sent": stats.get("frames_sent"), "latency_ms_p50": stats.get("latency_ms_p50"),
             "latency_ms_p99": stats.get("latency_ms_p99"), "page_errors": data["errors"]}
