@@ -118,7 +118,7 @@ class RecordingPipeline(LocalPipeline):
         async def push_audio(samples, *args, **kwargs):
             at = time.time()
             utterance = await push(samples, *args, **kwargs)
-            pushes.append((at, utterance.delay_s, list(session.latencies_ms())[-250:]))
+            pushes.append((at, getattr(utterance, "delay_s", None), list(session.latencies_ms())[-250:]))
             return utterance
 
         session.push_audio = push_audio
@@ -441,7 +441,7 @@ async def benchmark(args) -> dict:
     from playwright.async_api import async_playwright
 
     home = Path(args.home or Path(tempfile.gettempdir()) / "lipsync-browser-home")
-    pipeline = {"playout_adaptive": not args.fixed_playout}
+    pipeline = {"playout_adaptive": False} if args.fixed_playout else {}
     if args.playout_delay_ms is not None:
         pipeline["playout_delay_ms"] = args.playout_delay_ms
     settings = Settings(home=home, pipeline=pipeline)
@@ -467,9 +467,10 @@ async def benchmark(args) -> dict:
     return {
         "config": {"sessions": args.sessions, "utterances": args.utterances, "interrupts": args.interrupts,
                    "inject_audio_delay_ms": args.inject_audio_delay_ms, "audio_clock": args.audio_clock,
-                   "playout_adaptive": settings.pipeline.playout_adaptive,
+                   "playout_adaptive": getattr(settings.pipeline, "playout_adaptive", False),
                    "playout_delay_ms": settings.pipeline.playout_delay_ms,
-                   "playout_min_ms": settings.pipeline.playout_min_ms, "backend": settings.backend},
+                   "playout_min_ms": getattr(settings.pipeline, "playout_min_ms", None),
+                   "backend": settings.backend},
         "summary": summarise(sessions),
         "by_audio_clock": by_clock,
         "sessions": sessions,

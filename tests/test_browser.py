@@ -154,3 +154,20 @@ def test_session_buttons_wait_for_the_session(service, browser):
     page.wait_for_function("document.body.dataset.state === 'not connected'", timeout=5_000)
     assert all(page.is_disabled(f"#{b}") for b in SESSION_BUTTONS)
     page.close()
+
+
+def test_page_holds_video_as_long_as_audio(service, browser):
+    """Lip sync from the start: audio plays in its own element, video waits for it."""
+    page = browser.new_page()
+    page.goto(service + "/")
+    page.wait_for_selector("#avatar option", state="attached", timeout=10_000)
+    page.click("#connect")
+    page.wait_for_function("document.getElementById('video').videoWidth > 0", timeout=60_000)
+    assert page.evaluate("document.getElementById('audio').srcObject.getAudioTracks().length") == 1
+    assert page.evaluate("document.getElementById('video').muted")
+    # the video receiver is asked to hold pictures as long as audio is buffered + played out
+    page.wait_for_function("""app.audioDelayMs > 0 && app.pc.getReceivers().some((r) => r.track
+                               && r.track.kind === 'video'
+                               && Math.abs(r.jitterBufferTarget - app.audioDelayMs) < 6)""", timeout=10_000)
+    page.click("#disconnect")
+    page.close()
