@@ -131,7 +131,9 @@ def recording_gateway(settings: Settings, pipeline: RecordingPipeline):
     from ray_lipsync.api.gateway import Gateway
 
     class RecordingGateway(Gateway):
-        internal: dict[str, str] = {}
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.internal: dict[str, str] = {}
 
         async def create_session(self, *args, **kwargs) -> dict:
             created = await super().create_session(*args, **kwargs)
@@ -157,7 +159,7 @@ class Service:
         self.url = f"http://127.0.0.1:{port}"
         self.thread = threading.Thread(target=self.server.run, name="bench-service", daemon=True)
 
-    def __enter__(self) -> "Service":
+    def __enter__(self) -> Service:
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:
@@ -347,7 +349,7 @@ def audio_times(data: dict, clock_source: str) -> tuple[np.ndarray, np.ndarray]:
 
 def analyse(data: dict, rows: list[dict], pushes: list[float], args, audio_clock: str | None = None) -> dict:
     origin = data["timeOrigin"]
-    wall = lambda perf: (origin + perf) / 1000  # noqa: E731
+    wall = lambda perf: (origin + perf) / 1000
     a_first, a_last = audio_times(data, audio_clock or args.audio_clock)
     video = np.asarray(data["video"], dtype=np.float64).reshape(-1, 4)
     v_time, v_mouth = wall(video[:, 0]), video[:, 3]

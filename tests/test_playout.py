@@ -14,7 +14,14 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 from speech import speech
-from test_local_pipeline import F, Receiver, assert_audio_is, assert_clock, push_in_real_time, tuned
+from test_local_pipeline import (
+    F,
+    Receiver,
+    assert_audio_is,
+    assert_clock,
+    push_in_real_time,
+    tuned,
+)
 
 from ray_lipsync.clock import SessionClock
 from ray_lipsync.config import PipelineConfig
@@ -143,7 +150,7 @@ def test_streamed_speech_gets_the_d_it_needs(lipsync_settings):
     settings = tuned(lipsync_settings, playout_delay_ms=600, playout_min_ms=40,
                      playout_initial_ms=400, playout_margin_ms=40)
     voice, reply = speech("Hello there."), speech("Streaming avatars need steady latency.")
-    session, a, b, received = asyncio.run(two_streamed_utterances(LocalPipeline(settings), voice, reply))
+    session, _, b, received = asyncio.run(two_streamed_utterances(LocalPipeline(settings), voice, reply))
     assert_clock(received, session)
     # a real-time frame waits for its own 40 ms of audio (and the lookahead) before it can start
     assert b.delay_s >= 0.04 + 0.04

@@ -52,7 +52,7 @@ class PlayoutPolicy:
     adaptive: bool = True
 
     @classmethod
-    def from_config(cls, config: PipelineConfig) -> "PlayoutPolicy":
+    def from_config(cls, config: PipelineConfig) -> PlayoutPolicy:
         top = config.playout_delay_ms / 1000
         if not config.playout_adaptive:
             return cls(top, top, top, 0.0, 1, adaptive=False)
