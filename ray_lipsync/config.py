@@ -108,8 +108,8 @@ class PipelineConfig(_Frozen):
         120, ge=0, description="Lower bound of the adaptive D (ms)."
     )
     playout_initial_ms: int | None = Field(
-        None, ge=0, description="Adaptive D of a session's first utterance, before any latency "
-        "was measured; None = playout_delay_ms."
+        None, ge=0, description="Adaptive D of a session's first utterance when neither it nor "
+        "another live session of its engine measured anything yet; None = playout_delay_ms."
     )
     playout_margin_ms: int = Field(
         40, ge=0, description="Adaptive D: margin (ms) over the p99 frame latency."

@@ -158,3 +158,33 @@ def test_streamed_speech_gets_the_d_it_needs(lipsync_settings):
     assert_audio_is([r for r in received if r.frame.frame_index >= b.start_frame], b.start_frame, reply)
     late = [r for r in received if b.start_frame <= r.frame.frame_index < b.end_frame and r.frame.dropped]
     assert not late, f"{len(late)} frames of the streamed reply missed their time with D={b.delay_s:.3f}"
+
+
+def test_a_new_session_starts_from_what_other_sessions_needed():
+    p = policy()
+    assert p.seeded([]) == p
+    assert p.seeded([80.0] * 10).delay_s([]) == pytest.approx(0.12)
+    fixed = policy(playout_adaptive=False)
+    assert fixed.seeded([80.0] * 10).delay_s([]) == 0.3
+
+
+def test_second_session_first_utterance_uses_the_first_sessions_needs(lipsync_settings):
+    settings = tuned(lipsync_settings, playout_delay_ms=600, playout_min_ms=80, playout_initial_ms=600)
+
+    async def main():
+        pipeline = LocalPipeline(settings)
+        first = await pipeline.create_session()
+        rx = Receiver(first)
+        utt = await first.push_audio(speech("Fine."), "a")
+        await rx.until_frame(utt.end_frame + 2)
+        await rx.stop()
+        second = await pipeline.create_session()
+        pushed = await second.push_audio(speech("Fine."), "b")
+        needs = first.playout_needs_ms()
+        await pipeline.shutdown()
+        return pushed, needs
+
+    pushed, needs = asyncio.run(main())
+    assert needs
+    assert pushed.delay_s < 0.6
+    assert pushed.delay_s == pytest.approx(max(0.08, min(0.6, sorted(needs)[int(0.99 * len(needs))] / 1000 + 0.04)))

@@ -145,10 +145,16 @@ class LocalPipeline:
             clock,
             max_queued_s=self.settings.pipeline.audio_buffer_s,
             lookahead_ms=stages.batcher.lookahead_ms,
-            playout=PlayoutPolicy.from_config(self.settings.pipeline),
+            playout=self._playout(),
         )
         self._sessions[session_id] = session
         return session
+
+    def _playout(self) -> PlayoutPolicy:
+        """The playout policy of a new session, its first D seeded by the live sessions' needs."""
+        policy = PlayoutPolicy.from_config(self.settings.pipeline)
+        recent = [n for s in self._sessions.values() for n in s.playout_needs_ms()[-policy.window:]]
+        return policy.seeded(recent)
 
     def get(self, session_id: str) -> Session:
         try:

@@ -10,7 +10,8 @@ the push arrived (and never before the end of speech already queued). So
 - an utterance is contiguous from its first to its last sample: speech is never stretched or
   cut, D changes only in the silence between utterances;
 - `D` is `p99(need of the last playout_window speech frames) + playout_margin_ms`
-  (`playout_initial_ms` before anything was measured), clamped to
+  (before the session measured anything: what the engine's other live sessions needed, else
+  `playout_initial_ms`), clamped to
   `[playout_min_ms, playout_delay_ms]`. The *need* of frame k is how much of its utterance's
   D it needed: `ready time - (first push of its utterance + 40 ms x its place in it)`. For
   speech pushed at once that is the pipeline's latency for the first frames (later ones are
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ray_lipsync.clock import SessionClock
 from ray_lipsync.config import PipelineConfig
@@ -72,6 +73,17 @@ class PlayoutPolicy:
         recent = list(needs_ms)[-self.window:]
         wanted = _p99(recent) / 1000 + self.margin_s if recent else self.initial_s
         return min(self.max_s, max(self.min_s, wanted))
+
+
+    def seeded(self, needs_ms: Sequence[float]) -> PlayoutPolicy:
+        """This policy with a first-utterance D from other sessions' needs (on the same engine).
+
+        A new session has measured nothing; what the engine's other sessions needed lately is
+        a better first guess than the upper bound. Nothing measured: unchanged.
+        """
+        if not self.adaptive or not needs_ms:
+            return self
+        return replace(self, initial_s=self.delay_s(needs_ms))
 
 
 def new_clock(policy: PlayoutPolicy, now: float | None = None) -> SessionClock:
