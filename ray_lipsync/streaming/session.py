@@ -109,7 +109,7 @@ class Session:
         self._drops = DropCounter()
         self._audio_at: dict[int, float] = {}  # frame -> time its last sample reached the engine
         self._latencies: deque[float] = deque(maxlen=2000)
-        self._needs: deque[float] = deque(maxlen=2000)  # ms of D each speech frame used
+        self._needs: deque[float] = deque(maxlen=2000)  # ms of D each speech frame needed
         self._next_emit = max(0, clock.frame_at(time.time()) + 1)
         self._late_ends: list[str] = []  # utterance ends cut by an interrupt into the past
         self._wake = asyncio.Event()
@@ -416,7 +416,7 @@ class Session:
         return list(self._latencies)
 
     def playout_needs_ms(self) -> list[float]:
-        """Per speech frame, how much of its D it used (what the playout policy reads)."""
+        """Per speech frame, the D it needed in ms (what the playout policy reads)."""
         return list(self._needs)
 
     def stats(self) -> SessionStats:
