@@ -27,6 +27,7 @@ from ray_lipsync.errors import AtCapacity, LipsyncError, StageUnavailable, Unkno
 from ray_lipsync.streaming.drops import DropReason
 from ray_lipsync.streaming.features import Schedule
 from ray_lipsync.streaming.local import load_avatar, new_clock
+from ray_lipsync.streaming.playout import policy_for_new_session
 from ray_lipsync.streaming.session import Session, Submitted
 from ray_lipsync.types import AudioPush, StageSpec
 
@@ -188,6 +189,7 @@ class RayPipeline:
             session_id, loaded, backend, link, clock,
             max_queued_s=self.settings.pipeline.audio_buffer_s,
             lookahead_ms=lookahead_ms,
+            playout=policy_for_new_session(self.settings.pipeline, self.sessions()),
         )
         self._sessions[session_id] = session
         self._links[session_id] = link

@@ -104,7 +104,28 @@ class PipelineConfig(_Frozen):
         300,
         ge=0,
         description="D: frame k is presented at t0 + D + k * 40 ms. A frame is dropped when "
-        "its latency (lookahead included) exceeds D - 40 ms, so D covers the latency tail.",
+        "its latency (lookahead included) exceeds D - 40 ms, so D covers the latency tail. "
+        "With adaptive playout this is the upper bound of D (and D before any measurement).",
+    )
+    playout_adaptive: bool = Field(
+        True, description="Adapt D per session, between utterances: a new utterance lands "
+        "p99(what the recent speech frames needed of D: latency, plus the wait for their audio "
+        "when streamed in real time) + playout_margin_ms after it arrived, within "
+        "[playout_min_ms, playout_delay_ms] (see streaming/playout.py). False = the fixed "
+        "playout_delay_ms."
+    )
+    playout_min_ms: int = Field(
+        120, ge=0, description="Lower bound of the adaptive D (ms)."
+    )
+    playout_initial_ms: int | None = Field(
+        None, ge=0, description="Adaptive D of a session's first utterance when neither it nor "
+        "another live session of its engine measured anything yet; None = playout_delay_ms."
+    )
+    playout_margin_ms: int = Field(
+        40, ge=0, description="Adaptive D: margin (ms) over the p99 frame latency."
+    )
+    playout_window: int = Field(
+        250, ge=10, description="Adaptive D: how many recent speech frames count."
     )
     max_batch: int = Field(16, gt=0, description="Most frames in one inference batch.")
     dispatch_tick_ms: int = Field(
@@ -148,6 +169,12 @@ class PipelineConfig(_Frozen):
     )
     replica_num_cpus: float = Field(0.5, ge=0, description="CPUs reserved by a CPU-only replica.")
     namespace: str = Field("ray_lipsync", description="Ray namespace of the pipeline actors.")
+
+    @model_validator(mode="after")
+    def _check_playout(self) -> "PipelineConfig":
+        if self.playout_adaptive and self.playout_min_ms > self.playout_delay_ms:
+            raise ValueError("pipeline.playout_min_ms must not exceed pipeline.playout_delay_ms")
+        return self
 
 
 class ServeConfig(_Frozen):

@@ -124,3 +124,50 @@ def test_page_connects_plays_video_speaks_and_shows_events(service, browser):
     page.wait_for_function("document.body.dataset.state === 'not connected'", timeout=5_000)
     assert errors == []
     page.close()
+
+
+SESSION_BUTTONS = ["speak", "interrupt", "mic", "upload"]
+
+
+def test_session_buttons_wait_for_the_session(service, browser):
+    """While `POST /v1/sessions` is in flight (held here), Speak & co. cannot be clicked."""
+    page = browser.new_page()
+    held = []
+    page.route("**/v1/sessions", lambda route: held.append(route) if route.request.method == "POST"
+               else route.continue_())
+    page.goto(service + "/")
+    page.wait_for_selector("#avatar option", state="attached", timeout=10_000)
+    page.click("#connect")
+    page.wait_for_function("document.body.dataset.state === 'creating'", timeout=5_000)
+    deadline = time.monotonic() + 5
+    while not held and time.monotonic() < deadline:
+        page.wait_for_timeout(20)
+    assert held, "the page did not create a session"
+    disabled = page.evaluate(f"{SESSION_BUTTONS}.map((id) => document.getElementById(id).disabled)")
+    assert disabled == [True] * len(SESSION_BUTTONS)
+    assert page.is_disabled("#connect") and page.is_enabled("#disconnect")
+    held[0].continue_()
+    page.wait_for_function("!document.getElementById('speak').disabled", timeout=10_000)
+    assert all(page.is_enabled(f"#{b}") for b in SESSION_BUTTONS)
+    assert page.text_content("#sessionId") != ""
+    page.click("#disconnect")
+    page.wait_for_function("document.body.dataset.state === 'not connected'", timeout=5_000)
+    assert all(page.is_disabled(f"#{b}") for b in SESSION_BUTTONS)
+    page.close()
+
+
+def test_page_holds_video_as_long_as_audio(service, browser):
+    """Lip sync from the start: audio plays in its own element, video waits for it."""
+    page = browser.new_page()
+    page.goto(service + "/")
+    page.wait_for_selector("#avatar option", state="attached", timeout=10_000)
+    page.click("#connect")
+    page.wait_for_function("document.getElementById('video').videoWidth > 0", timeout=60_000)
+    assert page.evaluate("document.getElementById('audio').srcObject.getAudioTracks().length") == 1
+    assert page.evaluate("document.getElementById('video').muted")
+    # the video receiver is asked to hold pictures as long as audio is buffered + played out
+    page.wait_for_function("""app.audioDelayMs > 0 && app.pc.getReceivers().some((r) => r.track
+                               && r.track.kind === 'video'
+                               && Math.abs(r.jitterBufferTarget - app.audioDelayMs) < 6)""", timeout=10_000)
+    page.click("#disconnect")
+    page.close()

@@ -21,13 +21,16 @@ from ray_lipsync.clock import SessionClock
 from ray_lipsync.config import Settings
 from ray_lipsync.errors import AtCapacity, UnknownSession
 from ray_lipsync.streaming.features import FeatureBatcher, Schedule
+from ray_lipsync.streaming.playout import PlayoutPolicy, policy_for_new_session
+from ray_lipsync.streaming.playout import new_clock as playout_clock
 from ray_lipsync.streaming.scheduler import BatchWorker, RenderQueue
 from ray_lipsync.streaming.session import Session, Submitted
 from ray_lipsync.types import FrameJob, RenderJob, StageSpec
 
 
 def new_clock(settings: Settings) -> SessionClock:
-    return SessionClock(t0=time.time(), delay_s=settings.pipeline.playout_delay_ms / 1000)
+    """A new session's clock (D_clock and t0 as the playout policy wants, see playout.py)."""
+    return playout_clock(PlayoutPolicy.from_config(settings.pipeline))
 
 
 def load_avatar(settings: Settings, name: str) -> Avatar:
@@ -142,9 +145,14 @@ class LocalPipeline:
             clock,
             max_queued_s=self.settings.pipeline.audio_buffer_s,
             lookahead_ms=stages.batcher.lookahead_ms,
+            playout=self._playout(),
         )
         self._sessions[session_id] = session
         return session
+
+    def _playout(self) -> PlayoutPolicy:
+        """The playout policy of a new session, its first D seeded by the live sessions' needs."""
+        return policy_for_new_session(self.settings.pipeline, self._sessions.values())
 
     def get(self, session_id: str) -> Session:
         try:

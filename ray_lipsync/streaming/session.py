@@ -23,9 +23,10 @@ from typing import AsyncIterator, Awaitable, Protocol
 import numpy as np
 
 from ray_lipsync.avatar.model import Avatar
-from ray_lipsync.clock import SAMPLE_RATE, SAMPLES_PER_FRAME, SessionClock, ms_to_samples, video_pts
+from ray_lipsync.clock import FRAME_MS, SAMPLE_RATE, SAMPLES_PER_FRAME, SessionClock, ms_to_samples, video_pts
 from ray_lipsync.errors import MalformedAudio, SessionClosed
 from ray_lipsync.streaming.drops import DropCounter, DropReason
+from ray_lipsync.streaming.playout import PlayoutPolicy
 from ray_lipsync.streaming.timeline import SessionTimeline, Utterance
 from ray_lipsync.types import OutputFrame
 
@@ -91,6 +92,7 @@ class Session:
         *,
         max_queued_s: float,
         lookahead_ms: int,
+        playout: PlayoutPolicy | None = None,
     ) -> None:
         self.session_id = session_id
         self.avatar = avatar
@@ -99,6 +101,7 @@ class Session:
         self._link = link
         self._timeline = SessionTimeline(clock, max_queued_s)
         self._lookahead = ms_to_samples(lookahead_ms)
+        self._playout = playout  # None: every utterance gets the clock's fixed D
         self._lead = self._lookahead + ms_to_samples(RELEASE_MARGIN_MS)
         self._ready: dict[int, tuple[np.ndarray, float | None]] = {}  # frame -> (image, latency ms)
         self._expected: set[int] = set()  # speech frames whose image is on its way
@@ -106,6 +109,7 @@ class Session:
         self._drops = DropCounter()
         self._audio_at: dict[int, float] = {}  # frame -> time its last sample reached the engine
         self._latencies: deque[float] = deque(maxlen=2000)
+        self._needs: deque[float] = deque(maxlen=2000)  # ms of D each speech frame needed
         self._next_emit = max(0, clock.frame_at(time.time()) + 1)
         self._late_ends: list[str] = []  # utterance ends cut by an interrupt into the past
         self._wake = asyncio.Event()
@@ -149,7 +153,8 @@ class Session:
         samples = np.asarray(samples, dtype=np.float32)
         if samples.ndim != 1:
             raise MalformedAudio(f"push mono 16 kHz samples (1-D), got an array of shape {samples.shape}")
-        placement = self._timeline.place(samples, time.time(), utterance_id, final)
+        delay = None if self._playout is None else self._playout.delay_s(self._needs)
+        placement = self._timeline.place(samples, time.time(), utterance_id, final, delay)
         self._wake.set()
         return placement.utterance
 
@@ -327,6 +332,8 @@ class Session:
         done = time.time()
         for k, image in zip(frames, results):
             arrived = self._audio_at.pop(k, None)
+            if epoch == self.epoch and not isinstance(image, DropReason) and image is not None:
+                self._note_need(k, done)
             if epoch != self.epoch or k < self._next_emit:
                 continue  # cut by an interrupt (not a drop), or already shown and counted
             if isinstance(image, DropReason) or image is None:
@@ -336,6 +343,15 @@ class Session:
             self._ready[k] = (image, latency)
             if latency is not None:
                 self._latencies.append(latency)
+
+    def _note_need(self, k: int, ready: float) -> None:
+        """The D frame k needed: its ready time - (first push of its utterance + its offset in it).
+
+        Frame k is on time whenever its utterance got a D of at least this (see playout.py).
+        """
+        utt = self._timeline.utterance_at(k)
+        if utt is not None and utt.placed_at is not None:
+            self._needs.append((ready - utt.placed_at - (k - utt.start_frame) * FRAME_MS / 1000) * 1000)
 
     # -- output -----------------------------------------------------------------------
     async def frames(self) -> AsyncIterator[OutputFrame]:
@@ -408,6 +424,10 @@ class Session:
 
     def latencies_ms(self) -> list[float]:
         return list(self._latencies)
+
+    def playout_needs_ms(self) -> list[float]:
+        """Per speech frame, the D it needed in ms (what the playout policy reads)."""
+        return list(self._needs)
 
     def stats(self) -> SessionStats:
         lat = sorted(self._latencies)

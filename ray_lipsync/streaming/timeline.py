@@ -29,6 +29,8 @@ class Utterance:
     end_frame: int
     start_sample: int
     end_sample: int
+    delay_s: float | None = None  # its playout delay D (None: the clock's)
+    placed_at: float | None = None  # wall time of its first push
 
     @property
     def duration_ms(self) -> int:
@@ -71,10 +73,19 @@ class SessionTimeline:
         """Speech placed but not yet due at the arrival side of the clock."""
         return max(0, self.write_end - self.boundary_sample(now)) / SAMPLE_RATE
 
+    def landing_sample(self, now: float, delay_s: float) -> int:
+        """First frame boundary presented at least `delay_s` after `now` (see playout.py)."""
+        return self.boundary_sample(now - (self.clock.delay_s - delay_s))
+
     def place(
-        self, samples: np.ndarray, now: float, utterance_id: str | None, final: bool
+        self, samples: np.ndarray, now: float, utterance_id: str | None, final: bool,
+        delay_s: float | None = None,
     ) -> Placement:
-        """Put `samples` on the timeline. Same utterance id: continue it (contiguous)."""
+        """Put `samples` on the timeline. Same utterance id: continue it (contiguous).
+
+        A new utterance lands `delay_s` (default: the clock's D) after `now`, or right after
+        queued speech; a continued one keeps the D it started with.
+        """
         if not np.all(np.isfinite(samples)):  # would fail the shared feature step of all sessions
             raise MalformedAudio("pushed audio contains NaN or inf samples; send finite float32 PCM")
         queued = self.queued_seconds(now) + len(samples) / SAMPLE_RATE
@@ -84,15 +95,19 @@ class SessionTimeline:
                 f"the limit is {self.max_queued_s:.0f} s - wait or interrupt first"
             )
         continuing = utterance_id is not None and utterance_id == self._open_utterance
-        start = max(self.write_end, self.boundary_sample(now))
-        if continuing and self.write_end >= self.boundary_sample(now - self.clock.delay_s / 2):
+        if continuing:
+            delay_s = self.utterances[utterance_id].delay_s  # type: ignore[index]
+        delay = self.clock.delay_s if delay_s is None else delay_s
+        start = max(self.write_end, self.landing_sample(now, delay))
+        if continuing and self.write_end >= self.landing_sample(now - delay / 2, delay):
             start = self.write_end  # a streamed utterance stays contiguous (jitter < D/2)
         if continuing:
             utt = self.utterances[utterance_id]  # type: ignore[index]
         else:
             uid = utterance_id or uuid.uuid4().hex[:12]
             start = self._align(start)
-            utt = Utterance(uid, start // SAMPLES_PER_FRAME, start // SAMPLES_PER_FRAME, start, start)
+            utt = Utterance(uid, start // SAMPLES_PER_FRAME, start // SAMPLES_PER_FRAME, start, start,
+                            delay_s, now)
             self.utterances[uid] = utt
         self.audio.write(start, samples.astype(np.float32, copy=False))
         utt.end_sample = start + len(samples)
@@ -146,6 +161,10 @@ class SessionTimeline:
         if ends:
             meta["utterance_end"] = ends
         return meta
+
+    def utterance_at(self, frame_index: int) -> Utterance | None:
+        """The utterance that frame k belongs to, if any."""
+        return next((u for u in self.utterances.values() if u.start_frame <= frame_index < u.end_frame), None)
 
     def speaking(self, frame_index: int) -> bool:
         return any(u.start_frame <= frame_index < u.end_frame for u in self.utterances.values())

@@ -1,4 +1,4 @@
-"""The session's VP8 encoder: RGB frames -> VP8 packets for aiortc to packetize.
+"""The session's encoders: RGB frames -> VP8 packets, 20 ms chunks -> Opus packets.
 
 aiortc's own VP8 encoder is tuned for camera input (temporal denoising, cpu-used -6). An
 avatar is rendered, noise-free content on a still background, so this one turns the denoiser
@@ -21,7 +21,7 @@ import av
 import numpy as np
 from aiortc import RTCRtpSender
 
-from ray_lipsync.clock import VIDEO_CLOCK_HZ
+from ray_lipsync.clock import CHUNK_MS, CHUNK_SAMPLES, SAMPLE_RATE, VIDEO_CLOCK_HZ
 from ray_lipsync.yuv import to_i420
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,41 @@ class Vp8Stream:
         self._since_keyframe = 0
         log.debug("vp8: encoder opened at %dx%d, %d bit/s", width, height, self.bitrate)
         return codec
+
+
+OPUS_BITRATE = 32_000  # bit/s: wideband speech
+
+
+class OpusStream:
+    """One session's Opus encoder: 20 ms s16 mono 16 kHz frames -> one Opus packet each.
+
+    aiortc's own Opus encoder resamples to 48 kHz through a resampler that holds back a few
+    samples, so chunk c's packet only leaves once chunk c+1 arrived (20 ms late). libopus takes
+    16 kHz input directly: every chunk leaves as one packet at once, its RTP timestamp
+    `960 * c` (aiortc's `OpusEncoder.pack` converts the pts to the 48 kHz RTP clock).
+    """
+
+    def __init__(self, bitrate: int = OPUS_BITRATE) -> None:
+        self._codec = av.CodecContext.create("libopus", "w")
+        self._codec.sample_rate = SAMPLE_RATE
+        self._codec.layout = "mono"
+        self._codec.format = "s16"
+        self._codec.bit_rate = bitrate
+        self._codec.time_base = fractions.Fraction(1, SAMPLE_RATE)
+        self._codec.options = {"application": "voip", "frame_duration": str(CHUNK_MS)}
+
+    def encode(self, chunk: av.AudioFrame) -> av.Packet:
+        """The Opus packet of one 20 ms chunk, with the chunk's pts and time base."""
+        if chunk.samples != CHUNK_SAMPLES or chunk.sample_rate != SAMPLE_RATE:
+            raise ValueError(f"expected {CHUNK_SAMPLES} samples at {SAMPLE_RATE} Hz, got "
+                             f"{chunk.samples} at {chunk.sample_rate} Hz")
+        packets = self._codec.encode(chunk)
+        if len(packets) != 1:  # libopus: one frame in, one packet out
+            raise RuntimeError(f"libopus returned {len(packets)} packets for one chunk")
+        packet = packets[0]
+        packet.pts = chunk.pts
+        packet.time_base = chunk.time_base
+        return packet
 
 
 def attach_keyframe_requests(sender: RTCRtpSender, stream: Vp8Stream) -> None:

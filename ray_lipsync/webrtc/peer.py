@@ -63,6 +63,11 @@ def vp8_codecs() -> list[RTCRtpCodecCapability]:
     return [c for c in codecs if c.mimeType.lower() in ("video/vp8", "video/rtx")]
 
 
+def opus_codecs() -> list[RTCRtpCodecCapability]:
+    """aiortc's Opus capability: the audio track sends pre-encoded Opus packets."""
+    return [c for c in RTCRtpSender.getCapabilities("audio").codecs if c.mimeType.lower() == "audio/opus"]
+
+
 def parse_offer(sdp: str, type: str) -> SessionDescription:
     """Validate an offer; raise ValueError saying what is wrong."""
     if type != "offer":
@@ -129,10 +134,12 @@ class SessionPeer:
             raise ValueError("the offer receives neither audio nor video; use direction recvonly or sendrecv")
         if want_video:  # answered with VP8 only: the video track sends VP8 packets
             self._pc.addTransceiver("video", direction="sendonly").setCodecPreferences(vp8_codecs())
+        if want_audio:  # answered with Opus only (sendrecv: the client's microphone may come in)
+            self._pc.addTransceiver("audio", direction="sendrecv").setCodecPreferences(opus_codecs())
         try:
             await self._pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         except Exception as exc:
-            hint = " (the video section must offer VP8)" if want_video else ""
+            hint = " (the video section must offer VP8, the audio section Opus)"
             raise ValueError(f"the offer was rejected{hint}: {exc.__class__.__name__}: {exc}") from exc
         self.media = SessionMedia(
             self.session.frames(),

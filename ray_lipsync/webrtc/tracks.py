@@ -4,9 +4,11 @@ One `SessionMedia` per session is the *single* consumer of `session.frames()` (w
 already paced by the session's `SessionClock`). It fans each `OutputFrame` out to a
 `SessionVideoTrack` (one VP8 av.Packet, pts = 3600k on the 90 kHz clock, encoded by the
 session's `Vp8Stream` when the sender takes it) and a `SessionAudioTrack` (two 20 ms
-av.AudioFrame, s16 mono 16 kHz, pts counted in samples), so frame k and chunks 2k, 2k+1 always
-carry the same presentation time. The tracks never pace themselves: `recv()` just waits for
-the next item the media source queued.
+chunks, s16 mono 16 kHz, pts counted in samples, one Opus packet each from its `OpusStream`), so frame k and chunks 2k, 2k+1 always
+carry the same presentation time. Frames arrive paced by the session clock; the audio track
+only spreads each frame's two chunks over their own slots (chunk 2k+1 leaves 20 ms after
+chunk 2k, at `presentation_time + 20 ms`), so audio packets leave every 20 ms rather than in
+pairs every 40 ms (a receiver's jitter buffer then has no 20 ms burst jitter to absorb).
 
 Backpressure: the video queue (of frames not encoded yet, so a drop never breaks the VP8
 reference chain) is bounded and drops its *oldest* frame when the sender lags
@@ -32,7 +34,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from ray_lipsync.clock import CHUNK_SAMPLES, SAMPLE_RATE, SAMPLES_PER_FRAME, audio_pts
 from ray_lipsync.types import OutputFrame
-from ray_lipsync.webrtc.encoder import Vp8Stream
+from ray_lipsync.webrtc.encoder import OpusStream, Vp8Stream
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ AUDIO_TIME_BASE = fractions.Fraction(1, SAMPLE_RATE)
 DEFAULT_VIDEO_QUEUE = 4  # frames (160 ms) before the oldest is dropped
 DEFAULT_AUDIO_QUEUE = 50 * 30  # chunks (30 s); only reached if the audio sender is stuck
 JOIN_LATE_S = 0.04  # at start, frames later than this are skipped (they were due before connect)
+CHUNK_S = CHUNK_SAMPLES / SAMPLE_RATE
 
 
 def audio_chunks(frame: OutputFrame) -> tuple[av.AudioFrame, av.AudioFrame]:
@@ -78,13 +81,17 @@ class MediaCounters:
 
 
 class _Item:
-    """A queued output frame and, for audio, its ready av frame (video is encoded on send)."""
+    """A queued output frame and, for audio, its ready av frame (video is encoded on send).
 
-    __slots__ = ("av_frame", "frame")
+    `due` is when the item may leave, on the media source's clock (None: at once).
+    """
 
-    def __init__(self, av_frame: av.frame.Frame | None, frame: OutputFrame) -> None:
+    __slots__ = ("av_frame", "due", "frame")
+
+    def __init__(self, av_frame: av.frame.Frame | None, frame: OutputFrame, due: float | None = None) -> None:
         self.av_frame = av_frame
         self.frame = frame
+        self.due = due
 
 
 class _SessionTrack(MediaStreamTrack):
@@ -113,6 +120,10 @@ class _SessionTrack(MediaStreamTrack):
         if item is None:
             self.stop()
             raise MediaStreamError
+        if item.due is not None:  # at most one chunk early (a clock that stands still never blocks)
+            wait = min(CHUNK_S, item.due - self._media._now())
+            if wait > 0:
+                await asyncio.sleep(wait)
         out = await self._media_of(item)
         self._media._on_sent(self.kind, item.frame)
         return out
@@ -153,9 +164,21 @@ class SessionVideoTrack(_SessionTrack):
 
 
 class SessionAudioTrack(_SessionTrack):
-    """Audio of one session: two 20 ms s16 mono 16 kHz frames per video frame, pts in samples."""
+    """Audio of one session: two 20 ms Opus packets per video frame, pts in 16 kHz samples.
+
+    Each chunk is encoded by the session's `OpusStream` when the sender takes it (one packet
+    per chunk, no resampler delay); the sender must negotiate Opus (`SessionPeer` does).
+    """
 
     kind = "audio"
+
+    def __init__(self, media: "SessionMedia") -> None:
+        super().__init__(media)
+        self.encoder = OpusStream()
+
+    async def _media_of(self, item: _Item) -> av.Packet:
+        assert item.av_frame is not None
+        return self.encoder.encode(item.av_frame)
 
 
 class SessionMedia:
@@ -296,7 +319,7 @@ class SessionMedia:
             await self._audio_space.acquire()  # never drop audio: wait instead (sender stuck)
             first, second = audio_chunks(frame)
             self.audio._put(_Item(first, frame))
-            self.audio._put(_Item(second, frame))
+            self.audio._put(_Item(second, frame, due=frame.presentation_time + CHUNK_S))
         if self.video is not None:
             self.video._put_frame(_Item(None, frame), self._video_limit)
 

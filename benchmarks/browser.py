@@ -1,0 +1,512 @@
+"""What the viewer sees: onset, A/V offset and interrupt measured in headless Chromium.
+
+N pages of Debian's chromium (driven by playwright) each open the service's own page, press
+Connect and play the WebRTC stream as a person would. In every page a probe measures:
+
+- audio as played: an AudioWorklet taps the remote audio track (the same track the <video>
+  element plays) and reports, per 128-sample block, the first and last sample louder than a
+  threshold; AudioContext time is mapped to the page's clock with getOutputTimestamp();
+- video as shown: requestVideoFrameCallback gives each frame's expected display time; the
+  frame is drawn into a canvas and the mean absolute difference of the lower face from the
+  idle picture is the "mouth motion" signal.
+
+The service runs in this process (HTTP API over an in-process gateway and LocalPipeline, the
+procedural backend, like tests/test_browser.py) and records, for every frame it sends, its
+presentation time, the first/last loud sample of its audio and the same mouth signal computed
+on the picture before encoding. With both sides on one machine's wall clock:
+
+- onset = first audible sample (mouth: first moving frame) at the viewer - POST of the audio;
+- A/V offset = (audio at the viewer - that audio's presentation time at the server)
+  - (mouth frame at the viewer - its presentation time at the server): positive = the sound
+  is late against the mouth. The renderer's own articulation (which frame first moves) cancels;
+- interrupt = POST /interrupt -> last audible sample (mouth: first idle frame) at the viewer.
+
+`--inject-audio-delay-ms 200` puts a WebAudio DelayNode in front of the probe's audio tap: the
+reported offsets and audio onsets must grow by ~200 ms (validation of the method).
+
+    python benchmarks/browser.py --sessions 1 --json benchmarks/results/browser_1.json
+    python benchmarks/browser.py --sessions 4 --json benchmarks/results/browser_4.json
+    python benchmarks/browser.py --sessions 1 --inject-audio-delay-ms 200 --json ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import logging
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import wave
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ray_lipsync.config import Settings  # noqa: E402
+from ray_lipsync.streaming.local import LocalPipeline  # noqa: E402
+
+log = logging.getLogger("benchmarks.browser")
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--autoplay-policy=no-user-gesture-required",
+]
+LOUD = 0.02  # |sample| above this is audible (-34 dBFS)
+PROBE_SIZE = (64, 32)  # the lower-face box is compared at this size (w, h)
+MOUTH_THRESHOLD = 2.0  # mean |difference| from idle (0-255) above which the mouth moves
+SHORT = "Hi."
+LONG = "The quick brown fox jumps over the lazy dog, and then it runs away again."
+
+
+# -- the service ----------------------------------------------------------------------------
+
+
+def mouth_box(avatar) -> tuple[float, float, float, float]:
+    """Lower half of the face crop of the first avatar frame, as fractions of the frame."""
+    h, w = avatar.frames[0].shape[:2]
+    x1, y1, x2, y2 = (float(v) for v in avatar.crop_boxes[0])
+    return x1 / w, (y1 + 0.55 * (y2 - y1)) / h, x2 / w, y2 / h
+
+
+def probe(image: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray:
+    h, w = image.shape[:2]
+    x1, y1, x2, y2 = int(box[0] * w), int(box[1] * h), int(box[2] * w), int(box[3] * h)
+    return cv2.resize(image[y1:y2, x1:x2], PROBE_SIZE, interpolation=cv2.INTER_AREA).astype(np.float32)
+
+
+class RecordingPipeline(LocalPipeline):
+    """LocalPipeline that records what each session sends (for the server side of the timing)."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.records: dict[str, list[dict]] = {}
+        self.boxes: dict[str, tuple[float, ...]] = {}
+        self.last_created: str | None = None
+        self.pushes: dict[str, list[float]] = {}
+
+    async def create_session(self, *args, **kwargs):
+        session = await super().create_session(*args, **kwargs)
+        box = mouth_box(session.avatar)
+        idle = probe(session.avatar.frames[0], box)
+        self.boxes[session.session_id] = box
+        rows = self.records[session.session_id] = []
+        sent = session.record_sent
+
+        def record_sent(frame) -> None:
+            loud = np.flatnonzero(np.abs(frame.audio) > LOUD)
+            rows.append({
+                "k": frame.frame_index, "pt": frame.presentation_time, "speech": frame.speech,
+                "first_loud": int(loud[0]) if len(loud) else -1, "last_loud": int(loud[-1]) if len(loud) else -1,
+                "mouth": float(np.abs(probe(frame.image, box) - idle).mean()), "dropped": frame.dropped,
+            })
+            sent(frame)
+
+        session.record_sent = record_sent  # read by SessionPeer when the offer is answered
+        pushes = self.pushes[session.session_id] = []
+        push = session.push_audio
+
+        async def push_audio(samples, *args, **kwargs):
+            at = time.time()
+            utterance = await push(samples, *args, **kwargs)
+            pushes.append((at, getattr(utterance, "delay_s", None), list(session.latencies_ms())[-250:]))
+            return utterance
+
+        session.push_audio = push_audio
+        self.last_created = session.session_id
+        return session
+
+
+def recording_gateway(settings: Settings, pipeline: RecordingPipeline):
+    """The in-process Gateway, remembering which pipeline session each public id is."""
+    from ray_lipsync.api.gateway import Gateway
+
+    class RecordingGateway(Gateway):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.internal: dict[str, str] = {}
+
+        async def create_session(self, *args, **kwargs) -> dict:
+            created = await super().create_session(*args, **kwargs)
+            # no await between the pipeline's return and here: last_created is this session
+            self.internal[created["session_id"]] = pipeline.last_created
+            return created
+
+    return RecordingGateway(settings, pipeline, "local")
+
+
+class Service:
+    """The HTTP API + LocalPipeline served by uvicorn in a thread on 127.0.0.1:port."""
+
+    def __init__(self, settings: Settings, port: int) -> None:
+        import uvicorn
+
+        from ray_lipsync.api.routes import build_api
+
+        self.pipeline = RecordingPipeline(settings)
+        self.gateway = recording_gateway(settings, self.pipeline)
+        self.server = uvicorn.Server(uvicorn.Config(build_api(settings, self.gateway), host="127.0.0.1",
+                                                    port=port, log_level="warning"))
+        self.url = f"http://127.0.0.1:{port}"
+        self.thread = threading.Thread(target=self.server.run, name="bench-service", daemon=True)
+
+    def __enter__(self) -> Service:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the service did not start within 30 s")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        loop = getattr(self.server, "_loop", None)
+        if loop is not None:
+            asyncio.run_coroutine_threadsafe(self.gateway.shutdown(), loop).result(20)
+        self.server.should_exit = True
+        self.thread.join(20)
+
+
+# -- the probe in the page ------------------------------------------------------------------
+
+PROBE_JS = """async ({ delayMs, loud, box, size, wavs }) => {
+  const b = window.bench = { audio: [], video: [], clock: [], posts: [], interrupts: [],
+                             timeOrigin: performance.timeOrigin, ref: null, wavs: {} };
+  for (const [name, data] of Object.entries(wavs))
+    b.wavs[name] = new Blob([Uint8Array.from(atob(data), (c) => c.charCodeAt(0))], { type: "audio/wav" });
+  const ctx = new AudioContext();
+  await ctx.resume();
+  const code = `class Tap extends AudioWorkletProcessor {
+    constructor() { super(); this.out = []; }
+    process(inputs) {
+      const ch = inputs[0] && inputs[0][0];
+      if (ch) {
+        let first = -1, last = -1;
+        for (let i = 0; i < ch.length; i++) if (Math.abs(ch[i]) > ${loud}) { if (first < 0) first = i; last = i; }
+        if (first >= 0) this.out.push(currentFrame, first, last);
+        if (this.out.length >= 48 || (this.out.length && currentFrame % 4096 < 128)) { this.port.postMessage(this.out); this.out = []; }
+      }
+      return true;
+    }
+  }
+  registerProcessor("tap", Tap);`;
+  await ctx.audioWorklet.addModule(URL.createObjectURL(new Blob([code], { type: "application/javascript" })));
+  const receiver = app.pc.getReceivers().find((r) => r.track && r.track.kind === "audio");
+  const src = ctx.createMediaStreamSource(new MediaStream([receiver.track]));
+  const tap = new AudioWorkletNode(ctx, "tap");
+  let head = src;
+  if (delayMs > 0) { const d = ctx.createDelay(2.0); d.delayTime.value = delayMs / 1000; src.connect(d); head = d; }
+  head.connect(tap);
+  const mute = ctx.createGain(); mute.gain.value = 0; tap.connect(mute).connect(ctx.destination);
+  tap.port.onmessage = (e) => { for (const v of e.data) b.audio.push(v); };
+  b.rate = ctx.sampleRate;
+  b.ssrc = [];  // WebRTC's own view: when the last audio packet was played, and its level
+  setInterval(() => { for (const s of receiver.getSynchronizationSources())
+                        b.ssrc.push([s.timestamp, s.rtpTimestamp || 0, s.audioLevel || 0, performance.now()]); }, 5);
+  setInterval(() => { const t = ctx.getOutputTimestamp();
+                      b.clock.push([t.contextTime, t.performanceTime, ctx.currentTime, performance.now()]); }, 200);
+  const video = document.getElementById("video");
+  const canvas = document.createElement("canvas");
+  canvas.width = size[0]; canvas.height = size[1];
+  const g = canvas.getContext("2d", { willReadFrequently: true });
+  const grab = () => {
+    const w = video.videoWidth, h = video.videoHeight;
+    g.drawImage(video, box[0] * w, box[1] * h, (box[2] - box[0]) * w, (box[3] - box[1]) * h, 0, 0, size[0], size[1]);
+    return g.getImageData(0, 0, size[0], size[1]).data;
+  };
+  b.setReference = () => { b.ref = grab(); };
+  const onFrame = (now, meta) => {
+    if (b.ref) {
+      const px = grab(); let sum = 0, n = 0;
+      for (let i = 0; i < px.length; i += 4) { sum += Math.abs(px[i] - b.ref[i]) + Math.abs(px[i + 1] - b.ref[i + 1]) + Math.abs(px[i + 2] - b.ref[i + 2]); n += 3; }
+      b.video.push([meta.expectedDisplayTime, meta.presentationTime, meta.rtpTimestamp || 0, sum / n]);
+    }
+    video.requestVideoFrameCallback(onFrame);
+  };
+  video.requestVideoFrameCallback(onFrame);
+  const auth = () => ({ Authorization: `Bearer ${app.token}` });
+  b.say = async (name) => {
+    const t = performance.now();
+    const r = await fetch(`/v1/sessions/${app.session}/audio`, { method: "POST", body: b.wavs[name],
+                          headers: { ...auth(), "Content-Type": "audio/wav" } });
+    b.posts.push({ name, t, status: r.status, answered: performance.now() });
+  };
+  b.interrupt = async (how) => {  // "page": the page's Interrupt button; "api": a bare POST
+    const t = performance.now();
+    if (how === "page") { await interrupt(); b.interrupts.push({ t, how, answered: performance.now() }); return; }
+    const r = await fetch(`/v1/sessions/${app.session}/interrupt`, { method: "POST", headers: auth() });
+    b.interrupts.push({ t, how, status: r.status, answered: performance.now() });
+  };
+  return ctx.sampleRate;
+}"""
+
+COLLECT_JS = """async () => {
+  const s = await (await fetch(`/v1/sessions/${app.session}`, { headers: { Authorization: `Bearer ${app.token}` } })).json();
+  const b = window.bench;
+  const rtc = {};
+  (await app.pc.getStats()).forEach((r) => {
+    if (r.type === "inbound-rtp") {
+      const n = r.jitterBufferEmittedCount || 1;
+      rtc[r.kind] = { jitter_buffer_ms: 1000 * r.jitterBufferDelay / n,
+                      jitter_buffer_target_ms: 1000 * (r.jitterBufferTargetDelay || 0) / n,
+                      jitter_buffer_minimum_ms: 1000 * (r.jitterBufferMinimumDelay || 0) / n,
+                      jitter_ms: 1000 * (r.jitter || 0), emitted: r.jitterBufferEmittedCount };
+    }
+    if (r.type === "media-playout" && r.totalSamplesCount)
+      rtc.playout_ms = 1000 * r.totalPlayoutDelay / r.totalSamplesCount;
+  });
+  return { rtc, audio: b.audio, video: b.video, ssrc: b.ssrc, clock: b.clock, posts: b.posts, interrupts: b.interrupts,
+           timeOrigin: b.timeOrigin, rate: b.rate, session: app.session, stats: s };
+}"""
+
+
+def wav_bytes(samples: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16_000)
+        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+    return out.getvalue()
+
+
+def phrases() -> dict[str, str]:
+    """The short and long phrase as base64 WAV, leading silence trimmed (onset = system only)."""
+    from ray_lipsync.tts import Synthesizer
+
+    synth, out = Synthesizer(), {}
+    for name, text in (("short", SHORT), ("long", LONG)):
+        audio = synth.synthesize(text)
+        first = int(np.flatnonzero(np.abs(audio) > LOUD)[0])
+        out[name] = base64.b64encode(wav_bytes(audio[first:])).decode()
+    return out
+
+
+async def run_viewer(browser, service: Service, wavs: dict, args, index: int) -> dict:
+    """One page: connect, probe, speak short phrases, then interrupt long ones."""
+    page = await browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    await page.goto(service.url + "/")
+    await page.wait_for_selector("#avatar option", state="attached", timeout=20_000)
+    await asyncio.sleep(index * 0.37)  # sessions do not move in lockstep
+    await page.click("#connect")
+    await page.wait_for_function("document.getElementById('video').videoWidth > 0 && app.session", timeout=60_000)
+    connected = await page.evaluate("performance.timeOrigin + performance.now()")
+    internal = service.gateway.internal[await page.evaluate("app.session")]
+    box = service.pipeline.boxes[internal]
+    await page.evaluate(PROBE_JS, {"delayMs": args.inject_audio_delay_ms, "loud": LOUD, "box": list(box),
+                                   "size": list(PROBE_SIZE), "wavs": wavs})
+    await asyncio.sleep(0.3)
+    await page.evaluate("bench.setReference()")
+    rng = random.Random(index)
+    start = time.time()
+    for i in range(args.utterances):  # one short phrase about every interval_s from connect on
+        await asyncio.sleep(max(0.0, start + i * args.interval_s + rng.uniform(0, 0.2) - time.time()))
+        await page.evaluate("bench.say('short')")
+    await asyncio.sleep(args.interval_s)
+    for i in range(args.interrupts):
+        await page.evaluate("bench.say('long')")
+        await asyncio.sleep(args.interrupt_after_s + rng.uniform(0, 0.3))
+        await page.evaluate(f"bench.interrupt('{'page' if i % 2 == 0 else 'api'}')")
+        await asyncio.sleep(1.0)
+    data = await page.evaluate(COLLECT_JS)
+    data["connected_ms"] = connected
+    data["internal"] = internal
+    data["errors"] = errors
+    await page.close()
+    return data
+
+
+# -- analysis -------------------------------------------------------------------------------
+
+
+def audio_times(data: dict, clock_source: str) -> tuple[np.ndarray, np.ndarray]:
+    """Wall times (s) of the first and last loud sample of each loud 128-sample block."""
+    raw = np.asarray(data["audio"], dtype=np.float64).reshape(-1, 3)
+    clock = np.asarray(data["clock"], dtype=np.float64)
+    rate, origin = data["rate"], data["timeOrigin"]
+    if clock_source == "output" and len(clock) and clock[-1, 0] > 0:
+        ctx, perf = clock[:, 0], clock[:, 1]
+    else:  # currentTime <-> performance.now() read together (no output latency)
+        ctx, perf = clock[:, 2], clock[:, 3]
+    offset = np.median(perf - ctx * 1000)  # perf ms = ctx s * 1000 + offset (one clock, no drift)
+    if clock_source == "playout":  # when WebRTC handed it out + its reported device delay
+        offset += data["rtc"].get("playout_ms") or 0.0
+    first = (origin + offset + (raw[:, 0] + raw[:, 1]) / rate * 1000) / 1000
+    last = (origin + offset + (raw[:, 0] + raw[:, 2]) / rate * 1000) / 1000
+    return first, last
+
+
+def analyse(data: dict, rows: list[dict], pushes: list[float], args, audio_clock: str | None = None) -> dict:
+    origin = data["timeOrigin"]
+    wall = lambda perf: (origin + perf) / 1000
+    a_first, a_last = audio_times(data, audio_clock or args.audio_clock)
+    video = np.asarray(data["video"], dtype=np.float64).reshape(-1, 4)
+    v_time, v_mouth = wall(video[:, 0]), video[:, 3]
+    frames = sorted(rows, key=lambda r: r["k"])
+    connected = data["connected_ms"] / 1000
+    utterances, interrupts = [], []
+    skipped = {"still_audible": 0, "not_found": 0}
+    for post in [p for p in data["posts"] if p["name"] == "short"]:
+        t = wall(post["t"])
+        srv_audio = next((r["pt"] + r["first_loud"] / 16000 for r in frames if r["pt"] > t and r["first_loud"] >= 0), None)
+        srv_mouth = next((r["pt"] for r in frames if r["pt"] > t and r["mouth"] > MOUTH_THRESHOLD), None)
+        if len(a_last[(a_last > t - 0.15) & (a_last <= t)]):
+            skipped["still_audible"] += 1  # the previous phrase still plays: no clean onset
+            continue
+        heard = a_first[a_first > t]
+        seen = v_time[(v_time > t) & (v_mouth > MOUTH_THRESHOLD)]
+        if srv_audio is None or srv_mouth is None or not len(heard) or not len(seen):
+            skipped["not_found"] += 1
+            continue
+        pushed = next((p for p in pushes if p[0] > t), None)
+        utterances.append({
+            "post_to_push_ms": None if pushed is None else (pushed[0] - t) * 1000,
+            "playout_delay_ms": None if pushed is None or pushed[1] is None else pushed[1] * 1000,
+            "recent_latency_p99_ms": float(np.quantile(pushed[2], 0.99)) if pushed and pushed[2] else None,
+            "since_connect_s": srv_audio - connected,
+            "onset_audio_ms": (heard[0] - t) * 1000, "onset_mouth_ms": (seen[0] - t) * 1000,
+            "server_audio_ms": (srv_audio - t) * 1000,
+            "av_offset_ms": ((heard[0] - srv_audio) - (seen[0] - srv_mouth)) * 1000,
+            "viewer_audio_delay_ms": (heard[0] - srv_audio) * 1000,
+            "viewer_video_delay_ms": (seen[0] - srv_mouth) * 1000,
+        })
+    for cut in data["interrupts"]:
+        t = wall(cut["t"])
+        after = a_last[(a_last > t - 0.5)]
+        loud_after = a_first[a_first > t]
+        # the sound ends at the last loud sample before a >= 200 ms quiet stretch
+        quiet_at = None
+        for i, end in enumerate(after):
+            nxt = after[i + 1] if i + 1 < len(after) else np.inf
+            if end > t - 0.2 and nxt - end >= 0.2:
+                quiet_at = end
+                break
+        idle = None
+        for i in np.flatnonzero(v_time > t):
+            if (v_mouth[i:i + 5] < MOUTH_THRESHOLD).all() and len(v_mouth[i:i + 5]) == 5:
+                idle = v_time[i]
+                break
+        srv_idle = next((r["pt"] for r in frames if r["pt"] > t and r["first_loud"] < 0 and not r["speech"]), None)
+        if quiet_at is None or idle is None or not len(loud_after):
+            continue
+        interrupts.append({"how": cut["how"], "audio_ms": (quiet_at - t) * 1000, "mouth_ms": (idle - t) * 1000,
+                           "server_cut_ms": None if srv_idle is None else (srv_idle - t) * 1000})
+    stats = data["stats"]
+    return {"chromium": data["rtc"], "skipped": skipped,"session": data["session"], "utterances": utterances, "interrupts": interrupts,
+            "frames_dropped": stats.get("frames_dropped"), "drops": stats.get("drops"),
+            "frames_sent": stats.get("frames_sent"), "latency_ms_p50": stats.get("latency_ms_p50"),
+            "latency_ms_p99": stats.get("latency_ms_p99"), "page_errors": data["errors"]}
+
+
+def summarise(sessions: list[dict]) -> dict:
+    def med(values):
+        return round(statistics.median(values), 1) if values else None
+
+    def p(values, q):
+        return round(float(np.quantile(values, q)), 1) if values else None
+
+    utts = [u for s in sessions for u in s["utterances"]]
+    later = [u for u in utts if u["since_connect_s"] >= 2.0]
+    cuts = [c for s in sessions for c in s["interrupts"]]
+    onset_a = [u["onset_audio_ms"] for u in utts]
+    return {
+        "utterances": len(utts), "interrupts": len(cuts),
+        "onset_audio_ms_p50": med(onset_a), "onset_audio_ms_p90": p(onset_a, 0.9),
+        "onset_mouth_ms_p50": med([u["onset_mouth_ms"] for u in utts]),
+        "server_audio_ms_p50": med([u["server_audio_ms"] for u in utts]),
+        "av_offset_ms_p50": med([u["av_offset_ms"] for u in utts]),
+        "av_offset_ms_p50_from_2s": med([u["av_offset_ms"] for u in later]),
+        "abs_av_offset_ms_max_from_2s": max((abs(u["av_offset_ms"]) for u in later), default=None),
+        "abs_av_offset_ms_p90_from_2s": p([abs(u["av_offset_ms"]) for u in later], 0.9),
+        "av_offset_ms_first_2s": [round(u["av_offset_ms"], 1) for u in utts if u["since_connect_s"] < 2.0],
+        "interrupt_audio_ms_p50": med([c["audio_ms"] for c in cuts if c["how"] == "page"]),
+        "interrupt_mouth_ms_p50": med([c["mouth_ms"] for c in cuts if c["how"] == "page"]),
+        "interrupt_api_audio_ms_p50": med([c["audio_ms"] for c in cuts if c["how"] == "api"]),
+        "interrupt_api_mouth_ms_p50": med([c["mouth_ms"] for c in cuts if c["how"] == "api"]),
+        "interrupt_server_cut_ms_p50": med([c["server_cut_ms"] for c in cuts if c["server_cut_ms"] is not None]),
+        "frames_dropped": sum(s["frames_dropped"] or 0 for s in sessions),
+    }
+
+
+async def benchmark(args) -> dict:
+    from playwright.async_api import async_playwright
+
+    home = Path(args.home or Path(tempfile.gettempdir()) / "lipsync-browser-home")
+    pipeline = {"playout_adaptive": False} if args.fixed_playout else {}
+    if args.playout_delay_ms is not None:
+        pipeline["playout_delay_ms"] = args.playout_delay_ms
+    settings = Settings(home=home, pipeline=pipeline)
+    wavs = phrases()
+    with Service(settings, args.port) as service:
+        async with async_playwright() as pw:
+            browser = await pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+            try:
+                raw = await asyncio.gather(*(run_viewer(browser, service, wavs, args, i)
+                                             for i in range(args.sessions)))
+            finally:
+                await browser.close()
+        sessions = [analyse(d, service.pipeline.records[d["internal"]],
+                            service.pipeline.pushes[d["internal"]], args) for d in raw]
+        by_clock = {}
+        for clock in ("playout", "output", "context"):  # how much the audio reference matters
+            other = summarise([analyse(d, service.pipeline.records[d["internal"]],
+                                       service.pipeline.pushes[d["internal"]], args, clock) for d in raw])
+            by_clock[clock] = {k: other[k] for k in ("onset_audio_ms_p50", "av_offset_ms_p50_from_2s",
+                                                     "av_offset_ms_first_2s", "interrupt_audio_ms_p50")}
+        if args.raw:
+            Path(args.raw).write_text(json.dumps({"viewers": raw, "records": service.pipeline.records}))
+    return {
+        "config": {"sessions": args.sessions, "utterances": args.utterances, "interrupts": args.interrupts,
+                   "inject_audio_delay_ms": args.inject_audio_delay_ms, "audio_clock": args.audio_clock,
+                   "playout_adaptive": getattr(settings.pipeline, "playout_adaptive", False),
+                   "playout_delay_ms": settings.pipeline.playout_delay_ms,
+                   "playout_min_ms": getattr(settings.pipeline, "playout_min_ms", None),
+                   "backend": settings.backend},
+        "summary": summarise(sessions),
+        "by_audio_clock": by_clock,
+        "sessions": sessions,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sessions", type=int, default=1)
+    parser.add_argument("--utterances", type=int, default=10, help="short phrases per session")
+    parser.add_argument("--interval-s", type=float, default=1.0, help="between short phrases")
+    parser.add_argument("--interrupts", type=int, default=4, help="long phrases cut per session "
+                        "(alternately with the page's Interrupt button and a bare API call)")
+    parser.add_argument("--interrupt-after-s", type=float, default=0.9)
+    parser.add_argument("--inject-audio-delay-ms", type=float, default=0.0)
+    parser.add_argument("--audio-clock", choices=["playout", "output", "context"], default="playout",
+                        help="when a sample is heard: when the probe got it (context) plus Chromium's "
+                        "reported audio playout delay (playout, default), or WebAudio's own output "
+                        "time (output, getOutputTimestamp: adds WebAudio's output latency)")
+    parser.add_argument("--fixed-playout", action="store_true", help="fixed D (pipeline.playout_delay_ms)")
+    parser.add_argument("--playout-delay-ms", type=int, default=None)
+    parser.add_argument("--port", type=int, default=19500)
+    parser.add_argument("--home", default=None)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--raw", default=None, help="also write the raw probe data here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    result = asyncio.run(benchmark(args))
+    print(json.dumps(result["summary"], indent=2))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
