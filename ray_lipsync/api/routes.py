@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Header, Query, Request
+from fastapi import APIRouter, FastAPI, Header, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
@@ -20,6 +20,7 @@ from ray_lipsync.api import models
 from ray_lipsync.api.auth import MissingToken, WrongToken, bearer_token
 from ray_lipsync.api.client import GatewayAPI
 from ray_lipsync.api.events import format_sse
+from ray_lipsync.api.stream import StreamSocket, parse_rate
 from ray_lipsync.api.gateway import PeerConflict
 from ray_lipsync.api.metrics import render_prometheus
 from ray_lipsync.api.uploads import push_decoded, stream_upload
@@ -198,6 +199,21 @@ def session_routes(settings: Settings, client: GatewayAPI) -> APIRouter:
 
         return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @api.websocket("/sessions/{session_id}/stream")
+    async def stream(websocket: WebSocket, session_id: str) -> None:
+        """Streaming speech in, playback events out (see ray_lipsync.api.stream); refused
+        before the upgrade with the HTTP error of the other routes (401/403/404/400)."""
+        try:
+            given = websocket.query_params.get("token")
+            token = given or bearer_token(websocket.headers.get("authorization"))
+            rate = parse_rate(websocket.query_params.get("rate"))
+            await client.authorize(session_id=check_session_id(session_id), token=token)
+        except Exception as error:  # noqa: BLE001 - every refusal answers as HTTP
+            await websocket.send_denial_response(error_response(error))
+            return
+        await websocket.accept()
+        await StreamSocket(websocket, client, session_id, token, rate).run()
 
     return api
 
