@@ -118,7 +118,8 @@ class SessionTimeline:
         if queued > self.max_queued_s:
             raise Backpressure(
                 f"session has {self.queued_seconds(now):.1f} s of speech queued; "
-                f"the limit is {self.max_queued_s:.0f} s - wait or interrupt first"
+                f"the limit is {self.max_queued_s:.0f} s - wait or interrupt first",
+                retry_after_s=queued - self.max_queued_s,
             )
         continuing = utterance_id is not None and utterance_id == self._open_utterance
         start = max(self.write_end, self.boundary_sample(now))
