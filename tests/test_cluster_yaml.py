@@ -27,9 +27,13 @@ def test_cluster_yaml_passes_ray_schema(config):
 
 def test_cluster_starts_the_serve_app(config):
     commands = "\n".join(config["head_start_ray_commands"])
-    serve_config = yaml.safe_load(commands.split("<<'SERVE'\n", 1)[1].split("\nSERVE", 1)[0])
+    serve_config = yaml.safe_load(commands.split("<<SERVE\n", 1)[1].split("\nSERVE", 1)[0])
     [application] = serve_config["applications"]
-    assert application["import_path"] == "serve_app:app"
+    assert application["import_path"] == "serve_app:build"
+    # the cluster requires an API key for new sessions (generated once on the head)
+    args = application["args"]
+    assert args["serve.api_keys"] == '["$(cat /home/ray/lipsync_api_key)"]'
+    assert "lipsync_api_key" in commands.split("<<SERVE", 1)[0]
     assert "serve deploy" in commands
     assert any("pip install" in c for c in config["setup_commands"])
 
