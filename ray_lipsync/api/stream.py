@@ -151,6 +151,10 @@ class StreamSocket:
                 await self._close_gone(str(error))
             except ValueError as error:
                 await self._send({"type": "error", "error": "bad_request", "detail": str(error)})
+            except Exception:  # noqa: BLE001 - the socket outlives one failed message
+                log.exception("session %s: stream message failed", self.session_id)
+                await self._send({"type": "error", "error": "internal",
+                                  "detail": "the message could not be handled; see server logs"})
 
     async def _on_audio(self, data: bytes) -> None:
         if self._clears:
