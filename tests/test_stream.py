@@ -179,3 +179,30 @@ async def test_a_full_buffer_slows_the_sender_and_drops_nothing(lipsync_settings
     assert finished["interrupted"] is False
     assert abs(finished["played_ms"] - len(clip) * 1000 // 16000) <= 2  # nothing dropped
     assert max(queued) <= 1.5 + 0.05 and max(queued) > 1.0, queued  # bounded, and it did fill
+
+
+async def test_an_http_interrupt_cuts_the_streamed_utterance_and_more_audio_starts_a_new_one(lipsync_settings):
+    clip = speech("Streaming avatars need steady latency, even when they are interrupted.")
+    async with running_server(lipsync_settings, PORT + 3) as (gateway, base):
+        async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+            sid, token = await new_session(http)
+            auth = {"Authorization": f"Bearer {token}"}
+            receiver = await connect_peer(http, sid, token)
+            url = f"{base.replace('http', 'ws')}/v1/sessions/{sid}/stream?token={token}"
+            async with websockets.connect(url) as ws:
+                await ws.send(pcm16(clip))  # no flush yet: the utterance stays open
+                started = await next_event(ws, "playback.started")
+                await asyncio.sleep(0.8)
+                cut = (await http.post(f"/v1/sessions/{sid}/interrupt", headers=auth)).json()
+                assert cut["utterance_id"] == started["utterance_id"] and cut["interrupted"] is True
+                finished = await next_event(ws, "playback.finished")
+                assert finished["utterance_id"] == cut["utterance_id"]
+                assert (finished["played_ms"], finished["interrupted"]) == (cut["played_ms"], True)
+                await ws.send(pcm16(clip[:16000]))
+                await ws.send(json.dumps({"type": "flush"}))
+                again = await next_event(ws, "playback.started")
+                assert again["utterance_id"] != started["utterance_id"]
+                done = await next_event(ws, "playback.finished")
+                assert done["utterance_id"] == again["utterance_id"] and done["interrupted"] is False
+                assert abs(done["played_ms"] - 1000) <= 2
+            await receiver.close()

@@ -227,6 +227,8 @@ class StreamSocket:
                 await self._send({"type": "playback.started", "utterance_id": uid})
             elif event == "utterance.end" and uid in self.mine:
                 self.mine.discard(uid)
+                if uid == self.utterance.utterance_id:  # cut (POST .../interrupt) while still
+                    self.utterance = _Utterance(self.rate)  # streaming: its held tail goes too
                 await self._send({"type": "playback.finished", "utterance_id": uid,
                                   "played_ms": data.get("played_ms"),
                                   "interrupted": data.get("interrupted")})
