@@ -181,9 +181,9 @@ async def test_a_full_buffer_slows_the_sender_and_drops_nothing(lipsync_settings
     assert max(queued) <= 1.5 + 0.05 and max(queued) > 1.0, queued  # bounded, and it did fill
 
 
-async def test_an_http_interrupt_cuts_the_streamed_utterance_and_more_audio_starts_a_new_one(lipsync_settings):
+async def test_http_interrupt_cuts_the_streamed_utterance_and_more_audio_starts_anew(lipsync_settings):
     clip = speech("Streaming avatars need steady latency, even when they are interrupted.")
-    async with running_server(lipsync_settings, PORT + 3) as (gateway, base):
+    async with running_server(lipsync_settings, PORT + 3) as (_, base):
         async with httpx.AsyncClient(base_url=base, timeout=30) as http:
             sid, token = await new_session(http)
             auth = {"Authorization": f"Bearer {token}"}
