@@ -151,7 +151,7 @@ async def test_stream_flush_clear_and_playback_positions(lipsync_settings):
             await receiver.close()
 
 
-async def test_a_full_buffer_slows_the_sender_and_drops_nothing(lipsync_settings):
+async def test_a_full_buffer_holds_the_stream_back_and_drops_nothing(lipsync_settings):
     settings = variant(lipsync_settings, pipeline={"audio_buffer_s": 1.5})
     clip = np.concatenate([speech("Hello there, how are you today?")] * 3)  # ~4.5 s > 1.5 s buffer
     async with running_server(settings, PORT + 2) as (gateway, base):
