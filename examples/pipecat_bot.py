@@ -52,7 +52,7 @@ PAGE = """<!doctype html><meta charset="utf-8"><title>ray-lipsync pipecat bot</t
 <p><video id="avatar" autoplay playsinline></video></p>
 <script>
 document.getElementById("go").onclick = async () => {
-  const pc = new RTCPeerConnection();
+  const pc = window.pc = new RTCPeerConnection();
   const media = new MediaStream();
   pc.ontrack = (e) => { media.addTrack(e.track); document.getElementById("avatar").srcObject = media; };
   pc.onconnectionstatechange = () => document.getElementById("state").textContent = pc.connectionState;

@@ -120,3 +120,57 @@ async def wait_for(condition, timeout: float) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         await asyncio.sleep(0.1)
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian chromium at /usr/bin/chromium")
+def test_example_bot_page_plays_the_avatar_in_chromium(lipsync_settings):
+    """The bot's own page in headless Chromium (fake microphone): the avatar's video plays."""
+    import threading
+
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from test_browser import CHROMIUM_FLAGS
+
+    bot = load_example()
+    loop = asyncio.new_event_loop()
+    ready, stop = threading.Event(), None
+
+    async def serve() -> None:
+        nonlocal stop
+        stop = asyncio.Event()
+        async with running_server(lipsync_settings, LIPSYNC_PORT + 2) as (gateway, lipsync):
+            async with bot_server(bot.build_app(lipsync), BOT_PORT + 2):
+                ready.set()
+                await stop.wait()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    assert ready.wait(30)
+    try:
+        with sync_api.sync_playwright() as pw:
+            chromium = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                          args=CHROMIUM_FLAGS)
+            page = chromium.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(f"http://127.0.0.1:{BOT_PORT + 2}/")
+            page.click("#go")
+            page.wait_for_function("document.getElementById('avatar').videoWidth === 512",
+                                   timeout=60_000)
+            decoded = page.evaluate("""async () => {
+              const n = async () => { let f = 0; (await window.pc.getStats()).forEach((r) => {
+                if (r.type === "inbound-rtp" && r.kind === "video") f = r.framesDecoded; }); return f; };
+              const a = await n(); await new Promise((r) => setTimeout(r, 2000)); return [a, await n()];
+            }""")
+            assert decoded[1] > decoded[0] > 0, decoded  # frames keep being decoded
+            audio = page.evaluate("""async () => { let b = 0; (await window.pc.getStats()).forEach((r) => {
+                if (r.type === "inbound-rtp" && r.kind === "audio") b = r.bytesReceived; }); return b; }""")
+            assert audio > 0
+            assert errors == []
+            chromium.close()
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(30)
