@@ -326,6 +326,20 @@ class SessionsAutoscalingPolicy:
 # -- the deployment --------------------------------------------------------------------------
 
 
+def log_through_serve(level: int = logging.INFO) -> None:
+    """Send this package's log records (session create/close, peers) at `level` and above
+    through the replica's `ray.serve` handlers: its log file and stderr, which Ray streams to
+    the driver (`ray-lipsync serve`). Without this they stop at Python's WARNING default."""
+    package = logging.getLogger("ray_lipsync")
+    package.setLevel(level)
+    handlers = logging.getLogger("ray.serve").handlers
+    if handlers:
+        for handler in handlers:
+            if handler not in package.handlers:
+                package.addHandler(handler)
+        package.propagate = False
+
+
 @serve.deployment(name=GATEWAY, max_ongoing_requests=1000, graceful_shutdown_timeout_s=5,
                   health_check_period_s=5, health_check_timeout_s=10)
 @serve.ingress()
@@ -335,6 +349,7 @@ class GatewayDeployment(Gateway):
 
     async def __init__(self, settings_json: str, pipeline: str) -> None:
         serial_opencv()
+        log_through_serve()
         settings = Settings.model_validate_json(settings_json)
         context = serve.get_replica_context()
         self._app_name = context.app_name

@@ -184,6 +184,14 @@ class ServeConfig(_Frozen):
     port: int = Field(8000, gt=0, lt=65536, description="Port of the HTTP API (the Serve proxy).")
     max_sessions: int = Field(16, gt=0, description="Most concurrent sessions per gateway.")
     idle_timeout_s: float = Field(300.0, gt=0, description="A session without activity closes.")
+    offer_timeout_s: float = Field(
+        30.0, gt=0, description="A session that has received no WebRTC offer this long after "
+        "it was created closes (its slot is freed)."
+    )
+    api_keys: tuple[str, ...] = Field(
+        (), description="Keys accepted by POST /v1/sessions as "
+        "'Authorization: Bearer <key>'; empty = anyone may create sessions (local demo)."
+    )
     livetalking_compat: bool = Field(
         False, description="Serve LiveTalking's unauthenticated routes (/offer, /human, ...)."
     )

@@ -69,7 +69,14 @@ class SessionClosed(SessionError):
 
 
 class Backpressure(SessionError):
-    """Audio was pushed faster than the session's bounded buffer allows; retry later."""
+    """Audio was pushed faster than the session's bounded buffer allows; retry later.
+
+    `retry_after_s`: how long until the buffer has room for it (None: unknown).
+    """
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class AtCapacity(LipsyncError):

@@ -99,7 +99,7 @@ async def test_session_lifecycle_and_auth_errors(lipsync_settings):
         assert (await client.get("/v1/sessions/gw1.unknown", headers=auth)).status_code == 404
         assert (await client.get("/v1/sessions/../x", headers=auth)).status_code == 404
         r = await client.post(f"/v1/sessions/{sid}/interrupt", headers=auth)
-        assert r.json() == {"epoch": 1}
+        assert r.json() == {"epoch": 1, "utterance_id": None, "played_ms": None, "interrupted": None}
         assert len(gateway.pipeline.sessions()) == 1
         assert (await client.delete(f"/v1/sessions/{sid}", headers=auth)).status_code == 204
         assert (await client.get(f"/v1/sessions/{sid}", headers=auth)).status_code == 404
@@ -168,7 +168,7 @@ async def test_speech_over_http_and_webrtc_with_events(lipsync_settings):
         r = await client.post(f"/v1/sessions/{sid}/speak", headers=auth,
                               json={"text": "Streaming avatars need steady latency."})
         assert r.status_code == 202 and r.json()["duration_ms"] > 1000
-        spoken = r.json()["utterance_id"]
+        spoken, r_spoken_ms = r.json()["utterance_id"], r.json()["duration_ms"]
         await asyncio.sleep(0.6)
         pcm = to_pcm16_bytes(np.concatenate([silence(0.2), speech("Hello there, how are you today?")]))
         r = await client.post(f"/v1/sessions/{sid}/audio?interrupt=true", content=pcm,
@@ -177,7 +177,9 @@ async def test_speech_over_http_and_webrtc_with_events(lipsync_settings):
         replacing = r.json()["utterance_id"]
         await asyncio.sleep(0.8)
         r = await client.post(f"/v1/sessions/{sid}/interrupt", headers=auth)
-        assert r.json() == {"epoch": 2}
+        cut = r.json()
+        assert cut["epoch"] == 2 and cut["utterance_id"] == replacing and cut["interrupted"] is True
+        assert 0 < cut["played_ms"] < 1500 and cut["played_ms"] % 40 == 0, cut
         interrupted_at = time.monotonic()
         await asyncio.sleep(0.5)
         assert (await client.delete(f"/v1/sessions/{sid}", headers=auth)).status_code == 204
@@ -197,6 +199,11 @@ async def test_speech_over_http_and_webrtc_with_events(lipsync_settings):
     # events arrive when frames go out (after the playout delay), not when audio was pushed
     assert start_t - sent_at >= lipsync_settings.pipeline.playout_delay_ms / 1000 - 0.04
     assert abs((end_t - start_t) - (len(clip) / 16000 - 0.04)) < 0.2
+    ends = {d["utterance_id"]: d for _, e, d in events if e == "utterance.end"}
+    assert ends[upload["utterance_id"]]["played_ms"] == upload["duration_ms"]
+    assert ends[upload["utterance_id"]]["interrupted"] is False
+    assert ends[spoken]["interrupted"] is True and ends[spoken]["played_ms"] < r_spoken_ms
+    assert (ends[replacing]["played_ms"], ends[replacing]["interrupted"]) == (cut["played_ms"], True)
     # the replaced speech ended at the interrupt, within 2 frames (+ scheduling slack)
     assert times[("utterance.end", replacing)] - interrupted_at < 0.08 + 0.1
     assert text.index("event: utterance.start") < text.index("event: session.closed")

@@ -31,6 +31,7 @@ def serve_config(config, tmp_path_factory) -> dict:
     home = tmp_path_factory.mktemp("head_home")
     (home / "turn_host").write_text("203.0.113.7\n")
     (home / "turn_secret").write_text("0123abcd" * 8 + "\n")
+    (home / "lipsync_api_key").write_text("k" * 43 + "\n")
     [render] = [c for c in config["head_start_ray_commands"] if "serve_config.yaml <<" in c]
     subprocess.run(["bash", "-euc", render], env={"HOME": str(home), "PATH": "/usr/bin:/bin"},
                    check=True, timeout=30)
@@ -69,6 +70,9 @@ def test_the_serve_config_validates_and_carries_the_settings(config, serve_confi
     turn = [s for s in settings.webrtc.ice_servers if s.is_turn]
     assert turn and all("203.0.113.7:3478" in url for s in turn for url in s.urls)
     assert settings.webrtc.turn_secret.get_secret_value() == "0123abcd" * 8
+    assert list(settings.serve.api_keys) == ["k" * 43], "new sessions need the head's API key"
+    commands = "\n".join(config["head_start_ray_commands"])
+    assert "lipsync_api_key" in commands.split("serve_config.yaml <<", 1)[0]  # generated first
     assert "serve deploy ~/serve_config.yaml" in "\n".join(config["head_start_ray_commands"])
 
 

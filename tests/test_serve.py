@@ -95,6 +95,42 @@ def test_sessions_stay_on_their_home_replica(base_url):
         assert client.get(f"/v1/sessions/{sid}", headers=auth).status_code == 404
 
 
+def test_stream_socket_reaches_the_home_gateway_through_the_proxy(base_url):
+    """The Serve proxy routes the WebSocket by its path too; refusals come before the upgrade."""
+    import websockets
+    from websockets.exceptions import InvalidStatus
+
+    async def main() -> None:
+        async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+            sessions = {}
+            for _ in range(20):
+                body = (await client.post("/v1/sessions", json={})).json()
+                sessions.setdefault(body["session_id"].split(".")[0], body)
+                if len(sessions) == 2:
+                    break
+            assert len(sessions) == 2
+            ws_base = base_url.replace("http", "ws")
+            for body in sessions.values():
+                sid, token = body["session_id"], body["token"]
+                with pytest.raises(InvalidStatus) as refused:
+                    async with websockets.connect(f"{ws_base}/v1/sessions/{sid}/stream"):
+                        pass
+                assert refused.value.response.status_code == 401
+                async with websockets.connect(f"{ws_base}/v1/sessions/{sid}/stream?token={token}&rate=8000") as ws:
+                    await ws.send((np.full(8000, 3000)).astype("<i2").tobytes())  # 1 s
+                    await ws.send(json.dumps({"type": "flush"}))
+                    await ws.send("?")
+                    assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "error"
+                    state = (await client.get(f"/v1/sessions/{sid}",
+                                              headers={"Authorization": f"Bearer {token}"})).json()
+                    assert 0.5 < state["queued_audio_s"] <= 1.0
+                    assert (await client.delete(f"/v1/sessions/{sid}",
+                                                headers={"Authorization": f"Bearer {token}"})).status_code == 204
+                    assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "session.closed"
+
+    asyncio.run(main())
+
+
 def test_livetalking_offer_routes_home(base_url):
     async def main() -> tuple[dict, dict]:
         receiver = ReceiverClient(ice_servers=[])
@@ -192,6 +228,7 @@ def test_end_to_end_over_http_and_webrtc(base_url):
             r = await client.post(f"/v1/sessions/{sid}/interrupt", headers=auth)
             out["interrupted_at"] = time.monotonic()
             assert r.status_code == 200 and r.json()["epoch"] == 1
+            out["cut"] = r.json()
             state = (await client.get(f"/v1/sessions/{sid}", headers=auth)).json()
             out["speaking_after_interrupt"] = state["speaking"]
             await asyncio.sleep(t0 + 10.0 - time.monotonic())
@@ -241,6 +278,11 @@ def test_end_to_end_over_http_and_webrtc(base_url):
     assert ended - r["interrupted_at"] <= 2 * FRAME_S + 0.1
     start_ev, end_ev = (d for _, e, d in events[:2])
     assert end_ev["frame"] - start_ev["frame"] + 1 == -(-len(clip) // 640)
+    # playback positions through Serve: the upload played whole, the spoken one was cut
+    assert (end_ev["played_ms"], end_ev["interrupted"]) == (r["upload"]["duration_ms"], False)
+    cut_ev = next(d for _, e, d in events if e == "utterance.end" and d["utterance_id"] == sp)
+    assert r["cut"]["utterance_id"] == sp and r["cut"]["interrupted"] is True
+    assert cut_ev["played_ms"] == r["cut"]["played_ms"] and cut_ev["interrupted"] is True
 
 
 def running_gateways() -> int:

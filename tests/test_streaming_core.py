@@ -84,7 +84,8 @@ def test_speech_lands_on_next_frame_boundary_and_frame_audio_is_exact():
     np.testing.assert_array_equal(joined[:5000], audio)
     assert not joined[5000:].any()  # the partial last frame is padded with silence
     assert tl.marks(2) == {"utterance_start": ["a"]}
-    assert tl.marks(placed.utterance.end_frame - 1) == {"utterance_end": ["a"]}
+    assert tl.marks(placed.utterance.end_frame - 1) == {
+        "utterance_end": ["a"], "utterance_played": {"a": {"played_ms": 5000 // 16, "interrupted": False}}}
     assert tl.speaking(2) and not tl.speaking(1) and not tl.speaking(placed.utterance.end_frame)
 
 

@@ -40,3 +40,13 @@ def check_token(expected: str, given: str | None) -> None:
     if not hmac.compare_digest(expected.encode(), given.encode()):
         raise WrongToken("token does not match this session; use the token returned when "
                          "the session was created")
+
+
+def check_api_key(keys: tuple[str, ...] | list[str], authorization: str | None) -> None:
+    """`Authorization: Bearer <key>` with one of `keys` (constant time); 401 / 403 otherwise."""
+    if not authorization:
+        raise MissingToken("this server requires an API key to create sessions; send "
+                           "'Authorization: Bearer <api key>'")
+    given = bearer_token(authorization).encode()
+    if not any(hmac.compare_digest(key.encode(), given) for key in keys):
+        raise WrongToken("API key not accepted; use a key listed in serve.api_keys")

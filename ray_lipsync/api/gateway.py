@@ -81,6 +81,7 @@ class _Entry:
     last_activity: float = field(default_factory=time.monotonic)
     ice_servers: list[dict] = field(default_factory=list)
     offered_at: float | None = None  # monotonic time of the offer (for webrtc.connect_timeout_s)
+    created: float = field(default_factory=time.monotonic)
 
 
 class Gateway:
@@ -197,12 +198,15 @@ class Gateway:
     async def _reap_idle(self) -> None:
         timeout = self.settings.serve.idle_timeout_s
         connect_timeout = self.settings.webrtc.connect_timeout_s
+        offer_timeout = self.settings.serve.offer_timeout_s
         while True:
-            await asyncio.sleep(min(1.0, timeout / 4, connect_timeout / 4))
+            await asyncio.sleep(min(1.0, timeout / 4, connect_timeout / 4, offer_timeout / 4))
             now = time.monotonic()
             for entry in list(self._entries.values()):
                 if now - entry.last_activity > timeout:
                     await self._close_entry(entry, f"idle for more than {timeout:g} s")
+                elif entry.peer is None and now - entry.created > offer_timeout:
+                    await self._close_entry(entry, f"no WebRTC offer within {offer_timeout:g} s")
                 elif entry.offered_at is not None and entry.peer is not None:
                     if entry.peer.connection_state not in ("new", "connecting"):
                         entry.offered_at = None  # connected (or closing by itself): done
@@ -236,10 +240,13 @@ class Gateway:
         if frame.speech:
             entry.last_activity = time.monotonic()
         self.metrics.frame_sent(frame.latency_ms)
+        played = frame.meta.get("utterance_played", {})
         for key, event in (("utterance_start", "utterance.start"), ("utterance_end", "utterance.end")):
             for utterance_id in frame.meta.get(key, ()):
-                entry.events.publish(event, {"utterance_id": utterance_id,
-                                             "frame": frame.frame_index, "pts": frame.pts})
+                data = {"utterance_id": utterance_id, "frame": frame.frame_index, "pts": frame.pts}
+                if event == "utterance.end":
+                    data.update(played.get(utterance_id, {"played_ms": None, "interrupted": None}))
+                entry.events.publish(event, data)
 
     def _on_peer_closed(self, entry: _Entry) -> None:
         if entry.public_id in self._entries:
@@ -264,7 +271,7 @@ class Gateway:
         if not samples.size:
             raise MalformedAudio("the audio piece is empty; send at least one sample")
         if interrupt:
-            await entry.session.interrupt()
+            await self._interrupt(entry)
         utterance = await entry.session.push_audio(samples, utterance_id, final=final)
         return {"utterance_id": utterance.utterance_id, "duration_ms": utterance.duration_ms,
                 "start_frame": utterance.start_frame, "end_frame": utterance.end_frame}
@@ -272,7 +279,22 @@ class Gateway:
     async def interrupt(self, session_id: str | int, token: str | None = None, *,
                         compat: bool = False) -> dict:
         entry = self._entry(session_id, token, compat=compat)
-        return {"epoch": await entry.session.interrupt()}
+        return await self._interrupt(entry)
+
+    async def _interrupt(self, entry: _Entry) -> dict:
+        """Cut the session's speech: {epoch, utterance_id, played_ms, interrupted} of the
+        utterance playing (None when none was). Queued utterances that never started end
+        now (utterance.end with played_ms 0); the cut one ends when its last frame is sent."""
+        epoch = await entry.session.interrupt()
+        cut = entry.session.last_cut
+        for utterance_id in cut.dropped if cut else ():
+            entry.events.publish("utterance.end", {"utterance_id": utterance_id, "frame": None,
+                                                   "pts": None, "played_ms": 0, "interrupted": True})
+        playing = cut.playing[0] if cut and cut.playing else None
+        if playing is None:
+            return {"epoch": epoch, "utterance_id": None, "played_ms": None, "interrupted": None}
+        return {"epoch": epoch, "utterance_id": playing[0],
+                "played_ms": playing[1] * 1000 // 16000, "interrupted": True}
 
     async def status(self, session_id: str | int, token: str | None = None, *,
                      compat: bool = False) -> dict:

@@ -96,7 +96,7 @@ def livetalking_routes(settings: Settings, client: GatewayAPI) -> APIRouter:
                 from ray_lipsync.api.routes import synthesize
 
                 samples = await synthesize(request, text)
-                await push_decoded(client, session_id=sessionid, token=None, samples=samples,
+                await push_decoded(client, settings, session_id=sessionid, token=None, samples=samples,
                                    compat=True)
             return {"code": 0, "msg": "ok", "data": "ok"}
 
@@ -117,7 +117,7 @@ def livetalking_routes(settings: Settings, client: GatewayAPI) -> APIRouter:
             from ray_lipsync.audio import decode_audio
 
             samples = decode_audio(form["file"][0], settings.audio)
-            await push_decoded(client, session_id=sessionid, token=None, samples=samples,
+            await push_decoded(client, settings, session_id=sessionid, token=None, samples=samples,
                                compat=True)
             return {"code": 0, "msg": "ok"}
 

@@ -46,6 +46,12 @@ class SpeakRequest(_Strict):
 
 class InterruptResult(BaseModel):
     epoch: int
+    utterance_id: str | None = Field(description="The utterance the interrupt cut; null when "
+                                     "nothing was playing.")
+    played_ms: int | None = Field(description="Audio of that utterance sent to the peer "
+                                  "(exact to the 20 ms chunk).")
+    interrupted: bool | None = Field(description="True when an utterance was cut; null when "
+                                     "nothing was playing.")
 
 
 class SessionState(BaseModel):

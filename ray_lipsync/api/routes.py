@@ -7,19 +7,24 @@ Errors map to HTTP codes in one place (`error_response`).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import math
 import re
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Header, Query, Request
+from fastapi import APIRouter, FastAPI, Header, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ray_lipsync.api import models
-from ray_lipsync.api.auth import MissingToken, WrongToken, bearer_token
+from ray_lipsync.api.auth import MissingToken, WrongToken, bearer_token, check_api_key
 from ray_lipsync.api.client import GatewayAPI
 from ray_lipsync.api.events import format_sse
+from ray_lipsync.api.stream import StreamSocket, parse_rate
 from ray_lipsync.api.gateway import PeerConflict
 from ray_lipsync.api.metrics import render_prometheus
 from ray_lipsync.api.uploads import push_decoded, stream_upload
@@ -46,6 +51,28 @@ _STATUS: list[tuple[type[BaseException], int, str]] = [
 ]
 
 
+ERROR_DESCRIPTIONS = {
+    400: "Invalid request (bad JSON, fields, query, SDP or avatar)",
+    401: "Missing credentials (session token, or the API key where one is required)",
+    403: "Credentials that do not match",
+    404: "Unknown session or avatar",
+    409: "The session already has a WebRTC peer",
+    410: "The session closed",
+    413: "Input above the size or duration limit",
+    415: "Not audio, or an unsupported audio type",
+    422: "Audio that cannot be decoded (empty, truncated, NaN, absurd rate)",
+    429: "The session's speech buffer cannot take it now; retry after Retry-After seconds",
+    503: "No capacity or a pipeline stage unavailable; retry after Retry-After seconds",
+}
+SESSION_ERRORS = (401, 403, 404)
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for these error codes, each with the {error, detail} body."""
+    return {code: {"model": models.ErrorBody, "description": ERROR_DESCRIPTIONS[code]}
+            for code in codes}
+
+
 def error_response(error: BaseException) -> JSONResponse:
     """The HTTP answer for a typed error: {error, detail} plus Retry-After where it applies.
 
@@ -57,12 +84,17 @@ def error_response(error: BaseException) -> JSONResponse:
         error = cause
     for kind, status, code in _STATUS:
         if isinstance(error, kind):
-            headers = {"Retry-After": RETRY_AFTER_S} if status in (429, 503) else None
+            headers = {"Retry-After": _retry_after(error)} if status in (429, 503) else None
             if status == 401:
                 headers = {"WWW-Authenticate": "Bearer"}
             return JSONResponse({"error": code, "detail": str(error)}, status, headers=headers)
     logger.exception("unexpected error", exc_info=error)
     return JSONResponse({"error": "internal", "detail": "internal error; see server logs"}, 500)
+
+
+def _retry_after(error: BaseException) -> str:
+    seconds = getattr(error, "retry_after_s", None)
+    return str(max(1, math.ceil(seconds))) if seconds is not None else RETRY_AFTER_S
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -74,7 +106,13 @@ def install_error_handlers(app: FastAPI) -> None:
                              for e in error.errors())
         return JSONResponse({"error": "bad_request", "detail": f"invalid request: {problems}"}, 400)
 
+    async def on_http(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        return JSONResponse({"error": code, "detail": str(error.detail)}, error.status_code,
+                            headers=getattr(error, "headers", None))
+
     app.add_exception_handler(RequestValidationError, on_invalid)
+    app.add_exception_handler(StarletteHTTPException, on_http)
     for kind, _, _ in _STATUS:
         app.add_exception_handler(kind, on_typed)
 
@@ -118,8 +156,12 @@ def session_routes(settings: Settings, client: GatewayAPI) -> APIRouter:
         return {"avatars": await asyncio.to_thread(list_avatars, settings)}
 
     @api.post("/sessions", status_code=201, response_model=models.SessionCreated,
-              responses={503: {"model": models.ErrorBody}})
-    async def create_session(body: models.CreateSessionRequest) -> dict:
+              responses=errors(400, 401, 403, 404, 503))
+    async def create_session(body: models.CreateSessionRequest,
+                             authorization: str | None = Header(None)) -> dict:
+        """401/403 only when the server requires an API key (`serve.api_keys`)."""
+        if settings.serve.api_keys:
+            check_api_key(settings.serve.api_keys, authorization)
         return await client.create_session(avatar=body.avatar, backend=body.backend)
 
     async def auth(session_id: str, authorization: str | None) -> str:
@@ -127,7 +169,8 @@ def session_routes(settings: Settings, client: GatewayAPI) -> APIRouter:
         await client.authorize(session_id=check_session_id(session_id), token=token)
         return token
 
-    @api.post("/sessions/{session_id}/offer", response_model=models.SessionDescription)
+    @api.post("/sessions/{session_id}/offer", response_model=models.SessionDescription,
+              responses=errors(400, *SESSION_ERRORS, 409, 410))
     async def offer(session_id: str, body: models.OfferRequest,
                     authorization: str | None = Header(None)) -> dict:
         token = await auth(session_id, authorization)
@@ -136,6 +179,7 @@ def session_routes(settings: Settings, client: GatewayAPI) -> APIRouter:
 
     @api.post("/sessions/{session_id}/audio", status_code=202,
               response_model=models.UtteranceAccepted,
+              responses=errors(400, *SESSION_ERRORS, 410, 413, 415, 422, 429),
               openapi_extra={"requestBody": {"content": {
                   "audio/wav": {"schema": {"type": "string", "format": "binary"}},
                   "audio/L16;rate=16000;channels=1": {"schema": {"type": "string", "format": "binary"}},
@@ -164,32 +208,35 @@ def session_routes(settings: Settings, client: GatewayAPI) -> APIRouter:
             raise
 
     @api.post("/sessions/{session_id}/speak", status_code=202,
-              response_model=models.UtteranceAccepted)
+              response_model=models.UtteranceAccepted,
+              responses=errors(400, *SESSION_ERRORS, 410, 413, 429))
     async def speak(session_id: str, body: models.SpeakRequest, request: Request,
                     authorization: str | None = Header(None)) -> dict:
         token = await auth(session_id, authorization)
         samples = await synthesize(request, body.text)
-        return await push_decoded(client, session_id=session_id, token=token,
+        return await push_decoded(client, settings, session_id=session_id, token=token,
                                   samples=samples, interrupt=body.interrupt)
 
-    @api.post("/sessions/{session_id}/interrupt", response_model=models.InterruptResult)
+    @api.post("/sessions/{session_id}/interrupt", response_model=models.InterruptResult,
+              responses=errors(*SESSION_ERRORS, 410))
     async def interrupt(session_id: str, authorization: str | None = Header(None)) -> dict:
         token = await auth(session_id, authorization)
         return await client.interrupt(session_id=session_id, token=token)
 
-    @api.get("/sessions/{session_id}", response_model=models.SessionState)
+    @api.get("/sessions/{session_id}", response_model=models.SessionState,
+             responses=errors(*SESSION_ERRORS))
     async def status(session_id: str, authorization: str | None = Header(None)) -> dict:
         token = await auth(session_id, authorization)
         return await client.status(session_id=session_id, token=token)
 
-    @api.delete("/sessions/{session_id}", status_code=204)
+    @api.delete("/sessions/{session_id}", status_code=204, responses=errors(*SESSION_ERRORS))
     async def close(session_id: str, authorization: str | None = Header(None)) -> Response:
         token = await auth(session_id, authorization)
         await client.close(session_id=session_id, token=token)
         return Response(status_code=204)
 
     @api.get("/sessions/{session_id}/events", response_class=StreamingResponse,
-             responses={200: {"content": {"text/event-stream": {}}}})
+             responses={200: {"content": {"text/event-stream": {}}}, **errors(*SESSION_ERRORS)})
     async def events(session_id: str, token: str | None = Query(None),
                      authorization: str | None = Header(None)) -> StreamingResponse:
         """Server-sent events; EventSource clients pass the token as `?token=`."""
@@ -203,6 +250,21 @@ def session_routes(settings: Settings, client: GatewayAPI) -> APIRouter:
 
         return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @api.websocket("/sessions/{session_id}/stream")
+    async def stream(websocket: WebSocket, session_id: str) -> None:
+        """Streaming speech in, playback events out (see ray_lipsync.api.stream); refused
+        before the upgrade with the HTTP error of the other routes (401/403/404/400)."""
+        try:
+            given = websocket.query_params.get("token")
+            token = given or bearer_token(websocket.headers.get("authorization"))
+            rate = parse_rate(websocket.query_params.get("rate"))
+            await client.authorize(session_id=check_session_id(session_id), token=token)
+        except Exception as error:  # noqa: BLE001 - every refusal answers as HTTP
+            await websocket.send_denial_response(error_response(error))
+            return
+        await websocket.accept()
+        await StreamSocket(websocket, client, session_id, token, rate).run()
 
     return api
 
@@ -268,4 +330,31 @@ def build_api(settings: Settings, client: GatewayAPI, gateway: str | None = None
         from ray_lipsync.api.livetalking import livetalking_routes
 
         app.include_router(livetalking_routes(settings, client))
+    app.openapi = lambda: openapi_schema(app)
     return app
+
+
+def openapi_schema(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema with validation errors documented as the 400 {error, detail} they
+    are (FastAPI would advertise its own 422 body on every route with parameters)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version,
+                             description=app.description, routes=app.routes)
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                responses = operation.get("responses", {})
+                if "HTTPValidationError" in json.dumps(responses.get("422", {})):
+                    del responses["422"]
+                    if operation.get("parameters") or operation.get("requestBody"):
+                        responses.setdefault("400", _error_ref(ERROR_DESCRIPTIONS[400]))
+        components = schema.get("components", {}).get("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.pop(name, None)
+        components.setdefault("ErrorBody", models.ErrorBody.model_json_schema())
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def _error_ref(description: str) -> dict[str, Any]:
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}

@@ -1,7 +1,14 @@
-"""Turning HTTP request bodies into 16 kHz samples pushed to a session, as they arrive.
+"""Turning HTTP request bodies into 16 kHz samples queued on a session, all or nothing.
 
-`stream_upload` decodes a (possibly chunked) WAV / L16 body piece by piece and pushes samples
-to the session while the upload continues; the size limit is enforced while streaming.
+`stream_upload` decodes a (possibly chunked) body piece by piece as it arrives (the size
+limits are enforced while it streams) and queues it as one utterance once it is complete and
+valid: a rejected upload (413, 415, 422, 429) leaves nothing on the session, so a client that
+retries after Retry-After never duplicates speech. Live streaming goes over the WebSocket
+(ray_lipsync.api.stream), whose speech plays while it arrives.
+
+The 413 rule: one utterance can never be longer than the session's speech buffer
+(`pipeline.audio_buffer_s`) nor `audio.max_seconds`, whichever is smaller; below that, a
+buffer too full to take it answers 429 with the seconds until it fits as Retry-After.
 """
 
 from __future__ import annotations
@@ -17,8 +24,12 @@ from ray_lipsync.api.client import GatewayAPI
 from ray_lipsync.config import Settings
 from ray_lipsync.errors import AudioTooLarge, MalformedAudio
 
-PUSH_SAMPLES = 3200  # push to the session in pieces of >= 200 ms
-HOLD_SAMPLES = 320  # kept back until the upload ends, so the final push is never empty
+PIPELINE_RATE = 16000
+
+
+def longest_utterance_s(settings: Settings) -> float:
+    """The longest audio one upload or /speak may hold (longer answers 413)."""
+    return min(settings.audio.max_seconds, settings.pipeline.audio_buffer_s)
 
 
 def _too_large(settings: Settings) -> AudioTooLarge:
@@ -26,49 +37,38 @@ def _too_large(settings: Settings) -> AudioTooLarge:
                          "shorter clip or split it into several uploads")
 
 
+def check_fits(settings: Settings, samples: int) -> None:
+    """AudioTooLarge (413) when `samples` at 16 kHz could never be queued on a session."""
+    seconds, limit = samples / PIPELINE_RATE, longest_utterance_s(settings)
+    if seconds > limit:
+        raise AudioTooLarge(
+            f"speech of {seconds:.1f} s is longer than a session can ever queue ({limit:g} s: "
+            f"pipeline.audio_buffer_s {settings.pipeline.audio_buffer_s:g}, audio.max_seconds "
+            f"{settings.audio.max_seconds:g}); split it, or stream it over the WebSocket")
+
+
 async def stream_upload(client: GatewayAPI, settings: Settings, *, session_id: str | int,
                         token: str | None, content_type: str | None,
                         body: AsyncIterator[bytes], interrupt: bool = False,
                         compat: bool = False) -> dict[str, Any]:
-    """Decode `body` incrementally and push it as one utterance: {utterance_id, duration_ms}.
-
-    Pieces go out with final=False while the upload continues; a tail of HOLD_SAMPLES is
-    kept back so that the last push (final=True) is never empty. If the upload fails midway
-    (too large, malformed) the part already pushed is closed as a finished utterance.
-    """
+    """Decode `body` as it arrives, then queue it whole: {utterance_id, duration_ms}."""
     from ray_lipsync.audio import open_stream, parse_content_type
 
-    decoder = open_stream(parse_content_type(content_type or ""), settings.audio)
+    limits = settings.audio.model_copy(update={"max_seconds": longest_utterance_s(settings)})
+    decoder = open_stream(parse_content_type(content_type or ""), limits)
     received = 0
     pending = _Pending()
-    pushed = 0
-    result: dict[str, Any] | None = None
-
-    async def push(samples: np.ndarray, final: bool) -> None:
-        nonlocal result, pushed
-        result = await client.push_audio(session_id=session_id, token=token, samples=samples,
-            utterance_id=result["utterance_id"] if result else None,
-            interrupt=interrupt and result is None, final=final, compat=compat)
-        pushed += len(samples)
-
-    try:
-        async for piece in body:
-            received += len(piece)
-            if received > settings.audio.max_bytes:
-                raise _too_large(settings)
-            pending.add(decoder.feed(piece))
-            if pending.size >= PUSH_SAMPLES + HOLD_SAMPLES:
-                await push(pending.take(pending.size - HOLD_SAMPLES), final=False)
-        pending.add(decoder.close())
-    except Exception:
-        if result is not None and pending.size:  # close the streamed utterance, then fail
-            await push(pending.take(pending.size), final=True)
-        raise
-    if pending.size:
-        await push(pending.take(pending.size), final=True)
-    if result is None:
+    async for piece in body:
+        received += len(piece)
+        if received > settings.audio.max_bytes:
+            raise _too_large(settings)
+        pending.add(decoder.feed(piece))
+    pending.add(decoder.close())
+    if not pending.size:
         raise MalformedAudio("the upload held no audio samples; send a non-empty WAV or L16 body")
-    return {"utterance_id": result["utterance_id"], "duration_ms": pushed * 1000 // 16000}
+    return await push_decoded(client, settings, session_id=session_id, token=token,
+                              samples=pending.take(pending.size), interrupt=interrupt,
+                              compat=compat)
 
 
 class _Pending:
@@ -91,15 +91,16 @@ class _Pending:
         return head
 
 
-async def push_decoded(client: GatewayAPI, *, session_id: str | int, token: str | None,
-                       samples: np.ndarray, interrupt: bool = False,
+async def push_decoded(client: GatewayAPI, settings: Settings, *, session_id: str | int,
+                       token: str | None, samples: np.ndarray, interrupt: bool = False,
                        compat: bool = False) -> dict[str, Any]:
-    """Push already-decoded samples (TTS, whole files) as one utterance."""
+    """Queue already-decoded samples (TTS, whole files) as one utterance, all or nothing."""
     if len(samples) == 0:
         raise MalformedAudio("nothing to say: the audio is empty")
+    check_fits(settings, len(samples))
     result = await client.push_audio(session_id=session_id, token=token,
-                               samples=samples, interrupt=interrupt, compat=compat)
-    return {"utterance_id": result["utterance_id"], "duration_ms": len(samples) * 1000 // 16000}
+                                     samples=samples, interrupt=interrupt, compat=compat)
+    return {"utterance_id": result["utterance_id"], "duration_ms": len(samples) * 1000 // PIPELINE_RATE}
 
 
 def parse_form(content_type: str, body: bytes) -> dict[str, tuple[bytes, str | None]]:

@@ -222,7 +222,8 @@ class WavStream:
         if self._budget.frames == 0:
             raise MalformedAudio("WAV file holds no audio samples")
         if self._data_left:
-            logger.warning("WAV ended %d bytes before its declared data size", self._data_left)
+            raise MalformedAudio(f"WAV ended {self._data_left} bytes before the data size its "
+                                 "header declares (truncated file); send the whole file")
         return tail
 
 

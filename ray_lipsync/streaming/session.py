@@ -27,7 +27,7 @@ from ray_lipsync.clock import FRAME_MS, SAMPLE_RATE, SAMPLES_PER_FRAME, SessionC
 from ray_lipsync.errors import MalformedAudio, SessionClosed
 from ray_lipsync.streaming.drops import DropCounter, DropReason
 from ray_lipsync.streaming.playout import PlayoutPolicy
-from ray_lipsync.streaming.timeline import SessionTimeline, Utterance
+from ray_lipsync.streaming.timeline import Cut, SessionTimeline, Utterance
 from ray_lipsync.types import OutputFrame
 
 log = logging.getLogger(__name__)
@@ -141,6 +141,11 @@ class Session:
     def drops(self) -> DropCounter:
         return self._drops
 
+    @property
+    def last_cut(self) -> Cut | None:
+        """What the latest interrupt cut (utterances shortened, utterances dropped)."""
+        return self._timeline.last_cut
+
     # -- input ------------------------------------------------------------------------
     async def push_audio(
         self, samples: np.ndarray, utterance_id: str | None = None, final: bool = True
@@ -161,9 +166,10 @@ class Session:
     async def interrupt(self) -> int:
         """Stop the current speech: nothing of it is shown from the next frame on."""
         self._check_open()
-        utterances = self._timeline.utterances
-        started = [u.utterance_id for u in utterances.values()
-                   if u.start_frame < self._next_emit <= u.end_frame - 1]  # end mark not sent yet
+        utterances, open_id = self._timeline.utterances, self._timeline.open_utterance
+        started = [u.utterance_id for u in utterances.values()  # end mark not sent yet
+                   if u.start_frame < self._next_emit
+                   and (self._next_emit <= u.end_frame - 1 or u.utterance_id == open_id)]
         cut_frame = self._timeline.interrupt(time.time())
         # a cut utterance whose new last frame was already emitted ends on the next frame
         self._late_ends += [uid for uid in started
@@ -393,6 +399,9 @@ class Session:
         meta = timeline.marks(k)
         if self._late_ends:
             meta.setdefault("utterance_end", []).extend(self._late_ends)
+            played = meta.setdefault("utterance_played", {})
+            for uid in self._late_ends:  # their last frame was k - 1
+                played[uid] = timeline.playback(uid, k - 1)
             self._late_ends = []
         frame = OutputFrame(
             session_id=self.session_id,

@@ -4,6 +4,10 @@ Audio pushed at time `now` is placed at the next frame boundary whose arrival sl
 started yet (so it is presented about D after it arrived), or right after queued speech.
 Gaps between utterances are silence. An interrupt bumps the epoch and cuts everything from
 the next frame to be presented.
+
+Playback positions: each utterance keeps the sample spans its audio occupies, so the audio of
+it inside frames [.., k] (`played_samples`) is exact even when a streamed utterance has gaps;
+an interrupt records what it cut (`last_cut`).
 """
 
 from __future__ import annotations
@@ -31,10 +35,37 @@ class Utterance:
     end_sample: int
     delay_s: float | None = None  # its playout delay D (None: the clock's)
     placed_at: float | None = None  # wall time of its first push
+    spans: list[list[int]] = field(default_factory=list)  # [start, stop) of its audio
+    interrupted: bool = False
 
     @property
     def duration_ms(self) -> int:
         return (self.end_sample - self.start_sample) * 1000 // SAMPLE_RATE
+
+    def add_span(self, start: int, stop: int) -> None:
+        if self.spans and self.spans[-1][1] == start:
+            self.spans[-1][1] = stop
+        else:
+            self.spans.append([start, stop])
+
+    def played_samples(self, before: int) -> int:
+        """Samples of this utterance's audio at timeline positions < `before`."""
+        return sum(max(0, min(stop, before) - start) for start, stop in self.spans)
+
+    def cut(self, at: int) -> None:
+        """Forget its audio from sample `at` on (an interrupt)."""
+        self.spans = [[start, min(stop, at)] for start, stop in self.spans if start < at]
+        self.interrupted = True
+
+
+@dataclass
+class Cut:
+    """What one interrupt cut: `playing` = (utterance id, samples kept) of utterances it
+    shortened (they still end on the timeline), `dropped` = ids of those that never started."""
+
+    cut_frame: int
+    playing: list[tuple[str, int]]
+    dropped: list[str]
 
 
 @dataclass
@@ -58,7 +89,13 @@ class SessionTimeline:
     audio: SampleBuffer = field(default_factory=SampleBuffer)
     utterances: dict[str, Utterance] = field(default_factory=dict)
     unreleased: deque[Placement] = field(default_factory=deque)  # not yet sent to the engine
+    last_cut: Cut | None = None
     _open_utterance: str | None = None
+
+    @property
+    def open_utterance(self) -> str | None:
+        """The streamed utterance still expecting pieces (its end is not marked yet)."""
+        return self._open_utterance
 
     @property
     def write_end(self) -> int:
@@ -92,7 +129,8 @@ class SessionTimeline:
         if queued > self.max_queued_s:
             raise Backpressure(
                 f"session has {self.queued_seconds(now):.1f} s of speech queued; "
-                f"the limit is {self.max_queued_s:.0f} s - wait or interrupt first"
+                f"the limit is {self.max_queued_s:.0f} s - wait or interrupt first",
+                retry_after_s=queued - self.max_queued_s,
             )
         continuing = utterance_id is not None and utterance_id == self._open_utterance
         if continuing:
@@ -110,6 +148,7 @@ class SessionTimeline:
                             delay_s, now)
             self.utterances[uid] = utt
         self.audio.write(start, samples.astype(np.float32, copy=False))
+        utt.add_span(start, start + len(samples))
         utt.end_sample = start + len(samples)
         utt.end_frame = -(-utt.end_sample // SAMPLES_PER_FRAME)
         self._open_utterance = None if final else utt.utterance_id
@@ -125,7 +164,8 @@ class SessionTimeline:
         """Bump the epoch; silence everything from the next frame to be presented on.
 
         Returns the first frame of the cut. Utterances that were cut end there; those that
-        had not started are forgotten.
+        had not started are forgotten. `last_cut` says which were cut and how much of each
+        stays (the open streamed utterance counts as cut even if all its audio was before).
         """
         self.epoch += 1
         cut_frame = max(0, self.clock.frame_at(now) + 1)
@@ -138,12 +178,18 @@ class SessionTimeline:
                 p.final = True
                 kept.append(p)
         self.unreleased = kept
+        playing: list[tuple[str, int]] = []
+        dropped: list[str] = []
         for uid, utt in list(self.utterances.items()):
             if utt.start_frame >= cut_frame:
                 del self.utterances[uid]
-            elif utt.end_frame > cut_frame:
-                utt.end_frame, utt.end_sample = cut_frame, cut
+                dropped.append(uid)
+            elif utt.end_frame > cut_frame or uid == self._open_utterance:
+                utt.cut(cut)
+                utt.end_frame, utt.end_sample = min(utt.end_frame, cut_frame), min(utt.end_sample, cut)
+                playing.append((uid, utt.played_samples(cut)))
         self._open_utterance = None
+        self.last_cut = Cut(cut_frame, playing, dropped)
         return cut_frame
 
     def frame_audio(self, frame_index: int) -> np.ndarray:
@@ -151,20 +197,31 @@ class SessionTimeline:
         start = frame_index * SAMPLES_PER_FRAME
         return self.audio.read(start, start + SAMPLES_PER_FRAME)
 
-    def marks(self, frame_index: int) -> dict[str, list[str]]:
-        """Utterances that start or end (last frame) at frame k."""
+    def marks(self, frame_index: int) -> dict:
+        """Utterances that start or end (last frame) at frame k; an open streamed utterance
+        has no end yet. Ends carry their playback (`utterance_played`, see `playback`)."""
         starts = [u.utterance_id for u in self.utterances.values() if u.start_frame == frame_index]
-        ends = [u.utterance_id for u in self.utterances.values() if u.end_frame - 1 == frame_index]
-        meta: dict[str, list[str]] = {}
+        ends = [u.utterance_id for u in self.utterances.values()
+                if u.end_frame - 1 == frame_index and u.utterance_id != self._open_utterance]
+        meta: dict = {}
         if starts:
             meta["utterance_start"] = starts
         if ends:
             meta["utterance_end"] = ends
+            meta["utterance_played"] = {uid: self.playback(uid, frame_index) for uid in ends}
         return meta
 
     def utterance_at(self, frame_index: int) -> Utterance | None:
         """The utterance that frame k belongs to, if any."""
         return next((u for u in self.utterances.values() if u.start_frame <= frame_index < u.end_frame), None)
+    def playback(self, utterance_id: str, last_frame: int) -> dict:
+        """{played_ms, interrupted} of an utterance whose frames up to `last_frame` are out:
+        its audio inside them, exact to the sample (so to the 20 ms chunk)."""
+        utt = self.utterances.get(utterance_id)
+        if utt is None:  # forgotten already (cut before it started)
+            return {"played_ms": 0, "interrupted": True}
+        played = utt.played_samples((last_frame + 1) * SAMPLES_PER_FRAME)
+        return {"played_ms": played * 1000 // SAMPLE_RATE, "interrupted": utt.interrupted}
 
     def speaking(self, frame_index: int) -> bool:
         return any(u.start_frame <= frame_index < u.end_frame for u in self.utterances.values())

@@ -1,0 +1,266 @@
+"""The streaming WebSocket of a session: `GET /v1/sessions/{id}/stream` (voice agents).
+
+Client -> server: binary messages are PCM16 little-endian mono at `?rate=` (8000-48000 Hz,
+resampled to 16 kHz), any size; text messages are JSON `{"type": "flush"}` (the current
+utterance is complete: the next audio starts a new one) and `{"type": "clear"}` (interrupt:
+queued and playing speech stop now).
+Server -> client: `{"type": "playback.started", "utterance_id"}` when the utterance's first
+frame is sent to the peer, `{"type": "playback.finished", "utterance_id", "played_ms",
+"interrupted"}` when its last frame is sent or it is cut, `{"type": "error", "error",
+"detail"}` for a bad message (the socket stays open unless the session is gone), and
+`{"type": "session.closed", "reason"}` before the server closes the socket.
+
+Backpressure: while the session's speech buffer is full, audio is not pushed and no further
+message is read (beyond a few queued ones), so a fast sender is slowed by TCP; nothing is
+dropped. A `clear` already read is honoured at once: audio read before it is discarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from ray_lipsync.api.client import GatewayAPI
+from ray_lipsync.audio.resample import PIPELINE_RATE, Resampler
+from ray_lipsync.errors import Backpressure, SessionClosed, UnknownSession
+
+log = logging.getLogger(__name__)
+
+MIN_RATE, MAX_RATE = 8000, 48000
+HOLD_SAMPLES = 320  # one chunk kept back until the next audio or the flush (a final push is never empty)
+MAX_PUSH_SAMPLES = PIPELINE_RATE  # pieces of <= 1 s, so a piece always fits an emptied buffer
+READ_AHEAD = 8  # messages read while the buffer is full (a clear among them is seen at once)
+RETRY_S = 0.05  # wait before pushing again into a full buffer
+
+
+def parse_rate(value: str | None) -> int:
+    """`?rate=`: an integer 8000-48000 (default 16000); ValueError otherwise."""
+    if value is None:
+        return PIPELINE_RATE
+    try:
+        rate = int(value)
+    except ValueError:
+        raise ValueError(f"rate must be an integer sample rate in Hz, got {value[:20]!r}") from None
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise ValueError(f"rate must be {MIN_RATE}-{MAX_RATE} Hz, got {rate}")
+    return rate
+
+
+@dataclass
+class _Utterance:
+    """The utterance being streamed: its id once pushed, and the samples not pushed yet."""
+
+    rate: int
+    resampler: Resampler = field(init=False)
+    utterance_id: str | None = None
+    pending: list[np.ndarray] = field(default_factory=list)
+    pending_size: int = 0
+    odd_byte: bytes = b""
+
+    def __post_init__(self) -> None:
+        self.resampler = Resampler(self.rate)
+
+    def add_pcm(self, data: bytes) -> None:
+        data = self.odd_byte + data
+        cut = len(data) - len(data) % 2
+        self.odd_byte = data[cut:]
+        if cut:
+            pcm = np.frombuffer(data[:cut], dtype="<i2").astype(np.float32) / 32768.0
+            self._add(self.resampler.push(pcm))
+
+    def finish(self) -> None:
+        """The end of the utterance's audio: the resampler's tail becomes pending."""
+        self._add(self.resampler.flush())
+        self.odd_byte = b""
+
+    def _add(self, samples: np.ndarray) -> None:
+        if samples.size:
+            self.pending.append(samples)
+            self.pending_size += samples.size
+
+    def take(self, keep: int) -> np.ndarray:
+        """Pending samples but the last `keep`, at most MAX_PUSH_SAMPLES."""
+        n = min(self.pending_size - keep, MAX_PUSH_SAMPLES)
+        if n <= 0:
+            return np.zeros(0, np.float32)
+        joined = np.concatenate(self.pending)
+        self.pending = [joined[n:]] if joined.size > n else []
+        self.pending_size = joined.size - n
+        return joined[:n]
+
+
+class StreamSocket:
+    """One accepted WebSocket of session `session_id` (see the module docstring)."""
+
+    def __init__(self, websocket: WebSocket, client: GatewayAPI, session_id: str, token: str,
+                 rate: int) -> None:
+        self.ws = websocket
+        self.client = client
+        self.session_id = session_id
+        self.token = token
+        self.rate = rate
+        self.utterance = _Utterance(rate)
+        self.mine: set[str] = set()  # utterances pushed through this socket
+        self._inbox: asyncio.Queue[dict] = asyncio.Queue(READ_AHEAD)
+        self._clears = 0  # clears read but not handled yet
+        self._send_lock = asyncio.Lock()
+        self._gone = False
+
+    async def run(self) -> None:
+        reader = asyncio.create_task(self._read())
+        events = asyncio.create_task(self._forward_events())
+        try:
+            await self._process()
+        finally:
+            for task in (reader, events):
+                task.cancel()
+            await asyncio.gather(reader, events, return_exceptions=True)
+
+    # -- input ---------------------------------------------------------------------------
+    async def _read(self) -> None:
+        """Messages into the bounded inbox (blocks, so TCP slows the sender, when it is full)."""
+        while True:
+            try:
+                message = await self.ws.receive()
+            except (WebSocketDisconnect, RuntimeError):
+                message = {"type": "websocket.disconnect"}
+            if message.get("text") is not None and _is_clear(message["text"]):
+                self._clears += 1
+            await self._inbox.put(message)
+            if message["type"] == "websocket.disconnect":
+                return
+
+    async def _process(self) -> None:
+        while not self._gone:
+            message = await self._inbox.get()
+            if message["type"] == "websocket.disconnect":
+                await self._finish_on_disconnect()
+                return
+            try:
+                if message.get("bytes") is not None:
+                    await self._on_audio(message["bytes"])
+                elif message.get("text") is not None:
+                    await self._on_text(message["text"])
+            except (UnknownSession, SessionClosed) as error:
+                await self._close_gone(str(error))
+            except ValueError as error:
+                await self._send({"type": "error", "error": "bad_request", "detail": str(error)})
+            except Exception:  # noqa: BLE001 - the socket outlives one failed message
+                log.exception("session %s: stream message failed", self.session_id)
+                await self._send({"type": "error", "error": "internal",
+                                  "detail": "the message could not be handled; see server logs"})
+
+    async def _on_audio(self, data: bytes) -> None:
+        if self._clears:
+            return  # a clear read after this audio cancels it anyway
+        self.utterance.add_pcm(data)
+        await self._push(final=False)
+
+    async def _on_text(self, text: str) -> None:
+        try:
+            message = json.loads(text)
+        except json.JSONDecodeError:
+            raise ValueError("text messages must be JSON: {\"type\": \"flush\"} or "
+                             "{\"type\": \"clear\"}") from None
+        kind = message.get("type") if isinstance(message, dict) else None
+        if kind == "flush":
+            if not self._clears:
+                await self._flush()
+        elif kind == "clear":
+            self._clears -= 1
+            self.utterance = _Utterance(self.rate)
+            await self.client.interrupt(session_id=self.session_id, token=self.token)
+        else:
+            raise ValueError(f"unknown message type {str(kind)[:40]!r}; send 'flush' or 'clear' "
+                             "(audio goes in binary messages)")
+
+    async def _flush(self) -> None:
+        utterance = self.utterance
+        utterance.finish()
+        if utterance.pending_size:
+            await self._push(final=True)
+        self.utterance = _Utterance(self.rate)
+
+    async def _push(self, final: bool) -> None:
+        """Push pending audio (all of it when `final`, else all but HOLD_SAMPLES), waiting
+        while the session's buffer is full; gives up if a clear arrives meanwhile."""
+        utterance = self.utterance
+        keep = 0 if final else HOLD_SAMPLES
+        while utterance.pending_size - keep >= (1 if final else HOLD_SAMPLES):
+            piece = utterance.take(keep)
+            last = final and utterance.pending_size == 0
+            while True:
+                try:
+                    result = await self.client.push_audio(
+                        session_id=self.session_id, token=self.token, samples=piece,
+                        utterance_id=utterance.utterance_id, final=last)
+                    break
+                except Backpressure:
+                    if self._clears:
+                        return
+                    await asyncio.sleep(RETRY_S)
+            if utterance.utterance_id is None:
+                utterance.utterance_id = result["utterance_id"]
+                self.mine.add(result["utterance_id"])
+
+    async def _finish_on_disconnect(self) -> None:
+        """The client left: its last utterance plays to its end."""
+        if self.utterance.utterance_id is not None or self.utterance.pending_size:
+            try:
+                await self._flush()
+            except Exception:  # noqa: BLE001 - the session may be gone too
+                log.debug("session %s: final flush after disconnect failed", self.session_id,
+                          exc_info=True)
+
+    # -- output --------------------------------------------------------------------------
+    async def _forward_events(self) -> None:
+        async for event, data in self.client.events(session_id=self.session_id,
+                                                     token=self.token, keepalive_s=15.0):
+            uid = data.get("utterance_id")
+            if event == "utterance.start" and uid in self.mine:
+                await self._send({"type": "playback.started", "utterance_id": uid})
+            elif event == "utterance.end" and uid in self.mine:
+                self.mine.discard(uid)
+                if uid == self.utterance.utterance_id:  # cut (POST .../interrupt) while still
+                    self.utterance = _Utterance(self.rate)  # streaming: its held tail goes too
+                await self._send({"type": "playback.finished", "utterance_id": uid,
+                                  "played_ms": data.get("played_ms"),
+                                  "interrupted": data.get("interrupted")})
+            elif event == "session.closed":
+                await self._close_gone(data.get("reason", "session closed"))
+                return
+
+    async def _close_gone(self, reason: str) -> None:
+        if self._gone:
+            return
+        self._gone = True
+        await self._send({"type": "session.closed", "reason": reason})
+        try:
+            await self.ws.close(code=1000, reason="session closed")
+        except RuntimeError:
+            pass
+        try:
+            self._inbox.put_nowait({"type": "websocket.disconnect"})  # wakes _process
+        except asyncio.QueueFull:
+            pass  # _process is busy; it stops at its next message (self._gone)
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        async with self._send_lock:
+            try:
+                await self.ws.send_text(json.dumps(message, separators=(",", ":")))
+            except (WebSocketDisconnect, RuntimeError):
+                pass  # the client left; the reader sees the disconnect
+
+
+def _is_clear(text: str) -> bool:
+    try:
+        message = json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(message, dict) and message.get("type") == "clear"

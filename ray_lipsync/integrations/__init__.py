@@ -1,0 +1,1 @@
+"""Adapters that plug a ray-lipsync avatar into other frameworks (optional extras)."""

@@ -1,0 +1,141 @@
+"""LipsyncVideoService in a real pipecat pipeline against a real ray-lipsync server (uvicorn on
+loopback, LocalPipeline, aiortc over WebRTC): TTS audio in, avatar video + audio out."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pipecat", reason="pipecat-ai is not installed (pip install ray-lipsync[pipecat])")
+
+from pipecat.frames.frames import (  # noqa: E402
+    EndFrame,
+    Frame,
+    InterruptionFrame,
+    OutputImageRawFrame,
+    SpeechOutputAudioRawFrame,
+    TTSAudioRawFrame,
+    TTSStartedFrame,
+    TTSStoppedFrame,
+)
+from pipecat.pipeline.pipeline import Pipeline  # noqa: E402
+from pipecat.pipeline.worker import PipelineWorker  # noqa: E402
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor  # noqa: E402
+from pipecat.workers.runner import WorkerRunner  # noqa: E402
+
+from ray_lipsync.audio import resample  # noqa: E402
+from ray_lipsync.integrations.pipecat import LipsyncVideoService  # noqa: E402
+from servers import running_server  # noqa: E402
+from speech import speech  # noqa: E402
+from test_api import loud_ms  # noqa: E402
+
+pytestmark = pytest.mark.anyio
+PORT = 19031
+TTS_RATE = 24000
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class Sink(FrameProcessor):
+    """Records what the avatar service pushes downstream: (arrival, frame)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[tuple[float, OutputImageRawFrame]] = []
+        self.audio: list[tuple[float, SpeechOutputAudioRawFrame]] = []
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        now = time.monotonic()
+        if isinstance(frame, OutputImageRawFrame):
+            self.images.append((now, frame))
+        elif isinstance(frame, SpeechOutputAudioRawFrame):
+            self.audio.append((now, frame))
+        await self.push_frame(frame, direction)
+
+    def signal(self, since: float = 0.0) -> tuple[np.ndarray, int]:
+        frames = [f for t, f in self.audio if t >= since]
+        pcm = np.concatenate([np.frombuffer(f.audio, "<i2") for f in frames]) if frames else np.zeros(0)
+        return pcm.astype(np.float32) / 32768, frames[0].sample_rate if frames else 48000
+
+
+def tts_frames(samples: np.ndarray) -> list[Frame]:
+    """A TTS answer as a TTS service emits it: started, 20 ms audio frames at 24 kHz, stopped."""
+    pcm = (resample(samples, 16000, TTS_RATE) * 32767).astype("<i2").tobytes()
+    step = TTS_RATE // 50 * 2
+    return [TTSStartedFrame(), *[TTSAudioRawFrame(pcm[i:i + step], TTS_RATE, 1)
+                                 for i in range(0, len(pcm), step)], TTSStoppedFrame()]
+
+
+async def wait_until(condition, timeout: float, step: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(step)
+
+
+async def test_pipecat_pipeline_plays_the_avatar_in_sync_and_interrupts(lipsync_settings):
+    first = speech("The quick brown fox jumps over the lazy dog.")
+    long = speech("Streaming avatars need steady latency, and a voice agent needs to know how "
+                  "much of its answer the user heard.")
+    async with running_server(lipsync_settings, PORT) as (gateway, base):
+        avatar = LipsyncVideoService(base)
+        sink = Sink()
+        finished: list[dict] = []
+
+        @avatar.event_handler("on_playback_finished")
+        async def on_finished(service, event):
+            finished.append(event)
+
+        worker = PipelineWorker(Pipeline([avatar, sink]), idle_timeout_secs=None,
+                                enable_rtvi=False)
+        runner = WorkerRunner(handle_sigint=False)
+        await runner.add_workers(worker)
+        running = asyncio.create_task(runner.run())
+        await wait_until(lambda: len(sink.images) >= 25, 15)  # connected: idle frames flow
+        assert gateway.session_count == 1
+
+        # one answer: it plays whole, video at 25 fps, audio as long as the speech
+        window = time.monotonic()
+        await worker.queue_frames(tts_frames(first))
+        await wait_until(lambda: finished, 15)
+        await asyncio.sleep(0.4)  # the tail of the audio in flight
+        assert finished[0]["interrupted"] is False
+        assert abs(finished[0]["played_ms"] - len(first) / 16) <= 2
+        heard, rate = sink.signal(since=window)
+        assert abs(loud_ms(heard, rate) - loud_ms(first, 16000)) <= 80
+        times = [t for t, _ in sink.images if t >= window]
+        fps = (len(times) - 1) / (times[-1] - times[0])
+        print(f"fps {fps:.2f}; loud ms out {loud_ms(heard, rate)} vs in {loud_ms(first, 16000)}; "
+              f"played_ms {finished[0]['played_ms']}")
+        assert 23.5 <= fps <= 26.5, fps
+        pts = [f.pts for t, f in sink.images if t >= window]
+        assert all(b - a == 40_000_000 for a, b in zip(pts, pts[1:]) if b - a < 100_000_000)
+        # audio and images are one timeline: pushed audio covers each image's time
+        audio_end = max(f.pts + len(f.audio) // 2 * 10**9 // f.sample_rate for _, f in sink.audio)
+        assert pts[-1] <= audio_end + 80_000_000
+
+        # a long answer, interrupted after 1.5 s: no speech comes out 2 frames after it
+        await worker.queue_frames(tts_frames(long))
+        await asyncio.sleep(1.5 + lipsync_settings.pipeline.playout_delay_ms / 1000)
+        await worker.queue_frame(InterruptionFrame())
+        cut_at = time.monotonic()
+        await wait_until(lambda: len(finished) == 2, 5)
+        await asyncio.sleep(0.6)
+        assert finished[1]["interrupted"] is True and 1000 <= finished[1]["played_ms"] < len(long) / 16
+        after, rate = sink.signal(since=cut_at + 0.08)
+        print(f"cut: played_ms {finished[1]['played_ms']}; loud ms after cut+80ms {loud_ms(after, rate)}; "
+              f"loud ms after cut {loud_ms(sink.signal(since=cut_at)[0], rate)}")
+        assert loud_ms(after, rate) == 0, loud_ms(after, rate)
+        frames_after = sum(1 for t, _ in sink.images if t >= cut_at)
+        assert frames_after >= 12  # the video goes on (idle) after the cut
+
+        await worker.queue_frame(EndFrame())
+        await asyncio.wait_for(running, 15)
+        assert gateway.session_count == 0  # EndFrame closed the session on the server
