@@ -4,9 +4,9 @@
     python benchmarks/e2e.py --start --sessions 4 --seconds 30      # starts `ray-lipsync serve`
 
 Each client creates a session, sends its offer, and once video arrives talks: offline-TTS
-speech (ray_lipsync.tts) streamed in real time, either as one chunked POST /audio (--source
-http, the default) or as its WebRTC microphone track (--source mic), so the service sees a
-live talker. Measured per session: time to first frame (offer -> first decoded frame), received
+speech (ray_lipsync.tts) streamed in real time, either over the session's WebSocket
+(/v1/sessions/{id}/stream, --source stream, the default; PCM16 pieces as a TTS sends them) or
+as its WebRTC microphone track (--source mic), so the service sees a live talker. Measured per session: time to first frame (offer -> first decoded frame), received
 fps, frames sent / dropped and per-frame latency p50 (GET /v1/sessions/{id}; p95 / p99 when
 the status exposes them), the gateway's push-to-sent histogram quantiles (/metrics), and CPU
 of the server process tree per session (/proc; with --start or --server-pid).
@@ -38,7 +38,7 @@ log = logging.getLogger("benchmarks.e2e")
 
 DEFAULT_TEXT = ("The quick brown fox jumps over the lazy dog. Streaming avatars need steady frames "
                 "and low latency, so every frame is timed by one clock.")
-PIECE_S = 0.2  # the streamed upload sends the speech in real-time pieces of this length
+PIECE_S = 0.2  # the talker sends its speech in real-time pieces of this length
 
 
 @dataclass
@@ -150,30 +150,29 @@ def histogram_quantiles(metrics_text: str, quantiles: tuple[float, ...]) -> dict
 # -- one client ------------------------------------------------------------------------------
 
 
-async def stream_speech(http: httpx.AsyncClient, result: SessionResult, headers: dict, samples: np.ndarray,
+async def stream_speech(http: httpx.AsyncClient, result: SessionResult, token: str, samples: np.ndarray,
                         seconds: float) -> None:
-    """The talker streams its speech as one chunked POST /audio (raw L16), paced in real time.
+    """The talker streams its speech over the session's WebSocket (PCM16 pieces), paced in real
+    time, as a TTS would: each PIECE_S piece is sent when it is spoken, then a flush."""
+    import websockets
 
-    One request carries the whole talk: each PIECE_S piece is sent when it is spoken, and the
-    service turns it into frames while the upload goes on.
-    """
     piece = max(1, int(PIECE_S * 16000))
     total = int(seconds * 16000)
     loop = np.resize(samples, total)  # the speech repeated to `seconds`
     pcm = (np.clip(loop, -1, 1) * 32767).astype("<i2")
-
-    async def body():
+    url = str(http.base_url).replace("http", "ws", 1).rstrip("/")
+    async with websockets.connect(f"{url}/v1/sessions/{result.session_id}/stream?token={token}") as ws:
         start = time.monotonic()
         for i in range(0, total, piece):
             await asyncio.sleep(max(0.0, start + i / 16000 - 0.1 - time.monotonic()))
+            await ws.send(pcm[i : i + piece].tobytes())
             result.speech_pushed_s += len(pcm[i : i + piece]) / 16000
-            yield pcm[i : i + piece].tobytes()
-
-    r = await http.post(f"/v1/sessions/{result.session_id}/audio", content=body(),
-                        headers={**headers, "Content-Type": "audio/L16;rate=16000;channels=1"},
-                        timeout=seconds + 60)
-    if r.status_code != 202:
-        result.errors.append(f"audio {r.status_code}: {r.text[:120]}")
+        await ws.send(json.dumps({"type": "flush"}))
+        try:  # wait for the utterance to finish playing
+            while json.loads(await asyncio.wait_for(ws.recv(), seconds + 30)).get("type") != "playback.finished":
+                pass
+        except (asyncio.TimeoutError, websockets.ConnectionClosed) as exc:
+            result.errors.append(f"stream: {exc.__class__.__name__}")
 
 
 async def run_client(http: httpx.AsyncClient, samples: np.ndarray, seconds: float, avatar: str,
@@ -198,7 +197,7 @@ async def run_client(http: httpx.AsyncClient, samples: np.ndarray, seconds: floa
             await asyncio.sleep(seconds)
             result.speech_pushed_s = seconds
         else:
-            await stream_speech(http, result, headers, samples, seconds)
+            await stream_speech(http, result, created["token"], samples, seconds)
         await asyncio.sleep(0.5)
         measured_from = client.first_video_at + 1.0  # past the start-up transient
         result.received_fps = round(client.received.fps(measured_from, time.monotonic()), 2)
@@ -321,9 +320,9 @@ def main(argv: list[str] | None = None) -> int:
                              "actors reserve more than 2; 0 = Ray's default)")
     parser.add_argument("--server-pid", type=int, help="PID of a running server, for CPU accounting")
     parser.add_argument("--sessions", type=int, default=4)
-    parser.add_argument("--source", choices=["mic", "http"], default="http",
-                        help="speech from each client's WebRTC microphone track, or streamed as one "
-                        "chunked POST /audio paced in real time")
+    parser.add_argument("--source", choices=["mic", "stream"], default="stream",
+                        help="speech from each client's WebRTC microphone track, or streamed over "
+                        "the session's WebSocket paced in real time")
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--avatar", default="default")
     parser.add_argument("--text", default=DEFAULT_TEXT)

@@ -13,12 +13,9 @@ import httpx
 import numpy as np
 import pytest
 
-from ray_lipsync.api.gateway import Gateway
 from ray_lipsync.api.routes import ERROR_DESCRIPTIONS, build_api
-from ray_lipsync.config import Settings
-from ray_lipsync.streaming.local import LocalPipeline
 from speech import to_wav_bytes
-from test_api import connect, new_session, pieces, variant
+from test_api import connect, make, new_session, pieces, variant
 
 pytestmark = pytest.mark.anyio
 
@@ -28,11 +25,6 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def make(settings: Settings) -> tuple[Gateway, httpx.AsyncClient]:
-    gateway = Gateway(settings, LocalPipeline(settings), "gw1")
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=build_api(settings, gateway)),
-                               base_url="http://t", timeout=30)
-    return gateway, client
 
 
 async def queued(client: httpx.AsyncClient, sid: str, auth: dict) -> float:

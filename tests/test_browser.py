@@ -7,11 +7,10 @@ in-process gateway and `LocalPipeline`, served by uvicorn on a free port (no Ray
 
 from __future__ import annotations
 
-import asyncio
 import socket
-import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -37,46 +36,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def build_local_app(home: Path):
-    """The service's FastAPI app over an in-process gateway and LocalPipeline."""
-    from ray_lipsync.api.gateway import Gateway
-    from ray_lipsync.api.routes import build_api
-    from ray_lipsync.config import Settings
-    from ray_lipsync.streaming.local import LocalPipeline
-
-    settings = Settings(home=home)
-    gateway = Gateway(settings, LocalPipeline(settings), "local")
-    return build_api(settings, gateway), gateway
-
-
 @pytest.fixture(scope="module")
 def service(tmp_path_factory) -> Iterator[str]:
-    uvicorn = pytest.importorskip("uvicorn")
-    app, gateway = build_local_app(tmp_path_factory.mktemp("home"))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="test-service", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            pytest.fail("the test service did not start within 20 s")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    loop = getattr(server, "_loop", None)
-    if loop is not None:
-        asyncio.run_coroutine_threadsafe(gateway.shutdown(), loop).result(10)
-    server.should_exit = True
-    thread.join(10)
+    """The real HTTP API over an in-process gateway and LocalPipeline, on a free port."""
+    pytest.importorskip("uvicorn")
+    from local_service import serve_app
+
+    from ray_lipsync.config import Settings
+
+    with serve_app(Settings(home=tmp_path_factory.mktemp("home")), free_port()) as url:
+        yield url
+
+
+@contextmanager
+def chromium() -> Iterator[object]:
+    """Headless Debian chromium through playwright (the flags this sandbox needs)."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
+        yield browser
+        browser.close()
 
 
 @pytest.fixture(scope="module")
 def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
-        yield chromium
-        chromium.close()
+    with chromium() as launched:
+        yield launched
 
 
 DECODED = """async () => {

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from local_service import serve_app
-from test_browser import CHROMIUM, CHROMIUM_FLAGS
+from test_browser import CHROMIUM, chromium
 from turn_server import CoturnServer, have_turnserver
 
 SECRET = "test-static-auth-secret-8c1f"
@@ -54,11 +54,8 @@ def service(turn, lipsync_settings) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
-        yield chromium
-        chromium.close()
+    with chromium() as launched:
+        yield launched
 
 
 MEDIA = """async () => {
