@@ -219,11 +219,10 @@ class InferenceReplica:
         self.node = ray.get_runtime_context().get_node_id()
         timeout = settings.pipeline.stage_timeout_ms / 1000
         self._features = StageFallback(f"feature batcher ({backend})", batcher, timeout)
-        # A replica that feeds a GPU hands compositing to its node's CPU compositor actor; a CPU
-        # replica composites itself (there the hop to another process costs more than the work).
+        # Compositing runs in the node's compositor actor, in parallel with this replica's next
+        # render (compositing in-process here was measured slower: benchmarks/README.md).
         self._compositor = StageFallback(
-            f"compositor on node {self.node[:8]}", node_compositor(settings, generation, self.node), timeout,
-        ) if ray.get_gpu_ids() else None
+            f"compositor on node {self.node[:8]}", node_compositor(settings, generation, self.node), timeout)
         self.rounds = 0
         self._wait_for_stages(batcher)
         log.info("replica %s ready (%s) on node %s", name, backend, self.node)
@@ -232,9 +231,7 @@ class InferenceReplica:
         """Become ready only once the batcher and this node's compositor answer, so the first
         session's first frames do not pay their start (a stage that does not come up in time is
         marked down: this replica does its work until it answers)."""
-        stages = {"batcher": self._features}
-        if self._compositor is not None:
-            stages["compositor"] = self._compositor
+        stages = {"batcher": self._features, "compositor": self._compositor}
         refs = {name: stage.handle.ping.remote() for name, stage in stages.items()}  # type: ignore[attr-defined]
         for name, ref in refs.items():
             try:
@@ -271,8 +268,6 @@ class InferenceReplica:
     async def _patches(self, todo: list[tuple[str, int, np.ndarray]]) -> list[Patch]:
         frames = [(name, k) for name, k, _ in todo]
         crops = [c for _, _, c in todo]
-        if self._compositor is None:
-            return await asyncio.to_thread(self._patcher.patch_many, frames, crops)
         return await self._compositor.call(
             lambda compositor: compositor.patch_many.remote(frames, crops),  # type: ignore[attr-defined]
             lambda: asyncio.to_thread(self._patcher.patch_many, frames, crops))
@@ -329,8 +324,8 @@ class InferenceReplica:
             "dropped_stale": q.dropped_stale,
             "dropped_late": q.dropped_late,
             "batcher_down": self._features.down,
-            "compositor_down": bool(self._compositor and self._compositor.down),
-            "failovers": self._features.failovers + (self._compositor.failovers if self._compositor else 0),
+            "compositor_down": self._compositor.down,
+            "failovers": self._features.failovers + self._compositor.failovers,
         }
 
     def ping(self) -> str:
