@@ -61,18 +61,23 @@ async def connect(client: httpx.AsyncClient, sid: str, auth: dict) -> ReceiverCl
     return receiver
 
 
-def loud_ms(signal: np.ndarray, rate: int, relative_db: float = -26.0) -> int:
-    """Milliseconds of `signal` whose 10 ms RMS is within `relative_db` of its loudest 10 ms.
+def loud_ms(signal: np.ndarray, rate: int, relative_db: float = -26.0,
+            floor_db: float = -60.0) -> int:
+    """Milliseconds of `signal` whose 10 ms RMS is within `relative_db` of its loudest 10 ms
+    and above `floor_db` (dB full scale).
 
     An energy VAD that ignores the overall level (the WebRTC path upmixes mono to stereo at
-    -3 dB, and the client averages the channels).
+    -3 dB, and the client averages the channels). The floor keeps a silent signal silent:
+    Opus decodes digital silence to +-1 LSB (about -90 dBFS), which relative to itself would
+    all count as loud; speech is far above it.
     """
     win = rate // 100
     n = signal.size // win
     rms = np.sqrt((signal[: n * win].reshape(n, win).astype(np.float64) ** 2).mean(axis=1))
-    if not n or rms.max() == 0:
+    if not n:
         return 0
-    return int((rms > rms.max() * 10 ** (relative_db / 20)).sum() * 10)
+    threshold = max(rms.max() * 10 ** (relative_db / 20), 10 ** (floor_db / 20))
+    return int((rms > threshold).sum() * 10)
 
 
 async def pieces(data: bytes, size: int = 4096):

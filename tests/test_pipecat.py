@@ -80,6 +80,18 @@ async def wait_until(condition, timeout: float, step: float = 0.05) -> None:
         await asyncio.sleep(step)
 
 
+async def stop_pipeline(runner: WorkerRunner, running: asyncio.Task) -> None:
+    """Cancel a pipeline still running (a failed assertion), while the server is still up.
+
+    Left running, the loop's teardown cancels every task at once, pipecat's processor tasks
+    with it, so the worker's CancelFrame never reaches the pipeline's end and the worker
+    waits for it forever.
+    """
+    if not running.done():
+        await runner.cancel(reason="test finished")
+        await asyncio.wait_for(running, 15)
+
+
 async def test_pipecat_pipeline_plays_the_avatar_in_sync_and_interrupts(lipsync_settings):
     first = speech("The quick brown fox jumps over the lazy dog.")
     long = speech("Streaming avatars need steady latency, and a voice agent needs to know how "
@@ -98,44 +110,47 @@ async def test_pipecat_pipeline_plays_the_avatar_in_sync_and_interrupts(lipsync_
         runner = WorkerRunner(handle_sigint=False)
         await runner.add_workers(worker)
         running = asyncio.create_task(runner.run())
-        await wait_until(lambda: len(sink.images) >= 25, 15)  # connected: idle frames flow
-        assert gateway.session_count == 1
+        try:
+            await wait_until(lambda: len(sink.images) >= 25, 15)  # connected: idle frames flow
+            assert gateway.session_count == 1
 
-        # one answer: it plays whole, video at 25 fps, audio as long as the speech
-        window = time.monotonic()
-        await worker.queue_frames(tts_frames(first))
-        await wait_until(lambda: finished, 15)
-        await asyncio.sleep(0.4)  # the tail of the audio in flight
-        assert finished[0]["interrupted"] is False
-        assert abs(finished[0]["played_ms"] - len(first) / 16) <= 2
-        heard, rate = sink.signal(since=window)
-        assert abs(loud_ms(heard, rate) - loud_ms(first, 16000)) <= 80
-        times = [t for t, _ in sink.images if t >= window]
-        fps = (len(times) - 1) / (times[-1] - times[0])
-        print(f"fps {fps:.2f}; loud ms out {loud_ms(heard, rate)} vs in {loud_ms(first, 16000)}; "
-              f"played_ms {finished[0]['played_ms']}")
-        assert 23.5 <= fps <= 26.5, fps
-        pts = [f.pts for t, f in sink.images if t >= window]
-        assert all(b - a == 40_000_000 for a, b in zip(pts, pts[1:]) if b - a < 100_000_000)
-        # audio and images are one timeline: pushed audio covers each image's time
-        audio_end = max(f.pts + len(f.audio) // 2 * 10**9 // f.sample_rate for _, f in sink.audio)
-        assert pts[-1] <= audio_end + 80_000_000
+            # one answer: it plays whole, video at 25 fps, audio as long as the speech
+            window = time.monotonic()
+            await worker.queue_frames(tts_frames(first))
+            await wait_until(lambda: finished, 15)
+            await asyncio.sleep(0.4)  # the tail of the audio in flight
+            assert finished[0]["interrupted"] is False
+            assert abs(finished[0]["played_ms"] - len(first) / 16) <= 2
+            heard, rate = sink.signal(since=window)
+            assert abs(loud_ms(heard, rate) - loud_ms(first, 16000)) <= 80
+            times = [t for t, _ in sink.images if t >= window]
+            fps = (len(times) - 1) / (times[-1] - times[0])
+            print(f"fps {fps:.2f}; loud ms out {loud_ms(heard, rate)} vs in {loud_ms(first, 16000)}; "
+                  f"played_ms {finished[0]['played_ms']}")
+            assert 23.5 <= fps <= 26.5, fps
+            pts = [f.pts for t, f in sink.images if t >= window]
+            assert all(b - a == 40_000_000 for a, b in zip(pts, pts[1:]) if b - a < 100_000_000)
+            # audio and images are one timeline: pushed audio covers each image's time
+            audio_end = max(f.pts + len(f.audio) // 2 * 10**9 // f.sample_rate for _, f in sink.audio)
+            assert pts[-1] <= audio_end + 80_000_000
 
-        # a long answer, interrupted after 1.5 s: no speech comes out 2 frames after it
-        await worker.queue_frames(tts_frames(long))
-        await asyncio.sleep(1.5 + lipsync_settings.pipeline.playout_delay_ms / 1000)
-        await worker.queue_frame(InterruptionFrame())
-        cut_at = time.monotonic()
-        await wait_until(lambda: len(finished) == 2, 5)
-        await asyncio.sleep(0.6)
-        assert finished[1]["interrupted"] is True and 1000 <= finished[1]["played_ms"] < len(long) / 16
-        after, rate = sink.signal(since=cut_at + 0.08)
-        print(f"cut: played_ms {finished[1]['played_ms']}; loud ms after cut+80ms {loud_ms(after, rate)}; "
-              f"loud ms after cut {loud_ms(sink.signal(since=cut_at)[0], rate)}")
-        assert loud_ms(after, rate) == 0, loud_ms(after, rate)
-        frames_after = sum(1 for t, _ in sink.images if t >= cut_at)
-        assert frames_after >= 12  # the video goes on (idle) after the cut
+            # a long answer, interrupted after 1.5 s: no speech comes out 2 frames after it
+            await worker.queue_frames(tts_frames(long))
+            await asyncio.sleep(1.5 + lipsync_settings.pipeline.playout_delay_ms / 1000)
+            await worker.queue_frame(InterruptionFrame())
+            cut_at = time.monotonic()
+            await wait_until(lambda: len(finished) == 2, 5)
+            await asyncio.sleep(0.6)
+            assert finished[1]["interrupted"] is True and 1000 <= finished[1]["played_ms"] < len(long) / 16
+            after, rate = sink.signal(since=cut_at + 0.08)
+            print(f"cut: played_ms {finished[1]['played_ms']}; loud ms after cut+80ms {loud_ms(after, rate)}; "
+                  f"loud ms after cut {loud_ms(sink.signal(since=cut_at)[0], rate)}")
+            assert loud_ms(after, rate) == 0, loud_ms(after, rate)
+            frames_after = sum(1 for t, _ in sink.images if t >= cut_at)
+            assert frames_after >= 12  # the video goes on (idle) after the cut
 
-        await worker.queue_frame(EndFrame())
-        await asyncio.wait_for(running, 15)
+            await worker.queue_frame(EndFrame())
+            await asyncio.wait_for(running, 15)
+        finally:
+            await stop_pipeline(runner, running)
         assert gateway.session_count == 0  # EndFrame closed the session on the server
