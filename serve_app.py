@@ -41,7 +41,7 @@ from ray.exceptions import RayTaskError
 from ray.serve.config import AutoscalingConfig, AutoscalingPolicy, RequestRouterConfig
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-from actors.runtime import init_ray, serial_opencv
+from actors.runtime import init_ray, on_head_node, serial_opencv
 from ray_lipsync import cli
 from ray_lipsync.api.client import GatewayAPI, forwarded_kwargs
 from ray_lipsync.api.gateway import Gateway, home_of, names_replica
@@ -78,7 +78,7 @@ def metrics_board() -> Any:
     if it dies, its contents refilled by the gateways' next pushes)."""
     return ray.remote(MetricsBoard).options(
         name=METRICS_BOARD, get_if_exists=True, lifetime="detached", num_cpus=0,
-        max_restarts=-1, max_task_retries=-1,
+        max_restarts=-1, max_task_retries=-1, **on_head_node(),
     ).remote()
 
 
@@ -390,8 +390,11 @@ def build_app(settings: Settings, pipeline: str = DEFAULT_PIPELINE, *,
     """The Serve application: Gateway replicas serving the HTTP API (session-affine routing,
     autoscaled on sessions)."""
     s = settings.serve
+    actor_options: dict[str, Any] = {"num_cpus": gateway_cpus}
+    if s.gateway_resources:
+        actor_options["resources"] = dict(s.gateway_resources)
     return GatewayDeployment.options(
-        ray_actor_options={"num_cpus": gateway_cpus},
+        ray_actor_options=actor_options,
         request_router_config=RequestRouterConfig(
             request_router_class=SessionRouter,
             request_routing_stats_period_s=1.0,

@@ -36,6 +36,7 @@ from typing import Literal
 
 import ray
 
+from actors.runtime import on_head_node
 from actors.stages import RESTARTABLE, ActorUnavailableError, FeatureBatcherActor, InferenceReplica
 from ray_lipsync.config import Settings
 from ray_lipsync.errors import AtCapacity, BackendUnavailable
@@ -126,7 +127,9 @@ class SessionDirectory:
         if backend not in self._batchers:
             options: dict = {"num_cpus": 0}  # light: CPU is budgeted by the replicas
             if backend == "musetalk" and self._want_gpu():
-                options["num_gpus"] = self._p.batcher_gpus
+                options["num_gpus"] = self._p.batcher_gpus  # on a GPU node
+            else:
+                options.update(on_head_node())
             self._batchers[backend] = FeatureBatcherActor.options(
                 name=f"batcher-{self._gen}-{backend}", namespace=self._ns, lifetime="detached",
                 get_if_exists=True, **options,
@@ -425,5 +428,5 @@ def get_directory(settings: Settings):
     """The SessionDirectory of these settings (created by whoever asks first)."""
     return SessionDirectory.options(
         name=f"lipsync-directory-{generation_of(settings)}", namespace=settings.pipeline.namespace,
-        lifetime="detached", get_if_exists=True,
+        lifetime="detached", get_if_exists=True, **on_head_node(),
     ).remote(settings)

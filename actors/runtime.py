@@ -48,3 +48,14 @@ def serial_opencv() -> None:
     import cv2
 
     cv2.setNumThreads(1)
+
+
+HEAD_NODE = {"node:__internal_head__": 0.001}  # the resource Ray gives the head node only
+
+
+def on_head_node() -> dict[str, Any]:
+    """Actor options that place a small stateful actor every session needs (the session
+    directory, the metrics board, a CPU feature batcher) on the head node: worker nodes come
+    and go with the autoscaler or a failure, the head stays. (A soft node affinity was seen to
+    place such 0-CPU actors on a worker anyway.)"""
+    return {"resources": dict(HEAD_NODE)}

@@ -198,6 +198,11 @@ class ServeConfig(_Frozen):
     min_gateways: int = Field(1, ge=1, description="Autoscaling lower bound of gateways.")
     max_gateways: int = Field(4, ge=1, description="Autoscaling upper bound of gateways.")
     target_sessions_per_gateway: int = Field(8, gt=0, description="Autoscaling target.")
+    gateway_resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each gateway replica needs, e.g. "
+        '{"gateway": 1} with that resource declared (`ray start --resources`) on the nodes that '
+        "should host gateways: the ones clients can reach for media."
+    )
 
 
 ICE_SCHEMES = ("stun:", "stuns:", "turn:", "turns:")

@@ -83,9 +83,10 @@ class LocalCluster:
         self.nodes.append(node)
         return node
 
-    def start_head(self, num_cpus: float) -> Node:
+    def start_head(self, num_cpus: float, resources: dict[str, float] | None = None) -> Node:
         return self._start("head", [
             "--head", f"--port={self.base}", f"--num-cpus={num_cpus}", "--num-gpus=0",
+            f"--resources={json.dumps(resources or {})}",
             f"--ray-client-server-port={self.base + 7}", f"--dashboard-port={self.base + 8}",
             "--include-dashboard=false", f"--temp-dir={self.temp_dir}",
         ])

@@ -56,6 +56,7 @@ def serve_args(home: Path) -> dict[str, str]:
     return {
         "home": str(home),
         "serve.min_gateways": "2", "serve.max_gateways": "2",
+        "serve.gateway_resources": '{"gateway": 1}',  # gateways only on the head (like edge nodes)
         "pipeline.namespace": NAMESPACE,
         "pipeline.sessions_per_replica": "2",
         "pipeline.max_replicas": "2",
@@ -75,9 +76,9 @@ def cluster(lipsync_home):
     saved = {k: os.environ.get(k) for k in c.env if k.startswith("RAY_")}
     os.environ.update({k: v for k, v in c.env.items() if k.startswith("RAY_")})  # the driver agrees
     try:
-        c.start_head(num_cpus=1)
-        for name in ("gpu_a", "gpu_b"):  # 1 CPU: a GPU replica fills it, gateways stay on the head
-            c.add_worker(name, num_cpus=1, num_gpus=1)
+        c.start_head(num_cpus=1, resources={"gateway": 2})
+        for name in ("gpu_a", "gpu_b"):
+            c.add_worker(name, num_cpus=2, num_gpus=1)
         ray.init(address=c.address, log_to_driver=False, runtime_env={"env_vars": env})
         serve.start(http_options={"host": "127.0.0.1", "port": HTTP_PORT})
         serve.run(serve_app.build(serve_args(lipsync_home)), name="ray-lipsync", route_prefix="/")
@@ -323,20 +324,31 @@ def test_a_dead_worker_node_is_survived(cluster, settings):
         async with httpx.AsyncClient(base_url=url(), timeout=60) as http:
             talkers = [await Talker(http).open() for _ in range(2)]
             await until(lambda: _ready_replicas(settings, 2), timeout=60)
-            end = await talkers[0].say(10.0)
+            ends = {t.sid: await t.say(10.0) for t in talkers}
             await asyncio.sleep(3.0)
-            before = await talkers[0].state()
-            node_id = ray.get(ray.get_actor(before["replica"], namespace=NAMESPACE).node_id.remote(), timeout=30)
-            victim = next(n for n in cluster.nodes if n.name != "head" and _node_of(n) == node_id)
+            # the victim: a worker holding a talker's replica but no gateway (a gateway replaced
+            # after the gateway test may have landed on a worker; its sessions would end)
+            states = [await t.state() for t in talkers]
+            choice = None
+            for talker, state in zip(talkers, states):
+                node_id = ray.get(ray.get_actor(state["replica"], namespace=NAMESPACE).node_id.remote(), timeout=30)
+                node = next(n for n in cluster.nodes if n.name != "head" and _node_of(n) == node_id)
+                if not _hosts_gateway(node):
+                    choice = (talker, state, node)
+                    break
+            assert choice is not None, "every replica's node also hosts a gateway"
+            watched, before, victim = choice
             killed = victim.kill()
-            await asyncio.sleep(max(0.0, end - time.monotonic()))
-            after = await talkers[0].state()
+            await asyncio.sleep(max(0.0, ends[watched.sid] - time.monotonic()))
+            after = await watched.state()
+            for t in talkers:  # one GPU node is left (2 slots): free the other talker's slot
+                if t is not watched:
+                    await t.close()
             started = time.monotonic()
             created = await until(lambda: _try_create(http), timeout=60, step=1.0)
             create_s = time.monotonic() - started
             metrics = (await http.get("/metrics")).status_code
-            for t in talkers:
-                await t.close()
+            await watched.close()
             if created:
                 await created.close()
             return before, after, killed, created, create_s, metrics
@@ -348,6 +360,11 @@ def test_a_dead_worker_node_is_survived(cluster, settings):
     assert killed >= 2 and gap <= MAX_GAP_FRAMES["node"], after["drops"]
     assert after["replica"] != before["replica"], "the session moved off the dead node"
     assert created is not None and metrics == 200
+
+
+def _hosts_gateway(node) -> bool:
+    return any((p.cmdline() or [""])[0].startswith("ray::ServeReplica:ray-lipsync:Gateway")
+               for p in node.processes() if p.is_running())
 
 
 def _node_of(node) -> str | None:
