@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-pytest.importorskip("pipecat", reason="pipecat-ai is not installed (pip install ray-lipsync[pipecat])")
+pytest.importorskip("pipecat", reason="pipecat-ai is not installed (README, Voice agents: it needs protobuf >= 5, mediapipe pins < 5)")
 
 from pipecat.frames.frames import (  # noqa: E402
     EndFrame,

@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-pytest.importorskip("pipecat", reason="pipecat-ai is not installed (pip install ray-lipsync[pipecat])")
+pytest.importorskip("pipecat", reason="pipecat-ai is not installed (README, Voice agents: it needs protobuf >= 5, mediapipe pins < 5)")
 
 import uvicorn  # noqa: E402
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription  # noqa: E402
