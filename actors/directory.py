@@ -411,9 +411,6 @@ class SessionDirectory:
         degraded += [f"{b} backend (failed to start)" for b, (until, _) in self._failed.items() if until > now]
         return {"degraded": sorted(set(degraded))}
 
-    def generation(self) -> str:
-        return self._gen
-
     def pid(self) -> int:
         return os.getpid()
 

@@ -56,7 +56,6 @@ class Dispatcher:
         self._round: asyncio.Task | None = None
         self._calls: set[asyncio.Task] = set()
         self._durations: dict[str, collections.deque[float]] = {}  # replica -> recent round times
-        self.rounds = 0
 
     async def submit(self, link: "RayLink", epoch: int, start: int, samples: np.ndarray,
                      final: bool) -> RoundResult:
@@ -78,7 +77,6 @@ class Dispatcher:
                 task = asyncio.create_task(self._call(group))
                 self._calls.add(task)
                 task.add_done_callback(self._calls.discard)
-            self.rounds += 1
 
     async def _call(self, group: list[_Pending]) -> None:
         """One round call; every session of the group learns its result or the failure."""

@@ -49,7 +49,6 @@ class RayLink:
         self._pipeline = pipeline
         self.replica = ""
         self.replica_handle = None
-        self._epoch = 0
         self._moving: asyncio.Task | None = None
 
     def attach(self, name: str, handle) -> None:
@@ -88,16 +87,10 @@ class RayLink:
             return
         if moved is not None and moved[0] != self.replica:
             name, handle = moved
-            self.attach(name, handle)
-            if self._epoch:
-                await self.interrupt_replica(self._epoch, 0)
+            self.attach(name, handle)  # its rounds carry the session's epoch: nothing to replay
             log.warning("session %s re-pinned from %s to %s", self.session_id, failed, name)
 
     async def interrupt(self, epoch: int, cut_frame: int) -> None:
-        self._epoch = epoch
-        await self.interrupt_replica(epoch, cut_frame)
-
-    async def interrupt_replica(self, epoch: int, cut_frame: int) -> None:
         try:
             await asyncio.wait_for(self.replica_handle.interrupt.remote(self.session_id, epoch, cut_frame),
                                    DIRECTORY_TIMEOUT_S)

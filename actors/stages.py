@@ -251,7 +251,7 @@ class InferenceReplica:
             await self._ensure_avatar(push.spec.avatar)
         jobs_per_push = await self._features.call(
             lambda batcher: batcher.process.remote(pushes),  # type: ignore[attr-defined]
-            lambda: self._fallback_batcher().process_pushes(pushes))
+            lambda: self._local_batcher.process_pushes(pushes))
         speech_per_push = [[j for j in jobs if j.speech] for jobs in jobs_per_push]
         crops_per_push = await asyncio.gather(*(
             self._worker.run(speech, arrived + push.due_in_s) if speech else _none()
@@ -272,9 +272,6 @@ class InferenceReplica:
             lambda compositor: compositor.patch_many.remote(frames, crops),  # type: ignore[attr-defined]
             lambda: asyncio.to_thread(self._patcher.patch_many, frames, crops))
 
-    def _fallback_batcher(self) -> FeatureBatcher:
-        return self._local_batcher
-
     def _render(self, jobs: list[FrameJob]) -> Sequence[np.ndarray | None]:
         return self._renderer.render([RenderJob(j.avatar, j.avatar_frame, j.features) for j in jobs])
 
@@ -291,7 +288,7 @@ class InferenceReplica:
         await self._ensure_avatar(avatar)
 
         async def local() -> int:
-            return self._fallback_batcher().lookahead_ms
+            return self._local_batcher.lookahead_ms
 
         return await self._features.call(lambda batcher: batcher.lookahead_ms.remote(), local)  # type: ignore[attr-defined]
 

@@ -38,7 +38,6 @@ import io
 import json
 import logging
 import random
-import statistics
 import sys
 import tempfile
 import threading
@@ -53,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ray_lipsync.config import Settings  # noqa: E402
 from ray_lipsync.streaming.local import LocalPipeline  # noqa: E402
+from viewer_analysis import analyse, summarise  # noqa: E402
 
 log = logging.getLogger("benchmarks.browser")
 CHROMIUM = "/usr/bin/chromium"
@@ -63,7 +63,6 @@ CHROMIUM_FLAGS = [
 ]
 LOUD = 0.02  # |sample| above this is audible (-34 dBFS)
 PROBE_SIZE = (64, 32)  # the lower-face box is compared at this size (w, h)
-MOUTH_THRESHOLD = 2.0  # mean |difference| from idle (0-255) above which the mouth moves
 SHORT = "Hi."
 LONG = "The quick brown fox jumps over the lazy dog, and then it runs away again."
 
@@ -328,115 +327,6 @@ async def run_viewer(browser, service: Service, wavs: dict, args, index: int) ->
 
 
 # -- analysis -------------------------------------------------------------------------------
-
-
-def audio_times(data: dict, clock_source: str) -> tuple[np.ndarray, np.ndarray]:
-    """Wall times (s) of the first and last loud sample of each loud 128-sample block."""
-    raw = np.asarray(data["audio"], dtype=np.float64).reshape(-1, 3)
-    clock = np.asarray(data["clock"], dtype=np.float64)
-    rate, origin = data["rate"], data["timeOrigin"]
-    if clock_source == "output" and len(clock) and clock[-1, 0] > 0:
-        ctx, perf = clock[:, 0], clock[:, 1]
-    else:  # currentTime <-> performance.now() read together (no output latency)
-        ctx, perf = clock[:, 2], clock[:, 3]
-    offset = np.median(perf - ctx * 1000)  # perf ms = ctx s * 1000 + offset (one clock, no drift)
-    if clock_source == "playout":  # when WebRTC handed it out + its reported device delay
-        offset += data["rtc"].get("playout_ms") or 0.0
-    first = (origin + offset + (raw[:, 0] + raw[:, 1]) / rate * 1000) / 1000
-    last = (origin + offset + (raw[:, 0] + raw[:, 2]) / rate * 1000) / 1000
-    return first, last
-
-
-def analyse(data: dict, rows: list[dict], pushes: list[float], args, audio_clock: str | None = None) -> dict:
-    origin = data["timeOrigin"]
-    wall = lambda perf: (origin + perf) / 1000
-    a_first, a_last = audio_times(data, audio_clock or args.audio_clock)
-    video = np.asarray(data["video"], dtype=np.float64).reshape(-1, 4)
-    v_time, v_mouth = wall(video[:, 0]), video[:, 3]
-    frames = sorted(rows, key=lambda r: r["k"])
-    connected = data["connected_ms"] / 1000
-    utterances, interrupts = [], []
-    skipped = {"still_audible": 0, "not_found": 0}
-    for post in [p for p in data["posts"] if p["name"] == "short"]:
-        t = wall(post["t"])
-        srv_audio = next((r["pt"] + r["first_loud"] / 16000 for r in frames if r["pt"] > t and r["first_loud"] >= 0), None)
-        srv_mouth = next((r["pt"] for r in frames if r["pt"] > t and r["mouth"] > MOUTH_THRESHOLD), None)
-        if len(a_last[(a_last > t - 0.15) & (a_last <= t)]):
-            skipped["still_audible"] += 1  # the previous phrase still plays: no clean onset
-            continue
-        heard = a_first[a_first > t]
-        seen = v_time[(v_time > t) & (v_mouth > MOUTH_THRESHOLD)]
-        if srv_audio is None or srv_mouth is None or not len(heard) or not len(seen):
-            skipped["not_found"] += 1
-            continue
-        pushed = next((p for p in pushes if p[0] > t), None)
-        utterances.append({
-            "post_to_push_ms": None if pushed is None else (pushed[0] - t) * 1000,
-            "playout_delay_ms": None if pushed is None or pushed[1] is None else pushed[1] * 1000,
-            "recent_latency_p99_ms": float(np.quantile(pushed[2], 0.99)) if pushed and pushed[2] else None,
-            "since_connect_s": srv_audio - connected,
-            "onset_audio_ms": (heard[0] - t) * 1000, "onset_mouth_ms": (seen[0] - t) * 1000,
-            "server_audio_ms": (srv_audio - t) * 1000,
-            "av_offset_ms": ((heard[0] - srv_audio) - (seen[0] - srv_mouth)) * 1000,
-            "viewer_audio_delay_ms": (heard[0] - srv_audio) * 1000,
-            "viewer_video_delay_ms": (seen[0] - srv_mouth) * 1000,
-        })
-    for cut in data["interrupts"]:
-        t = wall(cut["t"])
-        after = a_last[(a_last > t - 0.5)]
-        loud_after = a_first[a_first > t]
-        # the sound ends at the last loud sample before a >= 200 ms quiet stretch
-        quiet_at = None
-        for i, end in enumerate(after):
-            nxt = after[i + 1] if i + 1 < len(after) else np.inf
-            if end > t - 0.2 and nxt - end >= 0.2:
-                quiet_at = end
-                break
-        idle = None
-        for i in np.flatnonzero(v_time > t):
-            if (v_mouth[i:i + 5] < MOUTH_THRESHOLD).all() and len(v_mouth[i:i + 5]) == 5:
-                idle = v_time[i]
-                break
-        srv_idle = next((r["pt"] for r in frames if r["pt"] > t and r["first_loud"] < 0 and not r["speech"]), None)
-        if quiet_at is None or idle is None or not len(loud_after):
-            continue
-        interrupts.append({"how": cut["how"], "audio_ms": (quiet_at - t) * 1000, "mouth_ms": (idle - t) * 1000,
-                           "server_cut_ms": None if srv_idle is None else (srv_idle - t) * 1000})
-    stats = data["stats"]
-    return {"chromium": data["rtc"], "skipped": skipped,"session": data["session"], "utterances": utterances, "interrupts": interrupts,
-            "frames_dropped": stats.get("frames_dropped"), "drops": stats.get("drops"),
-            "frames_sent": stats.get("frames_sent"), "latency_ms_p50": stats.get("latency_ms_p50"),
-            "latency_ms_p99": stats.get("latency_ms_p99"), "page_errors": data["errors"]}
-
-
-def summarise(sessions: list[dict]) -> dict:
-    def med(values):
-        return round(statistics.median(values), 1) if values else None
-
-    def p(values, q):
-        return round(float(np.quantile(values, q)), 1) if values else None
-
-    utts = [u for s in sessions for u in s["utterances"]]
-    later = [u for u in utts if u["since_connect_s"] >= 2.0]
-    cuts = [c for s in sessions for c in s["interrupts"]]
-    onset_a = [u["onset_audio_ms"] for u in utts]
-    return {
-        "utterances": len(utts), "interrupts": len(cuts),
-        "onset_audio_ms_p50": med(onset_a), "onset_audio_ms_p90": p(onset_a, 0.9),
-        "onset_mouth_ms_p50": med([u["onset_mouth_ms"] for u in utts]),
-        "server_audio_ms_p50": med([u["server_audio_ms"] for u in utts]),
-        "av_offset_ms_p50": med([u["av_offset_ms"] for u in utts]),
-        "av_offset_ms_p50_from_2s": med([u["av_offset_ms"] for u in later]),
-        "abs_av_offset_ms_max_from_2s": max((abs(u["av_offset_ms"]) for u in later), default=None),
-        "abs_av_offset_ms_p90_from_2s": p([abs(u["av_offset_ms"]) for u in later], 0.9),
-        "av_offset_ms_first_2s": [round(u["av_offset_ms"], 1) for u in utts if u["since_connect_s"] < 2.0],
-        "interrupt_audio_ms_p50": med([c["audio_ms"] for c in cuts if c["how"] == "page"]),
-        "interrupt_mouth_ms_p50": med([c["mouth_ms"] for c in cuts if c["how"] == "page"]),
-        "interrupt_api_audio_ms_p50": med([c["audio_ms"] for c in cuts if c["how"] == "api"]),
-        "interrupt_api_mouth_ms_p50": med([c["mouth_ms"] for c in cuts if c["how"] == "api"]),
-        "interrupt_server_cut_ms_p50": med([c["server_cut_ms"] for c in cuts if c["server_cut_ms"] is not None]),
-        "frames_dropped": sum(s["frames_dropped"] or 0 for s in sessions),
-    }
 
 
 async def benchmark(args) -> dict:

@@ -265,7 +265,7 @@ class TestSimulatedGpuCluster:
     def test_killed_gpu_replica_is_replaced_on_the_freed_gpu(self, gpu_cluster, make_settings, speech_detector):
         settings = make_settings(playout_delay_ms=1000)
         ns = settings.pipeline.namespace
-        voice = speech(PHRASE_A)
+        voice = np.concatenate([speech(PHRASE_A), speech(PHRASE_B)])  # speech left after the replacement starts
 
         async def run():
             pipeline = await RayPipeline.connect(settings)

@@ -23,6 +23,7 @@ import numpy as np
 from ray_lipsync.api.auth import check_token, new_token
 from ray_lipsync.api.events import EventHub
 from ray_lipsync.api.metrics import GatewayMetrics
+from ray_lipsync.clock import SAMPLE_RATE
 from ray_lipsync.config import Settings
 from ray_lipsync.errors import AtCapacity, MalformedAudio, SessionError, UnknownSession
 from ray_lipsync.ice import session_ice_servers
@@ -294,7 +295,7 @@ class Gateway:
         if playing is None:
             return {"epoch": epoch, "utterance_id": None, "played_ms": None, "interrupted": None}
         return {"epoch": epoch, "utterance_id": playing[0],
-                "played_ms": playing[1] * 1000 // 16000, "interrupted": True}
+                "played_ms": playing[1] * 1000 // SAMPLE_RATE, "interrupted": True}
 
     async def status(self, session_id: str | int, token: str | None = None, *,
                      compat: bool = False) -> dict:

@@ -224,11 +224,10 @@ class Session:
                 continue
             piece, arrived = self._take(stop)
             self._note_audio_ready(start, stop, max(now, arrived))
-            # Submits run as tasks (created in order, so pushes reach the engine in order): an
-            # engine that answers only once the frames are rendered never holds back the next
-            # release.
-            # the frames this push completes (the rest wait for their lookahead; frames in a
-            # gap before it are silence, never speech)
+            # The frames this push completes (the rest wait for their lookahead; frames in a
+            # gap before it are silence, never speech). Submits run as tasks, created in order
+            # so pushes reach the engine in order: an engine that answers only once the frames
+            # are rendered never holds back the next release.
             first = self._claimed
             done = -(-stop // SAMPLES_PER_FRAME) if final else (stop - self._lookahead) // SAMPLES_PER_FRAME
             self._claimed = max(first, done)
