@@ -41,7 +41,7 @@ if ! has_torch; then
 fi
 if ! "$venv/bin/python" -c "import ray_lipsync, diffusers, transformers, mediapipe" 2>/dev/null; then
   echo "gpu_check: installing the project into $venv"
-  "$venv/bin/pip" install -q "${pip_args[@]}" -e .
+  "$venv/bin/pip" install -q "${pip_args[@]}" -e ".[prepare]"
 fi
 "$venv/bin/python" -c "import torch; print('gpu_check: torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())"
 left=$(( 480 - ($(date +%s) - started) ))

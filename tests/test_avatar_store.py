@@ -251,3 +251,34 @@ def test_a_default_avatar_of_an_older_store_format_is_prepared_again(tmp_path):
     avatar = ensure_default_avatar(store, AvatarConfig())
     assert json.loads(manifest.read_text())["format_version"] == FORMAT_VERSION
     assert len(avatar) >= 1
+
+
+def test_shipped_default_landmarks_are_what_face_mesh_finds() -> None:
+    """default_face.json is Face Mesh's answer on the default image (regenerate with
+    `python -m ray_lipsync.avatar.default` when either changes)."""
+    pytest.importorskip("mediapipe")
+    from ray_lipsync.avatar.default import default_landmarks, measure_default_landmarks
+
+    shipped, measured = default_landmarks(), measure_default_landmarks()
+    assert shipped.shape == (478, 2)
+    assert np.abs(shipped - measured).max() < 0.05  # px; the file keeps 3 decimals
+
+
+def test_default_avatar_needs_no_face_analysis(tmp_path: Path, no_analyzer: None) -> None:
+    """Without MediaPipe (the prepare extra) the default avatar is still prepared, also at a
+    smaller max_side (the shipped landmarks are scaled with the image)."""
+    full = ensure_default_avatar(AvatarStore(tmp_path / "a"), AvatarConfig())
+    small = ensure_default_avatar(AvatarStore(tmp_path / "b"), AvatarConfig(max_side=256))
+    assert full.size == (512, 512) and small.size == (256, 256)
+    # x1, y1, x2 scale with the image (y2 adds extra_margin, in pixels of either size)
+    np.testing.assert_allclose(small.crop_boxes[0][:3], full.crop_boxes[0][:3] / 2, atol=1.5)
+
+
+def test_preparing_without_mediapipe_says_which_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from ray_lipsync.avatar.prepare import prepare_image
+
+    monkeypatch.setitem(sys.modules, "mediapipe", None)  # import raises ImportError
+    with pytest.raises(AvatarError, match=r"ray-lipsync\[prepare\]"):
+        prepare_image(data.astronaut(), "astro", AvatarConfig())

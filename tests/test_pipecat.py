@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-pytest.importorskip("pipecat", reason="pipecat-ai is not installed (README, Voice agents: it needs protobuf >= 5, mediapipe pins < 5)")
+pytest.importorskip("pipecat", reason="pipecat-ai is not installed (pip install -e '.[test,pipecat]'; ./dev test runs these in .venv-pipecat)")
 
 from pipecat.frames.frames import (  # noqa: E402
     EndFrame,
@@ -32,7 +32,7 @@ from servers import running_server  # noqa: E402
 from speech import speech  # noqa: E402
 from test_api import loud_ms  # noqa: E402
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.pipecat]
 PORT = 19031
 TTS_RATE = 24000
 

@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-pytest.importorskip("pipecat", reason="pipecat-ai is not installed (README, Voice agents: it needs protobuf >= 5, mediapipe pins < 5)")
+pytest.importorskip("pipecat", reason="pipecat-ai is not installed (pip install -e '.[test,pipecat]'; ./dev test runs these in .venv-pipecat)")
 
 import uvicorn  # noqa: E402
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription  # noqa: E402
@@ -24,7 +24,7 @@ from servers import running_server  # noqa: E402
 from speech import silence, speech  # noqa: E402
 from test_api import loud_ms  # noqa: E402
 
-pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.pipecat]
 LIPSYNC_PORT, BOT_PORT = 19041, 19042
 
 

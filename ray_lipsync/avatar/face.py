@@ -1,4 +1,4 @@
-"""Offline face analysis with MediaPipe Face Mesh (478 landmarks, no downloads).
+"""Offline face analysis with MediaPipe Face Mesh (478 landmarks, no downloads; the `prepare` extra).
 
 `FaceAnalyzer` wraps one Face Mesh graph: `analyze(rgb)` returns a `FaceObservation` (face
 box, all 478 landmarks and the named landmarks of `LANDMARK_NAMES`, in frame pixels) or None
@@ -159,7 +159,18 @@ class FaceAnalyzer:
     def __init__(self, static_image_mode: bool = True, min_confidence: float = 0.5) -> None:
         with _filtered_stderr(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*GetPrototype.*")
-            import mediapipe as mp
+            try:
+                import mediapipe as mp
+            except ImportError as exc:
+                raise AvatarError(
+                    "preparing an avatar of your own needs MediaPipe: pip install 'ray-lipsync[prepare]' "
+                    "(the default avatar works without it)"
+                ) from exc
+            if not hasattr(mp, "solutions"):
+                raise AvatarError(
+                    f"MediaPipe {mp.__version__} has no Face Mesh solution; install the pinned one: "
+                    "pip install 'ray-lipsync[prepare]'"
+                )
 
             self._mesh = mp.solutions.face_mesh.FaceMesh(
                 static_image_mode=static_image_mode,

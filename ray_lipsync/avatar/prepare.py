@@ -213,14 +213,28 @@ def build_avatar(
 
 
 def prepare_image(
-    rgb: np.ndarray, name: str, config: AvatarConfig, *, source: str = "image"
+    rgb: np.ndarray,
+    name: str,
+    config: AvatarConfig,
+    *,
+    source: str = "image",
+    landmarks: np.ndarray | None = None,
 ) -> tuple[Avatar, PrepareReport]:
-    """Prepare a one-frame avatar from an RGB uint8 image (H, W, 3)."""
+    """Prepare a one-frame avatar from an RGB uint8 image (H, W, 3).
+
+    `landmarks` are its (478, 2) Face Mesh landmarks in `rgb` pixels when already known (the
+    default avatar ships them); otherwise MediaPipe finds the face.
+    """
     start = time.perf_counter()
     validate_name(name)
-    frame = np.ascontiguousarray(_fit(check_rgb(rgb), config.max_side))
-    with FaceAnalyzer(static_image_mode=True) as analyzer:
-        observation = analyzer.analyze(frame)
+    rgb = check_rgb(rgb)
+    frame = np.ascontiguousarray(_fit(rgb, config.max_side))
+    if landmarks is not None:
+        scale = np.array([frame.shape[1] / rgb.shape[1], frame.shape[0] / rgb.shape[0]], dtype=np.float32)
+        observation: FaceObservation | None = FaceObservation.from_landmarks(np.asarray(landmarks) * scale)
+    else:
+        with FaceAnalyzer(static_image_mode=True) as analyzer:
+            observation = analyzer.analyze(frame)
     if observation is None:
         raise AvatarError(
             f"avatar {name!r}: no face found in the {frame.shape[1]}x{frame.shape[0]} image; use "

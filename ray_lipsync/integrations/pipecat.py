@@ -3,7 +3,7 @@
     avatar = LipsyncVideoService("http://127.0.0.1:8000", avatar="default")
     pipeline = Pipeline([transport.input(), stt, llm, tts, avatar, transport.output()])
 
-`LipsyncVideoService` is a FrameProcessor (install pipecat-ai as README "Voice agents" says):
+`LipsyncVideoService` is a FrameProcessor (pip install 'ray-lipsync[pipecat]'):
 on StartFrame it creates a session on the server (`POST /v1/sessions`, with `api_key` when
 the server requires one) and connects to it over WebRTC (aiortc, receive-only); the TTS's
 `TTSAudioRawFrame`s (any rate) go to the session over its streaming WebSocket
