@@ -360,7 +360,9 @@ class GatewayDeployment(Gateway):
 
     def __serve_build_asgi_app__(self) -> Any:
         others = ServeClient(serve.get_deployment_handle(GATEWAY, self._app_name), self._reader)
-        return build_api(self.settings, HomeClient(self, others, self._reader), gateway=self.replica)
+        # Serve's proxy reads WebSockets without backpressure: stream sockets bound their read-ahead.
+        return build_api(self.settings, HomeClient(self, others, self._reader), gateway=self.replica,
+                         stream_read_ahead_s=self.settings.serve.stream_read_ahead_s)
 
     async def _push_metrics(self) -> None:
         while True:

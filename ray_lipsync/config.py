@@ -195,6 +195,12 @@ class ServeConfig(_Frozen):
     livetalking_compat: bool = Field(
         False, description="Serve LiveTalking's unauthenticated routes (/offer, /human, ...)."
     )
+    stream_read_ahead_s: float = Field(
+        120.0, gt=0, description="Through Ray Serve only (its proxy reads a WebSocket as fast as "
+        "the client sends, so TCP cannot slow the client): while the speech buffer is full, most "
+        "audio (s) a stream socket may have sent that waits for room; more is answered with error "
+        "'too_far_ahead' and close code 1008 (the audio received before that still plays)."
+    )
     min_gateways: int = Field(1, ge=1, description="Autoscaling lower bound of gateways.")
     max_gateways: int = Field(4, ge=1, description="Autoscaling upper bound of gateways.")
     target_sessions_per_gateway: int = Field(8, gt=0, description="Autoscaling target.")

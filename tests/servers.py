@@ -19,10 +19,13 @@ from ray_lipsync.streaming.local import LocalPipeline
 
 
 @contextlib.asynccontextmanager
-async def running_server(settings: Settings, port: int) -> AsyncIterator[tuple[Gateway, str]]:
-    """(gateway, base URL) of the API served on 127.0.0.1:`port` (LocalPipeline)."""
+async def running_server(settings: Settings, port: int, stream_read_ahead_s: float | None = None
+                         ) -> AsyncIterator[tuple[Gateway, str]]:
+    """(gateway, base URL) of the API served on 127.0.0.1:`port` (LocalPipeline);
+    `stream_read_ahead_s` as behind Serve's proxy (see build_api)."""
     gateway = Gateway(settings, LocalPipeline(settings), "gw1")
-    config = uvicorn.Config(build_api(settings, gateway), host="127.0.0.1", port=port,
+    app = build_api(settings, gateway, stream_read_ahead_s=stream_read_ahead_s)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port,
                             log_level="warning", lifespan="off", ws="websockets-sansio")
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())

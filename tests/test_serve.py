@@ -40,7 +40,7 @@ def base_url(lipsync_home):
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     settings = Settings(home=lipsync_home,
                         serve={"min_gateways": 2, "max_gateways": 3, "target_sessions_per_gateway": 4,
-                               "livetalking_compat": True, "max_sessions": 50},
+                               "livetalking_compat": True, "max_sessions": 50, "stream_read_ahead_s": 5},
                         pipeline={"sessions_per_replica": 64})
     serve.run(serve_app.build_app(settings), name="ray-lipsync", route_prefix="/")
     yield f"http://127.0.0.1:{PORT}"
@@ -127,6 +127,42 @@ def test_stream_socket_reaches_the_home_gateway_through_the_proxy(base_url):
                     assert (await client.delete(f"/v1/sessions/{sid}",
                                                 headers={"Authorization": f"Bearer {token}"})).status_code == 204
                     assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "session.closed"
+
+    asyncio.run(main())
+
+
+def test_stream_socket_bounds_what_the_proxy_reads_ahead(base_url):
+    """Serve's proxy reads a WebSocket without backpressure, so the socket bounds it: a client
+    sending at 10x real time fills the 30 s buffer, is told 'too_far_ahead' once 5 s more
+    wait, and is closed with 1008; the buffer holds what fitted."""
+    import websockets
+
+    async def main() -> None:
+        async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+            body = (await client.post("/v1/sessions", json={})).json()
+            sid, token = body["session_id"], body["token"]
+            url = f"{base_url.replace('http', 'ws')}/v1/sessions/{sid}/stream?token={token}"
+            piece = (np.full(3200, 3000)).astype("<i2").tobytes()  # 200 ms
+
+            async def flood(ws) -> None:  # 10x real time, for up to 100 s of audio
+                try:
+                    for _ in range(500):
+                        await ws.send(piece)
+                        await asyncio.sleep(0.02)
+                except websockets.ConnectionClosed:
+                    pass
+
+            async with websockets.connect(url) as ws:
+                sender = asyncio.create_task(flood(ws))
+                message = json.loads(await asyncio.wait_for(ws.recv(), 30))
+                assert message["type"] == "error" and message["error"] == "too_far_ahead", message
+                await asyncio.wait_for(ws.wait_closed(), 10)
+                assert ws.close_code == 1008
+                await sender
+            state = (await client.get(f"/v1/sessions/{sid}",
+                                      headers={"Authorization": f"Bearer {token}"})).json()
+            assert 29.0 <= state["queued_audio_s"] <= 30.05, state
+            await client.delete(f"/v1/sessions/{sid}", headers={"Authorization": f"Bearer {token}"})
 
     asyncio.run(main())
 

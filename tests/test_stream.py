@@ -5,6 +5,7 @@ an aiortc client receives the avatar; playback events are checked against what i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 
@@ -179,6 +180,50 @@ async def test_a_full_buffer_holds_the_stream_back_and_drops_nothing(lipsync_set
     assert finished["interrupted"] is False
     assert abs(finished["played_ms"] - len(clip) * 1000 // 16000) <= 2  # nothing dropped
     assert max(queued) <= 1.5 + 0.05 and max(queued) > 1.0, queued  # bounded, and it did fill
+
+
+async def test_a_bounded_read_ahead_refuses_a_flood_and_plays_what_it_read(lipsync_settings):
+    """Behind a proxy that reads without backpressure (Serve), the socket reads eagerly: past
+    `read_ahead_s` of audio waiting for the buffer it says 'too_far_ahead' and closes with
+    1008; the audio it read before still plays, to the end."""
+    settings = variant(lipsync_settings, pipeline={"audio_buffer_s": 1.5})
+    clip = np.concatenate([speech("Hello there, how are you today?")] * 4)  # ~6 s
+    async with running_server(settings, PORT + 4, stream_read_ahead_s=1.0) as (gateway, base):
+        async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+            sid, token = await new_session(http)
+            auth = {"Authorization": f"Bearer {token}"}
+            receiver = await connect_peer(http, sid, token)
+            heard_from = receiver.received.audio_samples
+            url = f"{base.replace('http', 'ws')}/v1/sessions/{sid}/stream?token={token}"
+            async with websockets.connect(url) as ws:
+                data = pcm16(clip)
+
+                async def flood() -> None:
+                    with contextlib.suppress(websockets.ConnectionClosed):
+                        for i in range(0, len(data), 3200):  # 100 ms messages, fast
+                            await ws.send(data[i:i + 3200])
+                            await asyncio.sleep(0.005)
+                        await ws.send(json.dumps({"type": "flush"}))
+
+                sender = asyncio.create_task(flood())
+                refused = await next_event(ws, "error", 20)
+                assert refused["error"] == "too_far_ahead", refused
+                await asyncio.wait_for(ws.wait_closed(), 5)
+                assert ws.close_code == 1008
+                await sender
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:  # what was read plays out
+                state = (await http.get(f"/v1/sessions/{sid}", headers=auth)).json()
+                if state["queued_audio_s"] == 0 and not state.get("speaking"):
+                    break
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(0.5)
+            heard = receiver.received.audio_signal()[heard_from:]
+            heard_ms = loud_ms(heard, receiver.received.audio_rate)
+            await receiver.close()
+    clip_loud_per_s = loud_ms(clip, 16000) / (len(clip) / 16000)
+    # buffer 1.5 s + read-ahead 1.0 s (+ one message) of the clip played, not less, not all
+    assert (1.5 + 0.8) * clip_loud_per_s - 150 <= heard_ms <= (1.5 + 1.2) * clip_loud_per_s + 150, heard_ms
 
 
 async def test_http_interrupt_cuts_the_streamed_utterance_and_more_audio_starts_anew(lipsync_settings):

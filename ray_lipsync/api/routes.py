@@ -147,7 +147,8 @@ async def synthesize(request: Request, text: str) -> Any:
     return await asyncio.to_thread(state.synthesizer.synthesize, text)
 
 
-def session_routes(settings: Settings, client: GatewayAPI) -> APIRouter:
+def session_routes(settings: Settings, client: GatewayAPI,
+                   stream_read_ahead_s: float | None = None) -> APIRouter:
     """The /v1 session API."""
     api = APIRouter(prefix="/v1")
 
@@ -264,7 +265,7 @@ def session_routes(settings: Settings, client: GatewayAPI) -> APIRouter:
             await websocket.send_denial_response(error_response(error))
             return
         await websocket.accept()
-        await StreamSocket(websocket, client, session_id, token, rate).run()
+        await StreamSocket(websocket, client, session_id, token, rate, stream_read_ahead_s).run()
 
     return api
 
@@ -292,18 +293,22 @@ class ServedBy:
         await self.app(scope, receive, send_with_header)
 
 
-def build_api(settings: Settings, client: GatewayAPI, gateway: str | None = None) -> FastAPI:
+def build_api(settings: Settings, client: GatewayAPI, gateway: str | None = None,
+              stream_read_ahead_s: float | None = None) -> FastAPI:
     """The whole HTTP API over `client` (LiveTalking routes only with the compat flag).
 
     `gateway`: the replica serving this app, sent back in the X-Lipsync-Gateway header of
     every response (which replica answered: for operators, and the routing tests).
+    `stream_read_ahead_s`: None when the server owns its sockets (TCP paces a fast stream
+    client); behind a proxy that reads ahead without bound (Serve), the bound of
+    `ray_lipsync.api.stream.StreamSocket`.
     """
     app = FastAPI(title="ray-lipsync", version="0.1.0",
                   description="Real-time lip-synced avatar streaming over WebRTC.")
     install_error_handlers(app)
     if gateway is not None:
         app.add_middleware(ServedBy, gateway=gateway)
-    app.include_router(session_routes(settings, client))
+    app.include_router(session_routes(settings, client, stream_read_ahead_s))
 
     @app.get("/healthz", responses={503: {"description": "a pipeline stage is unavailable"}})
     async def healthz() -> JSONResponse:

@@ -13,6 +13,11 @@ frame is sent to the peer, `{"type": "playback.finished", "utterance_id", "playe
 Backpressure: while the session's speech buffer is full, audio is not pushed and no further
 message is read (beyond a few queued ones), so a fast sender is slowed by TCP; nothing is
 dropped. A `clear` already read is honoured at once: audio read before it is discarded.
+Through Ray Serve the proxy reads the socket as fast as the client sends (it has no
+backpressure), so TCP cannot slow the client there: the socket reads everything and bounds
+it instead. While the speech buffer is full, the audio received and waiting for room may
+reach `read_ahead_s` (`serve.stream_read_ahead_s`); past that the client gets `{"type": "error", "error":
+"too_far_ahead"}` and close code 1008, and what it sent before still plays.
 """
 
 from __future__ import annotations
@@ -99,7 +104,9 @@ class StreamSocket:
     """One accepted WebSocket of session `session_id` (see the module docstring)."""
 
     def __init__(self, websocket: WebSocket, client: GatewayAPI, session_id: str, token: str,
-                 rate: int) -> None:
+                 rate: int, read_ahead_s: float | None = None) -> None:
+        """`read_ahead_s`: None when TCP paces the client (the socket is ours); else the most
+        audio read but not yet pushed (the transport reads ahead without bound: Serve)."""
         self.ws = websocket
         self.client = client
         self.session_id = session_id
@@ -107,7 +114,10 @@ class StreamSocket:
         self.rate = rate
         self.utterance = _Utterance(rate)
         self.mine: set[str] = set()  # utterances pushed through this socket
-        self._inbox: asyncio.Queue[dict] = asyncio.Queue(READ_AHEAD)
+        self._read_ahead_s = read_ahead_s
+        self._inbox: asyncio.Queue[dict] = asyncio.Queue(READ_AHEAD if read_ahead_s is None else 0)
+        self._inbox_bytes = 0  # audio bytes in the inbox
+        self._buffer_full = False  # the last push met a full speech buffer
         self._clears = 0  # clears read but not handled yet
         self._send_lock = asyncio.Lock()
         self._gone = False
@@ -132,13 +142,40 @@ class StreamSocket:
                 message = {"type": "websocket.disconnect"}
             if message.get("text") is not None and _is_clear(message["text"]):
                 self._clears += 1
+            if message.get("bytes") is not None:
+                self._inbox_bytes += len(message["bytes"])
+                if self._too_far_ahead():
+                    await self._refuse_read_ahead()
+                    return
             await self._inbox.put(message)
             if message["type"] == "websocket.disconnect":
                 return
 
+    def _too_far_ahead(self) -> bool:
+        """More than read_ahead_s of audio read waits while the speech buffer is full."""
+        if self._read_ahead_s is None or not self._buffer_full:
+            return False
+        ahead_s = self._inbox_bytes / (2 * self.rate) + self.utterance.pending_size / PIPELINE_RATE
+        return ahead_s > self._read_ahead_s
+
+    async def _refuse_read_ahead(self) -> None:
+        """Over the read-ahead bound: say so and close; what was read still plays."""
+        log.info("session %s: stream socket closed, more than %.0f s of audio ahead of the buffer",
+                 self.session_id, self._read_ahead_s)
+        await self._send({"type": "error", "error": "too_far_ahead", "detail": (
+            f"more than {self._read_ahead_s:g} s of audio is waiting for room in the speech "
+            "buffer; send no faster than it plays (the audio sent before this still plays)")})
+        try:
+            await self.ws.close(code=1008, reason="too far ahead")
+        except RuntimeError:
+            pass
+        await self._inbox.put({"type": "websocket.disconnect"})
+
     async def _process(self) -> None:
         while not self._gone:
             message = await self._inbox.get()
+            if message.get("bytes") is not None:
+                self._inbox_bytes -= len(message["bytes"])
             if message["type"] == "websocket.disconnect":
                 await self._finish_on_disconnect()
                 return
@@ -200,8 +237,10 @@ class StreamSocket:
                     result = await self.client.push_audio(
                         session_id=self.session_id, token=self.token, samples=piece,
                         utterance_id=utterance.utterance_id, final=last)
+                    self._buffer_full = False
                     break
                 except Backpressure:
+                    self._buffer_full = True
                     if self._clears:
                         return
                     await asyncio.sleep(RETRY_S)
