@@ -73,11 +73,11 @@ async def load_pipeline(spec: str, settings: Settings) -> Any:
     return factory(settings)
 
 
-def metrics_board() -> Any:
-    """The cluster's one MetricsBoard actor (created by whoever asks first; restarted by Ray
-    if it dies, its contents refilled by the gateways' next pushes)."""
+def metrics_board(namespace: str) -> Any:
+    """The cluster's one MetricsBoard actor, in the pipeline's namespace (created by whoever
+    asks first; restarted by Ray if it dies, its contents refilled by the gateways' next pushes)."""
     return ray.remote(MetricsBoard).options(
-        name=METRICS_BOARD, get_if_exists=True, lifetime="detached", num_cpus=0,
+        name=METRICS_BOARD, namespace=namespace, get_if_exists=True, lifetime="detached", num_cpus=0,
         max_restarts=-1, max_task_retries=-1, **on_head_node(),
     ).remote()
 
@@ -214,14 +214,14 @@ class BoardReader:
 
     def __init__(self, gateway: Gateway) -> None:
         self._gateway = gateway
-        self.board = metrics_board()
+        self.board = metrics_board(gateway.settings.pipeline.namespace)
 
     async def snapshots(self) -> list[dict]:
         try:
             return await asyncio.wait_for(self.board.get.remote(), BOARD_TIMEOUT_S)
         except Exception:  # noqa: BLE001 - board restarting: serve what this replica knows
             logger.warning("metrics board unavailable; /metrics shows this gateway only")
-            self.board = metrics_board()
+            self.board = metrics_board(self._gateway.settings.pipeline.namespace)
             return [self._gateway.metrics_snapshot()]
 
 
@@ -354,6 +354,9 @@ class GatewayDeployment(Gateway):
         context = serve.get_replica_context()
         self._app_name = context.app_name
         super().__init__(settings, await load_pipeline(pipeline, settings), context.replica_id.unique_id)
+        from ray_lipsync.webrtc.peer import warm_up
+
+        await warm_up()  # the first session's offer then costs what later ones do
         self._reader = BoardReader(self)
         self._pusher = asyncio.get_running_loop().create_task(self._push_metrics())
         logger.info("gateway replica %s ready", self.replica)
@@ -372,7 +375,7 @@ class GatewayDeployment(Gateway):
                 self._reader.board.put.remote(snapshot)
             except Exception:  # noqa: BLE001 - the board or directory may be restarting
                 logger.warning("could not push metrics", exc_info=True)
-                self._reader.board = metrics_board()
+                self._reader.board = metrics_board(self.settings.pipeline.namespace)
             await asyncio.sleep(METRICS_PUSH_S)
 
     def record_routing_stats(self) -> dict[str, float]:
@@ -382,7 +385,10 @@ class GatewayDeployment(Gateway):
         return {"sessions": self.session_count}
 
     async def __del__(self) -> None:
-        self._pusher.cancel()
+        pusher = getattr(self, "_pusher", None)  # absent when __init__ failed
+        if pusher is None:
+            return
+        pusher.cancel()
         await self.shutdown()
         await self.pipeline.shutdown()
 

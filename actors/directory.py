@@ -156,7 +156,7 @@ class SessionDirectory:
     async def _await_ready(self, replica: _Replica) -> None:
         """A new replica becomes pinnable once its constructor ran (it may wait for a node)."""
         try:
-            await replica.handle.ping.remote()  # type: ignore[attr-defined]
+            await replica.handle.ready.remote()  # type: ignore[attr-defined]
         except Exception as exc:  # noqa: BLE001 - its constructor failed
             self._replicas.pop(replica.name, None)
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[-1] if str(exc) else ''}"
@@ -414,11 +414,22 @@ class SessionDirectory:
     def pid(self) -> int:
         return os.getpid()
 
-    async def warm(self, backend: str) -> None:
-        """Start the replicas `backend` wants before its first session asks (no cold start)."""
+    async def warm(self, backend: str, wait_s: float = 0.0) -> bool:
+        """Start the replicas `backend` wants before its first session asks (no cold start);
+        wait up to `wait_s` for one to be ready. True when one is."""
         self._ensure_upkeep()
+        deadline = time.monotonic() + wait_s
         async with self._changed:
             self._scale(backend)
+            while not self._free(backend):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not any(r.state == "starting" for r in self._serving(backend)):
+                    return False
+                try:
+                    await asyncio.wait_for(self._changed.wait(), remaining)
+                except asyncio.TimeoutError:
+                    pass
+            return True
 
 
 def get_directory(settings: Settings):

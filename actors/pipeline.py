@@ -127,10 +127,20 @@ class RayPipeline:
         if not ray.is_initialized():
             raise RuntimeError("ray.init() first (or run inside a Ray Serve replica)")
         pipeline = cls(settings, schedule)
-        try:  # the default backend's replicas start now, not with the first session
-            await asyncio.wait_for(pipeline.directory.warm.remote(settings.backend), DIRECTORY_TIMEOUT_S)
+        # The default backend's replicas start now, and the gateway is ready once one of them
+        # is (at most replica_wait_s): the first session is as fast as the later ones.
+        wait_s = settings.pipeline.replica_wait_s
+        try:
+            if not await asyncio.wait_for(pipeline.directory.warm.remote(settings.backend, wait_s),
+                                          wait_s + DIRECTORY_TIMEOUT_S):
+                log.warning("no %s replica ready after %.0f s; the first session waits for one",
+                            settings.backend, wait_s)
         except Exception:  # noqa: BLE001 - the first session will start them
             log.warning("could not warm the pipeline", exc_info=True)
+        try:
+            await pipeline._avatar(settings.avatar.name)
+        except Exception:  # noqa: BLE001 - a session on it will say why
+            log.warning("could not load the default avatar", exc_info=True)
         return pipeline
 
     async def _avatar(self, name: str) -> Avatar:

@@ -224,22 +224,38 @@ class InferenceReplica:
         self._compositor = StageFallback(
             f"compositor on node {self.node[:8]}", node_compositor(settings, generation, self.node), timeout)
         self.rounds = 0
-        self._wait_for_stages(batcher)
-        log.info("replica %s ready (%s) on node %s", name, backend, self.node)
+        self._ready: asyncio.Task | None = None
+        log.info("replica %s started (%s) on node %s", name, backend, self.node)
 
-    def _wait_for_stages(self, batcher: object) -> None:
-        """Become ready only once the batcher and this node's compositor answer, so the first
-        session's first frames do not pay their start (a stage that does not come up in time is
-        marked down: this replica does its work until it answers)."""
+    async def ready(self) -> str:
+        """Answer once the batcher and this node's compositor answer and the default avatar
+        is loaded, so the first session's first frames pay none of their start (a stage that
+        does not come up in time is marked down: this replica does its work until it answers).
+        The directory pins sessions here only after this."""
+        if self._ready is None:
+            self._ready = asyncio.get_running_loop().create_task(self._warm())
+        await asyncio.shield(self._ready)
+        return self.name
+
+    async def _warm(self) -> None:
         stages = {"batcher": self._features, "compositor": self._compositor}
-        refs = {name: stage.handle.ping.remote() for name, stage in stages.items()}  # type: ignore[attr-defined]
-        for name, ref in refs.items():
+
+        async def answer(name: str, stage: StageFallback) -> None:
             try:
-                ray.get(ref, timeout=STAGE_START_TIMEOUT_S)
+                await asyncio.wait_for(stage.handle.ping.remote(), STAGE_START_TIMEOUT_S)  # type: ignore[attr-defined]
             except Exception as exc:  # noqa: BLE001
                 log.warning("%s did not start in %.0f s (%s); replica %s works without it for now",
                             name, STAGE_START_TIMEOUT_S, type(exc).__name__, self.name)
-                stages[name].down = True
+                stage.down = True
+
+        async def default_avatar() -> None:
+            try:
+                await self._ensure_avatar(self._settings.avatar.name)
+            except Exception:  # noqa: BLE001 - a session on it will say why
+                log.warning("replica %s could not load the default avatar", self.name, exc_info=True)
+
+        await asyncio.gather(*(answer(n, s) for n, s in stages.items()), default_avatar())
+        log.info("replica %s ready (%s)", self.name, self._backend)
 
     # -- the round --------------------------------------------------------------------
     async def round(self, pushes: list[AudioPush]) -> list[RoundResult]:

@@ -255,7 +255,7 @@ def test_directory_and_metrics_board_deaths_are_survived(cluster, settings):
             await asyncio.sleep(2.0)
             before = await talker.state()
             os.kill(pid_of(f"lipsync-directory-{generation_of(settings)}"), signal.SIGKILL)
-            os.kill(ray.get(ray.get_actor("ray_lipsync_metrics").pid.remote(), timeout=30), signal.SIGKILL)
+            os.kill(ray.get(ray.get_actor("ray_lipsync_metrics", namespace=NAMESPACE).pid.remote(), timeout=30), signal.SIGKILL)
             metrics = (await http.get("/metrics")).status_code  # answers while the board restarts
             started = time.monotonic()
             created = await Talker(http).open()  # the directory restarted and re-adopted its replicas

@@ -178,6 +178,24 @@ class TestLocalRay:
         expected_b = speech_frames(speech_detector, voice, utts[1].start_frame)
         assert talking <= expected_b and len(talking) >= 0.8 * len(expected_b)
 
+    def test_connect_returns_with_a_ready_replica_so_the_first_session_is_warm(self, make_settings):
+        """No cold start: connecting (a gateway's start) waits until a replica of the backend
+        is ready (its stages answered, the default avatar loaded), so the first session is
+        pinned at once."""
+        settings = make_settings()
+
+        async def run():
+            pipeline = await RayPipeline.connect(settings)
+            replicas = await pipeline.directory.replicas.remote()
+            session = await pipeline.create_session()
+            await pipeline.close_session(session.session_id)
+            await pipeline.shutdown()
+            return replicas, session
+
+        replicas, session = asyncio.run(bounded(run()))
+        ready = [r["replica"] for r in replicas if r["state"] == "ready"]
+        assert ready and session.replica in ready, (replicas, session.replica)
+
     def test_bad_use_raises_typed_errors_quickly(self, make_settings):
         settings = make_settings(sessions_per_replica=1, max_replicas=1)
 

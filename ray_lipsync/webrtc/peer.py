@@ -220,3 +220,28 @@ class SessionPeer:
                     await result
             except Exception:
                 log.exception("on_closed callback failed")
+
+
+async def warm_up() -> None:
+    """Exercise aiortc and the encoders once, so a process's first session does not pay for it
+    (its first offer otherwise takes ~100 ms more: imports, ICE gathering, codec setup)."""
+    import fractions
+
+    import av
+    import numpy as np
+
+    from ray_lipsync.clock import CHUNK_SAMPLES, SAMPLE_RATE
+    from ray_lipsync.webrtc.encoder import OpusStream, Vp8Stream
+
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    try:
+        for kind in ("video", "audio"):
+            pc.addTransceiver(kind, direction="sendonly")
+        await pc.setLocalDescription(await pc.createOffer())
+        SessionDescription.parse(pc.localDescription.sdp)
+    finally:
+        await pc.close()
+    Vp8Stream().encode(np.zeros((64, 64, 3), dtype=np.uint8), 0)
+    chunk = av.AudioFrame.from_ndarray(np.zeros((1, CHUNK_SAMPLES), dtype=np.int16), format="s16", layout="mono")
+    chunk.sample_rate, chunk.pts, chunk.time_base = SAMPLE_RATE, 0, fractions.Fraction(1, SAMPLE_RATE)
+    OpusStream().encode(chunk)
