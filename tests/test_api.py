@@ -193,11 +193,14 @@ async def test_speech_over_http_and_webrtc_with_events(lipsync_settings):
         await receiver.close()
 
     names = [(e, d.get("utterance_id")) for _, e, d in events]
-    # one start and one end per utterance (the upload went as one streamed utterance)
+    # one start and one end per utterance (the upload went as one streamed utterance); a cut
+    # utterance's `interrupt` comes at once, before its end (sent with its last frame)
     assert names == [("utterance.start", upload["utterance_id"]), ("utterance.end", upload["utterance_id"]),
-                     ("utterance.start", spoken), ("utterance.end", spoken),
-                     ("utterance.start", replacing), ("utterance.end", replacing),
+                     ("utterance.start", spoken), ("interrupt", spoken), ("utterance.end", spoken),
+                     ("utterance.start", replacing), ("interrupt", replacing), ("utterance.end", replacing),
                      ("session.closed", None)], names
+    cut_event = next(d for _, e, d in events if e == "interrupt" and d["utterance_id"] == replacing)
+    assert cut_event == {"epoch": cut["epoch"], "utterance_id": replacing, "played_ms": cut["played_ms"]}
     times = {(e, d.get("utterance_id")): t for t, e, d in events}
     start_t = times[("utterance.start", upload["utterance_id"])]
     end_t = times[("utterance.end", upload["utterance_id"])]

@@ -308,7 +308,7 @@ def test_end_to_end_over_http_and_webrtc(base_url):
     names = [(e, d.get("utterance_id")) for _, e, d in events]
     up, sp = r["upload"]["utterance_id"], r["spoken"]["utterance_id"]
     assert names == [("utterance.start", up), ("utterance.end", up), ("utterance.start", sp),
-                     ("utterance.end", sp), ("session.closed", None)], names
+                     ("interrupt", sp), ("utterance.end", sp), ("session.closed", None)], names
     ended = next(t for t, e, d in events if e == "utterance.end" and d["utterance_id"] == sp)
     print(f"interrupt: utterance.end arrived {(ended - r['interrupted_at']) * 1000:.0f} ms after it")
     assert ended - r["interrupted_at"] <= 2 * FRAME_S + 0.1

@@ -294,8 +294,11 @@ class Gateway:
         playing = cut.playing[0] if cut and cut.playing else None
         if playing is None:
             return {"epoch": epoch, "utterance_id": None, "played_ms": None, "interrupted": None}
-        return {"epoch": epoch, "utterance_id": playing[0],
-                "played_ms": playing[1] * 1000 // SAMPLE_RATE, "interrupted": True}
+        answer = {"epoch": epoch, "utterance_id": playing[0],
+                  "played_ms": playing[1] * 1000 // SAMPLE_RATE, "interrupted": True}
+        # viewers silence what is already buffered on their side (the page does), whoever cut
+        entry.events.publish("interrupt", {k: answer[k] for k in ("epoch", "utterance_id", "played_ms")})
+        return answer
 
     async def status(self, session_id: str | int, token: str | None = None, *,
                      compat: bool = False) -> dict:
