@@ -106,7 +106,8 @@ class StreamSocket:
     def __init__(self, websocket: WebSocket, client: GatewayAPI, session_id: str, token: str,
                  rate: int, read_ahead_s: float | None = None) -> None:
         """`read_ahead_s`: None when TCP paces the client (the socket is ours); else the most
-        audio read but not yet pushed (the transport reads ahead without bound: Serve)."""
+        audio (s) read and waiting while the speech buffer is full (the transport reads ahead
+        without bound: Serve)."""
         self.ws = websocket
         self.client = client
         self.session_id = session_id
