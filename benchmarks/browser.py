@@ -23,6 +23,11 @@ on the picture before encoding. With both sides on one machine's wall clock:
 
 `--inject-audio-delay-ms 200` puts a WebAudio DelayNode in front of the probe's audio tap: the
 reported offsets and audio onsets must grow by ~200 ms (validation of the method).
+`--sink-monitor spk.monitor` (PulseAudio running with a null sink `spk`, see
+benchmarks/sink_recorder.py) also records what the browser sends to its audio device and
+reports the first page's figures with that as the audio reference too ("sink" in
+`by_audio_clock`; the other pages' audio elements are muted): when a speaker would play it,
+which tells which of the page-side references is right.
 
     python benchmarks/browser.py --sessions 1 --json benchmarks/results/browser_1.json
     python benchmarks/browser.py --sessions 4 --json benchmarks/results/browser_4.json
@@ -52,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ray_lipsync.config import Settings  # noqa: E402
 from ray_lipsync.streaming.local import LocalPipeline  # noqa: E402
+from sink_recorder import SinkRecorder, loud_blocks  # noqa: E402
 from viewer_analysis import analyse, summarise  # noqa: E402
 
 log = logging.getLogger("benchmarks.browser")
@@ -305,6 +311,8 @@ async def run_viewer(browser, service: Service, wavs: dict, args, index: int) ->
     box = service.pipeline.boxes[internal]
     await page.evaluate(PROBE_JS, {"delayMs": args.inject_audio_delay_ms, "loud": LOUD, "box": list(box),
                                    "size": list(PROBE_SIZE), "wavs": wavs})
+    if args.sink_monitor and index > 0:  # the sink records one mix: only the first page is heard
+        await page.evaluate("document.getElementById('audio').muted = true")
     await asyncio.sleep(0.3)
     await page.evaluate("bench.setReference()")
     rng = random.Random(index)
@@ -338,20 +346,31 @@ async def benchmark(args) -> dict:
         pipeline["playout_delay_ms"] = args.playout_delay_ms
     settings = Settings(home=home, pipeline=pipeline)
     wavs = phrases()
+    recorder = SinkRecorder(args.sink_monitor) if args.sink_monitor else None
     with Service(settings, args.port) as service:
         async with async_playwright() as pw:
-            browser = await pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+            # with a sink to record, the browser plays sound (playwright mutes it by default)
+            unmuted = {"ignore_default_args": ["--mute-audio"]} if recorder else {}
+            browser = await pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS,
+                                               **unmuted)
+            if recorder:
+                recorder.start()
             try:
                 raw = await asyncio.gather(*(run_viewer(browser, service, wavs, args, i)
                                              for i in range(args.sessions)))
             finally:
                 await browser.close()
+        if recorder:
+            samples, t0 = recorder.stop()
+            first, last = loud_blocks(samples, t0, LOUD)
+            raw[0]["sink_first"], raw[0]["sink_last"] = first.tolist(), last.tolist()
         sessions = [analyse(d, service.pipeline.records[d["internal"]],
                             service.pipeline.pushes[d["internal"]], args) for d in raw]
         by_clock = {}
-        for clock in ("playout", "output", "context"):  # how much the audio reference matters
+        for clock in ("playout", "output", "context", *(("sink",) if recorder else ())):  # how much the audio reference matters
+            measured = raw[:1] if clock == "sink" else raw  # the sink plays the first page only
             other = summarise([analyse(d, service.pipeline.records[d["internal"]],
-                                       service.pipeline.pushes[d["internal"]], args, clock) for d in raw])
+                                       service.pipeline.pushes[d["internal"]], args, clock) for d in measured])
             by_clock[clock] = {k: other[k] for k in ("onset_audio_ms_p50", "av_offset_ms_p50_from_2s",
                                                      "av_offset_ms_first_2s", "interrupt_audio_ms_p50")}
         if args.raw:
@@ -382,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="when a sample is heard: when the probe got it (context) plus Chromium's "
                         "reported audio playout delay (playout, default), or WebAudio's own output "
                         "time (output, getOutputTimestamp: adds WebAudio's output latency)")
+    parser.add_argument("--sink-monitor", default=None, help="PulseAudio source to record what the "
+                        "browser plays (e.g. spk.monitor of a null sink; the first page is heard)")
     parser.add_argument("--fixed-playout", action="store_true", help="fixed D (pipeline.playout_delay_ms)")
     parser.add_argument("--playout-delay-ms", type=int, default=None)
     parser.add_argument("--port", type=int, default=19500)

@@ -13,6 +13,8 @@ MOUTH_THRESHOLD = 2.0  # mean |difference| from idle (0-255) above which the mou
 
 def audio_times(data: dict, clock_source: str) -> tuple[np.ndarray, np.ndarray]:
     """Wall times (s) of the first and last loud sample of each loud 128-sample block."""
+    if clock_source == "sink":  # recorded where it leaves the browser (browser.py --sink-monitor)
+        return np.asarray(data["sink_first"]), np.asarray(data["sink_last"])
     raw = np.asarray(data["audio"], dtype=np.float64).reshape(-1, 3)
     clock = np.asarray(data["clock"], dtype=np.float64)
     rate, origin = data["rate"], data["timeOrigin"]
