@@ -48,6 +48,7 @@ from ray_lipsync.api.gateway import Gateway, home_of, names_replica
 from ray_lipsync.api.metrics import MetricsBoard
 from ray_lipsync.api.routes import build_api
 from ray_lipsync.config import Settings, settings_from_args
+from ray_lipsync.heap import freeze_startup_heap
 
 logger = logging.getLogger("ray_lipsync.serve")
 
@@ -359,6 +360,7 @@ class GatewayDeployment(Gateway):
         await warm_up()  # the first session's offer then costs what later ones do
         self._reader = BoardReader(self)
         self._pusher = asyncio.get_running_loop().create_task(self._push_metrics())
+        freeze_startup_heap()
         logger.info("gateway replica %s ready", self.replica)
 
     def __serve_build_asgi_app__(self) -> Any:

@@ -32,6 +32,7 @@ from ray_lipsync.avatar.model import Avatar
 from ray_lipsync.backends import create_featurizer, create_renderer
 from ray_lipsync.compositing import Compositor, Patch
 from ray_lipsync.config import Settings
+from ray_lipsync.heap import freeze_startup_heap
 from ray_lipsync.streaming.drops import DropReason
 from ray_lipsync.streaming.features import FeatureBatcher
 from ray_lipsync.streaming.local import create_vad, load_avatar
@@ -255,6 +256,7 @@ class InferenceReplica:
                 log.warning("replica %s could not load the default avatar", self.name, exc_info=True)
 
         await asyncio.gather(*(answer(n, s) for n, s in stages.items()), default_avatar())
+        freeze_startup_heap()  # a full collection then walks only what rounds allocate
         log.info("replica %s ready (%s)", self.name, self._backend)
 
     # -- the round --------------------------------------------------------------------

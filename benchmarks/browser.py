@@ -56,6 +56,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ray_lipsync.config import Settings  # noqa: E402
+from ray_lipsync.heap import freeze_startup_heap  # noqa: E402
 from ray_lipsync.streaming.local import LocalPipeline  # noqa: E402
 from sink_recorder import SinkRecorder, loud_blocks  # noqa: E402
 from viewer_analysis import analyse, summarise  # noqa: E402
@@ -165,6 +166,7 @@ class Service:
         self.thread = threading.Thread(target=self.server.run, name="bench-service", daemon=True)
 
     def __enter__(self) -> Service:
+        freeze_startup_heap()  # as the gateway does once it started
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:
@@ -254,8 +256,13 @@ PROBE_JS = """async ({ delayMs, loud, box, size, wavs }) => {
   return ctx.sampleRate;
 }"""
 
+STATS_JS = """async () => {
+  window.bench.stats = await (await fetch(`/v1/sessions/${app.session}`,
+                                          { headers: { Authorization: `Bearer ${app.token}` } })).json();
+}"""
+
 COLLECT_JS = """async () => {
-  const s = await (await fetch(`/v1/sessions/${app.session}`, { headers: { Authorization: `Bearer ${app.token}` } })).json();
+  const s = window.bench.stats;
   const b = window.bench;
   const rtc = {};
   (await app.pc.getStats()).forEach((r) => {
@@ -296,8 +303,12 @@ def phrases() -> dict[str, str]:
     return out
 
 
-async def run_viewer(browser, service: Service, wavs: dict, args, index: int) -> dict:
-    """One page: connect, probe, speak short phrases, then interrupt long ones."""
+async def run_viewer(browser, service: Service, wavs: dict, args, index: int,
+                     done: asyncio.Barrier) -> dict:
+    """One page: connect, probe, speak short phrases, then interrupt long ones. Every page
+    finishes its script before any reads its figures, and closes only once all have read
+    them: the reading and a page's teardown (Chromium and the server's peer close, on the same
+    cores) must not count against the sessions still measuring."""
     page = await browser.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
@@ -326,10 +337,16 @@ async def run_viewer(browser, service: Service, wavs: dict, args, index: int) ->
         await asyncio.sleep(args.interrupt_after_s + rng.uniform(0, 0.3))
         await page.evaluate(f"bench.interrupt('{'page' if i % 2 == 0 else 'api'}')")
         await asyncio.sleep(1.0)
+    # The session's figures are read while every page still plays; the probe data (large)
+    # comes after, as this process (which also hosts the service) parsing it stalls the senders.
+    await done.wait()
+    await page.evaluate(STATS_JS)
+    await done.wait()
     data = await page.evaluate(COLLECT_JS)
     data["connected_ms"] = connected
     data["internal"] = internal
     data["errors"] = errors
+    await done.wait()
     await page.close()
     return data
 
@@ -356,7 +373,8 @@ async def benchmark(args) -> dict:
             if recorder:
                 recorder.start()
             try:
-                raw = await asyncio.gather(*(run_viewer(browser, service, wavs, args, i)
+                done = asyncio.Barrier(args.sessions)
+                raw = await asyncio.gather(*(run_viewer(browser, service, wavs, args, i, done)
                                              for i in range(args.sessions)))
             finally:
                 await browser.close()
