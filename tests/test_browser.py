@@ -156,3 +156,28 @@ def test_page_holds_video_as_long_as_audio(service, browser):
                                && Math.abs(r.jitterBufferTarget - app.audioDelayMs) < 6)""", timeout=10_000)
     page.click("#disconnect")
     page.close()
+
+
+AUDIO_ENABLED = "app.pc.getReceivers().find((r) => r.track && r.track.kind === 'audio').track.enabled"
+
+
+def test_an_api_interrupt_silences_what_the_page_buffered(service, browser):
+    """Another client (a voice agent) cuts the speech: the SSE `interrupt` event makes the page
+    silence the audio it already holds at once, and sound comes back after it drained."""
+    import httpx
+
+    page = browser.new_page()
+    page.goto(service + "/")
+    page.wait_for_selector("#avatar option", state="attached", timeout=10_000)
+    page.click("#connect")
+    page.wait_for_function("document.body.dataset.state === 'connected'", timeout=60_000)
+    page.fill("#text", "Streaming avatars need steady latency, even when they are interrupted.")
+    page.click("#speak")
+    page.wait_for_selector('#events li[data-event="utterance.start"]', state="attached", timeout=30_000)
+    assert page.evaluate(AUDIO_ENABLED) is True
+    session, token = page.evaluate("[app.session, app.token]")
+    r = httpx.post(f"{service}/v1/sessions/{session}/interrupt", headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 200 and r.json()["interrupted"] is True, r.text
+    page.wait_for_function(f"!({AUDIO_ENABLED})", timeout=2_000)  # silenced by the event
+    page.wait_for_function(AUDIO_ENABLED, timeout=5_000)  # and back once the buffer drained
+    page.close()
