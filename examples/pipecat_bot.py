@@ -1,8 +1,11 @@
 """An offline pipecat voice bot with a ray-lipsync face, for a browser (no cloud keys).
 
-    ray-lipsync serve --port 8000                       # the avatar server
-    python examples/pipecat_bot.py --lipsync http://127.0.0.1:8000 --port 7860
+    ./dev serve --port 8000                             # the avatar server (.venv)
+    .venv-pipecat/bin/python examples/pipecat_bot.py --lipsync http://127.0.0.1:8000 --port 7860
     # open http://127.0.0.1:7860/ and allow the microphone
+
+The bot needs `pip install "ray-lipsync[pipecat]"` (`.venv-pipecat`, which `./dev test`
+builds); the server's venv keeps the `prepare` extra (the two cannot share one).
 
 The browser talks to the bot over pipecat's SmallWebRTC transport (its microphone in, the
 avatar's video and voice out). The bot has no speech recognition or LLM (those need models
