@@ -153,8 +153,9 @@ class StreamSocket:
                 return
 
     def _too_far_ahead(self) -> bool:
-        """More than read_ahead_s of audio read waits while the speech buffer is full."""
-        if self._read_ahead_s is None or not self._buffer_full:
+        """More than read_ahead_s of audio read waits while the speech buffer is full (a clear
+        already read will discard it: not then)."""
+        if self._read_ahead_s is None or not self._buffer_full or self._clears:
             return False
         ahead_s = self._inbox_bytes / (2 * self.rate) + self.utterance.pending_size / PIPELINE_RATE
         return ahead_s > self._read_ahead_s
