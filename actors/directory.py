@@ -232,10 +232,14 @@ class SessionDirectory:
                     total = self._p.sessions_per_replica * len(self._serving(backend))
                     raise AtCapacity(f"all {total} session slots of the {backend} replicas are in "
                                      "use or still starting; retry later")
-                try:
-                    await asyncio.wait_for(self._changed.wait(), remaining)
-                except asyncio.TimeoutError:
-                    pass
+                await self._wait_for_change(remaining)
+
+    async def _wait_for_change(self, timeout: float) -> None:
+        """Until a replica changes state or `timeout` passes (hold `self._changed`)."""
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
 
     def _assign(self, session_id: str, replica: _Replica, gateway: str) -> None:
         old = self._pins.get(session_id)
@@ -425,10 +429,7 @@ class SessionDirectory:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not any(r.state == "starting" for r in self._serving(backend)):
                     return False
-                try:
-                    await asyncio.wait_for(self._changed.wait(), remaining)
-                except asyncio.TimeoutError:
-                    pass
+                await self._wait_for_change(remaining)
             return True
 
 

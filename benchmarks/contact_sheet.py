@@ -25,6 +25,7 @@ import numpy as np
 
 from ray_lipsync.avatar.model import Avatar
 from ray_lipsync.backends.procedural import ProceduralFeaturizer
+from ray_lipsync.backends.procedural.synthetic import padded_crop
 from ray_lipsync.clock import FPS, SAMPLE_RATE, frames_in_samples
 from ray_lipsync.config import AvatarConfig, Settings
 from ray_lipsync.render import detect_speech, render_frames
@@ -57,16 +58,6 @@ def load_utterance(text: str, audio: Path | None) -> np.ndarray:
     from ray_lipsync.tts import Synthesizer
 
     return Synthesizer().synthesize(text)
-
-
-def face_tile(image: np.ndarray, box: np.ndarray, size: int) -> np.ndarray:
-    """The crop box's square of a full frame (padded at the frame edges), resized."""
-    x1, y1, x2, y2 = (int(v) for v in box)
-    h, w = image.shape[:2]
-    pad = max(0, -x1, -y1, x2 - w, y2 - h)
-    padded = cv2.copyMakeBorder(image, pad, pad, pad, pad, cv2.BORDER_REPLICATE) if pad else image
-    region = padded[y1 + pad : y2 + pad, x1 + pad : x2 + pad]
-    return cv2.resize(region, (size, size), interpolation=cv2.INTER_AREA)
 
 
 def label(tile: np.ndarray, text: str) -> None:
@@ -106,7 +97,7 @@ def contact_sheet(avatar: Avatar, samples: np.ndarray, settings: Settings, tiles
     images: list[np.ndarray] = []
     for frame in render_frames(samples, avatar, settings, speech=speech):
         if frame.index in shown:
-            tile = face_tile(frame.image, avatar.crop_boxes[avatar.cycle_index(frame.index)], tile_px)
+            tile = padded_crop(frame.image, avatar.crop_boxes[avatar.cycle_index(frame.index)], tile_px)
             label(tile, f"{frame.index / FPS:.2f} s  open {opening[frame.index]:.2f}")
             images.append(tile)
     rows = [images[i : i + columns] for i in range(0, len(images), columns)]

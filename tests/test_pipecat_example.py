@@ -19,7 +19,7 @@ pytest.importorskip("pipecat", reason="pipecat-ai is not installed (pip install 
 import uvicorn  # noqa: E402
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription  # noqa: E402
 
-from ray_lipsync.webrtc.client import PlaybackTrack, _frames  # noqa: E402
+from ray_lipsync.webrtc.client import PlaybackTrack, track_frames  # noqa: E402
 from servers import running_server  # noqa: E402
 from speech import silence, speech  # noqa: E402
 from test_api import loud_ms  # noqa: E402
@@ -78,7 +78,7 @@ async def test_example_bot_serves_the_avatar_over_small_webrtc(lipsync_settings)
             def on_track(track):
                 async def read():
                     nonlocal rate
-                    async for frame in _frames(track):
+                    async for frame in track_frames(track):
                         if track.kind == "video":
                             video.append((time.monotonic(), (frame.width, frame.height)))
                         else:

@@ -164,14 +164,10 @@ class StreamSocket:
         """Over the read-ahead bound: say so and close; what was read still plays."""
         log.info("session %s: stream socket closed, more than %.0f s of audio ahead of the buffer",
                  self.session_id, self._read_ahead_s)
-        await self._send({"type": "error", "error": "too_far_ahead", "detail": (
+        await self._close({"type": "error", "error": "too_far_ahead", "detail": (
             f"more than {self._read_ahead_s:g} s of audio is waiting for room in the speech "
-            "buffer; send no faster than it plays (the audio sent before this still plays)")})
-        try:
-            await self.ws.close(code=1008, reason="too far ahead")
-        except RuntimeError:
-            pass
-        await self._inbox.put({"type": "websocket.disconnect"})
+            "buffer; send no faster than it plays (the audio sent before this still plays)")},
+            1008, "too far ahead")
 
     async def _process(self) -> None:
         while not self._gone:
@@ -281,9 +277,13 @@ class StreamSocket:
         if self._gone:
             return
         self._gone = True
-        await self._send({"type": "session.closed", "reason": reason})
+        await self._close({"type": "session.closed", "reason": reason}, 1000, "session closed")
+
+    async def _close(self, last: dict[str, Any], code: int, reason: str) -> None:
+        """Send `last`, close the socket with `code` and end `_process` after what it holds."""
+        await self._send(last)
         try:
-            await self.ws.close(code=1000, reason="session closed")
+            await self.ws.close(code=code, reason=reason)
         except RuntimeError:
             pass
         try:

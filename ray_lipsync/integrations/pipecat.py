@@ -36,7 +36,7 @@ import httpx
 import numpy as np
 import websockets
 from aiortc import RTCPeerConnection, RTCSessionDescription
-from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.mediastreams import MediaStreamTrack
 from pipecat.frames.frames import (
     CancelFrame,
     EndFrame,
@@ -53,6 +53,7 @@ from pipecat.frames.frames import (
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
 from ray_lipsync.audio.resample import Resampler
+from ray_lipsync.webrtc.client import track_frames
 from ray_lipsync.webrtc.peer import ice_configuration
 
 log = logging.getLogger(__name__)
@@ -235,11 +236,7 @@ class LipsyncVideoService(FrameProcessor):
         self._tasks.append(self.create_task(reader(track), f"lipsync-{track.kind}"))
 
     async def _read_video(self, track: MediaStreamTrack) -> None:
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
+        async for frame in track_frames(track):
             image = OutputImageRawFrame(image=frame.to_ndarray(format="rgb24").tobytes(),
                                         size=(frame.width, frame.height), format="RGB")
             image.pts = self._video_pts(int(frame.pts or 0)) * NS // VIDEO_CLOCK
@@ -248,11 +245,7 @@ class LipsyncVideoService(FrameProcessor):
             await self._release_images(force=len(self._held) > MAX_HELD_IMAGES)
 
     async def _read_audio(self, track: MediaStreamTrack) -> None:
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
+        async for frame in track_frames(track):
             pcm = frame.to_ndarray().reshape(-1, len(frame.layout.channels))
             mono = pcm.mean(axis=1).astype("<i2") if pcm.shape[1] > 1 else pcm[:, 0].astype("<i2")
             seconds = mono.size / frame.sample_rate

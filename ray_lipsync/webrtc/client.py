@@ -139,7 +139,7 @@ class ReceiverClient:
         self._tasks.append(asyncio.ensure_future(reader(track)))
 
     async def _read_video(self, track: MediaStreamTrack) -> None:
-        async for frame in _frames(track):
+        async for frame in track_frames(track):
             now = time.monotonic()
             r = self.received
             r.video_times.append(now)
@@ -152,7 +152,7 @@ class ReceiverClient:
                 self._first_video.set()
 
     async def _read_audio(self, track: MediaStreamTrack) -> None:
-        async for frame in _frames(track):
+        async for frame in track_frames(track):
             r = self.received
             r.audio_frames += 1
             r.audio_rate = frame.sample_rate
@@ -164,7 +164,7 @@ class ReceiverClient:
                 r.audio.append(mono)
 
 
-async def _frames(track: MediaStreamTrack) -> AsyncIterator[Any]:
+async def track_frames(track: MediaStreamTrack) -> AsyncIterator[Any]:
     """The frames of a remote track until it ends."""
     while True:
         try:

@@ -20,15 +20,17 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 from aiortc.rtcrtpparameters import RTCRtpCodecCapability
 from aiortc.sdp import SessionDescription
 
+from ray_lipsync.clock import CHUNK_SAMPLES
 from ray_lipsync.types import OutputFrame
 from ray_lipsync.webrtc.mic import MicReader
-from ray_lipsync.webrtc.encoder import attach_keyframe_requests
-from ray_lipsync.webrtc.tracks import MediaCounters, SessionMedia, SessionVideoTrack
+from ray_lipsync.webrtc.encoder import OpusStream, Vp8Stream, attach_keyframe_requests
+from ray_lipsync.webrtc.tracks import MediaCounters, SessionMedia, SessionVideoTrack, pcm_chunk
 
 if TYPE_CHECKING:
     from ray_lipsync.streaming.session import Session
@@ -225,14 +227,6 @@ class SessionPeer:
 async def warm_up() -> None:
     """Exercise aiortc and the encoders once, so a process's first session does not pay for it
     (its first offer otherwise takes ~100 ms more: imports, ICE gathering, codec setup)."""
-    import fractions
-
-    import av
-    import numpy as np
-
-    from ray_lipsync.clock import CHUNK_SAMPLES, SAMPLE_RATE
-    from ray_lipsync.webrtc.encoder import OpusStream, Vp8Stream
-
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     try:
         for kind in ("video", "audio"):
@@ -242,6 +236,4 @@ async def warm_up() -> None:
     finally:
         await pc.close()
     Vp8Stream().encode(np.zeros((64, 64, 3), dtype=np.uint8), 0)
-    chunk = av.AudioFrame.from_ndarray(np.zeros((1, CHUNK_SAMPLES), dtype=np.int16), format="s16", layout="mono")
-    chunk.sample_rate, chunk.pts, chunk.time_base = SAMPLE_RATE, 0, fractions.Fraction(1, SAMPLE_RATE)
-    OpusStream().encode(chunk)
+    OpusStream().encode(pcm_chunk(np.zeros(CHUNK_SAMPLES, dtype=np.int16), 0))

@@ -56,16 +56,17 @@ def audio_chunks(frame: OutputFrame) -> tuple[av.AudioFrame, av.AudioFrame]:
         audio = np.asarray(frame.audio, dtype=np.float32).reshape(-1)[:SAMPLES_PER_FRAME]
         samples[: len(audio)] = audio
     pcm = (np.clip(samples, -1.0, 1.0) * 32767.0).astype(np.int16)
-    chunks = []
-    for i in range(2):
-        chunk = av.AudioFrame.from_ndarray(
-            pcm[i * CHUNK_SAMPLES : (i + 1) * CHUNK_SAMPLES].reshape(1, -1), format="s16", layout="mono"
-        )
-        chunk.sample_rate = SAMPLE_RATE
-        chunk.pts = audio_pts(2 * frame.frame_index + i)
-        chunk.time_base = AUDIO_TIME_BASE
-        chunks.append(chunk)
-    return chunks[0], chunks[1]
+    k = 2 * frame.frame_index
+    return pcm_chunk(pcm[:CHUNK_SAMPLES], k), pcm_chunk(pcm[CHUNK_SAMPLES:], k + 1)
+
+
+def pcm_chunk(pcm: np.ndarray, index: int) -> av.AudioFrame:
+    """Chunk `index` of the session's audio: CHUNK_SAMPLES s16 mono samples at 16 kHz."""
+    chunk = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
+    chunk.sample_rate = SAMPLE_RATE
+    chunk.pts = audio_pts(index)
+    chunk.time_base = AUDIO_TIME_BASE
+    return chunk
 
 
 @dataclass

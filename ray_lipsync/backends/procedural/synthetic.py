@@ -59,13 +59,14 @@ def _draw_frame(width: int, height: int, cx: float, cy: float, u: float) -> np.n
     return frame
 
 
-def _crop(frame: np.ndarray, box: np.ndarray) -> np.ndarray:
+def padded_crop(frame: np.ndarray, box: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
+    """The box's square of `frame` (edges replicated where it leaves the frame), size x size."""
     x1, y1, x2, y2 = (int(v) for v in box)
     h, w = frame.shape[:2]
     pad = max(0, -x1, -y1, x2 - w, y2 - h)
     padded = cv2.copyMakeBorder(frame, pad, pad, pad, pad, cv2.BORDER_REPLICATE) if pad else frame
     region = padded[y1 + pad : y2 + pad, x1 + pad : x2 + pad]
-    return cv2.resize(region, (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_AREA)
+    return cv2.resize(region, (size, size), interpolation=cv2.INTER_AREA)
 
 
 def _mask(points: dict[str, np.ndarray], feather: float) -> np.ndarray:
@@ -101,7 +102,7 @@ def synthetic_avatar(
         points = {k: (np.array(v) - (bx, by)) * scale for k, v in _face_points(cx, cy, u).items()}
         frames.append(frame)
         boxes.append(box)
-        crops.append(_crop(frame, box))
+        crops.append(padded_crop(frame, box))
         masks.append(_mask(points, feather))
         marks.append(np.array([points[n] for n in LANDMARK_NAMES], np.float32))
     return Avatar(
