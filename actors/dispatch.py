@@ -20,11 +20,11 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import numpy as np
 import ray
 
-from actors.stages import RoundResult
 from ray_lipsync.clock import SAMPLES_PER_FRAME, frame_deadline
+from ray_lipsync.streaming.engine import RoundResult
+from ray_lipsync.types import AudioPush
 
 if TYPE_CHECKING:
     from actors.pipeline import RayLink
@@ -40,10 +40,8 @@ ROUND_HISTORY = 200
 @dataclass
 class _Pending:
     link: "RayLink"
-    epoch: int
-    start: int
-    samples: np.ndarray
-    final: bool
+    push: AudioPush
+    made: float = field(default_factory=time.monotonic)
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -57,9 +55,8 @@ class Dispatcher:
         self._calls: set[asyncio.Task] = set()
         self._durations: dict[str, collections.deque[float]] = {}  # replica -> recent round times
 
-    async def submit(self, link: "RayLink", epoch: int, start: int, samples: np.ndarray,
-                     final: bool) -> RoundResult:
-        pending = _Pending(link, epoch, start, samples, final)
+    async def submit(self, link: "RayLink", push: AudioPush) -> RoundResult:
+        pending = _Pending(link, push)
         self._pending.append(pending)
         if self._round is None or self._round.done():
             self._round = asyncio.create_task(self._next_round())
@@ -80,11 +77,10 @@ class Dispatcher:
 
     async def _call(self, group: list[_Pending]) -> None:
         """One round call; every session of the group learns its result or the failure."""
-        now = time.time()
-        pushes = [p.link.audio_push(p.epoch, p.start, p.samples, p.final, now) for p in group]
+        now = time.monotonic()
+        pushes = [p.push.aged(now - p.made) for p in group]  # budgets as of sending
         # the round is useless once its last frame is past due: do not wait longer than that
-        last_due = max(frame_deadline(push.due_in_s, -(-(push.start + len(push.samples)) // SAMPLES_PER_FRAME))
-                       for push in pushes)
+        last_due = max(frame_deadline(push.due_in_s, -(-push.stop // SAMPLES_PER_FRAME)) for push in pushes)
         replica, handle = group[0].link.replica, group[0].link.replica_handle
         ref = handle.round.remote(pushes)
         started = time.monotonic()

@@ -5,8 +5,9 @@ carrying the audio its sessions released; it gets back only mouth patches and pa
 into its own (memory-mapped) avatar frames. Sessions are pinned by the SessionDirectory;
 every few seconds this process renews the pins of its open sessions (a lease: if it dies,
 their slots free up). When a round fails or comes back too late the session counts the
-frames as dropped (`stage_unavailable`) and asks the directory whether to move to another
-replica.
+frames as lost, sends their audio again (streaming/session.py) and this link asks the
+directory to move it to another replica; when none has room the session waits, visibly
+(`waiting_for_replica`), until one has.
 """
 
 from __future__ import annotations
@@ -15,61 +16,59 @@ import asyncio
 import logging
 import uuid
 
-import numpy as np
 import ray
 
 from actors.directory import LEASE_RENEW_S, get_directory
 from actors.dispatch import Dispatcher
-from actors.stages import STAGE_FAILURES, RoundResult
-from ray_lipsync.avatar.model import Avatar
+from actors.stages import STAGE_FAILURES
 from ray_lipsync.config import Settings
-from ray_lipsync.errors import AtCapacity, LipsyncError, StageUnavailable, UnknownSession
-from ray_lipsync.streaming.drops import DropReason
+from ray_lipsync.errors import AtCapacity, LipsyncError, StageUnavailable
+from ray_lipsync.streaming.engine import AvatarCache, RoundResult
 from ray_lipsync.streaming.features import Schedule
-from ray_lipsync.streaming.local import load_avatar, new_clock
+from ray_lipsync.streaming.local import new_clock
+from ray_lipsync.streaming.pipeline import SessionRegistry
 from ray_lipsync.streaming.playout import policy_for_new_session
-from ray_lipsync.streaming.session import Session, Submitted
-from ray_lipsync.types import AudioPush, StageSpec
+from ray_lipsync.streaming.session import Session
+from ray_lipsync.types import AudioPush
 
 log = logging.getLogger(__name__)
 
 DIRECTORY_TIMEOUT_S = 5.0  # a directory call slower than this: the directory is unavailable
+WAITING_POLL_S = 0.5  # a waiting session asks the directory this often for a replica
 
 
 class RayLink:
     """SessionLink of one session: its pinned replica, through this process's dispatcher."""
 
-    def __init__(self, session_id: str, avatar: Avatar, backend: str, schedule: Schedule,
-                 clock, pipeline: "RayPipeline") -> None:
+    def __init__(self, session_id: str, backend: str, pipeline: "RayPipeline") -> None:
         self.session_id = session_id
         self.backend = backend
-        self._avatar = avatar
-        self._spec = StageSpec(avatar.name, len(avatar), schedule)
-        self._clock = clock
         self._pipeline = pipeline
         self.replica = ""
         self.replica_handle = None
+        self.waiting = False
+        self.session: Session | None = None  # told when `waiting` changes
         self._moving: asyncio.Task | None = None
 
     def attach(self, name: str, handle) -> None:
         self.replica, self.replica_handle = name, handle
+        self._set_waiting(False)
 
-    def audio_push(self, epoch: int, start: int, samples: np.ndarray, final: bool, now: float) -> AudioPush:
-        """The push as sent at wall time `now` (its deadline as a budget from `now`)."""
-        return AudioPush(self.session_id, epoch, start, samples, final, self._spec, self._clock.due_in(now))
+    def _set_waiting(self, waiting: bool) -> None:
+        if waiting != self.waiting:
+            self.waiting = waiting
+            if self.session is not None:
+                self.session.link_state_changed()
 
-    async def submit(self, epoch: int, start: int, samples: np.ndarray, final: bool) -> Submitted:
+    async def submit(self, push: AudioPush) -> RoundResult:
+        if self.waiting:
+            raise StageUnavailable("no inference replica has room for this session yet")
         replica = self.replica
         try:
-            result = await self._pipeline.dispatcher.submit(self, epoch, start, samples, final)
+            return await self._pipeline.dispatcher.submit(self, push)
         except STAGE_FAILURES + (ray.exceptions.RayTaskError,) as exc:
             self._replica_failed(replica, exc)
             raise
-        return Submitted(epoch, result.frames, result.speech, self._images(result))
-
-    async def _images(self, result: RoundResult) -> list[np.ndarray | DropReason]:
-        frames = self._avatar.frames
-        return [p if isinstance(p, DropReason) else p.apply(frames[p.avatar_frame]) for p in result.patches]
 
     def _replica_failed(self, replica: str, exc: BaseException) -> None:
         if replica == self.replica and (self._moving is None or self._moving.done()):
@@ -78,19 +77,37 @@ class RayLink:
             self._moving = asyncio.get_running_loop().create_task(self._repin(replica))
 
     async def _repin(self, failed: str) -> None:
+        directory = self._pipeline.directory
         try:
             moved = await asyncio.wait_for(
-                self._pipeline.directory.repin.remote(self.session_id, failed, self._pipeline.gateway_id),
-                DIRECTORY_TIMEOUT_S)
+                directory.repin.remote(self.session_id, failed, self._pipeline.gateway_id), DIRECTORY_TIMEOUT_S)
         except Exception:  # noqa: BLE001 - the directory is restarting: try on the next failure
             log.warning("session %s: could not ask the directory to re-pin", self.session_id, exc_info=True)
             return
-        if moved is not None and moved[0] != self.replica:
-            name, handle = moved
+        if moved is None:
+            return  # the replica answers: it stays
+        name, handle = moved
+        if handle is not None:
+            if name != self.replica:
+                log.warning("session %s re-pinned from %s to %s", self.session_id, failed, name)
             self.attach(name, handle)  # its rounds carry the session's epoch: nothing to replay
-            log.warning("session %s re-pinned from %s to %s", self.session_id, failed, name)
+            return
+        log.warning("session %s: replica %s is gone and no replica has room; waiting", self.session_id, failed)
+        self._set_waiting(True)
+        while self.waiting and self.session is not None and not self.session.closed:
+            await asyncio.sleep(WAITING_POLL_S)
+            try:
+                found = await asyncio.wait_for(directory.assignment.remote(self.session_id),
+                                               DIRECTORY_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - restarting directory: ask again
+                continue
+            if found is not None and found[1] is not None:
+                log.warning("session %s resumes on replica %s", self.session_id, found[0])
+                self.attach(*found)
 
     async def interrupt(self, epoch: int, cut_frame: int) -> None:
+        if self.waiting:
+            return  # the next round carries the epoch
         try:
             await asyncio.wait_for(self.replica_handle.interrupt.remote(self.session_id, epoch, cut_frame),
                                    DIRECTORY_TIMEOUT_S)
@@ -99,11 +116,12 @@ class RayLink:
 
     async def close(self) -> None:
         self._pipeline.forget(self.session_id)
-        await asyncio.gather(
-            asyncio.wait_for(self.replica_handle.close_session.remote(self.session_id), DIRECTORY_TIMEOUT_S),
-            asyncio.wait_for(self._pipeline.directory.unpin.remote(self.session_id), DIRECTORY_TIMEOUT_S),
-            return_exceptions=True,
-        )
+        if self._moving is not None:
+            self._moving.cancel()
+        calls = [self._pipeline.directory.unpin.remote(self.session_id)]
+        if self.replica_handle is not None:
+            calls.append(self.replica_handle.close_session.remote(self.session_id))
+        await asyncio.gather(*(asyncio.wait_for(c, DIRECTORY_TIMEOUT_S) for c in calls), return_exceptions=True)
 
 
 class RayPipeline:
@@ -115,9 +133,9 @@ class RayPipeline:
         self.directory = get_directory(settings)
         self.gateway_id = uuid.uuid4().hex[:12]
         self.dispatcher = Dispatcher(settings.pipeline.dispatch_tick_ms / 1000)
-        self._sessions: dict[str, Session] = {}
+        self._registry = SessionRegistry()
         self._links: dict[str, RayLink] = {}
-        self._avatars: dict[str, Avatar] = {}
+        self._avatars = AvatarCache(settings)
         self._lease: asyncio.Task | None = None
         self._pinning: dict[str, str] = {}  # sessions being created -> backend (held by the lease)
 
@@ -138,15 +156,10 @@ class RayPipeline:
         except Exception:  # noqa: BLE001 - the first session will start them
             log.warning("could not warm the pipeline", exc_info=True)
         try:
-            await pipeline._avatar(settings.avatar.name)
+            await pipeline._avatars.get(settings.avatar.name)
         except Exception:  # noqa: BLE001 - a session on it will say why
             log.warning("could not load the default avatar", exc_info=True)
         return pipeline
-
-    async def _avatar(self, name: str) -> Avatar:
-        if name not in self._avatars:
-            self._avatars[name] = await asyncio.to_thread(load_avatar, self.settings, name)
-        return self._avatars[name]
 
     async def _directory_call(self, method: str, *args, timeout: float = DIRECTORY_TIMEOUT_S):
         try:
@@ -159,44 +172,45 @@ class RayPipeline:
                 raise error.cause from None  # AtCapacity, BackendUnavailable: typed for the API
             raise
 
-    async def create_session(
-        self, avatar: str = "default", backend: str | None = None, session_id: str | None = None
-    ) -> Session:
+    async def create_session(self, avatar: str = "default", backend: str | None = None,
+                             session_id: str | None = None) -> Session:
         backend = backend or self.settings.backend
-        loaded = await self._avatar(avatar)
+        loaded = await self._avatars.get(avatar)
         session_id = session_id or uuid.uuid4().hex
         self._ensure_lease()
         self._pinning[session_id] = backend
         try:
-            return await self._create(session_id, loaded, backend)
+            link, lookahead_ms = await self._pin(session_id, loaded.name, backend)
         finally:
             self._pinning.pop(session_id, None)
-
-    async def _create(self, session_id: str, loaded: Avatar, backend: str) -> Session:
-        wait = self.settings.pipeline.replica_wait_s + DIRECTORY_TIMEOUT_S
-        for attempt in range(2):
-            name, replica = await self._directory_call("pin", session_id, backend, self.gateway_id,
-                                                       timeout=wait)
-            try:
-                lookahead_ms = await asyncio.wait_for(replica.prepare.remote(loaded.name), wait)
-                break
-            except Exception:  # noqa: BLE001 - it died since it was pinned: pin again, once
-                await self._directory_call("unpin", session_id)
-                await self._directory_call("suspect", name)
-        else:
-            raise AtCapacity("no inference replica can take the session right now; retry later")
-        clock = new_clock(self.settings)
-        link = RayLink(session_id, loaded, backend, self.schedule, clock, self)
-        link.attach(name, replica)
         session = Session(
-            session_id, loaded, backend, link, clock,
+            session_id, loaded, backend, link, new_clock(self.settings),
             max_queued_s=self.settings.pipeline.audio_buffer_s,
             lookahead_ms=lookahead_ms,
             playout=policy_for_new_session(self.settings.pipeline, self.sessions()),
+            schedule=self.schedule,
         )
-        self._sessions[session_id] = session
+        link.session = session
+        self._registry.add(session)
         self._links[session_id] = link
         return session
+
+    async def _pin(self, session_id: str, avatar: str, backend: str) -> tuple[RayLink, int]:
+        """Pin the new session to a replica that has loaded its avatar: (link, lookahead ms)."""
+        wait = self.settings.pipeline.replica_wait_s + DIRECTORY_TIMEOUT_S
+        for _ in range(2):
+            name, replica = await self._directory_call("pin", session_id, backend, self.gateway_id,
+                                                       timeout=wait)
+            try:
+                lookahead_ms = await asyncio.wait_for(replica.prepare.remote(avatar), wait)
+            except Exception:  # noqa: BLE001 - it died since it was pinned: pin again, once
+                await self._directory_call("unpin", session_id)
+                await self._directory_call("suspect", name)
+                continue
+            link = RayLink(session_id, backend, self)
+            link.attach(name, replica)
+            return link, lookahead_ms
+        raise AtCapacity("no inference replica can take the session right now; retry later")
 
     # -- leases --------------------------------------------------------------------------
     def _ensure_lease(self) -> None:
@@ -206,7 +220,8 @@ class RayPipeline:
     async def _renew(self) -> None:
         while True:
             pins: dict[str, tuple[str, str | None]] = {sid: (b, None) for sid, b in self._pinning.items()}
-            pins.update({sid: (link.backend, link.replica) for sid, link in self._links.items()})
+            pins.update({sid: (link.backend, None if link.waiting else link.replica)
+                         for sid, link in self._links.items()})
             try:
                 await asyncio.wait_for(self.directory.renew.remote(self.gateway_id, pins), DIRECTORY_TIMEOUT_S)
             except Exception:  # noqa: BLE001 - the directory restarts; the next renewal rebuilds
@@ -215,16 +230,13 @@ class RayPipeline:
 
     # -- sessions ------------------------------------------------------------------------
     def get(self, session_id: str) -> Session:
-        session = self._sessions.get(session_id)
-        if session is None or session.closed:
-            raise UnknownSession(f"no session {session_id!r}")
-        return session
+        return self._registry.get(session_id)
 
     def sessions(self) -> list[Session]:
-        return [s for s in self._sessions.values() if not s.closed]
+        return self._registry.sessions()
 
     def forget(self, session_id: str) -> None:
-        self._sessions.pop(session_id, None)
+        self._registry.forget(session_id)
         self._links.pop(session_id, None)
 
     async def close_session(self, session_id: str) -> None:
@@ -246,5 +258,4 @@ class RayPipeline:
     async def shutdown(self) -> None:
         if self._lease is not None:
             self._lease.cancel()
-        for session in list(self._sessions.values()):
-            await session.close()
+        await self._registry.close_all()

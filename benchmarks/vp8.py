@@ -28,7 +28,7 @@ from benchmarks.latency import load_speech  # noqa: E402
 from ray_lipsync.clock import SAMPLE_RATE, video_pts  # noqa: E402
 from ray_lipsync.config import Settings  # noqa: E402
 from ray_lipsync.render import render_frames  # noqa: E402
-from ray_lipsync.streaming.local import load_avatar  # noqa: E402
+from ray_lipsync.streaming.engine import load_avatar  # noqa: E402
 from ray_lipsync.webrtc.encoder import BITRATE, VIDEO_TIME_BASE, Vp8Stream  # noqa: E402
 from ray_lipsync.yuv import to_i420  # noqa: E402
 

@@ -6,7 +6,7 @@ epoch, and every stage drops work whose epoch is older than the session's curren
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -71,6 +71,8 @@ class AudioPush:
     presented (negative once it has been). A receiver turns it into its own monotonic clock
     (`time.monotonic() + due_in_s`) on arrival, so deadlines never depend on the wall clocks
     of two nodes agreeing. `spec` lets a restarted stage rebuild the session's state.
+    `replay`: audio sent again because the round that carried it failed (the feature stage
+    computes its frames again, see FeatureStage.push).
     """
 
     session_id: str
@@ -80,6 +82,15 @@ class AudioPush:
     final: bool
     spec: StageSpec
     due_in_s: float
+    replay: bool = False
+
+    @property
+    def stop(self) -> int:
+        return self.start + len(self.samples)
+
+    def aged(self, seconds: float) -> "AudioPush":
+        """The same push, `seconds` after it was made (its deadline budget shrunk by that)."""
+        return replace(self, due_in_s=self.due_in_s - seconds)
 
 
 @dataclass

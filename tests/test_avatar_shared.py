@@ -82,7 +82,7 @@ def test_cli_prepare_uploads_and_a_fresh_node_serves_it(tmp_path: Path) -> None:
     run_prepare(prepared_on, image=image, video=None, name="astro", progress=False)
     assert (shared / "astro" / "manifest.json").is_file()
 
-    from ray_lipsync.streaming.local import load_avatar
+    from ray_lipsync.streaming.engine import load_avatar
 
     worker = Settings(home=tmp_path / "worker", avatar_uri=shared.as_uri())
     avatar = load_avatar(worker, "astro")

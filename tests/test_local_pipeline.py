@@ -265,9 +265,9 @@ class SlowRenderer(ProceduralRenderer):
 def test_late_frames_are_idle_and_counted_but_audio_is_never_held(
     settings, speech_detector, monkeypatch
 ):
-    import ray_lipsync.streaming.local as local
+    import ray_lipsync.streaming.engine as engine
 
-    monkeypatch.setattr(local, "create_renderer", lambda settings, name=None: SlowRenderer(settings))
+    monkeypatch.setattr(engine, "create_renderer", lambda settings, name=None: SlowRenderer(settings))
     voice = speech(PHRASE_A)
 
     async def run():
@@ -280,7 +280,12 @@ def test_late_frames_are_idle_and_counted_but_audio_is_never_held(
     assert_clock(received, session)
     assert_audio_is(received, utt.start_frame, voice)  # audio exact although video is late
     dropped = [r for r in received if r.frame.dropped]
-    assert stats.frames_dropped == len(dropped) > 0
+    # a frame is flagged when its speech was known before it was due; speech learnt later (the
+    # round came back after the frame went out) is counted then, without a flag
+    assert stats.frames_dropped >= len(dropped) and stats.frames_dropped > 0
+    idle_speech = [r for r in received if is_idle(session, r.frame)
+                   and r.frame.frame_index in speech_frames(speech_detector, voice, utt.start_frame)]
+    assert stats.frames_dropped <= len(idle_speech)  # nothing counted twice
     assert all(is_idle(session, r.frame) for r in dropped)
     assert {r.frame.frame_index for r in dropped} <= speech_frames(speech_detector, voice, utt.start_frame)
 
@@ -370,11 +375,11 @@ def test_failed_engine_calls_drop_speech_frames_once_each_with_their_reason(sett
         real_submit = link.submit
         started: list[float] = []
 
-        async def flaky_submit(epoch, start, samples, final):
+        async def flaky_submit(push):
             t = time.time() - started[0]
             if outage[0] <= t < outage[1]:
                 raise ConnectionError("stage gone")
-            return await real_submit(epoch, start, samples, final)
+            return await real_submit(push)
 
         link.submit = flaky_submit
         rx = Receiver(session)

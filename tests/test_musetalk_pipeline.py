@@ -87,7 +87,7 @@ def test_musetalk_local_pipeline(musetalk_settings: Settings) -> None:
     # no GPU here: the replica says it renders on the CPU (reaches /metrics and session state)
     assert [(s["replica"], s["backend"], s["device"]) for s in stats] == [("local", "musetalk", "cpu")]
     assert stats[0]["frames"] > 0
-    from ray_lipsync.streaming.local import load_avatar
+    from ray_lipsync.streaming.engine import load_avatar
 
     check(frames, audio, utterance, load_avatar(musetalk_settings, "default").frames)
 
@@ -98,7 +98,7 @@ def test_musetalk_ray_pipeline(musetalk_settings: Settings) -> None:
     from actors.runtime import init_ray
 
     from actors.pipeline import RayPipeline
-    from ray_lipsync.streaming.local import load_avatar
+    from ray_lipsync.streaming.engine import load_avatar
 
     init_ray(num_cpus=2, include_dashboard=False, namespace="musetalk-test")
     try:

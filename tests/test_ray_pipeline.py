@@ -70,6 +70,14 @@ def make_settings(lipsync_settings: Settings):
         kill_namespace(namespace)
 
 
+async def until_ready(pipeline: RayPipeline, n: int, timeout: float = 90.0) -> None:
+    """Until `n` replicas are ready (their start is bounded by the machine, not the code)."""
+    deadline = time.monotonic() + timeout
+    while len([r for r in await pipeline.replicas() if r["state"] == "ready"]) < n:
+        assert time.monotonic() < deadline, f"{n} replicas not ready after {timeout:.0f} s"
+        await asyncio.sleep(0.25)
+
+
 async def bounded(work, seconds: float = 150.0):
     """Fail a test that hangs (a pending actor) instead of blocking the suite."""
     return await asyncio.wait_for(work, seconds)
@@ -237,11 +245,14 @@ class TestSimulatedGpuCluster:
         cluster.shutdown()
 
     def test_replicas_on_gpu_nodes_spread_sessions_and_cap_them(self, gpu_cluster, make_settings):
-        settings = make_settings(sessions_per_replica=1, replica_wait_s=3)
+        # both replicas are started at once (min_replicas=2) and the test waits until they are
+        # ready: a replica's start on a busy 2-core machine is not what this test is about
+        settings = make_settings(sessions_per_replica=1, min_replicas=2, replica_wait_s=3)
         voice = speech(PHRASE_A)
 
         async def run():
             pipeline = await RayPipeline.connect(settings)
+            await until_ready(pipeline, 2)
             sessions = [await pipeline.create_session() for _ in range(2)]
             started = time.time()
             with pytest.raises(AtCapacity):

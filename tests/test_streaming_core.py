@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -139,6 +140,11 @@ class CountingFeaturizer(ProceduralFeaturizer):  # stateful: featurizes silent f
         return super().featurize(requests)
 
 
+def push(session_id: str, epoch: int, start: int, samples: np.ndarray, final: bool) -> AudioPush:
+    """A push of a session opened by make_batcher (due now: deadlines play no part here)."""
+    return AudioPush(session_id, epoch, start, samples, final, StageSpec("default", avatar_frames=5), 0.0)
+
+
 def make_batcher(speech_detector, featurizer=None, sessions=("s",), schedule="streaming"):
     batcher = FeatureBatcher(featurizer or ProceduralFeaturizer(), speech_detector)
     for sid in sessions:
@@ -152,9 +158,9 @@ def test_frames_become_ready_after_their_lookahead(speech_detector):
     lookahead = batcher.lookahead_ms * 16
 
     async def run():
-        got = await batcher.process("s", 0, 0, voice[: 10 * F + 100], final=False)
+        got = await batcher.process(push("s", 0, 0, voice[: 10 * F + 100], final=False))
         assert [j.frame_index for j in got] == list(range((10 * F + 100 - lookahead) // F))
-        rest = await batcher.process("s", 0, 10 * F + 100, voice[10 * F + 100 :], final=True)
+        rest = await batcher.process(push("s", 0, 10 * F + 100, voice[10 * F + 100 :], final=True))
         return got + rest
 
     jobs = asyncio.run(run())
@@ -176,7 +182,7 @@ def features_by_push_size(speech_detector, step: int) -> list[FrameJob]:
         batcher, jobs = make_batcher(speech_detector), []
         for at in range(0, len(voice), step):
             piece = voice[at : at + step]
-            jobs += await batcher.process("s", 0, at, piece, final=at + step >= len(voice))
+            jobs += await batcher.process(push("s", 0, at, piece, final=at + step >= len(voice)))
         return jobs
 
     return asyncio.run(run())
@@ -207,8 +213,8 @@ def test_silence_is_not_speech_and_gaps_are_never_computed(speech_detector):
     n = -(-len(voice) // F)
 
     async def run():
-        quiet = await batcher.process("s", 0, 0, silence(0.4), final=True)
-        tone = await batcher.process("s", 0, 50 * F, voice, final=True)  # gap: frames 10..49
+        quiet = await batcher.process(push("s", 0, 0, silence(0.4), final=True))
+        tone = await batcher.process(push("s", 0, 50 * F, voice, final=True))  # gap: frames 10..49
         return quiet, tone
 
     quiet, tone = asyncio.run(run())
@@ -224,13 +230,13 @@ def test_one_featurizer_call_serves_many_sessions_without_cross_talk(speech_dete
     shared = make_batcher(speech_detector, counting, sessions=tuple(voices))
 
     async def run_shared():
-        return await asyncio.gather(*(shared.process(s, 0, 0, v, final=True) for s, v in voices.items()))
+        return await asyncio.gather(*(shared.process(push(s, 0, 0, v, final=True)) for s, v in voices.items()))
 
     results = dict(zip(voices, asyncio.run(run_shared())))
     assert counting.calls == [3]  # one call for all; the stateful featurizer sees silence too
     for sid, voice in voices.items():
         solo = make_batcher(speech_detector, sessions=(sid,))
-        alone = asyncio.run(solo.process(sid, 0, 0, voice, final=True))
+        alone = asyncio.run(solo.process(push(sid, 0, 0, voice, final=True)))
         assert all(j.session_id == sid for j in results[sid])
         assert [j.speech for j in results[sid]] == [j.speech for j in alone]
         for js, ja in zip(results[sid], alone):
@@ -244,10 +250,10 @@ def test_interrupt_drops_old_epoch_audio(speech_detector):
     voice = speech()
 
     async def run():
-        before = await batcher.process("s", 0, 0, voice[: 20 * F], final=False)
+        before = await batcher.process(push("s", 0, 0, voice[: 20 * F], final=False))
         await batcher.interrupt("s", 1, 12)
-        stale = await batcher.process("s", 0, 20 * F, voice[20 * F : 30 * F], final=True)
-        fresh = await batcher.process("s", 1, 12 * F, voice[: 10 * F], final=True)
+        stale = await batcher.process(push("s", 0, 20 * F, voice[20 * F : 30 * F], final=True))
+        fresh = await batcher.process(push("s", 1, 12 * F, voice[: 10 * F], final=True))
         return before, stale, fresh
 
     before, stale, fresh = asyncio.run(run())
@@ -262,8 +268,8 @@ def test_batch16_schedule_waits_for_sixteen_frames_and_right_context(speech_dete
     voice = speech()
 
     async def run():
-        early = await batcher.process("s", 0, 0, voice[: 16 * F + 3199], final=False)
-        block = await batcher.process("s", 0, 16 * F + 3199, voice[16 * F + 3199 : 16 * F + 3200], final=False)
+        early = await batcher.process(push("s", 0, 0, voice[: 16 * F + 3199], final=False))
+        block = await batcher.process(push("s", 0, 16 * F + 3199, voice[16 * F + 3199 : 16 * F + 3200], final=False))
         return early, block
 
     early, block = asyncio.run(run())
@@ -274,7 +280,25 @@ def test_batch16_schedule_waits_for_sixteen_frames_and_right_context(speech_dete
 def test_unknown_session_is_a_typed_error(speech_detector):
     batcher = make_batcher(speech_detector)
     with pytest.raises(UnknownSession, match="nope"):
-        asyncio.run(batcher.process("nope", 0, 0, silence(0.1), final=True))
+        asyncio.run(batcher.interrupt("nope", 1, 0))
+
+
+def test_a_replayed_push_computes_its_frames_again(speech_detector):
+    """A push whose round failed is sent again (replay): the stage that already saw it
+    computes its frames again, as a new segment, and the next push continues it."""
+    batcher = make_batcher(speech_detector)
+    voice = speech()
+
+    async def run():
+        first = await batcher.process(push("s", 0, 0, voice[: 20 * F], final=False))
+        again = await batcher.process(replace(push("s", 0, 10 * F, voice[10 * F : 20 * F], final=False), replay=True))
+        rest = await batcher.process(push("s", 0, 20 * F, voice[20 * F : 30 * F], final=True))
+        return first, again, rest
+
+    first, again, rest = asyncio.run(run())
+    assert [j.frame_index for j in first] == list(range(19))  # frame 19 waits for its lookahead
+    assert [j.frame_index for j in again] == list(range(10, 19))
+    assert [j.frame_index for j in rest] == list(range(19, 30))
 
 
 # -- RenderQueue / BatchWorker ------------------------------------------------------------
@@ -365,8 +389,8 @@ def test_a_stateless_featurizer_is_not_asked_for_silent_frames(speech_detector):
 
     async def run():
         return await asyncio.gather(
-            batcher.process("talk", 0, 0, speech(), final=True),
-            batcher.process("quiet", 0, 0, silence(1.0), final=True),
+            batcher.process(push("talk", 0, 0, speech(), final=True)),
+            batcher.process(push("quiet", 0, 0, silence(1.0), final=True)),
         )
 
     talk, quiet = asyncio.run(run())

@@ -1,6 +1,6 @@
 """The gateway core: one replica's sessions, their peers, tokens, events and idle timeout.
 
-No Ray here. A `Gateway` wraps a pipeline (LocalPipeline or RayPipeline, same interface) and
+No Ray here. A `Gateway` wraps a `Pipeline` (LocalPipeline or RayPipeline) and
 adds what the HTTP service needs: public session ids that name their home replica
 ("<replica>.<random>"), per-session bearer tokens, a WebRTC peer per session, server-sent
 events when utterance frames are *sent*, per-frame latency, and closing idle or disconnected
@@ -27,6 +27,8 @@ from ray_lipsync.clock import SAMPLE_RATE
 from ray_lipsync.config import Settings
 from ray_lipsync.errors import AtCapacity, MalformedAudio, SessionError, UnknownSession
 from ray_lipsync.ice import session_ice_servers
+from ray_lipsync.streaming.pipeline import Pipeline
+from ray_lipsync.streaming.session import Session
 from ray_lipsync.types import OutputFrame
 
 logger = logging.getLogger(__name__)
@@ -65,7 +67,7 @@ class PeerFactory(Protocol):
 
 
 def default_peer_factory(session: Any, **kwargs: Any) -> Any:
-    """E1's SessionPeer (imported lazily: aiortc is only needed once a client sends an offer)."""
+    """The aiortc SessionPeer (imported lazily: aiortc is only needed once a client sends an offer)."""
     from ray_lipsync.webrtc.peer import SessionPeer
 
     return SessionPeer(session, **kwargs)
@@ -76,7 +78,7 @@ class _Entry:
     public_id: str
     compat_id: int
     token: str
-    session: Any
+    session: Session
     events: EventHub = field(default_factory=EventHub)
     peer: Any = None
     last_activity: float = field(default_factory=time.monotonic)
@@ -88,7 +90,7 @@ class _Entry:
 class Gateway:
     """Sessions of one gateway replica. Create with `Gateway(settings, pipeline, replica)`."""
 
-    def __init__(self, settings: Settings, pipeline: Any, replica: str, *,
+    def __init__(self, settings: Settings, pipeline: Pipeline, replica: str, *,
                  peer_factory: PeerFactory = default_peer_factory,
                  ice_servers: list[dict] | None = None) -> None:
         if not replica or "." in replica:
@@ -153,8 +155,9 @@ class Gateway:
         compat_id = replica_code(self.replica) * _COMPAT_SPLIT + secrets.randbelow(_COMPAT_SPLIT)
         ice = (self._static_ice if self._static_ice is not None
                else session_ice_servers(self.settings.webrtc, public_id))
-        self._entries[public_id] = _Entry(public_id, compat_id, new_token(), session, ice_servers=ice)
+        entry = self._entries[public_id] = _Entry(public_id, compat_id, new_token(), session, ice_servers=ice)
         self._by_compat[compat_id] = public_id
+        session.on_state_change(lambda state: self._on_state(entry, state))
         self.metrics.sessions_created += 1
         logger.info("session %s created (avatar %s)", public_id, avatar)
         return {"session_id": public_id, "token": self._entries[public_id].token,
@@ -249,6 +252,11 @@ class Gateway:
                     data.update(played.get(utterance_id, {"played_ms": None, "interrupted": None}))
                 entry.events.publish(event, data)
 
+    def _on_state(self, entry: _Entry, state: str) -> None:
+        """The session lost its replica with no room elsewhere, or got one again."""
+        logger.warning("session %s: %s", entry.public_id, state)
+        entry.events.publish("session.state", {"state": state})
+
     def _on_peer_closed(self, entry: _Entry) -> None:
         if entry.public_id in self._entries:
             task = asyncio.get_running_loop().create_task(
@@ -310,6 +318,7 @@ class Gateway:
             "replica": stats.replica,
             "epoch": stats.epoch,
             "speaking": stats.speaking,
+            "state": stats.state,
             "frames_sent": stats.frames_sent,
             "frames_dropped": stats.frames_dropped,
             "drops": stats.drops,
@@ -343,14 +352,17 @@ class Gateway:
         return [self.metrics_snapshot()]
 
     async def health(self) -> list[str]:
-        """Pipeline stages unavailable right now, as the pipeline reports them."""
-        health = getattr(self.pipeline, "health", None)
-        return await health() if health else []
+        """Pipeline stages unavailable right now, as the pipeline reports them, and this
+        gateway's sessions that wait for an inference replica."""
+        degraded = await self.pipeline.health()
+        waiting = sum(e.session.state == "waiting_for_replica" for e in self._entries.values())
+        if waiting:
+            degraded.append(f"{waiting} session(s) on gateway {self.replica} waiting for an inference replica")
+        return degraded
 
     async def inference_stats(self) -> list[dict]:
-        """Per inference replica: sessions, queue depth, batches (pipelines that have replicas)."""
-        replica_stats = getattr(self.pipeline, "replica_stats", None)
-        return await replica_stats() if replica_stats else []
+        """Per inference replica: sessions, queue depth, batches."""
+        return await self.pipeline.replica_stats()
 
     def metrics_snapshot(self) -> dict:
         entries = list(self._entries.values())

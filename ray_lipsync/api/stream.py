@@ -269,6 +269,8 @@ class StreamSocket:
                 await self._send({"type": "playback.finished", "utterance_id": uid,
                                   "played_ms": data.get("played_ms"),
                                   "interrupted": data.get("interrupted")})
+            elif event == "session.state":  # waiting_for_replica / streaming
+                await self._send({"type": "session.state", "state": data.get("state")})
             elif event == "session.closed":
                 await self._close_gone(data.get("reason", "session closed"))
                 return

@@ -82,10 +82,16 @@ class FeatureStage:
         self.next_frame = 0
         self._final = False  # no audio follows the current end: lookahead is silence
 
-    def push(self, start: int, samples: np.ndarray, final: bool) -> list[ReadyFrames]:
-        """Audio for timeline samples [start, start + len); returns what became ready."""
+    def push(self, start: int, samples: np.ndarray, final: bool, replay: bool = False) -> list[ReadyFrames]:
+        """Audio for timeline samples [start, start + len); returns what became ready.
+
+        `replay`: the session sends again audio whose frames were lost on the way (a failed
+        round): the frames from `start` on are computed again, as a new segment.
+        """
         ready = []
-        if start < self._audio.end:  # a stale push (e.g. replayed by a restarted stage): skip what is known
+        if replay and start < max(self._audio.end, self.next_frame * SAMPLES_PER_FRAME):
+            self._restart(start - start % SAMPLES_PER_FRAME, keep_tail=False, rewind=True)
+        elif start < self._audio.end:  # a stale push (e.g. replayed by a restarted stage): skip what is known
             known = self._audio.end - start
             log.debug("%s: push at %d overlaps %d; %d samples skipped", self.session_id, start,
                       self._audio.end, min(known, len(samples)))
@@ -112,15 +118,17 @@ class FeatureStage:
         self.next_frame = min(self.next_frame, cut_frame)
         self._restart(cut_frame * SAMPLES_PER_FRAME, keep_tail=False)
 
-    def _restart(self, start: int, keep_tail: bool = True) -> None:
-        """Begin a new segment at frame-aligned sample `start` (fresh VAD state)."""
+    def _restart(self, start: int, keep_tail: bool = True, rewind: bool = False) -> None:
+        """Begin a new segment at frame-aligned sample `start` (fresh VAD state); `rewind`:
+        its frames are computed even if frames after `start` were already."""
         tail = self._audio.read(start, self._audio.end) if keep_tail else np.zeros(0, np.float32)
         self._audio.reset(start)
         self._audio.write(start, tail)
         self._vad = self._vad_model.stream()
         self._vad_end = start
         self._flags.clear()
-        self.next_frame = max(self.next_frame, start // SAMPLES_PER_FRAME)
+        first = start // SAMPLES_PER_FRAME
+        self.next_frame = first if rewind else max(self.next_frame, first)
         self._final = False
 
     def _ready_until(self) -> int:
@@ -189,14 +197,13 @@ class FeatureStage:
 
 @dataclass
 class _Op:
-    """A queued operation on one session: push audio, interrupt, or close."""
+    """A queued operation on one session: push audio, interrupt (at frame `cut`), or close."""
 
     kind: Literal["push", "interrupt", "close"]
     session_id: str
-    epoch: int
-    start: int = 0  # push: first sample; interrupt: the cut frame
-    samples: np.ndarray | None = None
-    final: bool = False
+    epoch: int = 0
+    push: AudioPush | None = None
+    cut: int = 0
     future: asyncio.Future | None = None
 
 
@@ -222,30 +229,24 @@ class FeatureBatcher:
         self.stages[session_id] = FeatureStage(session_id, spec, self.featurizer, self.vad, self.lookahead_ms)
 
     async def process_pushes(self, pushes: Sequence[AudioPush]) -> list[list[FrameJob]]:
-        """Several sessions' pushes, served by one featurizer step.
-
-        A session this batcher does not know (it was restarted, or the session moved here) is
-        opened from the push's spec: its audio context and VAD state start afresh at the push.
-        """
-        for push in pushes:
-            if push.session_id not in self.stages:
-                self.open(push.session_id, push.spec)
-                self.stages[push.session_id].epoch = push.epoch
-        return list(await asyncio.gather(
-            *(self.process(p.session_id, p.epoch, p.start, p.samples, p.final) for p in pushes)))
+        """Several sessions' pushes, served by one featurizer step."""
+        return list(await asyncio.gather(*(self.process(p) for p in pushes)))
 
     async def close(self, session_id: str) -> None:
-        await self._submit(_Op("close", session_id, 0))
+        await self._submit(_Op("close", session_id))
 
     async def interrupt(self, session_id: str, epoch: int, cut_frame: int) -> None:
         self._stage(session_id)
-        await self._submit(_Op("interrupt", session_id, epoch, cut_frame))
+        await self._submit(_Op("interrupt", session_id, epoch, cut=cut_frame))
 
-    async def process(
-        self, session_id: str, epoch: int, start: int, samples: np.ndarray, final: bool
-    ) -> list[FrameJob]:
-        self._stage(session_id)
-        return await self._submit(_Op("push", session_id, epoch, start, samples, final))
+    async def process(self, push: AudioPush) -> list[FrameJob]:
+        """The frames `push` made ready. A session this batcher does not know (it was
+        restarted, or the session moved here) is opened from the push's spec: its audio
+        context and VAD state start afresh at the push."""
+        if push.session_id not in self.stages:
+            self.open(push.session_id, push.spec)
+            self.stages[push.session_id].epoch = push.epoch
+        return await self._submit(_Op("push", push.session_id, push.epoch, push))
 
     def _stage(self, session_id: str) -> FeatureStage:
         try:
@@ -287,11 +288,11 @@ class FeatureBatcher:
                 if op.kind == "close":
                     del self.stages[op.session_id]
                 elif op.kind == "interrupt":
-                    stage.interrupt(op.epoch, op.start)
+                    stage.interrupt(op.epoch, op.cut)
                     ready = [(j, r) for j, r in ready if r.stage is not stage]  # old epoch: dropped
-                elif op.epoch >= stage.epoch:
-                    assert op.samples is not None
-                    ready.extend((i, r) for r in stage.push(op.start, op.samples, op.final))
+                elif op.epoch >= stage.epoch and op.push is not None:
+                    push = op.push
+                    ready.extend((i, r) for r in stage.push(push.start, push.samples, push.final, push.replay))
             except Exception as exc:  # one session's bad operation fails that operation only
                 log.exception("feature stage of %s failed", op.session_id)
                 results[i] = exc

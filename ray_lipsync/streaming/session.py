@@ -18,7 +18,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Protocol
+from typing import AsyncIterator, Awaitable, Callable, Protocol
 
 import numpy as np
 
@@ -28,36 +28,30 @@ from ray_lipsync.errors import MalformedAudio, SessionClosed
 from ray_lipsync.streaming.drops import DropCounter, DropReason
 from ray_lipsync.streaming.playout import PlayoutPolicy
 from ray_lipsync.streaming.timeline import Cut, SessionTimeline, Utterance
-from ray_lipsync.types import OutputFrame
+from ray_lipsync.streaming.engine import RoundResult
+from ray_lipsync.types import AudioPush, OutputFrame, StageSpec
 
 log = logging.getLogger(__name__)
 
 RELEASE_MARGIN_MS = 120  # queued speech goes to the engine this far ahead of its lookahead
+REPLAY_BACKOFF_S = 0.05  # a failed round's audio is sent again after this (doubling, ...
+REPLAY_BACKOFF_MAX_S = 0.4  # ... up to this) while its frames are not yet due
 
-__all__ = ["Session", "SessionLink", "SessionStats", "Submitted", "Utterance"]
-
-
-@dataclass
-class Submitted:
-    """What one push of audio made ready: all its frames, which are speech, and their images.
-
-    `images` resolves to one full frame (or the DropReason of a stage that shed it) per speech
-    frame, in order; None when no frame is speech.
-    """
-
-    epoch: int
-    frames: list[int]
-    speech: list[bool]
-    images: Awaitable[list[np.ndarray | DropReason]] | None
+__all__ = ["Session", "SessionLink", "SessionStats", "Utterance"]
 
 
 class SessionLink(Protocol):
-    """The engine side of one session (pinned replica, compositor, feature stage)."""
+    """The engine side of one session: its pinned replica (or the in-process engine)."""
 
     @property
     def replica(self) -> str: ...
 
-    async def submit(self, epoch: int, start: int, samples: np.ndarray, final: bool) -> Submitted: ...
+    @property
+    def waiting(self) -> bool:
+        """True while the session's replica is gone and no other has room (frames show idle)."""
+        ...
+
+    async def submit(self, push: AudioPush) -> RoundResult: ...
 
     async def interrupt(self, epoch: int, cut_frame: int) -> None: ...
 
@@ -70,6 +64,7 @@ class SessionStats:
     replica: str
     epoch: int
     speaking: bool
+    state: str  # "streaming", or "waiting_for_replica" while its replica is gone and none has room
     frames_sent: int
     frames_dropped: int
     drops: dict[str, int]
@@ -93,12 +88,14 @@ class Session:
         max_queued_s: float,
         lookahead_ms: int,
         playout: PlayoutPolicy | None = None,
+        schedule: str = "streaming",
     ) -> None:
         self.session_id = session_id
         self.avatar = avatar
         self.backend = backend
         self.clock = clock
         self._link = link
+        self._spec = StageSpec(avatar.name, len(avatar), schedule)
         self._timeline = SessionTimeline(clock, max_queued_s)
         self._lookahead = ms_to_samples(lookahead_ms)
         self._playout = playout  # None: every utterance gets the clock's fixed D
@@ -117,6 +114,10 @@ class Session:
         self.frames_sent = 0
         self._engine_ok = True
         self._claimed = 0  # frames before this were completed by pushes already submitted
+        self._released = (0, False)  # (end sample, final) of the audio handed to the engine
+        self._replay_from: int | None = None  # first frame whose round failed, to send again
+        self._replayer: asyncio.Task | None = None
+        self._state_listeners: list[Callable[[str], None]] = []
         self._feeder = asyncio.create_task(self._feed(), name=f"feed-{session_id}")
         self._collectors: set[asyncio.Task] = set()
 
@@ -132,6 +133,21 @@ class Session:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def state(self) -> str:
+        """"streaming", or "waiting_for_replica" while its replica is gone and none has room
+        (its frames show idle and count as dropped; it resumes by itself)."""
+        return "waiting_for_replica" if self._link.waiting else "streaming"
+
+    def on_state_change(self, listener: Callable[[str], None]) -> None:
+        """Call `listener(state)` whenever `state` changes."""
+        self._state_listeners.append(listener)
+
+    def link_state_changed(self) -> None:
+        """The link's `waiting` changed (called by the link)."""
+        for listener in self._state_listeners:
+            listener(self.state)
 
     @property
     def frames_dropped(self) -> int:
@@ -179,6 +195,8 @@ class Session:
             del self._ready[k]
         self._expected = {k for k in self._expected if k < cut_frame}
         self._claimed = min(self._claimed, cut_frame)
+        self._released = (min(self._released[0], cut_frame * SAMPLES_PER_FRAME), True)
+        self._replay_from = None
         await self._link.interrupt(epoch, cut_frame)
         return epoch
 
@@ -231,30 +249,77 @@ class Session:
             first = self._claimed
             done = -(-stop // SAMPLES_PER_FRAME) if final else (stop - self._lookahead) // SAMPLES_PER_FRAME
             self._claimed = max(first, done)
-            self._spawn(self._submit(timeline.epoch, start, piece, final, range(first, self._claimed)))
+            self._released = (stop, final)
+            self._spawn(self._submit(self._push(start, piece, final), range(first, self._claimed)))
+
+    def _push(self, start: int, samples: np.ndarray, final: bool, replay: bool = False) -> AudioPush:
+        """The push of timeline samples [start, start + len(samples)), made now."""
+        return AudioPush(self.session_id, self._timeline.epoch, start, samples, final, self._spec,
+                         self.clock.due_in(time.time()), replay)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
         self._collectors.add(task)
         task.add_done_callback(self._collectors.discard)
 
-    async def _submit(self, epoch: int, start: int, piece: np.ndarray, final: bool,
-                      frames: range) -> None:
+    async def _submit(self, push: AudioPush, frames: range) -> None:
         try:
-            submitted = await self._link.submit(epoch, start, piece, final)
+            result = await self._link.submit(push)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             if self._engine_ok:  # once per outage, not once per frame
-                log.warning("session %s: engine call failed (%s: %s); its frames show idle",
+                log.warning("session %s: engine call failed (%s: %s); sending its audio again",
                             self.session_id, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
             self._engine_ok = False
-            self._lost_push(epoch, frames)
+            self._lost_push(push.epoch, frames)
+            self._replay(push.epoch, frames)
             return
         if not self._engine_ok:
             log.info("session %s: engine answers again", self.session_id)
         self._engine_ok = True
-        self._track(submitted)
+        self._track(push.epoch, result, replayed=push.replay)
+
+    def _replay(self, epoch: int, frames: range) -> None:
+        """Send the audio of `frames` (and all released after it) again, while not due."""
+        if epoch != self.epoch or not len(frames):
+            return
+        first = frames.start if self._replay_from is None else min(self._replay_from, frames.start)
+        self._replay_from = first
+        if self._replayer is None or self._replayer.done():
+            self._replayer = asyncio.ensure_future(self._replay_loop(epoch))
+            self._collectors.add(self._replayer)
+            self._replayer.add_done_callback(self._collectors.discard)
+
+    async def _replay_loop(self, epoch: int) -> None:
+        """One replay push at a time, backing off, until one is served or its frames are due.
+
+        A replay covers everything released from the first lost frame on, so the stage that
+        serves it ends where the next regular push starts; it starts a new segment there.
+        """
+        backoff = REPLAY_BACKOFF_S
+        while self._replay_from is not None and not self._closed:
+            await asyncio.sleep(backoff)
+            if epoch != self.epoch:
+                break
+            first = max(self._replay_from, self._next_emit + 1)  # the next frame is as good as gone
+            stop, final = self._released
+            if first * SAMPLES_PER_FRAME >= stop or first >= self._claimed:
+                break
+            start = first * SAMPLES_PER_FRAME
+            push = self._push(start, self._timeline.audio.read(start, stop), final, replay=True)
+            self._replay_from = None
+            try:
+                result = await self._link.submit(push)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - still failing: again, later
+                self._replay_from = first if self._replay_from is None else min(first, self._replay_from)
+                backoff = min(2 * backoff, REPLAY_BACKOFF_MAX_S)
+                continue
+            log.info("session %s: frames %d.. sent again", self.session_id, first)
+            self._track(push.epoch, result, replayed=True)
+        self._replay_from = None
 
     def _lost_push(self, epoch: int, frames: range) -> None:
         """An engine call failed: the speech frames it would have completed are dropped
@@ -312,37 +377,37 @@ class Session:
         for k in range(start // SAMPLES_PER_FRAME, stop // SAMPLES_PER_FRAME):
             self._audio_at[k] = when
 
-    def _track(self, submitted: Submitted) -> None:
-        if submitted.epoch != self.epoch or submitted.images is None:
-            if asyncio.iscoroutine(submitted.images):
-                submitted.images.close()  # stale epoch: never awaited, so close it quietly
+    def _track(self, epoch: int, result: RoundResult, replayed: bool = False) -> None:
+        """A served push: its speech frames become expected; their images are collected."""
+        if epoch != self.epoch or not any(result.speech):
             return
-        speech_frames = [k for k, s in zip(submitted.frames, submitted.speech) if s]
+        speech_frames = [k for k, s in zip(result.frames, result.speech) if s]
         past = sum(k < self._next_emit for k in speech_frames)
-        if past:  # already shown idle before they were known as speech
-            self._drops.count(DropReason.LATE, past)
+        if past and not replayed:  # shown idle before they were known as speech (a replayed
+            self._drops.count(DropReason.LATE, past)  # frame was expected, so counted then)
         self._expected.update(k for k in speech_frames if k >= self._next_emit)
-        self._spawn(self._collect(submitted.epoch, speech_frames, submitted.images))
+        self._collect(epoch, speech_frames, result)
 
-    async def _collect(
-        self, epoch: int, frames: list[int], images: Awaitable[list[np.ndarray | DropReason]]
-    ) -> None:
-        try:
-            results = await images
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.warning("session %s: frames %s lost", self.session_id, frames[:1], exc_info=True)
-            results = [DropReason.STAGE_UNAVAILABLE] * len(frames)
+    def _collect(self, epoch: int, frames: list[int], result: RoundResult) -> None:
+        """Paste the round's mouth patches into this session's avatar frames (frames not yet
+        shown only); a frame a stage shed keeps its reason."""
         done = time.time()
-        for k, image in zip(frames, results):
+        for k, patch in zip(frames, result.patches):
             arrived = self._audio_at.pop(k, None)
-            if epoch == self.epoch and not isinstance(image, DropReason) and image is not None:
+            if epoch != self.epoch:
+                continue  # cut by an interrupt (not a drop)
+            if not isinstance(patch, DropReason):
                 self._note_need(k, done)
-            if epoch != self.epoch or k < self._next_emit:
-                continue  # cut by an interrupt (not a drop), or already shown and counted
-            if isinstance(image, DropReason) or image is None:
-                self._lost[k] = image or DropReason.STAGE_UNAVAILABLE
+            if k < self._next_emit:
+                continue  # already shown and counted
+            if isinstance(patch, DropReason):
+                self._lost[k] = patch
+                continue
+            try:
+                image = patch.apply(self.avatar.frames[patch.avatar_frame])
+            except Exception:  # noqa: BLE001 - a malformed patch loses its frame, not the session
+                log.warning("session %s: frame %d lost", self.session_id, k, exc_info=True)
+                self._lost[k] = DropReason.STAGE_ERROR
                 continue
             latency = None if arrived is None else (done - arrived) * 1000
             self._ready[k] = (image, latency)
@@ -444,6 +509,7 @@ class Session:
             replica=self.replica,
             epoch=self.epoch,
             speaking=self.speaking(),
+            state=self.state,
             frames_sent=self.frames_sent,
             frames_dropped=self.frames_dropped,
             drops=self._drops.by_reason(),

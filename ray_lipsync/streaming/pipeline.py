@@ -1,0 +1,66 @@
+"""What a gateway needs of a pipeline, and the registry of a pipeline's sessions.
+
+Two pipelines implement `Pipeline`: `LocalPipeline` (one in-process engine per backend) and
+`actors.pipeline.RayPipeline` (sessions pinned to inference replica actors). The gateway
+(ray_lipsync/api/gateway.py) uses only this protocol.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from ray_lipsync.errors import UnknownSession
+from ray_lipsync.streaming.session import Session
+
+
+class Pipeline(Protocol):
+    async def create_session(self, avatar: str = "default", backend: str | None = None,
+                             session_id: str | None = None) -> Session:
+        """A new session on `avatar` (raises AtCapacity, UnknownAvatar, BackendUnavailable);
+        `session_id`: the pipeline's id for it (default: a new random one)."""
+        ...
+
+    def get(self, session_id: str) -> Session: ...
+
+    def sessions(self) -> list[Session]: ...
+
+    async def close_session(self, session_id: str) -> None: ...
+
+    async def replica_stats(self) -> list[dict]:
+        """Per inference replica (engine): `EngineStats` fields, plus placement state."""
+        ...
+
+    async def health(self) -> list[str]:
+        """Names of the stages unavailable right now (empty: all well)."""
+        ...
+
+    async def shutdown(self) -> None: ...
+
+
+class SessionRegistry:
+    """The open sessions of one pipeline, by id."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, Session] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def add(self, session: Session) -> None:
+        self._sessions[session.session_id] = session
+
+    def get(self, session_id: str) -> Session:
+        session = self._sessions.get(session_id)
+        if session is None or session.closed:
+            raise UnknownSession(f"no session {session_id!r}")
+        return session
+
+    def sessions(self) -> list[Session]:
+        return [s for s in self._sessions.values() if not s.closed]
+
+    def forget(self, session_id: str) -> None:
+        self._sessions.pop(session_id, None)
+
+    async def close_all(self) -> None:
+        for session in list(self._sessions.values()):
+            await session.close()
