@@ -48,7 +48,8 @@ class RayLink:
         self.replica_handle = None
         self.waiting = False
         self.session: Session | None = None  # told when `waiting` changes
-        self._moving: asyncio.Task | None = None
+        self._moving: asyncio.Task | None = None  # asking the directory where to go
+        self._waiter: asyncio.Task | None = None  # waiting for a replica with room
 
     def attach(self, name: str, handle) -> None:
         self.replica, self.replica_handle = name, handle
@@ -61,6 +62,8 @@ class RayLink:
                 self.session.link_state_changed()
 
     async def submit(self, push: AudioPush) -> RoundResult:
+        if self._moving is not None and not self._moving.done():  # not to the replica that failed
+            await asyncio.wait({self._moving}, timeout=DIRECTORY_TIMEOUT_S)
         if self.waiting:
             raise StageUnavailable("no inference replica has room for this session yet")
         replica = self.replica
@@ -77,10 +80,9 @@ class RayLink:
             self._moving = asyncio.get_running_loop().create_task(self._repin(replica))
 
     async def _repin(self, failed: str) -> None:
-        directory = self._pipeline.directory
         try:
             moved = await asyncio.wait_for(
-                directory.repin.remote(self.session_id, failed, self._pipeline.gateway_id), DIRECTORY_TIMEOUT_S)
+                self._pipeline.directory.repin.remote(self.session_id, failed, self._pipeline.gateway_id), DIRECTORY_TIMEOUT_S)
         except Exception:  # noqa: BLE001 - the directory is restarting: try on the next failure
             log.warning("session %s: could not ask the directory to re-pin", self.session_id, exc_info=True)
             return
@@ -94,10 +96,14 @@ class RayLink:
             return
         log.warning("session %s: replica %s is gone and no replica has room; waiting", self.session_id, failed)
         self._set_waiting(True)
+        self._waiter = asyncio.get_running_loop().create_task(self._wait_for_replica())
+
+    async def _wait_for_replica(self) -> None:
+        """Poll the directory until it assigns this waiting session a replica."""
         while self.waiting and self.session is not None and not self.session.closed:
             await asyncio.sleep(WAITING_POLL_S)
             try:
-                found = await asyncio.wait_for(directory.assignment.remote(self.session_id),
+                found = await asyncio.wait_for(self._pipeline.directory.assignment.remote(self.session_id),
                                                DIRECTORY_TIMEOUT_S)
             except Exception:  # noqa: BLE001 - restarting directory: ask again
                 continue
@@ -116,8 +122,9 @@ class RayLink:
 
     async def close(self) -> None:
         self._pipeline.forget(self.session_id)
-        if self._moving is not None:
-            self._moving.cancel()
+        for task in (self._moving, self._waiter):
+            if task is not None:
+                task.cancel()
         calls = [self._pipeline.directory.unpin.remote(self.session_id)]
         if self.replica_handle is not None:
             calls.append(self.replica_handle.close_session.remote(self.session_id))

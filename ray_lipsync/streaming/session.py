@@ -249,8 +249,16 @@ class Session:
             first = self._claimed
             done = -(-stop // SAMPLES_PER_FRAME) if final else (stop - self._lookahead) // SAMPLES_PER_FRAME
             self._claimed = max(first, done)
+            continues = self._released == (start, False)
             self._released = (stop, final)
-            self._spawn(self._submit(self._push(start, piece, final), range(first, self._claimed)))
+            # A push that continues the previous one starts at the first frame it completes:
+            # the audio it repeats (that push's lookahead) is skipped by a stage that has it,
+            # and lets a stage that never saw the session (restarted, failed over, re-pinned)
+            # compute that frame too.
+            resend = max(first * SAMPLES_PER_FRAME, self._timeline.audio.start) if continues else start
+            if resend < start:
+                piece = np.concatenate([self._timeline.audio.read(resend, start), piece])
+            self._spawn(self._submit(self._push(resend, piece, final), range(first, self._claimed)))
 
     def _push(self, start: int, samples: np.ndarray, final: bool, replay: bool = False) -> AudioPush:
         """The push of timeline samples [start, start + len(samples)), made now."""
