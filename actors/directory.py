@@ -1,26 +1,23 @@
 """SessionDirectory: inference capacity, and the one place where a session is pinned.
 
 One named, detached, restartable actor per settings *generation* (a hash of the settings, so
-a redeploy with other settings never gets the actors of the old ones). It starts the
-feature batchers and inference replicas, pins every session to the least-loaded ready replica
-with a free slot, and follows demand:
+a redeploy with other settings never gets the actors of the old ones). It is the Ray shell of
+`ray_lipsync.placement.Placement`, which decides everything (which replica serves a session,
+waiting sessions, leases, how many replicas, which to remove; see its module doc). This actor
+does what it decides and tells it what it observes:
 
-- **Leases.** Gateways renew their sessions' pins every `LEASE_RENEW_S`; a gateway silent
-  for `pipeline.lease_s` (it died) loses its pins, so its slots free up. The renewals also
-  rebuild the pins after the directory itself restarted.
-- **Scale.** Replicas wanted = ceil((pinned sessions + 1) / sessions_per_replica), within
-  `pipeline.min_replicas..max_replicas`: the +1 keeps a slot ready for the next session. A
-  replica asks `num_gpus` where GPUs are wanted (so a pending replica is what makes the Ray
-  autoscaler add a GPU node); in `auto` mode CPU replicas are drained (no new pins, removed
-  once empty) as soon as the cluster has GPUs. Idle replicas above the wanted count are
-  removed after `pipeline.idle_replica_s`.
-- **Failures.** A replica that failed in its constructor is forgotten and its backend is
-  refused for `BACKEND_RETRY_S` (503, not 500); one that cannot be placed is never pinned
-  and a session waits at most `pipeline.replica_wait_s` for capacity (then 503 +
-  Retry-After). A replica that does not answer is marked down and its sessions move to
-  ready replicas as their gateways report it (`repin`); Ray restarts it meanwhile.
-- **Stale generations.** A directory no gateway has talked to for `ORPHAN_S` removes its
-  actors and itself.
+- it starts the feature batchers and inference replicas (a replica asks `num_gpus` where GPUs
+  are wanted, so a pending replica is what makes the Ray autoscaler add a GPU node), and kills
+  the ones placement removes;
+- it pings replicas: one that does not answer is down (Ray restarts it), one that answers again
+  is up, one that died for good is forgotten (its sessions wait; a replacement starts); a
+  replica that failed in its constructor holds its backend for `BACKEND_RETRY_S` (503, not 500);
+- after a restart it adopts this generation's named replicas (as down until they answer);
+  the gateways' lease renewals (every `LEASE_RENEW_S`) rebuild the pins;
+- a new session waits at most `pipeline.replica_wait_s` for capacity being added (then 503 +
+  Retry-After); a session whose replica failed and finds no room *waits*: `repin` answers
+  `(WAITING, None)`, and the gateway polls `assignment` until it has a replica again;
+- a directory no gateway has talked to for `ORPHAN_S` removes its actors and itself.
 """
 
 from __future__ import annotations
@@ -28,28 +25,29 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import math
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Literal
 
 import ray
 
 from actors.runtime import on_head_node
 from actors.stages import RESTARTABLE, ActorUnavailableError, FeatureBatcherActor, InferenceReplica
 from ray_lipsync.config import Settings
-from ray_lipsync.errors import AtCapacity, BackendUnavailable
+from ray_lipsync.placement import (BACKEND_RETRY_S, Assigned, Move, Placement, Refused, Replica,
+                                   Waiting)
 
 log = logging.getLogger(__name__)
 
+__all__ = ["BACKEND_RETRY_S", "LEASE_RENEW_S", "WAITING", "SessionDirectory", "generation_of",
+           "get_directory"]
+
 LEASE_RENEW_S = 2.0
-BACKEND_RETRY_S = 30.0
 ORPHAN_S = 120.0
 MAINTAIN_S = 1.0
 PING_TIMEOUT_S = 0.3  # a live replica answers a ping in milliseconds, even while it renders
+WAITING = "waiting"  # `repin`/`assignment` answer (WAITING, None) for a session without a replica
 
-State = Literal["starting", "ready", "down", "draining"]
+Where = tuple[str, object]  # (replica name, its actor handle), or (WAITING, None)
 
 
 def generation_of(settings: Settings) -> str:
@@ -57,34 +55,32 @@ def generation_of(settings: Settings) -> str:
     return hashlib.sha1(settings.model_dump_json().encode()).hexdigest()[:10]
 
 
-@dataclass
-class _Replica:
-    name: str
-    backend: str
-    gpu: bool
-    handle: object
-    state: State = "starting"
-    sessions: set[str] = field(default_factory=set)
-    idle_since: float = field(default_factory=time.monotonic)
-
-    def info(self) -> dict:
-        return {"replica": self.name, "backend": self.backend, "resources": "gpu" if self.gpu else "cpu",
-                "state": self.state, "sessions": len(self.sessions)}
-
-
 @ray.remote(num_cpus=0, **{**RESTARTABLE, "max_task_retries": -1})
 class SessionDirectory:
+    """Public methods (all async but `pid`):
+
+    - `pin(session, backend, gateway) -> (replica, handle)`: a new session's replica; raises
+      AtCapacity / BackendUnavailable.
+    - `repin(session, failed, gateway) -> (replica, handle) | (WAITING, None) | None`: `failed`
+      did not serve a round. None: it answers, the session stays; (replica, handle): the
+      session's replica (moved, or moved already); (WAITING, None): no replica has room, poll
+      `assignment`.
+    - `assignment(session, wait_s=0) -> (replica, handle) | (WAITING, None) | None`: where the
+      session is (while it waits, waiting up to `wait_s` for a replica); None: unknown here
+      (the directory restarted and no renewal named it yet).
+    - `unpin(session)`, `renew(gateway, {session: (backend, replica | None)})`,
+      `suspect(replica) -> down?`, `warm(backend, wait_s) -> ready?`, `replicas()`,
+      `replica_stats()`, `health()`, `pid()`.
+    """
+
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._p = settings.pipeline
         self._ns = settings.pipeline.namespace
         self._gen = generation_of(settings)
-        self._replicas: dict[str, _Replica] = {}
-        self._pins: dict[str, str] = {}  # session -> replica name
-        self._owner: dict[str, str] = {}  # session -> gateway
-        self._leases: dict[str, float] = {}  # gateway -> last renewal (monotonic)
+        self._placement = Placement(settings.pipeline, BACKEND_RETRY_S)
+        self._handles: dict[str, object] = {}  # replica name -> actor handle
         self._batchers: dict[str, object] = {}
-        self._failed: dict[str, tuple[float, str]] = {}  # backend -> (until, reason)
         self._changed = asyncio.Condition()
         self._last_seen = time.monotonic()
         self._seq = 0
@@ -98,7 +94,8 @@ class SessionDirectory:
 
     # -- actors ---------------------------------------------------------------------------
     def _adopt(self) -> None:
-        """After a restart: take back this generation's replicas and batchers (by name)."""
+        """After a restart: take back this generation's replicas (by name), as down until they
+        answer a ping."""
         prefix = f"replica-{self._gen}-"
         for entry in ray.util.list_named_actors(all_namespaces=True):
             name, namespace = entry["name"], entry["namespace"]
@@ -111,11 +108,11 @@ class SessionDirectory:
             backend, _, seq = name[len(prefix):].rpartition("-")
             gpu = backend.endswith("-gpu")
             backend = backend.removesuffix("-gpu").removesuffix("-cpu")
-            replica = _Replica(name, backend, gpu, handle, state="down")
-            self._replicas[name] = replica
+            self._placement.add_replica(name, backend, gpu, time.monotonic(), state="down")
+            self._handles[name] = handle
             self._seq = max(self._seq, int(seq) + 1 if seq.isdigit() else 0)
-        if self._replicas:
-            log.info("directory %s adopted %d replicas", self._gen, len(self._replicas))
+        if self._handles:
+            log.info("directory %s adopted %d replicas", self._gen, len(self._handles))
 
     def _want_gpu(self) -> bool:
         device = self._p.replica_device
@@ -136,7 +133,7 @@ class SessionDirectory:
             ).remote(self._settings, backend)
         return self._batchers[backend]
 
-    def _start_replica(self, backend: str, gpu: bool) -> _Replica:
+    def _start_replica(self, backend: str, gpu: bool) -> None:
         name = f"replica-{self._gen}-{backend}-{'gpu' if gpu else 'cpu'}-{self._seq}"
         self._seq += 1
         if gpu:
@@ -147,67 +144,60 @@ class SessionDirectory:
         handle = InferenceReplica.options(
             name=name, namespace=self._ns, lifetime="detached", **options,
         ).remote(self._settings, backend, name, self._gen, self._batcher(backend))
-        replica = _Replica(name, backend, gpu, handle)
-        self._replicas[name] = replica
-        asyncio.get_running_loop().create_task(self._await_ready(replica))
+        self._handles[name] = handle
+        self._placement.add_replica(name, backend, gpu, time.monotonic())
+        asyncio.get_running_loop().create_task(self._await_ready(name, handle))
         log.info("starting %s (%s)", name, options)
-        return replica
 
-    async def _await_ready(self, replica: _Replica) -> None:
-        """A new replica becomes pinnable once its constructor ran (it may wait for a node)."""
+    async def _await_ready(self, name: str, handle: object) -> None:
+        """A new replica takes sessions once its constructor ran (it may wait for a node)."""
         try:
-            await replica.handle.ready.remote()  # type: ignore[attr-defined]
+            await handle.ready.remote()  # type: ignore[attr-defined]
         except Exception as exc:  # noqa: BLE001 - its constructor failed
-            self._replicas.pop(replica.name, None)
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[-1] if str(exc) else ''}"
-            self._failed[replica.backend] = (time.monotonic() + BACKEND_RETRY_S, reason)
-            log.error("replica %s failed to start: %s", replica.name, exc)
+            self._handles.pop(name, None)
+            self._moved(self._placement.replica_failed_to_start(name, reason, time.monotonic()))
+            log.error("replica %s failed to start: %s", name, exc)
         else:
-            if replica.state == "starting":
-                replica.state = "ready"
+            self._moved(self._placement.replica_ready(name, time.monotonic()))
+        await self._notify()
+
+    def _kill(self, name: str) -> None:
+        handle = self._handles.pop(name, None)
+        try:
+            ray.kill(handle, no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        log.info("removed %s", name)
+
+    def _scale(self, backend: str) -> None:
+        """Start the replicas placement wants for `backend` (it drains CPU ones once GPUs are
+        wanted)."""
+        start = self._placement.scale(backend, self._want_gpu(), time.monotonic())
+        for name in start.drained:
+            log.info("draining %s: GPU replicas replace it", name)
+        for _ in range(start.count):
+            self._start_replica(backend, start.gpu)
+
+    def _moved(self, moves: list[Move]) -> None:
+        for move in moves:
+            log.warning("session %s (waiting) assigned to %s", move.session_id, move.replica)
+
+    async def _notify(self) -> None:
         async with self._changed:
             self._changed.notify_all()
 
-    def _kill(self, replica: _Replica) -> None:
-        self._replicas.pop(replica.name, None)
+    async def _wait_for_change(self, timeout: float) -> None:
+        """Until a replica or assignment changes or `timeout` passes (hold `self._changed`)."""
         try:
-            ray.kill(replica.handle, no_restart=True)
-        except Exception:  # noqa: BLE001 - already gone
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except asyncio.TimeoutError:
             pass
-        log.info("removed %s", replica.name)
 
-    # -- capacity ---------------------------------------------------------------------------
-    def _serving(self, backend: str) -> list[_Replica]:
-        """Replicas that count as capacity (ready, starting, or restarting)."""
-        return [r for r in self._replicas.values() if r.backend == backend and r.state != "draining"]
-
-    def _scale(self, backend: str) -> None:
-        """Start replicas so that the sessions of `backend` (+1) have slots; drain CPU ones
-        once GPUs are wanted."""
-        if backend in self._failed and self._failed[backend][0] > time.monotonic():
-            return
-        gpu = self._want_gpu()
-        for r in self._serving(backend):
-            if r.gpu != gpu and gpu:
-                r.state = "draining"
-                log.info("draining %s: GPU replicas replace it", r.name)
-        cap = self._p.sessions_per_replica
-        sessions = sum(len(r.sessions) for r in self._replicas.values() if r.backend == backend)
-        wanted = min(max(math.ceil((sessions + 1) / cap), self._p.min_replicas), self._p.max_replicas)
-        for _ in range(wanted - len(self._serving(backend))):
-            self._start_replica(backend, gpu)
-
-    def _free(self, backend: str) -> list[_Replica]:
-        cap = self._p.sessions_per_replica
-        return [r for r in self._replicas.values()
-                if r.backend == backend and r.state == "ready" and len(r.sessions) < cap]
-
-    def _check_backend(self, backend: str) -> None:
-        failed = self._failed.get(backend)
-        if failed and failed[0] > time.monotonic():
-            raise BackendUnavailable(
-                f"the {backend} backend could not start on this server (the operator finds why "
-                "in the server log); retry later or use another backend")
+    def _answer(self, where: Assigned | Waiting | None) -> Where | None:
+        if isinstance(where, Assigned):
+            return where.replica, self._handles.get(where.replica)
+        return (WAITING, None) if isinstance(where, Waiting) else None
 
     # -- pinning (the one place where a session is pinned) -------------------------------
     async def pin(self, session_id: str, backend: str, gateway: str) -> tuple[str, object]:
@@ -217,101 +207,86 @@ class SessionDirectory:
         deadline = time.monotonic() + self._p.replica_wait_s
         async with self._changed:
             while True:
-                self._check_backend(backend)
                 self._scale(backend)  # first: it drains CPU replicas once GPUs are wanted
-                free = self._free(backend)
-                if free:
-                    replica = min(free, key=lambda r: (len(r.sessions), r.name))
-                    self._assign(session_id, replica, gateway)
+                decision = self._placement.place(session_id, backend, gateway, time.monotonic())
+                if isinstance(decision, Assigned):
                     self._scale(backend)
-                    return replica.name, replica.handle
-                self._scale(backend)
-                coming = any(r.state in ("starting", "down") for r in self._serving(backend))
+                    return decision.replica, self._handles[decision.replica]
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or not coming:  # no capacity is on its way: do not wait
-                    total = self._p.sessions_per_replica * len(self._serving(backend))
-                    raise AtCapacity(f"all {total} session slots of the {backend} replicas are in "
-                                     "use or still starting; retry later")
+                if isinstance(decision, Refused) or remaining <= 0:
+                    raise decision.error
                 await self._wait_for_change(remaining)
-
-    async def _wait_for_change(self, timeout: float) -> None:
-        """Until a replica changes state or `timeout` passes (hold `self._changed`)."""
-        try:
-            await asyncio.wait_for(self._changed.wait(), timeout)
-        except asyncio.TimeoutError:
-            pass
-
-    def _assign(self, session_id: str, replica: _Replica, gateway: str) -> None:
-        old = self._pins.get(session_id)
-        if old in self._replicas:
-            self._replicas[old].sessions.discard(session_id)
-        replica.sessions.add(session_id)
-        self._pins[session_id] = replica.name
-        self._owner[session_id] = gateway
 
     async def suspect(self, name: str) -> bool:
         """A caller saw replica `name` fail: unless it answers a ping, it is marked down (no
-        pins) until it answers again. Whether it is down."""
-        replica = self._replicas.get(name)
+        new sessions) until it answers again. Whether it is down."""
+        replica = self._placement.replicas.get(name)
         if replica is None:
             return True
         if replica.state in ("ready", "draining"):
             if await self._responds(replica):
                 return False
-            if name in self._replicas:
-                replica.state = "down"
-            log.warning("replica %s does not answer; moving its sessions", name)
+            if self._placement.mark_down(name):
+                log.warning("replica %s does not answer; moving its sessions", name)
         return True
 
-    async def repin(self, session_id: str, failed: str, gateway: str) -> tuple[str, object] | None:
-        """`failed` did not serve a round of the session: if it does not answer a ping, mark it
-        down and move the session to a ready replica with room. None: the session stays."""
+    async def repin(self, session_id: str, failed: str, gateway: str) -> Where | None:
+        """`failed` did not serve a round of the session. None: it answers a ping, the session
+        stays. Else it is marked down and the session goes to a ready replica with room:
+        (replica, handle); or, with no room, it waits: (WAITING, None) (poll `assignment`).
+        A session already moved or waiting gets that answer without a ping."""
         self._touch(gateway)
-        replica = self._replicas.get(failed)
+        where = self._placement.assignment(session_id)
+        current = self._placement.replicas.get(where.replica) if isinstance(where, Assigned) else None
+        if isinstance(where, Waiting) or (
+                current is not None and current.name != failed and current.state in ("ready", "draining")):
+            return self._answer(where)  # waiting already, or moved already
+        failed_replica = self._placement.replicas.get(failed)
         if not await self.suspect(failed):
             return None
-        current = self._replicas.get(self._pins.get(session_id, ""))
-        if current is not None and current.name != failed and current.state == "ready":
-            return current.name, current.handle  # moved already
-        backend = replica.backend if replica else self._settings.backend
+        backend = failed_replica.backend if failed_replica else self._settings.backend
+        where = self._placement.reassign(session_id, failed, gateway, backend, time.monotonic())
+        if isinstance(where, Waiting):
+            log.warning("session %s waits for a %s replica (position %d)", session_id, where.backend,
+                        where.position)
+        self._scale(backend)
+        await self._notify()
+        return self._answer(where)
+
+    async def assignment(self, session_id: str, wait_s: float = 0.0) -> Where | None:
+        """Where the session is: (replica, handle); (WAITING, None) while it waits (answered
+        once it has a replica or `wait_s` passed); None: unknown here (this directory restarted
+        and no lease renewal named the session yet; the next renewal rebuilds it)."""
+        self._ensure_upkeep()
+        deadline = time.monotonic() + wait_s
         async with self._changed:
-            free = self._free(backend)
-            if not free:
-                self._scale(backend)
-                return None  # nowhere to go yet: it stays; Ray restarts the replica
-            target = min(free, key=lambda r: (len(r.sessions), r.name))
-            self._assign(session_id, target, gateway)
-            self._scale(backend)
-            return target.name, target.handle
+            while True:
+                where = self._placement.assignment(session_id)
+                remaining = deadline - time.monotonic()
+                if not isinstance(where, Waiting) or remaining <= 0:
+                    return self._answer(where)
+                await self._wait_for_change(remaining)
 
     async def unpin(self, session_id: str) -> None:
-        name = self._pins.pop(session_id, None)
-        self._owner.pop(session_id, None)
-        if name in self._replicas:
-            replica = self._replicas[name]
-            replica.sessions.discard(session_id)
-            if not replica.sessions:
-                replica.idle_since = time.monotonic()
-        async with self._changed:
-            self._changed.notify_all()
+        self._moved(self._placement.unpin(session_id, time.monotonic()))
+        await self._notify()
 
     async def renew(self, gateway: str, sessions: dict[str, tuple[str, str | None]]) -> None:
         """A gateway's lease: its open sessions as {session: (backend, replica)} (replica None:
-        still being created); the gateway's other pins are released."""
+        still being created; a waiting session names its last replica). Rebuilds what this
+        directory does not know (after its restart); the gateway's other sessions are released."""
         self._touch(gateway)
-        for session_id, (backend, name) in sessions.items():
-            if name is None or self._pins.get(session_id) == name:
-                continue
-            replica = self._replicas.get(name)
-            if replica is not None:  # after a directory restart: rebuild the pin
-                self._assign(session_id, replica, gateway)
-        for session_id in [s for s, g in self._owner.items() if g == gateway and s not in sessions]:
-            await self.unpin(session_id)
+        moves = self._placement.renew(gateway, sessions, time.monotonic())
+        self._moved(moves)
+        if moves or self._placement.waiting():
+            for backend in self._placement.backends():
+                self._scale(backend)
+        await self._notify()
 
     def _touch(self, gateway: str) -> None:
         self._ensure_upkeep()
         now = time.monotonic()
-        self._leases[gateway] = now
+        self._placement.touch(gateway, now)
         self._last_seen = now
 
     # -- upkeep ------------------------------------------------------------------------------
@@ -324,82 +299,76 @@ class SessionDirectory:
                 log.exception("directory upkeep failed")
 
     async def _maintain_once(self) -> None:
-        now = time.monotonic()
-        for gateway, renewed in list(self._leases.items()):
-            if now - renewed > self._p.lease_s:
-                del self._leases[gateway]
-                lost = [s for s, g in self._owner.items() if g == gateway]
-                for session_id in lost:
-                    await self.unpin(session_id)
-                if lost:
-                    log.warning("gateway %s stopped renewing; freed %d slots", gateway, len(lost))
-        down = [r for r in self._replicas.values() if r.state == "down"]
+        placement = self._placement
+        expired, moves = placement.expire(time.monotonic())
+        for gateway, lost in expired.items():
+            if lost:
+                log.warning("gateway %s stopped renewing; freed %d slots", gateway, lost)
+        self._moved(moves)
+        down = [r for r in placement.replicas.values() if r.state == "down"]
         for replica, ok in zip(down, await asyncio.gather(*(self._responds(r) for r in down))):
             if ok and replica.state == "down":
-                replica.state = "ready"
                 log.info("replica %s answers again", replica.name)
-        for replica in list(self._replicas.values()):
-            if replica.state == "draining" and not replica.sessions:
-                self._kill(replica)
-        for backend in {r.backend for r in self._replicas.values()}:
-            self._scale_down(backend, now)
-        async with self._changed:
-            self._changed.notify_all()
-        if not self._pins and now - self._last_seen > ORPHAN_S:
+                self._moved(placement.replica_up(replica.name, time.monotonic()))
+        self._moved(placement.assign_waiting(time.monotonic()))
+        for name in placement.retire(time.monotonic()):
+            self._kill(name)
+        for backend in placement.backends():
+            self._scale(backend)
+        await self._notify()
+        if not placement.sessions() and time.monotonic() - self._last_seen > ORPHAN_S:
             self._retire()
-
-    def _scale_down(self, backend: str, now: float) -> None:
-        cap = self._p.sessions_per_replica
-        serving = self._serving(backend)
-        sessions = sum(len(r.sessions) for r in serving)
-        wanted = max(math.ceil((sessions + 1) / cap), self._p.min_replicas)
-        idle = sorted((r for r in serving if not r.sessions and r.state == "ready"
-                       and now - r.idle_since > self._p.idle_replica_s), key=lambda r: r.name)
-        for replica in idle[: max(0, len(serving) - wanted)]:
-            self._kill(replica)
 
     def _retire(self) -> None:
         """No gateway of this generation is left: remove its actors, then this directory."""
         log.info("directory %s has no gateways left; removing its actors", self._gen)
-        for replica in list(self._replicas.values()):
-            self._kill(replica)
+        for name in list(self._handles):
+            self._kill(name)
         for handle in self._batchers.values():
             ray.kill(handle, no_restart=True)
         ray.actor.exit_actor()
 
-    async def _responds(self, replica: _Replica) -> bool:
+    async def _responds(self, replica: Replica) -> bool:
         """Whether `replica` answers a ping; one that died for good (killed without restart,
-        or its restarts exhausted) is forgotten, so a replacement starts."""
+        or its restarts exhausted) is forgotten: its sessions wait and a replacement starts."""
+        handle = self._handles.get(replica.name)
         try:
-            await asyncio.wait_for(replica.handle.ping.remote(), PING_TIMEOUT_S)  # type: ignore[attr-defined]
+            await asyncio.wait_for(handle.ping.remote(), PING_TIMEOUT_S)  # type: ignore[attr-defined]
             return True
         except (ActorUnavailableError, asyncio.TimeoutError):
             return False  # restarting, or its node is not reachable (yet)
         except Exception:  # noqa: BLE001 - ActorDiedError: gone for good
-            if self._replicas.pop(replica.name, None) is not None:
+            if self._handles.pop(replica.name, None) is not None:
                 log.warning("replica %s died for good; its sessions move", replica.name)
+                self._moved(self._placement.replica_gone(replica.name, time.monotonic()))
                 self._scale(replica.backend)
             return False
 
     # -- introspection ------------------------------------------------------------------------
+    def _info(self, replica: Replica) -> dict:
+        """A replica's state and session count, and how many sessions of its backend wait."""
+        return {**replica.info(), "waiting": len(self._placement.waiting(replica.backend))}
+
     async def replicas(self) -> list[dict]:
-        """Replicas with state and pinned session counts (metrics, health, tests)."""
-        return [r.info() for r in self._replicas.values()]
+        """Replicas with state, pinned session counts and waiting sessions of their backend."""
+        return [self._info(r) for r in self._placement.replicas.values()]
 
     async def replica_stats(self) -> list[dict]:
-        live = [r for r in self._replicas.values() if r.state in ("ready", "draining")]
+        live = [r for r in self._placement.replicas.values() if r.state in ("ready", "draining")]
 
-        async def one(r: _Replica) -> dict:
+        async def one(r: Replica) -> dict:
+            handle = self._handles.get(r.name)
             try:
-                stats = await asyncio.wait_for(r.handle.stats.remote(), PING_TIMEOUT_S)  # type: ignore[attr-defined]
+                stats = await asyncio.wait_for(handle.stats.remote(), PING_TIMEOUT_S)  # type: ignore[attr-defined]
             except Exception:  # noqa: BLE001
-                return {**r.info(), "error": "unreachable"}
-            return {**r.info(), **stats}
+                return {**self._info(r), "error": "unreachable"}
+            return {**self._info(r), **stats}
 
         return list(await asyncio.gather(*(one(r) for r in live)))
 
     async def health(self) -> dict:
-        """What is unavailable right now: {"degraded": [stage names]}."""
+        """What is unavailable right now: {"degraded": [stage names], "waiting": sessions
+        waiting for a replica}."""
         degraded = []
         stats = await self.replica_stats()
         for s in stats:
@@ -410,10 +379,12 @@ class SessionDirectory:
                     degraded.append(f"feature batcher ({s['backend']})")
                 if s.get("compositor_down"):
                     degraded.append(f"compositor ({s['replica']})")
-        degraded += [f"replica {r.name}" for r in self._replicas.values() if r.state == "down"]
-        now = time.monotonic()
-        degraded += [f"{b} backend (failed to start)" for b, (until, _) in self._failed.items() if until > now]
-        return {"degraded": sorted(set(degraded))}
+        degraded += [f"replica {r.name}" for r in self._placement.replicas.values() if r.state == "down"]
+        degraded += [f"{b} backend (failed to start)" for b in self._placement.held_backends(time.monotonic())]
+        waiting = len(self._placement.waiting())
+        if waiting:
+            degraded.append(f"{waiting} session(s) waiting for an inference replica")
+        return {"degraded": sorted(set(degraded)), "waiting": waiting}
 
     def pid(self) -> int:
         return os.getpid()
@@ -425,9 +396,9 @@ class SessionDirectory:
         deadline = time.monotonic() + wait_s
         async with self._changed:
             self._scale(backend)
-            while not self._free(backend):
+            while not self._placement.free(backend):
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or not any(r.state == "starting" for r in self._serving(backend)):
+                if remaining <= 0 or not self._placement.starting(backend):
                     return False
                 await self._wait_for_change(remaining)
             return True

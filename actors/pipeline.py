@@ -34,7 +34,7 @@ from ray_lipsync.types import AudioPush
 log = logging.getLogger(__name__)
 
 DIRECTORY_TIMEOUT_S = 5.0  # a directory call slower than this: the directory is unavailable
-WAITING_POLL_S = 0.5  # a waiting session asks the directory this often for a replica
+WAITING_POLL_S = 2.0  # a waiting session's question to the directory: answered by then
 
 
 class RayLink:
@@ -101,11 +101,12 @@ class RayLink:
     async def _wait_for_replica(self) -> None:
         """Poll the directory until it assigns this waiting session a replica."""
         while self.waiting and self.session is not None and not self.session.closed:
-            await asyncio.sleep(WAITING_POLL_S)
-            try:
-                found = await asyncio.wait_for(self._pipeline.directory.assignment.remote(self.session_id),
-                                               DIRECTORY_TIMEOUT_S)
+            try:  # the directory answers as soon as the session has a replica, or after WAITING_POLL_S
+                found = await asyncio.wait_for(
+                    self._pipeline.directory.assignment.remote(self.session_id, WAITING_POLL_S),
+                    WAITING_POLL_S + DIRECTORY_TIMEOUT_S)
             except Exception:  # noqa: BLE001 - restarting directory: ask again
+                await asyncio.sleep(WAITING_POLL_S)
                 continue
             if found is not None and found[1] is not None:
                 log.warning("session %s resumes on replica %s", self.session_id, found[0])
@@ -227,8 +228,8 @@ class RayPipeline:
     async def _renew(self) -> None:
         while True:
             pins: dict[str, tuple[str, str | None]] = {sid: (b, None) for sid, b in self._pinning.items()}
-            pins.update({sid: (link.backend, None if link.waiting else link.replica)
-                         for sid, link in self._links.items()})
+            # a waiting session names the replica it lost (a restarted directory rebuilds it)
+            pins.update({sid: (link.backend, link.replica) for sid, link in self._links.items()})
             try:
                 await asyncio.wait_for(self.directory.renew.remote(self.gateway_id, pins), DIRECTORY_TIMEOUT_S)
             except Exception:  # noqa: BLE001 - the directory restarts; the next renewal rebuilds

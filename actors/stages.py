@@ -100,6 +100,9 @@ class CompositorActor:
     def pid(self) -> int:
         return os.getpid()
 
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
 
 def node_compositor(settings: Settings, generation: str, node_id: str):
     """The compositor of `node_id` (created by the first replica there to ask)."""
