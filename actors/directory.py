@@ -230,11 +230,12 @@ class SessionDirectory:
                 log.warning("replica %s does not answer; moving its sessions", name)
         return True
 
-    async def repin(self, session_id: str, failed: str, gateway: str) -> Where | None:
+    async def repin(self, session_id: str, failed: str, gateway: str, unresponsive: bool = False) -> Where | None:
         """`failed` did not serve a round of the session. None: it answers a ping, the session
         stays. Else it is marked down and the session goes to a ready replica with room:
         (replica, handle); or, with no room, it waits: (WAITING, None) (poll `assignment`).
-        A session already moved or waiting gets that answer without a ping."""
+        A session already moved or waiting gets that answer without a ping; so does a caller
+        that found `failed` `unresponsive` itself (its process died, or its ping timed out)."""
         self._touch(gateway)
         where = self._placement.assignment(session_id)
         current = self._placement.replicas.get(where.replica) if isinstance(where, Assigned) else None
@@ -242,7 +243,10 @@ class SessionDirectory:
                 current is not None and current.name != failed and current.state in ("ready", "draining")):
             return self._answer(where)  # waiting already, or moved already
         failed_replica = self._placement.replicas.get(failed)
-        if not await self.suspect(failed):
+        if unresponsive:
+            if self._placement.mark_down(failed):
+                log.warning("replica %s does not answer its gateway; moving its sessions", failed)
+        elif not await self.suspect(failed):
             return None
         backend = failed_replica.backend if failed_replica else self._settings.backend
         where = self._placement.reassign(session_id, failed, gateway, backend, time.monotonic())

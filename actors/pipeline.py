@@ -7,7 +7,8 @@ every few seconds this process renews the pins of its open sessions (a lease: if
 their slots free up). When a round fails or comes back too late the session counts the
 frames as lost, sends their audio again (streaming/session.py) and this link asks the
 directory to move it to another replica; when none has room the session waits, visibly
-(`waiting_for_replica`), until one has.
+(`waiting_for_replica`), until one has. Where the replicas run on CPUs this gateway keeps a
+warm standby engine of its own that serves such sessions meanwhile.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from actors.dispatch import Dispatcher
 from actors.stages import STAGE_FAILURES
 from ray_lipsync.config import Settings
 from ray_lipsync.errors import AtCapacity, LipsyncError, StageUnavailable
-from ray_lipsync.streaming.engine import AvatarCache, RoundResult
+from ray_lipsync.streaming.engine import AvatarCache, Engine, RoundResult
 from ray_lipsync.streaming.features import Schedule
 from ray_lipsync.streaming.local import new_clock
 from ray_lipsync.streaming.pipeline import SessionRegistry
@@ -35,10 +36,17 @@ log = logging.getLogger(__name__)
 
 DIRECTORY_TIMEOUT_S = 5.0  # a directory call slower than this: the directory is unavailable
 WAITING_POLL_S = 2.0  # a waiting session's question to the directory: answered by then
+RECOVERY_RETRY_S = 0.5  # a link whose directory call failed asks again after this
 
 
 class RayLink:
-    """SessionLink of one session: its pinned replica, through this process's dispatcher."""
+    """SessionLink of one session: its pinned replica, through this process's dispatcher.
+
+    When the replica fails a round the link recovers in one task: it asks the directory to
+    move the session (or to confirm that the replica answers), then, if no replica has room,
+    waits visibly for one. Meanwhile pushes go to this gateway's standby engine when it has
+    one (`RayPipeline.standby`), else they fail and their frames show idle.
+    """
 
     def __init__(self, session_id: str, backend: str, pipeline: "RayPipeline") -> None:
         self.session_id = session_id
@@ -48,8 +56,11 @@ class RayLink:
         self.replica_handle = None
         self.waiting = False
         self.session: Session | None = None  # told when `waiting` changes
-        self._moving: asyncio.Task | None = None  # asking the directory where to go
-        self._waiter: asyncio.Task | None = None  # waiting for a replica with room
+        self._recovery: asyncio.Task | None = None
+
+    @property
+    def recovering(self) -> bool:
+        return self._recovery is not None and not self._recovery.done()
 
     def attach(self, name: str, handle) -> None:
         self.replica, self.replica_handle = name, handle
@@ -62,10 +73,14 @@ class RayLink:
                 self.session.link_state_changed()
 
     async def submit(self, push: AudioPush) -> RoundResult:
-        if self._moving is not None and not self._moving.done():  # not to the replica that failed
-            await asyncio.wait({self._moving}, timeout=DIRECTORY_TIMEOUT_S)
-        if self.waiting:
-            raise StageUnavailable("no inference replica has room for this session yet")
+        if self.recovering:
+            standby = self._pipeline.standby(self.backend)
+            if standby is not None:
+                (result,) = await standby.round([push])
+                return result
+            if self.waiting:
+                raise StageUnavailable("no inference replica has room for this session yet")
+            await asyncio.wait({self._recovery}, timeout=DIRECTORY_TIMEOUT_S)  # not to the failed one
         replica = self.replica
         try:
             return await self._pipeline.dispatcher.submit(self, push)
@@ -74,45 +89,52 @@ class RayLink:
             raise
 
     def _replica_failed(self, replica: str, exc: BaseException) -> None:
-        if replica == self.replica and (self._moving is None or self._moving.done()):
+        if replica == self.replica and not self.recovering:
             log.warning("session %s: replica %s failed a round (%s)", self.session_id, replica,
                         type(exc).__name__)
-            self._moving = asyncio.get_running_loop().create_task(self._repin(replica))
+            # its process is gone (not merely slow): the directory need not ping it again
+            gone = isinstance(exc, ray.exceptions.RayActorError)
+            self._recovery = asyncio.get_running_loop().create_task(self._recover(replica, gone))
 
-    async def _repin(self, failed: str) -> None:
-        try:
-            moved = await asyncio.wait_for(
-                self._pipeline.directory.repin.remote(self.session_id, failed, self._pipeline.gateway_id), DIRECTORY_TIMEOUT_S)
-        except Exception:  # noqa: BLE001 - the directory is restarting: try on the next failure
-            log.warning("session %s: could not ask the directory to re-pin", self.session_id, exc_info=True)
+    async def _recover(self, failed: str, gone: bool) -> None:
+        """Until the session has a replica that answers: ask the directory to move it (it may
+        be restarting itself), then, with no room anywhere, wait for one."""
+        directory = self._pipeline.directory
+        while self.session is None or not self.session.closed:
+            try:
+                moved = await asyncio.wait_for(directory.repin.remote(
+                    self.session_id, failed, self._pipeline.gateway_id, gone), DIRECTORY_TIMEOUT_S)
+                break
+            except Exception:  # noqa: BLE001 - the directory is restarting: ask again
+                log.warning("session %s: the directory does not answer; asking again", self.session_id)
+                await asyncio.sleep(RECOVERY_RETRY_S)
+        else:
             return
         if moved is None:
             return  # the replica answers: it stays
         name, handle = moved
         if handle is not None:
-            if name != self.replica:
+            if name != failed:
                 log.warning("session %s re-pinned from %s to %s", self.session_id, failed, name)
             self.attach(name, handle)  # its rounds carry the session's epoch: nothing to replay
             return
         log.warning("session %s: replica %s is gone and no replica has room; waiting", self.session_id, failed)
         self._set_waiting(True)
-        self._waiter = asyncio.get_running_loop().create_task(self._wait_for_replica())
-
-    async def _wait_for_replica(self) -> None:
-        """Poll the directory until it assigns this waiting session a replica."""
-        while self.waiting and self.session is not None and not self.session.closed:
+        while self.waiting and (self.session is None or not self.session.closed):
             try:  # the directory answers as soon as the session has a replica, or after WAITING_POLL_S
-                found = await asyncio.wait_for(
-                    self._pipeline.directory.assignment.remote(self.session_id, WAITING_POLL_S),
-                    WAITING_POLL_S + DIRECTORY_TIMEOUT_S)
+                found = await asyncio.wait_for(directory.assignment.remote(self.session_id, WAITING_POLL_S),
+                                               WAITING_POLL_S + DIRECTORY_TIMEOUT_S)
             except Exception:  # noqa: BLE001 - restarting directory: ask again
-                await asyncio.sleep(WAITING_POLL_S)
+                await asyncio.sleep(RECOVERY_RETRY_S)
                 continue
             if found is not None and found[1] is not None:
                 log.warning("session %s resumes on replica %s", self.session_id, found[0])
                 self.attach(*found)
 
     async def interrupt(self, epoch: int, cut_frame: int) -> None:
+        standby = self._pipeline.standby(self.backend)
+        if standby is not None:
+            await standby.interrupt(self.session_id, epoch, cut_frame)
         if self.waiting:
             return  # the next round carries the epoch
         try:
@@ -123,9 +145,11 @@ class RayLink:
 
     async def close(self) -> None:
         self._pipeline.forget(self.session_id)
-        for task in (self._moving, self._waiter):
-            if task is not None:
-                task.cancel()
+        if self._recovery is not None:
+            self._recovery.cancel()
+        standby = self._pipeline.standby(self.backend)
+        if standby is not None:
+            await standby.close_session(self.session_id)
         calls = [self._pipeline.directory.unpin.remote(self.session_id)]
         if self.replica_handle is not None:
             calls.append(self.replica_handle.close_session.remote(self.session_id))
@@ -144,6 +168,7 @@ class RayPipeline:
         self._registry = SessionRegistry()
         self._links: dict[str, RayLink] = {}
         self._avatars = AvatarCache(settings)
+        self._standby: dict[str, Engine] = {}  # backend -> warm in-process engine (CPU backends)
         self._lease: asyncio.Task | None = None
         self._pinning: dict[str, str] = {}  # sessions being created -> backend (held by the lease)
 
@@ -165,9 +190,24 @@ class RayPipeline:
             log.warning("could not warm the pipeline", exc_info=True)
         try:
             await pipeline._avatars.get(settings.avatar.name)
+            await pipeline._start_standby(settings.backend, settings.avatar.name)
         except Exception:  # noqa: BLE001 - a session on it will say why
             log.warning("could not load the default avatar", exc_info=True)
         return pipeline
+
+    def standby(self, backend: str) -> Engine | None:
+        """This gateway's warm in-process engine for `backend`, if it keeps one: it serves a
+        session whose replica failed until the session has a replica again."""
+        return self._standby.get(backend)
+
+    async def _start_standby(self, backend: str, avatar: str) -> None:
+        """Build the standby engine of `backend` (when the settings want one) and load `avatar`
+        into it, so a failover pays no start."""
+        if not self.settings.pipeline.wants_standby(backend):
+            return
+        if backend not in self._standby:
+            self._standby[backend] = await asyncio.to_thread(Engine, self.settings, backend, "standby")
+        await self._standby[backend].prepare(avatar)
 
     async def _directory_call(self, method: str, *args, timeout: float = DIRECTORY_TIMEOUT_S):
         try:
@@ -184,6 +224,7 @@ class RayPipeline:
                              session_id: str | None = None) -> Session:
         backend = backend or self.settings.backend
         loaded = await self._avatars.get(avatar)
+        await self._start_standby(backend, loaded.name)
         session_id = session_id or uuid.uuid4().hex
         self._ensure_lease()
         self._pinning[session_id] = backend

@@ -10,17 +10,19 @@ import ray
 # Ray settings for a real-time pipeline, as the environment variables every Ray process reads.
 PIPELINE_RAY_ENV = {
     # Ray starts worker processes at niceness 15, so on a busy node the gateway (a driver or a
-    # Serve replica at niceness 0) starves the feature batcher, replicas and compositors: on
-    # the 2-core dev VM this alone moved 4-session p99 latency from ~200 ms to ~95 ms and
-    # dropped frames from dozens to 0. Workers of a real-time pipeline run at normal priority.
+    # Serve replica at niceness 0) starves the feature batcher, replicas and compositors: the
+    # latency tail grows and frames are dropped. Workers of a real-time pipeline run at normal
+    # priority (measured: benchmarks/README.md, section "Figures behind settings in the code").
     "RAY_worker_niceness": "0",
     # A round's rendered crops (up to max_batch x 196 KB) travel inline with the task reply
-    # instead of through the shared-memory object store: on the 2-core dev VM the store's
-    # put/pin/get traffic cost the raylet ~8% of a core at 4 sessions, inline costs nothing
-    # there. 4 MiB bounds what may go inline (a 16-frame batch is 3 MiB).
+    # instead of through the shared-memory object store, whose put/pin/get traffic costs the
+    # raylet CPU on every round while inline replies cost it nothing (measured:
+    # benchmarks/README.md, section "Figures behind settings in the code"). 4 MiB bounds what
+    # may go inline (a 16-frame batch is 3 MiB).
     "RAY_max_direct_call_object_size": str(4 << 20),
-    # Serve's controller reconciles every 100 ms by default (~4.5% of a core here even when
-    # idle); sessions change on a scale of seconds, so 500 ms loses nothing.
+    # Serve's controller reconciles every 100 ms by default, at a steady CPU cost even when
+    # idle (measured: benchmarks/README.md, section "Figures behind settings in the code");
+    # sessions change on a scale of seconds, so 500 ms loses nothing.
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
 }
 
@@ -42,8 +44,8 @@ def serial_opencv() -> None:
 
     The images here are small (256x256 crops, mouth regions, one 512x512 colour conversion per
     frame) and concurrency comes from many sessions; OpenCV's thread pool only adds its
-    wake-up and busy-wait cost: render + composite + RGB->I420 of one 512x512 frame took ~2.6 ms
-    of CPU with its default pool against ~1.7-2.1 ms single-threaded, at the same wall time.
+    wake-up and busy-wait cost: more CPU per frame for the same wall time (measured:
+    benchmarks/README.md, section "Figures behind settings in the code").
     """
     import cv2
 

@@ -1,44 +1,403 @@
-"""Failover: speech lost when each process of the pipeline dies, on a real multi-node cluster.
+"""Failover under load: speech lost when pipeline processes die while sessions talk.
 
-Runs tests/test_cluster_faults.py (a `ray start` head + two workers that declare one GPU each,
-the Serve app configured through Serve args; each pipeline process killed mid-speech with
-SIGKILL by PID, then a gateway and a whole worker node) and collects the figures those tests
-measure: speech frames the session counted as dropped after each kill (x 40 ms = the gap),
-how soon a new session succeeds, how soon a dead gateway's slots are free.
+    python benchmarks/failover.py [--kills 5] [--sessions 4] [--json benchmarks/results/failover.json]
 
-    python benchmarks/failover.py [--json benchmarks/results/failover.json]
+Two deployments, both real:
+
+- **cluster**: a multi-node Ray cluster on this machine (tests/raycluster.py: `ray start` head
+  + two workers that declare one GPU each), the Serve app configured through Serve args (two
+  gateways on the head, two inference replicas with room for every session). N WebRTC
+  sessions (tests/talker.py) talk without pause. Each stage is killed `--kills` times with
+  SIGKILL by PID: the feature batcher, the compositor on the node of session 0's replica,
+  session 0's replica (the other has room), that replica's whole worker node (a replacement
+  node joins after each kill), and a gateway (its sessions end; how soon their slots free).
+- **server**: `ray-lipsync serve` (one node, the defaults) with N talking sessions; all its
+  pipeline processes (directory, metrics board, feature batcher, replica, compositor) are
+  killed at once, `--kills` times.
+
+Per kill, every session's `frames_dropped` is read before the kill and after recovery (the
+service healthy again, plus 2 s); speech lost = the largest increase over the sessions (frames
+of 40 ms), with the drop reasons. A quiet window of the same length ("no kill") measures what
+the load alone drops. Reported: median and worst per case, each kill's figures, the commit.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
+import signal
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+import httpx
+import psutil
+
 ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from raycluster import LocalCluster  # noqa: E402
+from talker import Talker  # noqa: E402
+
+BASE_PORT = 21100  # cluster: GCS; each node takes 30 ports from here
+CLUSTER_HTTP = 21090
+SERVER_HTTP = 21095
+NAMESPACE = "failover"
+SETTLE_S = 2.0  # after the service is healthy again, before reading the sessions
+QUIET_S = 6.0  # the no-kill window
+TOP_UP_S = 10.0  # each session keeps at least this much speech queued
+
+
+def cluster_args(home: Path, sessions: int) -> dict[str, str]:
+    return {
+        "home": str(home),
+        "serve.min_gateways": "2", "serve.max_gateways": "2",
+        "serve.gateway_resources": '{"gateway": 1}',
+        "pipeline.namespace": NAMESPACE,
+        "pipeline.sessions_per_replica": str(sessions),
+        "pipeline.min_replicas": "2", "pipeline.max_replicas": "2",
+        "pipeline.replica_device": "gpu",
+    }
+
+
+class Load:
+    """N talking sessions and what they dropped."""
+
+    def __init__(self, http: httpx.AsyncClient) -> None:
+        self.http = http
+        self.talkers: list[Talker] = []
+        self._feeder: asyncio.Task | None = None
+
+    async def open(self, n: int) -> None:
+        while len(self.talkers) < n:
+            self.talkers.append(await Talker(self.http).open())
+        if self._feeder is None:
+            self._feeder = asyncio.create_task(self._feed())
+
+    async def _feed(self) -> None:
+        while True:
+            for talker in list(self.talkers):
+                try:
+                    state = await talker.state()
+                    if state["queued_audio_s"] < TOP_UP_S:
+                        await talker.say(2 * TOP_UP_S)
+                except (AssertionError, httpx.HTTPError, RuntimeError):
+                    pass  # its gateway died (it is replaced), or the load is closing
+            await asyncio.sleep(1.0)
+
+    async def states(self) -> dict[str, dict]:
+        out = {}
+        for talker in self.talkers:
+            try:
+                out[talker.sid] = await talker.state()
+            except (AssertionError, httpx.HTTPError):
+                pass
+        return out
+
+    async def close(self) -> None:
+        if self._feeder is not None:
+            self._feeder.cancel()
+        for talker in self.talkers:
+            try:
+                await talker.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+def lost(before: dict[str, dict], after: dict[str, dict]) -> dict:
+    """Speech frames dropped between two readings: the worst session, with its reasons."""
+    worst, reasons = 0, {}
+    for sid, state in after.items():
+        if sid not in before:
+            continue
+        gap = state["frames_dropped"] - before[sid]["frames_dropped"]
+        if gap >= worst:
+            worst = gap
+            reasons = {k: v - before[sid]["drops"].get(k, 0) for k, v in state["drops"].items()
+                       if v - before[sid]["drops"].get(k, 0)}
+    return {"frames": worst, "ms": worst * 40, "reasons": reasons}
+
+
+async def until(predicate, timeout: float, step: float = 0.2) -> float | None:
+    """Seconds until `predicate()` is true, None after `timeout`."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if await predicate():
+            return time.monotonic() - started
+        await asyncio.sleep(step)
+    return None
+
+
+async def healthy(http: httpx.AsyncClient) -> bool:
+    try:
+        return (await http.get("/healthz")).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def pids(prefix: str) -> list[int]:
+    """PIDs of processes whose title starts with `prefix` (Ray names them ray::Class)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or [""]
+        if cmd and cmd[0].startswith(prefix):
+            found.append(proc.pid)
+    return found
+
+
+def summary(kills: list[dict]) -> dict:
+    frames = [k["frames"] for k in kills]
+    return {"kills": len(frames), "median_frames": statistics.median(frames) if frames else None,
+            "worst_frames": max(frames) if frames else None, "each": kills}
+
+
+# -- cluster -----------------------------------------------------------------------------------
+
+
+async def cluster_cases(cluster: LocalCluster, settings, kills: int, sessions: int) -> dict:
+    import ray
+
+    from actors.directory import generation_of, get_directory
+
+    gen = generation_of(settings)
+    directory = get_directory(settings)
+    results: dict[str, dict] = {}
+    spare = iter(range(100))
+
+    def actor_pid(name: str) -> int:
+        return ray.get(ray.get_actor(name, namespace=NAMESPACE).pid.remote(), timeout=30)
+
+    def actor_node(name: str) -> str:
+        return ray.get(ray.get_actor(name, namespace=NAMESPACE).node_id.remote(), timeout=30)
+
+    async def replicas_ready(n: int) -> bool:
+        return len([r for r in ray.get(directory.replicas.remote(), timeout=30) if r["state"] == "ready"]) >= n
+
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{CLUSTER_HTTP}", timeout=60) as http:
+        load = Load(http)
+        await until(lambda: replicas_ready(2), 120)
+        await load.open(sessions)
+        await asyncio.sleep(5.0)  # past the sessions' first seconds
+
+        async def one(kill) -> dict:
+            before = await load.states()
+            killed = time.monotonic()
+            what = kill(before)
+            recovered = await until(lambda: healthy(http), 60)
+            await asyncio.sleep(max(SETTLE_S, QUIET_S - (time.monotonic() - killed)))
+            figures = {**lost(before, await load.states()), "killed": what,
+                       "healthy_after_s": None if recovered is None else round(recovered, 2)}
+            print(f"  {figures}", flush=True)
+            await until(lambda: replicas_ready(2), 90)
+            return figures
+
+        def session0(before: dict) -> dict:
+            return before[load.talkers[0].sid]
+
+        def kill_batcher(before):
+            pid = actor_pid(f"batcher-{gen}-procedural")
+            os.kill(pid, signal.SIGKILL)
+            return "batcher"
+
+        def kill_compositor(before):
+            node = actor_node(session0(before)["replica"])
+            os.kill(actor_pid(f"compositor-{gen}-{node[:16]}"), signal.SIGKILL)
+            return "compositor"
+
+        def kill_replica(before):
+            os.kill(actor_pid(session0(before)["replica"]), signal.SIGKILL)
+            return "replica"
+
+        def kill_node(before):
+            node_id = actor_node(session0(before)["replica"])
+            victim = next(n for n in cluster.nodes if n.name != "head" and _node_id(n) == node_id)
+            count = victim.kill()  # it stays listed: its ports are not reused
+            cluster.add_worker(f"gpu_{next(spare)}", num_cpus=2, num_gpus=1)  # a replacement joins
+            return f"node ({count} processes)"
+
+        def quiet(before):
+            return "none"
+
+        for case, kill in (("no kill", quiet), ("batcher", kill_batcher), ("compositor", kill_compositor),
+                           ("replica", kill_replica), ("worker node", kill_node)):
+            print(f"{case}:", flush=True)
+            results[case] = summary([await one(kill) for _ in range(kills)])
+
+        print("gateway:", flush=True)
+        freed = []
+        for _ in range(kills):
+            gateways = pids("ray::ServeReplica:ray-lipsync:Gateway")
+            os.kill(gateways[0], signal.SIGKILL)
+            killed = time.monotonic()
+            await asyncio.sleep(1.0)
+            alive = await load.states()
+            load.talkers = [t for t in load.talkers if t.sid in alive]
+            pinned = lambda: _pinned(directory, len(load.talkers))  # noqa: E731
+            seconds = await until(pinned, 30)
+            figures = {"slots_free_after_s": None if seconds is None else round(1.0 + seconds, 2),
+                       "sessions_ended": sessions - len(load.talkers)}
+            print(f"  {figures}", flush=True)
+            freed.append(figures)
+            await until(lambda: healthy(http), 60)
+            await until(lambda: _gateways(2), 60)
+            await load.open(sessions)
+            del killed
+        free_s = [f["slots_free_after_s"] for f in freed if f["slots_free_after_s"] is not None]
+        results["gateway"] = {"kills": len(freed), "median_slots_free_s": statistics.median(free_s) if free_s else None,
+                              "worst_slots_free_s": max(free_s) if free_s else None,
+                              "not_freed": len(freed) - len(free_s), "each": freed}
+        await load.close()
+    return results
+
+
+async def _pinned(directory, n: int) -> bool:
+    import ray
+
+    return sum(r["sessions"] for r in ray.get(directory.replicas.remote(), timeout=30)) == n
+
+
+async def _gateways(n: int) -> bool:
+    return len(pids("ray::ServeReplica:ray-lipsync:Gateway")) >= n
+
+
+def _node_id(node) -> str | None:
+    raylet = node.raylet()
+    if raylet is None:
+        return None
+    for arg in raylet.cmdline():
+        if arg.startswith("--node_id="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def run_cluster(home: Path, kills: int, sessions: int) -> dict:
+    import ray
+    from ray import serve
+
+    import serve_app
+    from ray_lipsync.config import settings_from_args
+
+    args = cluster_args(home, sessions)
+    temp_dir = Path(f"/tmp/rfo{os.getpid()}")
+    env = {"RAY_LIPSYNC_HOME": str(home), "PYTHONPATH": str(ROOT)}
+    cluster = LocalCluster(BASE_PORT, temp_dir, env)
+    os.environ.update({k: v for k, v in cluster.env.items() if k.startswith("RAY_")})
+    try:
+        cluster.start_head(num_cpus=1, resources={"gateway": 2})
+        for name in ("gpu_a", "gpu_b"):
+            cluster.add_worker(name, num_cpus=2, num_gpus=1)
+        ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": env})
+        serve.start(http_options={"host": "127.0.0.1", "port": CLUSTER_HTTP})
+        serve.run(serve_app.build(args), name="ray-lipsync", route_prefix="/")
+        return asyncio.run(cluster_cases(cluster, settings_from_args(args), kills, sessions))
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+
+
+# -- one server ----------------------------------------------------------------------------------
+
+PIPELINE_TITLES = ("ray::SessionDirectory", "ray::MetricsBoard", "ray::FeatureBatcherActor",
+                   "ray::InferenceReplica", "ray::CompositorActor")
+
+
+async def server_case(kills: int, sessions: int) -> dict:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{SERVER_HTTP}", timeout=60) as http:
+        load = Load(http)
+        await load.open(sessions)
+        await asyncio.sleep(5.0)
+        each = []
+        for _ in range(kills):
+            before = await load.states()
+            victims = [pid for title in PIPELINE_TITLES for pid in pids(title)]
+            for pid in victims:
+                os.kill(pid, signal.SIGKILL)
+            recovered = await until(lambda: healthy(http), 60)
+            await asyncio.sleep(SETTLE_S)
+            figures = {**lost(before, await load.states()), "processes_killed": len(victims),
+                       "healthy_after_s": None if recovered is None else round(recovered, 2)}
+            print(f"  {figures}", flush=True)
+            each.append(figures)
+            await asyncio.sleep(3.0)
+        await load.close()
+    return summary(each)
+
+
+def run_server(home: Path, kills: int, sessions: int) -> dict:
+    cmd = [str(Path(sys.executable).with_name("ray-lipsync")), "--home", str(home), "serve",
+           "--port", str(SERVER_HTTP)]
+    server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{SERVER_HTTP}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError("ray-lipsync serve did not come up")
+            time.sleep(0.5)
+        return asyncio.run(server_case(kills, sessions))
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+
+
+def commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("+changes" if dirty else "")
+    except OSError:
+        return "unknown"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kills", type=int, default=5, help="kills per case")
+    parser.add_argument("--sessions", type=int, default=4, help="talking sessions")
+    parser.add_argument("--only", choices=("cluster", "server"), help="run one deployment")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "failover.json")
     args = parser.parse_args()
-    with tempfile.NamedTemporaryFile(suffix=".jsonl", delete=False) as tmp:
-        figures_path = Path(tmp.name)
-    env = {**os.environ, "LIPSYNC_FAILOVER_JSON": str(figures_path)}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          "tests/test_cluster_faults.py"], cwd=ROOT, env=env)
-    cases = [json.loads(line) for line in figures_path.read_text().splitlines() if line.strip()]
-    figures_path.unlink()
-    result = {"benchmark": "failover", "tests_passed": run.returncode == 0, "cases": cases}
+    from ray_lipsync.avatar.default import load_or_prepare
+    from ray_lipsync.avatar.store import AvatarStore
+    from ray_lipsync.config import Settings
+
+    result = {"benchmark": "failover", "commit": commit(), "sessions": args.sessions, "kills": args.kills,
+              "cpus": os.cpu_count()}
+    with tempfile.TemporaryDirectory(prefix="failover-") as tmp:
+        home = Path(tmp)
+        load_or_prepare(AvatarStore(Settings(home=home).avatars_dir), "default", Settings(home=home).avatar)
+        if args.only in (None, "server"):
+            print("server: all pipeline processes at once", flush=True)
+            result["server"] = run_server(home, args.kills, args.sessions)
+        if args.only in (None, "cluster"):
+            result["cluster"] = run_cluster(home, args.kills, args.sessions)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
-    for case in cases:
-        sys.stdout.write(f"{case['case']:32s} {', '.join(f'{k}={v}' for k, v in case.items() if k not in ('case', 'drops'))}\n")
-    return run.returncode
+    for section in ("server", "cluster"):
+        cases = result.get(section, {})
+        if "kills" in cases:
+            cases = {"all pipeline processes": cases}
+        for case, figures in cases.items():
+            shown = {k: v for k, v in figures.items() if k != "each"}
+            print(f"{section:8s} {case:24s} {shown}")
+    return 0
 
 
 if __name__ == "__main__":

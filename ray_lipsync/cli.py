@@ -123,9 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--avatar", help="default avatar of new sessions")
     serve.add_argument("--max-sessions", type=int, dest="max_sessions")
     serve.add_argument("--address", help="join an existing Ray cluster (default: start a local one)")
+    # the dashboard's cost, measured: benchmarks/README.md, section "Figures behind settings in
+    # the code"
     serve.add_argument(
         "--ray-dashboard", action="store_true",
-        help="start the local Ray with its dashboard (off: it costs ~4%% of a core)",
+        help="start the local Ray with its dashboard (off: it costs CPU even when idle)",
     )
     serve.add_argument(
         "--livetalking-compat", action="store_true", help="also serve LiveTalking's unauthenticated routes"

@@ -168,7 +168,20 @@ class PipelineConfig(_Frozen):
         30.0, gt=0, description="Most audio (s) a session may have queued ahead of playback."
     )
     replica_num_cpus: float = Field(0.5, ge=0, description="CPUs reserved by a CPU-only replica.")
+    standby: Literal["auto", "on", "off"] = Field(
+        "auto", description="A gateway keeps a warm in-process engine that serves a session whose "
+        "inference replica failed until the session has a replica again (failover without "
+        "waiting for a restart, also when every pipeline process of a server died). auto = on "
+        "for the procedural backend unless replica_device is gpu (the engine then costs what a "
+        "CPU replica costs; a GPU backend's would hold a model in every gateway)."
+    )
     namespace: str = Field("ray_lipsync", description="Ray namespace of the pipeline actors.")
+
+    def wants_standby(self, backend: str) -> bool:
+        """Whether gateways keep a standby engine for `backend` (see `standby`)."""
+        if self.standby != "auto":
+            return self.standby == "on"
+        return backend == "procedural" and self.replica_device != "gpu"
 
     @model_validator(mode="after")
     def _check_playout(self) -> "PipelineConfig":

@@ -1,10 +1,11 @@
 """Keep the garbage collector's full collections short in the media processes.
 
 A gateway or replica process holds a large, long-lived heap once it has started (torch,
-aiortc, Ray, avatars): a full (generation 2) collection walks all of it, and on the dev VM
-each took 90-140 ms, long enough to stall every session's senders past their 160 ms video
-queue. `freeze_startup_heap()` moves everything allocated so far into the collector's
-permanent generation (`gc.freeze`), so later collections only walk what sessions allocate.
+aiortc, Ray, avatars): a full (generation 2) collection walks all of it, long enough to
+stall every session's senders past their 160 ms video queue (measured: benchmarks/README.md,
+section "Figures behind settings in the code"). `freeze_startup_heap()` moves everything
+allocated so far into the collector's permanent generation (`gc.freeze`), so later
+collections only walk what sessions allocate.
 """
 
 from __future__ import annotations

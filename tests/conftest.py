@@ -1,4 +1,4 @@
-"""Shared fixtures. Keep this small: helpers live in modules such as tests/speech.py."""
+"""Shared fixtures. Keep this small: helpers live in tests/helpers.py, tests/speech.py, ..."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import importlib.util
 
 import numpy as np
 import pytest
+
+# helpers.py asserts on behalf of the test modules: its asserts get pytest's messages too
+pytest.register_assert_rewrite("helpers")
 
 # pipecat-ai and MediaPipe 0.10.14 cannot share a venv (protobuf >= 5 vs < 5): without pipecat
 # its tests are not collected here, and ./dev test runs them in .venv-pipecat.

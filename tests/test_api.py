@@ -11,15 +11,13 @@ import asyncio
 import json
 import time
 
-import httpx
 import numpy as np
 import pytest
 
 from ray_lipsync.api.gateway import Gateway, home_of
-from ray_lipsync.api.routes import build_api
-from ray_lipsync.config import Settings
 from ray_lipsync.streaming.local import LocalPipeline
 from ray_lipsync.webrtc.client import ReceiverClient
+from helpers import connect, loud_ms, make, new_session, pieces, variant
 from speech import silence, speech, to_pcm16_bytes, to_wav_bytes
 
 pytestmark = pytest.mark.anyio
@@ -28,62 +26,6 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-def make(settings: Settings) -> tuple[Gateway, httpx.AsyncClient]:
-    gateway = Gateway(settings, LocalPipeline(settings), "gw1")
-    app = build_api(settings, gateway)
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t",
-                               timeout=30)
-    return gateway, client
-
-
-def variant(settings: Settings, **sections: dict) -> Settings:
-    """`settings` with some fields of its sections replaced."""
-    return Settings.model_validate({**settings.model_dump(), **{
-        name: {**getattr(settings, name).model_dump(), **values}
-        for name, values in sections.items()}})
-
-
-async def new_session(client: httpx.AsyncClient) -> tuple[str, dict]:
-    r = await client.post("/v1/sessions", json={"avatar": "default"})
-    assert r.status_code == 201, r.text
-    body = r.json()
-    return body["session_id"], {"Authorization": f"Bearer {body['token']}"}
-
-
-async def connect(client: httpx.AsyncClient, sid: str, auth: dict) -> ReceiverClient:
-    receiver = ReceiverClient(ice_servers=[])
-    r = await client.post(f"/v1/sessions/{sid}/offer", json=await receiver.offer(), headers=auth)
-    assert r.status_code == 200, r.text
-    await receiver.accept(r.json())
-    await receiver.wait_first_video(timeout=5)
-    return receiver
-
-
-def loud_ms(signal: np.ndarray, rate: int, relative_db: float = -26.0,
-            floor_db: float = -60.0) -> int:
-    """Milliseconds of `signal` whose 10 ms RMS is within `relative_db` of its loudest 10 ms
-    and above `floor_db` (dB full scale).
-
-    An energy VAD that ignores the overall level (the WebRTC path upmixes mono to stereo at
-    -3 dB, and the client averages the channels). The floor keeps a silent signal silent:
-    Opus decodes digital silence to +-1 LSB (about -90 dBFS), which relative to itself would
-    all count as loud; speech is far above it.
-    """
-    win = rate // 100
-    n = signal.size // win
-    rms = np.sqrt((signal[: n * win].reshape(n, win).astype(np.float64) ** 2).mean(axis=1))
-    if not n:
-        return 0
-    threshold = max(rms.max() * 10 ** (relative_db / 20), 10 ** (floor_db / 20))
-    return int((rms > threshold).sum() * 10)
-
-
-async def pieces(data: bytes, size: int = 4096):
-    for i in range(0, len(data), size):
-        yield data[i:i + size]
-        await asyncio.sleep(0)
 
 
 async def test_session_lifecycle_and_auth_errors(lipsync_settings):
@@ -283,7 +225,7 @@ async def test_small_audio_upload_still_checks_the_token_first(lipsync_settings)
 
 async def test_home_client_runs_own_sessions_here_and_forwards_the_rest(lipsync_settings):
     pytest.importorskip("ray")
-    from serve_app import HomeClient
+    from serve.clients import HomeClient
 
     from ray_lipsync.api.gateway import COMPAT_RANDOM_DIGITS, replica_code
 

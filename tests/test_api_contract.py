@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from ray_lipsync.api.routes import ERROR_DESCRIPTIONS, build_api
+from helpers import connect, make, new_session, pieces, variant
 from speech import to_wav_bytes
-from test_api import connect, make, new_session, pieces, variant
 
 pytestmark = pytest.mark.anyio
 

@@ -15,7 +15,7 @@ from ray_lipsync.avatar.default import DEFAULT_NAME, ensure_default_avatar
 from ray_lipsync.avatar.prepare import run_prepare
 from ray_lipsync.config import AvatarConfig, Settings
 from ray_lipsync.errors import AvatarError, AvatarNotFound
-from test_avatar_store import assert_same, synthetic_avatar
+from helpers import assert_same, synthetic_avatar
 
 
 @pytest.fixture(params=["path", "file-uri"])

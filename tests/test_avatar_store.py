@@ -10,36 +10,14 @@ import numpy as np
 import pytest
 from skimage import data
 
-from ray_lipsync.avatar import Avatar, AvatarStore
+from ray_lipsync.avatar import AvatarStore
 from ray_lipsync.avatar import face as face_module
 from ray_lipsync.avatar.default import ensure_default_avatar, load_or_prepare
 from ray_lipsync.avatar.store import FORMAT_VERSION
 from ray_lipsync.avatar.prepare import PrepareReport, list_avatars, run_prepare
 from ray_lipsync.config import AvatarConfig, Settings
 from ray_lipsync.errors import AvatarError, AvatarNotFound
-
-
-def synthetic_avatar(name: str = "synth", n: int = 3, seed: int = 0) -> Avatar:
-    """An avatar made of random arrays (no face analysis): for pure storage tests."""
-    rng = np.random.default_rng(seed)
-    return Avatar(
-        name=name,
-        frames=rng.integers(0, 256, (n, 48, 64, 3), dtype=np.uint8),
-        crop_boxes=rng.integers(0, 40, (n, 4)).astype(np.int32),
-        crops=rng.integers(0, 256, (n, 256, 256, 3), dtype=np.uint8),
-        masks=rng.integers(0, 256, (n, 256, 256), dtype=np.uint8),
-        landmarks=rng.normal(128, 30, (n, 10, 2)).astype(np.float32),
-        detected=np.array([True, False, True][:n] + [True] * max(0, n - 3)),
-        fps=30.0,
-    )
-
-
-def assert_same(a: Avatar, b: Avatar) -> None:
-    for attr in ("frames", "crop_boxes", "crops", "masks", "landmarks", "detected"):
-        x, y = getattr(a, attr), getattr(b, attr)
-        assert x.dtype == y.dtype and x.shape == y.shape, attr
-        assert np.array_equal(x, y), attr
-    assert a.name == b.name and a.fps == b.fps
+from helpers import assert_same, synthetic_avatar
 
 
 @pytest.fixture(scope="module")

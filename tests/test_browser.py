@@ -10,18 +10,10 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-    "--autoplay-policy=no-user-gesture-required",
-]
+from helpers import CHROMIUM, chromium
 
 pytestmark = [
     pytest.mark.browser,
@@ -46,16 +38,6 @@ def service(tmp_path_factory) -> Iterator[str]:
 
     with serve_app(Settings(home=tmp_path_factory.mktemp("home")), free_port()) as url:
         yield url
-
-
-@contextmanager
-def chromium() -> Iterator[object]:
-    """Headless Debian chromium through playwright (the flags this sandbox needs)."""
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture(scope="module")

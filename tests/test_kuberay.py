@@ -77,7 +77,7 @@ def test_every_ray_container_has_the_pipeline_env_and_one_auth_mode(cluster):
 
 
 def test_groups_and_resources_match_the_code(cluster):
-    from serve_app import GATEWAY_CPUS
+    from serve.deployment import GATEWAY_CPUS
 
     assert cluster["enableInTreeAutoscaling"] is True
     ray_pin = re.search(r'"ray\[serve\]==([^"]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
@@ -118,3 +118,16 @@ def test_turn_server_uses_the_shared_secret_and_a_fixed_relay_range(documents):
     text = "\n".join(line.removeprefix("#        ") for line in header.splitlines())
     text = text.replace("$TURN", "turn.example.com").replace("$SECRET", "0" * 64)
     assert Settings.model_validate_json(text).webrtc.ice_servers[1].is_turn
+
+
+def test_image_copies_every_package_the_project_installs():
+    import tomllib
+
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    include = project["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {p.rstrip("*").split(".")[0] for p in include}
+    for package in packages:
+        assert f" {package} /home/ray/ray-lipsync/{package}\n" in dockerfile, package
+    for module in project["tool"]["setuptools"]["py-modules"]:
+        assert f"{module}.py" in dockerfile, module

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-FORBIDDEN = ("ray", "serve_app", "actors")  # the core may use none of them at import time
+FORBIDDEN = ("ray", "serve_app", "serve", "actors")  # the core may use none of them at import time
 
 
 def test_the_core_package_imports_neither_ray_nor_the_app_layers() -> None:
@@ -24,7 +24,8 @@ def test_the_core_package_imports_neither_ray_nor_the_app_layers() -> None:
 
 def test_every_gateway_api_method_has_one_signature_everywhere() -> None:
     pytest.importorskip("ray")
-    from serve_app import GatewayDeployment, HomeClient, ServeClient
+    from serve.clients import HomeClient, ServeClient
+    from serve.deployment import GatewayDeployment
 
     from ray_lipsync.api.client import GatewayAPI
     from ray_lipsync.api.gateway import Gateway

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from ray_lipsync.webrtc.client import ReceiverClient
+from helpers import loud_ms, make, variant
 from speech import speech, to_wav_bytes
-from test_api import loud_ms, make, variant
 
 pytestmark = pytest.mark.anyio
 

@@ -9,118 +9,29 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from helpers import (
+    F,
+    PHRASE_A,
+    PHRASE_B,
+    Receiver,
+    assert_audio_is,
+    assert_clock,
+    check_interrupt,
+    interrupt_and_reply,
+    is_idle,
+    speak_once,
+    speech_frames,
+    tuned,
+)
 from speech import silence, speech
 
 from ray_lipsync.backends.procedural import ProceduralRenderer
-from ray_lipsync.clock import PTS_PER_FRAME, SAMPLES_PER_FRAME
 from ray_lipsync.config import Settings
 from ray_lipsync.errors import AtCapacity, Backpressure, MalformedAudio, SessionClosed, UnknownSession
 from ray_lipsync.streaming.local import LocalPipeline
-from ray_lipsync.streaming.session import Session
-from ray_lipsync.types import OutputFrame
-
-F = SAMPLES_PER_FRAME
-PHRASE_A = "Hello there, how are you today?"
-PHRASE_B = "Streaming avatars need steady latency."
-
-
-# -- helpers (also used by test_ray_pipeline.py) -------------------------------------------
-
-
-@dataclass
-class Received:
-    frame: OutputFrame
-    at: float  # wall time at which frames() yielded it
-
-
-def tuned(settings: Settings, **pipeline: object) -> Settings:
-    """`settings` with some pipeline fields replaced."""
-    return settings.model_copy(update={"pipeline": settings.pipeline.model_copy(update=pipeline)})
-
-
-class Receiver:
-    """Consumes `session.frames()` in a task, recording each frame and when it came."""
-
-    def __init__(self, session: Session) -> None:
-        self.session = session
-        self.frames: list[Received] = []
-        self._task = asyncio.create_task(self._run())
-
-    async def _run(self) -> None:
-        async for frame in self.session.frames():
-            self.frames.append(Received(frame, time.time()))
-
-    async def until_frame(self, k: int, timeout: float = 15.0) -> list[Received]:
-        """Wait until frame k has been received; returns everything received so far."""
-
-        async def wait() -> None:
-            while not self.frames or self.frames[-1].frame.frame_index < k:
-                if self._task.done():
-                    self._task.result()  # re-raise what ended the stream
-                    raise AssertionError(f"stream ended before frame {k}")
-                await asyncio.sleep(0.02)
-
-        await asyncio.wait_for(wait(), timeout)
-        return list(self.frames)
-
-    async def stop(self) -> list[Received]:
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-        return list(self.frames)
-
-
-def is_idle(session: Session, frame: OutputFrame) -> bool:
-    avatar = session.avatar
-    return np.array_equal(frame.image, avatar.frames[avatar.cycle_index(frame.frame_index)])
-
-
-def audio_from(received: list[Received], first_frame: int) -> np.ndarray:
-    return np.concatenate([r.frame.audio for r in received if r.frame.frame_index >= first_frame])
-
-
-def assert_clock(received: list[Received], session: Session) -> None:
-    """Consecutive frames k with pts 3600k, presented at t0 + D + 0.04k, never early."""
-    ks = [r.frame.frame_index for r in received]
-    assert ks == list(range(ks[0], ks[0] + len(ks))), "frames must arrive in order without gaps"
-    clock = session.clock
-    for r in received:
-        k = r.frame.frame_index
-        assert r.frame.pts == PTS_PER_FRAME * k
-        assert r.frame.presentation_time == pytest.approx(clock.t0 + clock.delay_s + 0.04 * k, abs=1e-9)
-        assert r.at >= r.frame.presentation_time - 1e-3
-        assert r.frame.audio.shape == (F,) and r.frame.audio.dtype == np.float32
-        assert r.frame.session_id == session.session_id
-
-
-def assert_audio_is(received: list[Received], start_frame: int, voice: np.ndarray) -> None:
-    """The output audio from `start_frame` on is exactly `voice`, then silence; none before."""
-    out = audio_from(received, start_frame)
-    assert len(out) >= len(voice)
-    np.testing.assert_array_equal(out[: len(voice)], voice)
-    assert not out[len(voice) :].any()
-    before = [r.frame.audio for r in received if r.frame.frame_index < start_frame]
-    assert not any(a.any() for a in before)
-
-
-def speech_frames(detector, voice: np.ndarray, start_frame: int) -> set[int]:
-    """Frames the VAD calls speech when `voice` starts at frame `start_frame`."""
-    padded = np.concatenate([voice, np.zeros(-len(voice) % F, np.float32)])
-    flags = detector.detect(padded).reshape(-1, 2).any(axis=1)
-    return {start_frame + i for i in np.flatnonzero(flags)}
-
-
-async def push_in_real_time(session: Session, voice: np.ndarray, utterance_id: str):
-    """Push `voice` in 20 ms chunks paced by the wall clock (one streamed utterance)."""
-    start, first = time.time(), None
-    for i, at in enumerate(range(0, len(voice), 320)):
-        utt = await session.push_audio(voice[at : at + 320], utterance_id, final=at + 320 >= len(voice))
-        first = first or utt
-        await asyncio.sleep(max(0.0, start + (i + 1) * 0.02 - time.time()))
-    return first
 
 
 @pytest.fixture(scope="module")
@@ -130,16 +41,6 @@ def settings(lipsync_settings: Settings) -> Settings:
 
 # -- behaviour -----------------------------------------------------------------------------
 
-
-
-async def speak_once(pipeline, voice: np.ndarray, utterance_id: str):
-    """One session speaks `voice` in real time; returns (session, utterance, stats, received)."""
-    session = await pipeline.create_session()
-    rx = Receiver(session)
-    utt = await push_in_real_time(session, voice, utterance_id)
-    await rx.until_frame(utt.end_frame + 3)
-    received = await rx.stop()
-    return session, utt, session.stats(), received
 
 def test_frame_k_carries_pts_3600k_and_exactly_its_audio(settings, speech_detector):
     voice = speech(PHRASE_A)
@@ -198,54 +99,6 @@ def test_concurrent_sessions_get_their_own_frames(settings, speech_detector):
         assert_audio_is(received, utt.start_frame, voices[name])
         expected = speech_frames(speech_detector, voices[name], utt.start_frame)
         assert talking <= expected and len(talking) >= 0.8 * len(expected)
-
-
-@dataclass
-class InterruptRun:
-    session: Session
-    long: object  # the interrupted Utterance
-    reply: object  # the Utterance pushed right after the interrupt
-    epoch: int
-    t_interrupt: float
-    received: list[Received]
-
-
-async def interrupt_and_reply(pipeline, voice: np.ndarray, reply: np.ndarray) -> InterruptRun:
-    """Speak `voice`, interrupt 1 s into its presentation, push `reply` at once (barge-in)."""
-    session = await pipeline.create_session()
-    rx = Receiver(session)
-    utt = await session.push_audio(voice, "long")
-    await asyncio.sleep(session.clock.presentation_time(utt.start_frame) + 1.0 - time.time())
-    t_interrupt = time.time()
-    epoch = await session.interrupt()
-    new = await session.push_audio(reply, "reply")
-    await rx.until_frame(new.end_frame + 2)
-    received = await rx.stop()
-    await pipeline.shutdown()
-    return InterruptRun(session, utt, new, epoch, t_interrupt, received)
-
-
-def check_interrupt(run: InterruptRun, voice: np.ndarray, reply: np.ndarray) -> None:
-    """Nothing of the old speech after T + 80 ms; the reply plays exactly and is rendered."""
-    session, received, t_interrupt = run.session, run.received, run.t_interrupt
-    assert_clock(received, session)
-    assert run.epoch == 1
-    before = [r for r in received if r.frame.presentation_time <= t_interrupt]
-    assert any(not is_idle(session, r.frame) for r in before), "speech was on screen before"
-    limit = t_interrupt + 0.08
-    old = [r for r in received if r.frame.presentation_time > limit and r.frame.frame_index < run.reply.start_frame]
-    assert old, "frames between the interrupt and the reply"
-    for r in old:
-        assert r.at > limit - 1e-3
-        assert not r.frame.audio.any() and is_idle(session, r.frame)
-        assert r.frame.epoch == 1
-    first_after = min(r.frame.frame_index for r in received if r.frame.presentation_time > t_interrupt)
-    assert run.long.end_frame <= first_after + 1  # the utterance was cut there ...
-    assert run.long.end_frame < run.long.start_frame + len(voice) // F  # ... well before its end
-    start = run.reply.start_frame
-    assert_audio_is([r for r in received if r.frame.frame_index >= start], start, reply)
-    talking = [r for r in received if r.frame.frame_index >= start and not is_idle(session, r.frame)]
-    assert len(talking) > 10, "the reply after the interrupt is rendered"
 
 
 def test_interrupt_silences_old_speech_within_two_frames(settings):

@@ -28,6 +28,9 @@ from ray_lipsync.config import Settings
 from ray_lipsync.errors import AvatarError, WeightsError
 from ray_lipsync.types import FeatureRequest, RenderJob
 
+# tiny random weights in the real layout: seconds per module, so in the full suite only
+pytestmark = pytest.mark.slow
+
 SR = 16000
 
 

@@ -16,6 +16,9 @@ import pytest
 from musetalk_fixtures import build_tiny_models
 from ray_lipsync.config import Settings
 
+# tiny random weights in the real layout: seconds per module, so in the full suite only
+pytestmark = pytest.mark.slow
+
 SPEECH_S = 1.6
 
 

@@ -28,9 +28,9 @@ from pipecat.workers.runner import WorkerRunner  # noqa: E402
 
 from ray_lipsync.audio import resample  # noqa: E402
 from ray_lipsync.integrations.pipecat import LipsyncVideoService  # noqa: E402
+from helpers import loud_ms  # noqa: E402
 from servers import running_server  # noqa: E402
 from speech import speech  # noqa: E402
-from test_api import loud_ms  # noqa: E402
 
 pytestmark = [pytest.mark.anyio, pytest.mark.pipecat]
 PORT = 19031

@@ -20,9 +20,9 @@ import uvicorn  # noqa: E402
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription  # noqa: E402
 
 from ray_lipsync.webrtc.client import PlaybackTrack, track_frames  # noqa: E402
+from helpers import CHROMIUM, loud_ms  # noqa: E402
 from servers import running_server  # noqa: E402
 from speech import silence, speech  # noqa: E402
-from test_api import loud_ms  # noqa: E402
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.pipecat]
 LIPSYNC_PORT, BOT_PORT = 19041, 19042
@@ -122,9 +122,6 @@ async def wait_for(condition, timeout: float) -> None:
         await asyncio.sleep(0.1)
 
 
-CHROMIUM = Path("/usr/bin/chromium")
-
-
 @pytest.mark.browser
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian chromium at /usr/bin/chromium")
 def test_example_bot_page_plays_the_avatar_in_chromium(lipsync_settings):
@@ -132,7 +129,7 @@ def test_example_bot_page_plays_the_avatar_in_chromium(lipsync_settings):
     import threading
 
     sync_api = pytest.importorskip("playwright.sync_api")
-    from test_browser import CHROMIUM_FLAGS
+    from helpers import CHROMIUM_FLAGS
 
     bot = load_example()
     loop = asyncio.new_event_loop()

@@ -13,8 +13,7 @@ import time
 import numpy as np
 import pytest
 from pydantic import ValidationError
-from speech import speech
-from test_local_pipeline import (
+from helpers import (
     F,
     Receiver,
     assert_audio_is,
@@ -22,6 +21,7 @@ from test_local_pipeline import (
     push_in_real_time,
     tuned,
 )
+from speech import speech
 
 from ray_lipsync.clock import SessionClock
 from ray_lipsync.config import PipelineConfig

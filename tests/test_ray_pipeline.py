@@ -17,7 +17,7 @@ import uuid
 import numpy as np
 import pytest
 from speech import speech
-from test_local_pipeline import (
+from helpers import (
     PHRASE_A,
     PHRASE_B,
     Receiver,

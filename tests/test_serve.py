@@ -21,8 +21,8 @@ from actors.runtime import init_ray  # noqa: E402
 
 from ray_lipsync.config import Settings  # noqa: E402
 from ray_lipsync.webrtc.client import ReceiverClient  # noqa: E402
+from helpers import loud_ms  # noqa: E402
 from speech import silence, speech, to_wav_bytes  # noqa: E402
-from test_api import loud_ms  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 PORT = 8123

@@ -17,9 +17,9 @@ from websockets.exceptions import InvalidStatus
 
 from ray_lipsync.audio import resample
 from ray_lipsync.webrtc.client import ReceiverClient
+from helpers import loud_ms, variant
 from servers import running_server
 from speech import speech
-from test_api import loud_ms, variant
 
 pytestmark = pytest.mark.anyio
 PORT = 19011

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from helpers import CHROMIUM, chromium
 from local_service import serve_app
-from test_browser import CHROMIUM, chromium
 from turn_server import CoturnServer, have_turnserver
 
 SECRET = "test-static-auth-secret-8c1f"

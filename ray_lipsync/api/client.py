@@ -2,7 +2,7 @@
 
 `GatewayAPI` is implemented by `Gateway` itself (in-process: laptop mode, tests) and, in the
 Serve application, by a client that runs a replica's own sessions in-process and forwards the
-others through a Serve handle (serve_app.HomeClient / ServeClient). Session calls pass
+others through a Serve handle (serve.clients.HomeClient / ServeClient). Session calls pass
 `session_id` as a keyword: the Serve request router reads it to pick the session's home
 replica. `forwarded_kwargs` turns a call into those keywords, by the interface's own
 signature, so the forwarding clients name methods only through this Protocol.

@@ -352,13 +352,9 @@ class Gateway:
         return [self.metrics_snapshot()]
 
     async def health(self) -> list[str]:
-        """Pipeline stages unavailable right now, as the pipeline reports them, and this
-        gateway's sessions that wait for an inference replica."""
-        degraded = await self.pipeline.health()
-        waiting = sum(e.session.state == "waiting_for_replica" for e in self._entries.values())
-        if waiting:
-            degraded.append(f"{waiting} session(s) on gateway {self.replica} waiting for an inference replica")
-        return degraded
+        """Pipeline stages unavailable right now (and sessions waiting for an inference
+        replica), as the pipeline reports them."""
+        return await self.pipeline.health()
 
     async def inference_stats(self) -> list[dict]:
         """Per inference replica: sessions, queue depth, batches."""

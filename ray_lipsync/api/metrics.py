@@ -71,7 +71,7 @@ class GatewayMetrics:
 class MetricsBoard:
     """Latest snapshot of every gateway replica; stale replicas (gone) expire.
 
-    Wrapped as a named Ray actor by serve_app; plain class so it is testable without Ray.
+    Wrapped as a named Ray actor by serve/board.py; plain class so it is testable without Ray.
     """
 
     def __init__(self, ttl_s: float = 30.0) -> None:

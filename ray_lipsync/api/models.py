@@ -61,6 +61,10 @@ class SessionState(BaseModel):
     device: str | None = Field(None, description="Where that replica renders (cuda, cpu); None if unknown.")
     epoch: int
     speaking: bool
+    state: Literal["streaming", "waiting_for_replica"] = Field(
+        description="waiting_for_replica: the session's inference replica is gone and no replica "
+        "has room; its frames show idle (or come from the gateway's standby engine) and it "
+        "resumes by itself when capacity returns (SSE event `session.state`).")
     frames_sent: int
     frames_dropped: int = Field(description="Frames the viewer saw replaced (every drop reason "
                                 "but stale_epoch).")

@@ -55,7 +55,8 @@ _DEMUXERS: dict[str, str] = {
     "mp4": "mov",
 }
 # A validated WAV header says everything: skip ffmpeg's stream analysis (~5 s of audio read
-# through Python I/O, ~150 ms on a 9 s 48 kHz stereo file).
+# through Python I/O, a noticeable delay per upload; measured: benchmarks/README.md, section
+# "Figures behind settings in the code").
 _PROBE_OPTIONS: dict[str, dict[str, str]] = {"wav": {"probesize": "4096", "analyzeduration": "0"}}
 _STRONG_MAGIC = (b"RIFF", b"OggS", b"fLaC", b"ID3", b"\x1aE\xdf\xa3")
 _INT_SCALE = {"u8": 128.0, "s16": 2.0**15, "s32": 2.0**31, "s64": 2.0**63}

@@ -1,10 +1,11 @@
 """Streaming audio input: bytes arriving in arbitrary pieces -> 16 kHz mono float32.
 
 `PcmStream` takes raw PCM16, `WavStream` a WAV file whose header is parsed incrementally, so
-a chunked HTTP upload produces samples (and frames) before it ends. Containers that cannot be
-streamed (mp3, ogg, ...) are buffered and decoded on close. Every stream enforces the same
-limits and yields the same samples as the one-shot decoders in decode.py. `Chunker` cuts a
-sample stream into the pipeline's 20 ms chunks.
+a chunked HTTP upload is decoded, and its limits enforced, while it arrives; the upload is
+still queued on the session whole, once complete (ray_lipsync.api.uploads). Containers that
+cannot be streamed (mp3, ogg, ...) are buffered and decoded on close. Every stream enforces
+the same limits and yields the same samples as the one-shot decoders in decode.py. `Chunker`
+cuts a sample stream into the pipeline's 20 ms chunks.
 """
 
 from __future__ import annotations

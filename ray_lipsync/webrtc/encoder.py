@@ -2,9 +2,10 @@
 
 aiortc's own VP8 encoder is tuned for camera input (temporal denoising, cpu-used -6). An
 avatar is rendered, noise-free content on a still background, so this one turns the denoiser
-off, uses libvpx's fastest real-time speed and skips unchanged blocks: about 3x less encode
-time per frame than aiortc's settings at 512x512 (the gateway's largest per-frame cost). The
-video track hands the packets to aiortc, whose sender only packetizes them
+off, uses libvpx's fastest real-time speed and skips unchanged blocks: far less encode time
+per frame than aiortc's settings, on what is the gateway's largest per-frame cost (measured:
+benchmarks/README.md, sections "vp8.py: WebRTC video encode cost" and "Figures behind settings
+in the code"). The video track hands the packets to aiortc, whose sender only packetizes them
 (`Vp8Encoder.pack`).
 
 Keyframes: the first frame, every `keyframe_interval` frames (a safety net), and whenever the
@@ -88,7 +89,8 @@ class Vp8Stream:
             "lag-in-frames": "0",
             "noise-sensitivity": "0",  # rendered frames carry no sensor noise to filter
             # skip blocks that barely changed: the background of an avatar is still, so this
-            # halves the encode time (mean abs error in the moving mouth region 1.56 -> 1.63)
+            # cuts the encode time for a slightly larger error in the moving mouth region
+            # (measured: benchmarks/README.md, section "Figures behind settings in the code")
             "static-thresh": "500",
             "maxrate": str(self.bitrate),
             "bufsize": str(self.bitrate),

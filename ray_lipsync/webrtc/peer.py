@@ -226,7 +226,8 @@ class SessionPeer:
 
 async def warm_up() -> None:
     """Exercise aiortc and the encoders once, so a process's first session does not pay for it
-    (its first offer otherwise takes ~100 ms more: imports, ICE gathering, codec setup)."""
+    (its first offer otherwise takes longer: imports, ICE gathering, codec setup; measured:
+    benchmarks/README.md, section "Figures behind settings in the code")."""
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     try:
         for kind in ("video", "audio"):

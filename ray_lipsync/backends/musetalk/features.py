@@ -12,8 +12,9 @@ own modules (conv1, conv2, the layers, the final layer norm) on a window of W to
 adds a fixed sinusoidal position table to its input, and offline (MuseTalk) every whisper
 frame sits at its place in its 30 s segment of the clip (segments start at 0, 30 s, ... of
 the session timeline). So a window is placed inside one segment and adds the table rows of
-its absolute positions there; with window-relative rows 0..W the 2 s features were at cosine
-~0.4 of the offline ones, with absolute rows ~0.98 (benchmarks/README.md).
+its absolute positions there; with window-relative rows 0..W the 2 s features were far from
+the offline ones, with absolute rows close to them (measured: benchmarks/README.md, section
+"musetalk_fidelity.py: streaming vs offline Whisper features, per window and lookahead").
 Windows: `encoder_window_s` long (default 2 s = 100 tokens), aligned to 20 ms, ending
 `lookahead_ms` past the end of the last frame they serve; they never reach before their
 segment's start (early in a segment the window starts there and the tokens not yet heard
