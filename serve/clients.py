@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ray.exceptions import RayTaskError
 
 from ray_lipsync.api.client import GatewayAPI, forwarded_kwargs
-from ray_lipsync.api.gateway import home_of, names_replica
+from ray_lipsync.api.gateway import home_of, names_gateway
 
 if TYPE_CHECKING:
     from ray_lipsync.api.gateway import Gateway
@@ -121,7 +121,7 @@ class HomeClient(ForwardingClient):
     def _for(self, kwargs: dict[str, Any]) -> Any:
         session_id = kwargs.get("session_id")
         if (session_id is None or home_of(session_id) == (None, None)
-                or names_replica(session_id, self._local.replica)):
+                or names_gateway(session_id, self._local.tag)):
             return self._local  # no session, ids naming no replica (404 here), and our own
         return self._remote
 

@@ -83,12 +83,12 @@ class GatewayDeployment(Gateway):
         self._reader = BoardReader(self)
         self._pusher = asyncio.get_running_loop().create_task(self._push_metrics())
         freeze_startup_heap()
-        logger.info("gateway replica %s ready", self.replica)
+        logger.info("gateway %s ready", self.tag)
 
     def __serve_build_asgi_app__(self) -> Any:
         others = ServeClient(serve.get_deployment_handle(GATEWAY, self._app_name), self._reader)
         # Serve's proxy reads WebSockets without backpressure: stream sockets bound their read-ahead.
-        return build_api(self.settings, HomeClient(self, others, self._reader), gateway=self.replica,
+        return build_api(self.settings, HomeClient(self, others, self._reader), gateway=self.tag,
                          stream_read_ahead_s=self.settings.serve.stream_read_ahead_s)
 
     async def _push_metrics(self) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-from ray_lipsync.api.gateway import names_replica
+from ray_lipsync.api.gateway import names_gateway
 
 _SESSION_PATH = re.compile(r"^/v1/sessions/([^/]+)")
 RECENT_TTL_S = 5.0  # a replica's stats not refreshed for this long: forget what was sent since
@@ -78,7 +78,7 @@ def _proxy_http_path(pending: PendingRequest) -> str | None:
 
 
 def _home(replicas: list[RunningReplica], session_id: Any) -> list[RunningReplica]:
-    return [r for r in replicas if names_replica(session_id, r.replica_id.unique_id)]
+    return [r for r in replicas if names_gateway(session_id, r.replica_id.unique_id)]
 
 
 @dataclass

@@ -227,7 +227,7 @@ async def test_home_client_runs_own_sessions_here_and_forwards_the_rest(lipsync_
     pytest.importorskip("ray")
     from serve.clients import HomeClient
 
-    from ray_lipsync.api.gateway import COMPAT_RANDOM_DIGITS, replica_code
+    from ray_lipsync.api.gateway import COMPAT_RANDOM_DIGITS, gateway_code
 
     class Recorder:
         def __init__(self) -> None:
@@ -249,7 +249,7 @@ async def test_home_client_runs_own_sessions_here_and_forwards_the_rest(lipsync_
     status = await client.status(session_id=created["session_id"], token=created["token"])
     assert status["gateway"] == "here" and remote.calls == []
     assert await client.status(session_id="there.x", token="t") == "forwarded"
-    elsewhere = ((replica_code("here") + 1) % 1_000_000) * 10**COMPAT_RANDOM_DIGITS  # a LiveTalking id
+    elsewhere = ((gateway_code("here") + 1) % 1_000_000) * 10**COMPAT_RANDOM_DIGITS  # a LiveTalking id
     assert await client.status(session_id=elsewhere, compat=True) == "forwarded"
     assert remote.calls == ["there.x", elsewhere]
     assert await client.snapshots() == [{"from": "board"}]

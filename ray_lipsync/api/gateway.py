@@ -1,8 +1,9 @@
-"""The gateway core: one replica's sessions, their peers, tokens, events and idle timeout.
+"""The gateway core: one gateway's sessions, their peers, tokens, events and idle timeout.
 
 No Ray here. A `Gateway` wraps a `Pipeline` (LocalPipeline or RayPipeline) and
-adds what the HTTP service needs: public session ids that name their home replica
-("<replica>.<random>"), per-session bearer tokens, a WebRTC peer per session, server-sent
+adds what the HTTP service needs: public session ids that name their home gateway
+("<gateway tag>.<random>"; "home" is where a session's peer lives, "pinned" is only ever said
+of its inference replica), per-session bearer tokens, a WebRTC peer per session, server-sent
 events when utterance frames are *sent*, per-frame latency, and closing idle or disconnected
 sessions. Every method returns plain dicts so it can be called through a Serve handle.
 """
@@ -33,7 +34,7 @@ from ray_lipsync.types import OutputFrame
 
 logger = logging.getLogger(__name__)
 
-COMPAT_RANDOM_DIGITS = 9  # LiveTalking ids: <6-digit replica code><9 random digits>
+COMPAT_RANDOM_DIGITS = 9  # LiveTalking ids: <6-digit gateway code><9 random digits>
 _COMPAT_SPLIT = 10**COMPAT_RANDOM_DIGITS
 
 
@@ -41,23 +42,23 @@ class PeerConflict(SessionError):
     """The session already has a WebRTC peer (HTTP 409)."""
 
 
-def replica_code(replica: str) -> int:
-    """A stable 6-digit number naming a replica inside numeric (LiveTalking) session ids."""
-    return zlib.crc32(replica.encode()) % 1_000_000
+def gateway_code(tag: str) -> int:
+    """A stable 6-digit number naming a gateway inside numeric (LiveTalking) session ids."""
+    return zlib.crc32(tag.encode()) % 1_000_000
 
 
 def home_of(session_id: str | int) -> tuple[str | None, int | None]:
-    """(replica tag, replica code) a session id names; None where it names none."""
+    """(gateway tag, gateway code) a session id names; None where it names none."""
     if isinstance(session_id, int) or (isinstance(session_id, str) and session_id.isdigit()):
         return None, int(session_id) // _COMPAT_SPLIT
     tag, sep, _ = str(session_id).partition(".")
     return (tag if sep and tag else None), None
 
 
-def names_replica(session_id: str | int, replica: str) -> bool:
-    """Whether `session_id` names `replica` as its home."""
-    tag, code = home_of(session_id)
-    return tag == replica or (code is not None and code == replica_code(replica))
+def names_gateway(session_id: str | int, tag: str) -> bool:
+    """Whether `session_id` names the gateway `tag` as its home."""
+    home, code = home_of(session_id)
+    return home == tag or (code is not None and code == gateway_code(tag))
 
 
 class PeerFactory(Protocol):
@@ -88,16 +89,17 @@ class _Entry:
 
 
 class Gateway:
-    """Sessions of one gateway replica. Create with `Gateway(settings, pipeline, replica)`."""
+    """Sessions of one gateway (a Serve replica of the Gateway deployment, or the only one in
+    process). Create with `Gateway(settings, pipeline, tag)`; `tag` names it in session ids."""
 
-    def __init__(self, settings: Settings, pipeline: Pipeline, replica: str, *,
+    def __init__(self, settings: Settings, pipeline: Pipeline, tag: str, *,
                  peer_factory: PeerFactory = default_peer_factory,
                  ice_servers: list[dict] | None = None) -> None:
-        if not replica or "." in replica:
-            raise ValueError(f"replica tag {replica!r} must be non-empty and contain no '.'")
+        if not tag or "." in tag:
+            raise ValueError(f"gateway tag {tag!r} must be non-empty and contain no '.'")
         self.settings = settings
         self.pipeline = pipeline
-        self.replica = replica
+        self.tag = tag
         self._static_ice = ice_servers  # None: per session from settings.webrtc
         self._peer_factory = peer_factory
         self._entries: dict[str, _Entry] = {}
@@ -106,7 +108,7 @@ class Gateway:
         self._closing: set[asyncio.Task] = set()
         self._reaper: asyncio.Task | None = None
         self._devices: dict[tuple[str, str], str] = {}  # (inference replica, backend) -> device
-        self.metrics = GatewayMetrics(replica)
+        self.metrics = GatewayMetrics(tag)
 
     # ---- lookup ----------------------------------------------------------------------
     @property
@@ -141,18 +143,18 @@ class Gateway:
 
     # ---- lifecycle -------------------------------------------------------------------
     async def create_session(self, avatar: str = "default", backend: str | None = None) -> dict:
-        """A new session on this replica: {session_id, token, ice_servers, compat_id}."""
+        """A new session on this gateway: {session_id, token, ice_servers, compat_id}."""
         self._ensure_reaper()
         if len(self._entries) + self._creating >= self.settings.serve.max_sessions:
-            raise AtCapacity(f"gateway {self.replica} holds its maximum of "
+            raise AtCapacity(f"gateway {self.tag} holds its maximum of "
                              f"{self.settings.serve.max_sessions} sessions; retry later")
         self._creating += 1
         try:
             session = await self.pipeline.create_session(avatar=avatar, backend=backend)
         finally:
             self._creating -= 1
-        public_id = f"{self.replica}.{secrets.token_urlsafe(12)}"
-        compat_id = replica_code(self.replica) * _COMPAT_SPLIT + secrets.randbelow(_COMPAT_SPLIT)
+        public_id = f"{self.tag}.{secrets.token_urlsafe(12)}"
+        compat_id = gateway_code(self.tag) * _COMPAT_SPLIT + secrets.randbelow(_COMPAT_SPLIT)
         ice = (self._static_ice if self._static_ice is not None
                else session_ice_servers(self.settings.webrtc, public_id))
         entry = self._entries[public_id] = _Entry(public_id, compat_id, new_token(), session, ice_servers=ice)
@@ -314,7 +316,7 @@ class Gateway:
         stats = entry.session.stats()
         return {
             "session_id": entry.public_id,
-            "gateway": self.replica,
+            "gateway": self.tag,
             "replica": stats.replica,
             "epoch": stats.epoch,
             "speaking": stats.speaking,
