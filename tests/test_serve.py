@@ -39,8 +39,11 @@ def base_url(lipsync_home):
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     settings = Settings(home=lipsync_home,
+                        # offer_timeout_s: most sessions here never get a WebRTC peer, and a test
+                        # may wait a minute for Serve to add a gateway: they must not expire meanwhile
                         serve={"min_gateways": 2, "max_gateways": 3, "target_sessions_per_gateway": 4,
-                               "livetalking_compat": True, "max_sessions": 50, "stream_read_ahead_s": 5},
+                               "livetalking_compat": True, "max_sessions": 50, "stream_read_ahead_s": 5,
+                               "offer_timeout_s": 900},
                         pipeline={"sessions_per_replica": 64})
     serve.run(serve_app.build_app(settings), name="ray-lipsync", route_prefix="/")
     yield f"http://127.0.0.1:{PORT}"
