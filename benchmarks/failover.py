@@ -41,7 +41,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from raycluster import LocalCluster  # noqa: E402
+from raycluster import LocalCluster, serving_cluster  # noqa: E402
 from talker import Talker  # noqa: E402
 
 BASE_PORT = 21100  # cluster: GCS; each node takes 30 ports from here
@@ -215,7 +215,7 @@ async def cluster_cases(cluster: LocalCluster, settings, kills: int, sessions: i
 
         def kill_node(before):
             node_id = actor_node(session0(before)["replica"])
-            victim = next(n for n in cluster.nodes if n.name != "head" and _node_id(n) == node_id)
+            victim = next(n for n in cluster.nodes if n.name != "head" and n.node_id() == node_id)
             count = victim.kill()  # it stays listed: its ports are not reused
             cluster.add_worker(f"gpu_{next(spare)}", num_cpus=2, num_gpus=1)  # a replacement joins
             return f"node ({count} processes)"
@@ -265,42 +265,14 @@ async def _gateways(n: int) -> bool:
     return len(pids("ray::ServeReplica:ray-lipsync:Gateway")) >= n
 
 
-def _node_id(node) -> str | None:
-    raylet = node.raylet()
-    if raylet is None:
-        return None
-    for arg in raylet.cmdline():
-        if arg.startswith("--node_id="):
-            return arg.split("=", 1)[1]
-    return None
-
-
 def run_cluster(home: Path, kills: int, sessions: int) -> dict:
-    import ray
-    from ray import serve
-
-    import serve_app
     from ray_lipsync.config import settings_from_args
 
     args = cluster_args(home, sessions)
-    temp_dir = Path(f"/tmp/rfo{os.getpid()}")
     env = {"RAY_LIPSYNC_HOME": str(home), "PYTHONPATH": str(ROOT)}
-    cluster = LocalCluster(BASE_PORT, temp_dir, env)
-    os.environ.update({k: v for k, v in cluster.env.items() if k.startswith("RAY_")})
-    try:
-        cluster.start_head(num_cpus=1, resources={"gateway": 2})
-        for name in ("gpu_a", "gpu_b"):
-            cluster.add_worker(name, num_cpus=2, num_gpus=1)
-        ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": env})
-        serve.start(http_options={"host": "127.0.0.1", "port": CLUSTER_HTTP})
-        serve.run(serve_app.build(args), name="ray-lipsync", route_prefix="/")
+    with serving_cluster(BASE_PORT, Path(f"/tmp/rfo{os.getpid()}"), env, head_resources={"gateway": 2},
+                         workers=["gpu_a", "gpu_b"], http_port=CLUSTER_HTTP, args=args) as cluster:
         return asyncio.run(cluster_cases(cluster, settings_from_args(args), kills, sessions))
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            cluster.shutdown()
 
 
 # -- one server ----------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +39,16 @@ class Node:
             cmd = proc.info["cmdline"] or []
             if cmd and cmd[0].endswith("raylet") and flag in cmd:
                 return proc
+        return None
+
+    def node_id(self) -> str | None:
+        """The Ray node id of this node (None once its raylet is gone)."""
+        raylet = self.raylet()
+        if raylet is None:
+            return None
+        for arg in raylet.cmdline():
+            if arg.startswith("--node_id="):
+                return arg.split("=", 1)[1]
         return None
 
     def processes(self) -> list[psutil.Process]:
@@ -110,3 +122,38 @@ class LocalCluster:
                     proc.wait(max(0.1, deadline - time.monotonic()))
                 except (psutil.NoSuchProcess, psutil.TimeoutExpired):
                     pass
+
+
+@contextmanager
+def serving_cluster(base_port: int, temp_dir: Path, env: dict[str, str], *, head_resources: dict[str, float],
+                    workers: list[str], http_port: int, args: dict[str, str]) -> Iterator[LocalCluster]:
+    """A `ray start` head (1 CPU) + `workers` (2 CPUs and one declared GPU each, named), this
+    process connected as the driver, Serve on `http_port` running the app built from the
+    Serve `args` (as `serve run serve_app:build k=v` would); everything stopped afterwards."""
+    import ray
+    from ray import serve
+
+    import serve_app
+
+    cluster = LocalCluster(base_port, temp_dir, env)
+    saved = {k: os.environ.get(k) for k in cluster.env if k.startswith("RAY_")}
+    os.environ.update({k: v for k, v in cluster.env.items() if k.startswith("RAY_")})  # the driver agrees
+    try:
+        cluster.start_head(num_cpus=1, resources=head_resources)
+        for name in workers:
+            cluster.add_worker(name, num_cpus=2, num_gpus=1)
+        ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": env})
+        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+        serve.run(serve_app.build(args), name="ray-lipsync", route_prefix="/")
+        yield cluster
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v

@@ -3,6 +3,7 @@ failover benchmark drive (`Talker`), and speech to keep it talking (`long_speech
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import httpx
@@ -57,3 +58,14 @@ class Talker:
     async def close(self) -> None:
         await self.http.delete(f"/v1/sessions/{self.sid}", headers=self.auth)
         await self.receiver.close()
+
+
+async def until(predicate, timeout: float, step: float = 0.25):
+    """Poll the coroutine function `predicate` until it returns a true value (returned) or
+    `timeout` passes (its last value is returned)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        await asyncio.sleep(step)

@@ -20,13 +20,12 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from talker import Talker
+from talker import Talker, until
 
 ray = pytest.importorskip("ray")
-from ray import serve  # noqa: E402
 
 from actors.directory import generation_of, get_directory  # noqa: E402
-from raycluster import LocalCluster  # noqa: E402
+from raycluster import serving_cluster  # noqa: E402
 from ray_lipsync.config import settings_from_args  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -66,32 +65,11 @@ def serve_args(home: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def cluster(lipsync_home):
-    import serve_app
-
     temp_dir = Path(f"/tmp/rlc{os.getpid()}")  # short: Ray's socket paths must stay < 108 chars
     env = {"RAY_LIPSYNC_HOME": str(lipsync_home), "PYTHONPATH": str(ROOT)}
-    c = LocalCluster(BASE_PORT, temp_dir, env)
-    saved = {k: os.environ.get(k) for k in c.env if k.startswith("RAY_")}
-    os.environ.update({k: v for k, v in c.env.items() if k.startswith("RAY_")})  # the driver agrees
-    try:
-        c.start_head(num_cpus=1, resources={"gateway": 2})
-        for name in ("gpu_a", "gpu_b"):
-            c.add_worker(name, num_cpus=2, num_gpus=1)
-        ray.init(address=c.address, log_to_driver=False, runtime_env={"env_vars": env})
-        serve.start(http_options={"host": "127.0.0.1", "port": HTTP_PORT})
-        serve.run(serve_app.build(serve_args(lipsync_home)), name="ray-lipsync", route_prefix="/")
+    with serving_cluster(BASE_PORT, temp_dir, env, head_resources={"gateway": 2}, workers=["gpu_a", "gpu_b"],
+                         http_port=HTTP_PORT, args=serve_args(lipsync_home)) as c:
         yield c
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            c.shutdown()
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
@@ -105,15 +83,6 @@ def url(path: str = "") -> str:
 
 def pid_of(name: str) -> int:
     return ray.get(ray.get_actor(name, namespace=NAMESPACE).pid.remote(), timeout=30)
-
-
-async def until(predicate, timeout: float, step: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        await asyncio.sleep(step)
 
 
 def directory_replicas(settings) -> list[dict]:
@@ -283,7 +252,7 @@ def test_a_dead_worker_node_is_survived(cluster, settings):
             choice = None
             for talker, state in zip(talkers, states):
                 node_id = ray.get(ray.get_actor(state["replica"], namespace=NAMESPACE).node_id.remote(), timeout=30)
-                node = next(n for n in cluster.nodes if n.name != "head" and _node_of(n) == node_id)
+                node = next(n for n in cluster.nodes if n.name != "head" and n.node_id() == node_id)
                 if not _hosts_gateway(node):
                     choice = (talker, state, node)
                     break
@@ -316,16 +285,6 @@ def test_a_dead_worker_node_is_survived(cluster, settings):
 def _hosts_gateway(node) -> bool:
     return any((p.cmdline() or [""])[0].startswith("ray::ServeReplica:ray-lipsync:Gateway")
                for p in node.processes() if p.is_running())
-
-
-def _node_of(node) -> str | None:
-    raylet = node.raylet()
-    if raylet is None:
-        return None
-    for arg in raylet.cmdline():
-        if arg.startswith("--node_id="):
-            return arg.split("=", 1)[1]
-    return None
 
 
 async def _try_create(http: httpx.AsyncClient):

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from talker import Talker
+from talker import Talker, until
 
 ray = pytest.importorskip("ray")
-from ray import serve  # noqa: E402
 
-from raycluster import LocalCluster  # noqa: E402
+from raycluster import LocalCluster, serving_cluster  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -43,41 +42,11 @@ def serve_args(home: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def cluster(lipsync_home):
-    import serve_app
-
     temp_dir = Path(f"/tmp/rlw{os.getpid()}")  # short: Ray's socket paths must stay < 108 chars
     env = {"RAY_LIPSYNC_HOME": str(lipsync_home), "PYTHONPATH": str(ROOT)}
-    c = LocalCluster(BASE_PORT, temp_dir, env)
-    saved = {k: os.environ.get(k) for k in c.env if k.startswith("RAY_")}
-    os.environ.update({k: v for k, v in c.env.items() if k.startswith("RAY_")})
-    try:
-        c.start_head(num_cpus=1, resources={"gateway": 1})
-        for name in ("gpu_a", "gpu_b"):
-            c.add_worker(name, num_cpus=2, num_gpus=1)
-        ray.init(address=c.address, log_to_driver=False, runtime_env={"env_vars": env})
-        serve.start(http_options={"host": "127.0.0.1", "port": HTTP_PORT})
-        serve.run(serve_app.build(serve_args(lipsync_home)), name="ray-lipsync", route_prefix="/")
+    with serving_cluster(BASE_PORT, temp_dir, env, head_resources={"gateway": 1}, workers=["gpu_a", "gpu_b"],
+                         http_port=HTTP_PORT, args=serve_args(lipsync_home)) as c:
         yield c
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            c.shutdown()
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-
-
-async def until(predicate, timeout: float, step: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        await asyncio.sleep(step)
 
 
 async def state_events(http: httpx.AsyncClient, talker: Talker, into: list) -> None:
@@ -94,11 +63,7 @@ async def state_events(http: httpx.AsyncClient, talker: Talker, into: list) -> N
 
 def node_of_replica(cluster: LocalCluster, replica: str):
     node_id = ray.get(ray.get_actor(replica, namespace=NAMESPACE).node_id.remote(), timeout=30)
-    for node in cluster.nodes:
-        raylet = node.raylet()
-        if node.name != "head" and raylet is not None and f"--node_id={node_id}" in raylet.cmdline():
-            return node
-    raise AssertionError(f"no worker node runs {replica}")
+    return next(n for n in cluster.nodes if n.name != "head" and n.node_id() == node_id)
 
 
 def test_a_session_without_room_waits_visibly_and_resumes_when_a_node_joins(cluster):
