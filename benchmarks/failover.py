@@ -170,7 +170,14 @@ async def cluster_cases(cluster: LocalCluster, settings, kills: int, sessions: i
     spare = iter(range(100))
 
     def actor_pid(name: str) -> int:
-        return ray.get(ray.get_actor(name, namespace=NAMESPACE).pid.remote(), timeout=30)
+        deadline = time.monotonic() + 60
+        while True:  # a stage killed just before may still be restarting
+            try:
+                return ray.get(ray.get_actor(name, namespace=NAMESPACE).pid.remote(), timeout=30)
+            except ray.exceptions.RayError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
 
     def actor_node(name: str) -> str:
         return ray.get(ray.get_actor(name, namespace=NAMESPACE).node_id.remote(), timeout=30)
@@ -303,9 +310,11 @@ async def server_case(kills: int, sessions: int) -> dict:
     return summary(each)
 
 
-def run_server(home: Path, kills: int, sessions: int) -> dict:
-    cmd = [str(Path(sys.executable).with_name("ray-lipsync")), "--home", str(home), "serve",
-           "--port", str(SERVER_HTTP)]
+def run_server(home: Path, kills: int, sessions: int, standby: str) -> dict:
+    config = home / "server-settings.json"
+    config.write_text(json.dumps({"pipeline": {"standby": standby}}))
+    cmd = [str(Path(sys.executable).with_name("ray-lipsync")), "--home", str(home), "--config", str(config),
+           "serve", "--port", str(SERVER_HTTP)]
     server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
     try:
@@ -344,6 +353,8 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=5, help="kills per case")
     parser.add_argument("--sessions", type=int, default=4, help="talking sessions")
     parser.add_argument("--only", choices=("cluster", "server"), help="run one deployment")
+    parser.add_argument("--standby", choices=("auto", "on", "off"), default="auto",
+                        help="server: the gateways' standby engine (pipeline.standby)")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "failover.json")
     args = parser.parse_args()
     from ray_lipsync.avatar.default import load_or_prepare
@@ -351,13 +362,13 @@ def main() -> int:
     from ray_lipsync.config import Settings
 
     result = {"benchmark": "failover", "commit": commit(), "sessions": args.sessions, "kills": args.kills,
-              "cpus": os.cpu_count()}
+              "cpus": os.cpu_count(), "server_standby": args.standby}
     with tempfile.TemporaryDirectory(prefix="failover-") as tmp:
         home = Path(tmp)
         load_or_prepare(AvatarStore(Settings(home=home).avatars_dir), "default", Settings(home=home).avatar)
         if args.only in (None, "server"):
             print("server: all pipeline processes at once", flush=True)
-            result["server"] = run_server(home, args.kills, args.sessions)
+            result["server"] = run_server(home, args.kills, args.sessions, args.standby)
         if args.only in (None, "cluster"):
             result["cluster"] = run_cluster(home, args.kills, args.sessions)
     args.json.parent.mkdir(parents=True, exist_ok=True)
