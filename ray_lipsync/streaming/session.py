@@ -17,8 +17,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable, Protocol
+from typing import AsyncIterator, Awaitable, Callable
 
 import numpy as np
 
@@ -29,6 +28,7 @@ from ray_lipsync.streaming.drops import DropCounter, DropReason
 from ray_lipsync.streaming.playout import PlayoutPolicy
 from ray_lipsync.streaming.timeline import Cut, SessionTimeline, Utterance
 from ray_lipsync.streaming.engine import RoundResult
+from ray_lipsync.streaming.link import SessionLink, SessionStats
 from ray_lipsync.types import AudioPush, OutputFrame, StageSpec
 
 log = logging.getLogger(__name__)
@@ -38,40 +38,6 @@ REPLAY_BACKOFF_S = 0.05  # a failed round's audio is sent again after this (doub
 REPLAY_BACKOFF_MAX_S = 0.4  # ... up to this) while its frames are not yet due
 
 __all__ = ["Session", "SessionLink", "SessionStats", "Utterance"]
-
-
-class SessionLink(Protocol):
-    """The engine side of one session: its pinned replica (or the in-process engine)."""
-
-    @property
-    def replica(self) -> str: ...
-
-    @property
-    def waiting(self) -> bool:
-        """True while the session's replica is gone and no other has room (frames show idle)."""
-        ...
-
-    async def submit(self, push: AudioPush) -> RoundResult: ...
-
-    async def interrupt(self, epoch: int, cut_frame: int) -> None: ...
-
-    async def close(self) -> None: ...
-
-
-@dataclass
-class SessionStats:
-    session_id: str
-    replica: str
-    epoch: int
-    speaking: bool
-    state: str  # "streaming", or "waiting_for_replica" while its replica is gone and none has room
-    frames_sent: int
-    frames_dropped: int
-    drops: dict[str, int]
-    latency_ms_p50: float | None
-    latency_ms_p95: float | None
-    latency_ms_p99: float | None
-    queued_audio_s: float
 
 
 class Session:
@@ -116,7 +82,7 @@ class Session:
         self._claimed = 0  # frames before this were completed by pushes already submitted
         self._released = (0, False)  # (end sample, final) of the audio handed to the engine
         self._replay_from: int | None = None  # first frame whose round failed, to send again
-        self._replayer: asyncio.Task | None = None
+        self._replayer: asyncio.Future | None = None
         self._state_listeners: list[Callable[[str], None]] = []
         self._feeder = asyncio.create_task(self._feed(), name=f"feed-{session_id}")
         self._collectors: set[asyncio.Task] = set()
@@ -265,10 +231,12 @@ class Session:
         return AudioPush(self.session_id, self._timeline.epoch, start, samples, final, self._spec,
                          self.clock.due_in(time.time()), replay)
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
+    def _spawn(self, coro: Awaitable[None]) -> asyncio.Future:
+        """Run `coro` as a task of this session (cancelled when it closes)."""
         task = asyncio.ensure_future(coro)
         self._collectors.add(task)
         task.add_done_callback(self._collectors.discard)
+        return task
 
     async def _submit(self, push: AudioPush, frames: range) -> None:
         try:
@@ -295,9 +263,7 @@ class Session:
         first = frames.start if self._replay_from is None else min(self._replay_from, frames.start)
         self._replay_from = first
         if self._replayer is None or self._replayer.done():
-            self._replayer = asyncio.ensure_future(self._replay_loop(epoch))
-            self._collectors.add(self._replayer)
-            self._replayer.add_done_callback(self._collectors.discard)
+            self._replayer = self._spawn(self._replay_loop(epoch))
 
     async def _replay_loop(self, epoch: int) -> None:
         """One replay push at a time, backing off, until one is served or its frames are due.
@@ -394,16 +360,14 @@ class Session:
         if past and not replayed:  # shown idle before they were known as speech (a replayed
             self._drops.count(DropReason.LATE, past)  # frame was expected, so counted then)
         self._expected.update(k for k in speech_frames if k >= self._next_emit)
-        self._collect(epoch, speech_frames, result)
+        self._collect(speech_frames, result)
 
-    def _collect(self, epoch: int, frames: list[int], result: RoundResult) -> None:
-        """Paste the round's mouth patches into this session's avatar frames (frames not yet
-        shown only); a frame a stage shed keeps its reason."""
+    def _collect(self, frames: list[int], result: RoundResult) -> None:
+        """Paste the round's mouth patches (of the current epoch) into this session's avatar
+        frames, for frames not yet shown; a frame a stage shed keeps its reason."""
         done = time.time()
         for k, patch in zip(frames, result.patches):
             arrived = self._audio_at.pop(k, None)
-            if epoch != self.epoch:
-                continue  # cut by an interrupt (not a drop)
             if not isinstance(patch, DropReason):
                 self._note_need(k, done)
             if k < self._next_emit:
