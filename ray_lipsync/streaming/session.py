@@ -163,7 +163,10 @@ class Session:
         self._claimed = min(self._claimed, cut_frame)
         self._released = (min(self._released[0], cut_frame * SAMPLES_PER_FRAME), True)
         self._replay_from = None
-        await self._link.interrupt(epoch, cut_frame)
+        # The cut is final here; the engine learns of it in the background (the task starts
+        # before any push of the new epoch, whose rounds carry the epoch anyway), so a slow
+        # replica never delays the answer, nor lets the cut utterance's end come before it.
+        self._spawn(self._link.interrupt(epoch, cut_frame))
         return epoch
 
     async def close(self) -> None:
