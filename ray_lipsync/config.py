@@ -11,10 +11,13 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, SecretStr, SerializationInfo, ValidationInfo,
                       field_serializer, field_validator, model_validator)
+
+if TYPE_CHECKING:
+    from ray_lipsync.webrtc.bandwidth import BitrateBounds
 
 BackendName = Literal["procedural", "musetalk"]
 
@@ -275,6 +278,25 @@ class WebRTCConfig(_Frozen):
         30.0, gt=0, le=600, description="A session whose peer has not connected this long after its "
         "offer is closed (e.g. the client could not reach the TURN server)."
     )
+    min_bitrate: int = Field(100_000, ge=30_000, le=50_000_000, description="Video bitrate floor, bit/s: "
+                             "the encoder never goes below it whatever the link feedback says.")
+    start_bitrate: int = Field(300_000, ge=30_000, le=50_000_000, description="Video bitrate of a new "
+                               "session, bit/s, until the receiver's feedback moves it.")
+    max_bitrate: int = Field(1_000_000, ge=30_000, le=50_000_000, description="Video bitrate ceiling, "
+                             "bit/s (a talking 512x512 avatar looks sharp well below 1 Mbit/s).")
+
+    @model_validator(mode="after")
+    def _bitrate_order(self) -> "WebRTCConfig":
+        if not self.min_bitrate <= self.start_bitrate <= self.max_bitrate:
+            raise ValueError(f"webrtc bitrates must satisfy min_bitrate <= start_bitrate <= max_bitrate, got "
+                             f"{self.min_bitrate}, {self.start_bitrate}, {self.max_bitrate}")
+        return self
+
+    def bitrate_bounds(self) -> "BitrateBounds":
+        """The session encoders' bounds (webrtc/bandwidth.py)."""
+        from ray_lipsync.webrtc.bandwidth import BitrateBounds
+
+        return BitrateBounds(self.min_bitrate, self.start_bitrate, self.max_bitrate)
 
     @field_serializer("turn_secret", when_used="json")
     def _dump_secret(self, secret: SecretStr | None, info: SerializationInfo) -> str | None:

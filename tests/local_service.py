@@ -11,8 +11,8 @@ from contextlib import contextmanager
 
 
 @contextmanager
-def serve_app(settings, port: int, replica: str = "local") -> Iterator[str]:
-    """Serve `settings`' API on 127.0.0.1:`port`; yields its base URL; shuts the gateway down."""
+def serve_app(settings, port: int, replica: str = "local", host: str = "127.0.0.1") -> Iterator[str]:
+    """Serve `settings`' API on `host`:`port`; yields its loopback URL; shuts the gateway down."""
     import uvicorn
 
     from ray_lipsync.api.gateway import Gateway
@@ -21,7 +21,7 @@ def serve_app(settings, port: int, replica: str = "local") -> Iterator[str]:
 
     gateway = Gateway(settings, LocalPipeline(settings), replica)
     app = build_api(settings, gateway)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="test-service", daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

@@ -17,7 +17,7 @@ import time
 import zlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -31,6 +31,9 @@ from ray_lipsync.ice import session_ice_servers
 from ray_lipsync.streaming.pipeline import Pipeline
 from ray_lipsync.streaming.session import Session
 from ray_lipsync.types import OutputFrame
+
+if TYPE_CHECKING:
+    from ray_lipsync.webrtc.bandwidth import BitrateBounds
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +65,7 @@ def names_gateway(session_id: str | int, tag: str) -> bool:
 
 
 class PeerFactory(Protocol):
-    def __call__(self, session: Any, *, ice_servers: list[dict] | None,
+    def __call__(self, session: Any, *, ice_servers: list[dict] | None, bitrate: BitrateBounds,
                  on_frame_sent: Callable[[OutputFrame], None],
                  on_closed: Callable[[], Any]) -> Any: ...
 
@@ -231,6 +234,7 @@ class Gateway:
         entry.peer = self._peer_factory(
             entry.session,
             ice_servers=entry.ice_servers,
+            bitrate=self.settings.webrtc.bitrate_bounds(),
             on_frame_sent=lambda frame: self._on_frame_sent(entry, frame),
             on_closed=lambda: self._on_peer_closed(entry),
         )
@@ -330,6 +334,7 @@ class Gateway:
             "queued_audio_s": stats.queued_audio_s,
             "device": await self._device_of(stats.replica, entry.session.backend),
             "connection_state": entry.peer.connection_state if entry.peer else "new",
+            "network": entry.peer.network() if entry.peer else None,
         }
 
     async def _device_of(self, replica: str, backend: str) -> str | None:

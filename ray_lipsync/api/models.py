@@ -54,6 +54,22 @@ class InterruptResult(BaseModel):
                                      "nothing was playing.")
 
 
+class NetworkState(BaseModel):
+    """What the receiver's RTCP feedback says of a session's video link, and what the encoder does."""
+
+    target_bps: int = Field(description="Video bitrate the link feedback asks for (webrtc.min_bitrate..max_bitrate).")
+    encoder_bps: int = Field(description="Bitrate the VP8 encoder is running at now.")
+    sent_bps: int = Field(description="Video actually sent over the last 2 s (less while the avatar is still).")
+    remb_bps: int | None = Field(description="The receiver's last REMB estimate (audio included); None if it sends none.")
+    loss: float = Field(description="Fraction of video packets lost, from the last receiver report.")
+    rtt_ms: float | None = Field(description="Round-trip time from the receiver reports.")
+    reports: int
+    nacks: int = Field(description="Packets the receiver asked again (aiortc resends them).")
+    keyframe_requests: int = Field(description="PLI / FIR received.")
+    keyframes: int
+    encoder_reopens: int = Field(description="Times the encoder was reopened at a new bitrate.")
+
+
 class SessionState(BaseModel):
     session_id: str
     gateway: str = Field(description="Tag of the gateway replica holding the session's peer.")
@@ -76,6 +92,8 @@ class SessionState(BaseModel):
     latency_ms_p99: float | None = None
     queued_audio_s: float
     connection_state: str
+    network: NetworkState | None = Field(None, description="The video link as the server's sender "
+                                         "sees it; None before the client connected.")
 
 
 class AvatarList(BaseModel):

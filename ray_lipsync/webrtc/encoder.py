@@ -8,8 +8,18 @@ benchmarks/README.md, sections "vp8.py: WebRTC video encode cost" and "Figures b
 in the code"). The video track hands the packets to aiortc, whose sender only packetizes them
 (`Vp8Encoder.pack`).
 
+Rate control is libvpx's CBR at the target that the link feedback sets (`set_target_bitrate`,
+driven by rtcp.py / bandwidth.py), with a half-second buffer and keyframes capped at six
+frames' budget (`max-intra-rate`): an uncapped keyframe of the default avatar is ~90 KB, two
+seconds of a 300 kbit/s link, so on a slow link it never arrived whole and the receiver's PLI
+brought the next one; here it is 7-17 KB. libvpx (through FFmpeg) takes a new bitrate only when the encoder is
+opened again, as aiortc's own encoder does too: a decrease is applied at the next frame, an
+increase at most every `RAISE_GAP_FRAMES`, and only steps of more than `RATE_STEP` count, since
+each reopening starts with a (capped) keyframe.
+
 Keyframes: the first frame, every `keyframe_interval` frames (a safety net), and whenever the
-receiver asks (RTCP PLI / FIR), which `attach_keyframe_requests` routes here.
+receiver asks (RTCP PLI / FIR, routed here by rtcp.py), at most one per
+`KEYFRAME_REQUEST_GAP` frames (a receiver repeats its request until a keyframe arrives).
 """
 
 from __future__ import annotations
@@ -20,16 +30,18 @@ import threading
 
 import av
 import numpy as np
-from aiortc import RTCRtpSender
 
-from ray_lipsync.clock import CHUNK_MS, CHUNK_SAMPLES, SAMPLE_RATE, VIDEO_CLOCK_HZ
+from ray_lipsync.clock import CHUNK_MS, CHUNK_SAMPLES, FPS, SAMPLE_RATE, VIDEO_CLOCK_HZ
 from ray_lipsync.yuv import to_i420
 
 log = logging.getLogger(__name__)
 
 VIDEO_TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK_HZ)
-BITRATE = 1_000_000  # bit/s cap; a talking avatar needs far less between keyframes
+BITRATE = 300_000  # bit/s until the link feedback says otherwise (webrtc.start_bitrate)
 KEYFRAME_INTERVAL = 250  # frames (10 s): recovery even if a keyframe request is lost
+KEYFRAME_REQUEST_GAP = 12  # frames (~0.5 s) between keyframes made on request
+RATE_STEP = 0.15  # a new target this far (relative) from the encoder's reopens it
+RAISE_GAP_FRAMES = 50  # frames (2 s) between reopenings that raise the bitrate
 
 
 class Vp8Stream:
@@ -38,15 +50,26 @@ class Vp8Stream:
     def __init__(self, bitrate: int = BITRATE, keyframe_interval: int = KEYFRAME_INTERVAL) -> None:
         if bitrate <= 0 or keyframe_interval < 1:
             raise ValueError("bitrate must be > 0 and keyframe_interval >= 1")
-        self.bitrate = bitrate
+        self.bitrate = bitrate  # what the open encoder aims for
+        self._wanted = bitrate  # what the link feedback asks for (set from the event loop)
         self.keyframe_interval = keyframe_interval
         self._codec: av.VideoCodecContext | None = None
         self._since_keyframe = 0
+        self._since_open = 0
         self._keyframe_requested = threading.Event()
+        self.bytes_out = 0  # every packet's size, summed (the link feedback reads it)
+        self.keyframes = 0
+        self.reopens = 0
 
     def request_keyframe(self) -> None:
         """Make the next encoded frame a keyframe (thread-safe)."""
         self._keyframe_requested.set()
+
+    def set_target_bitrate(self, bps: int) -> None:
+        """Aim for `bps` from a coming frame on (see the module docstring for when)."""
+        if bps <= 0:
+            raise ValueError(f"bitrate must be > 0, got {bps}")
+        self._wanted = int(bps)
 
     def encode(self, image: np.ndarray, pts: int) -> av.Packet:
         """The VP8 packet of an RGB uint8 HxWx3 image shown at `pts` (90 kHz clock)."""
@@ -56,29 +79,41 @@ class Vp8Stream:
         frame.pts = pts
         frame.time_base = VIDEO_TIME_BASE
         codec = self._open(frame.width, frame.height)
-        keyframe = self._since_keyframe == 0 or self._keyframe_requested.is_set() \
-            or self._since_keyframe >= self.keyframe_interval
-        if keyframe:
+        requested = self._keyframe_requested.is_set() and self._since_keyframe >= KEYFRAME_REQUEST_GAP
+        if self._since_keyframe == 0 or requested or self._since_keyframe >= self.keyframe_interval:
             self._keyframe_requested.clear()
             frame.pict_type = av.video.frame.PictureType.I
             self._since_keyframe = 0
+            self.keyframes += 1
         self._since_keyframe += 1
+        self._since_open += 1
         packets = codec.encode(frame)
         if len(packets) != 1:  # lag-in-frames 0: one packet in, one out
             raise RuntimeError(f"libvpx returned {len(packets)} packets for one frame")
         packet = packets[0]
         packet.pts = pts
         packet.time_base = VIDEO_TIME_BASE
+        self.bytes_out += packet.size
         return packet
+
+    def _rate_changed(self) -> bool:
+        wanted, current = self._wanted, self.bitrate
+        if abs(wanted - current) <= RATE_STEP * current:
+            return False
+        return wanted < current or self._since_open >= RAISE_GAP_FRAMES
 
     def _open(self, width: int, height: int) -> av.VideoCodecContext:
         codec = self._codec
-        if codec is not None and (codec.width, codec.height) == (width, height):
+        if codec is not None and (codec.width, codec.height) == (width, height) and not self._rate_changed():
             return codec
+        if codec is not None:
+            self.reopens += 1
+        self.bitrate = self._wanted
         codec = av.CodecContext.create("libvpx", "w")
         codec.width, codec.height = width, height
         codec.pix_fmt = "yuv420p"
         codec.time_base = VIDEO_TIME_BASE
+        codec.framerate = fractions.Fraction(FPS)  # libvpx sizes a frame's budget by it
         codec.bit_rate = self.bitrate
         codec.gop_size = self.keyframe_interval
         codec.qmin, codec.qmax = 2, 56
@@ -92,19 +127,25 @@ class Vp8Stream:
             # cuts the encode time for a slightly larger error in the moving mouth region
             # (measured: benchmarks/README.md, section "Figures behind settings in the code")
             "static-thresh": "500",
+            # CBR with a half-second buffer: the rate stays near the target within a second,
+            # what a link at that rate can carry (measured: benchmarks/README.md, "Network")
+            "minrate": str(self.bitrate),
             "maxrate": str(self.bitrate),
-            "bufsize": str(self.bitrate),
-            "undershoot-pct": "100",
-            "overshoot-pct": "15",
+            "bufsize": str(self.bitrate // 2),
+            "undershoot-pct": "50",
+            "overshoot-pct": "10",
+            "max-intra-rate": "600",  # a keyframe takes at most 6 frames' budget
             "partitions": "0",
         }
         self._codec = codec
         self._since_keyframe = 0
+        self._since_open = 0
         log.debug("vp8: encoder opened at %dx%d, %d bit/s", width, height, self.bitrate)
         return codec
 
 
 OPUS_BITRATE = 32_000  # bit/s: wideband speech
+FEC_EXPECTED_LOSS_PCT = 10  # libopus sizes its in-band FEC for this much loss
 
 
 class OpusStream:
@@ -114,16 +155,25 @@ class OpusStream:
     samples, so chunk c's packet only leaves once chunk c+1 arrived (20 ms late). libopus takes
     16 kHz input directly: every chunk leaves as one packet at once, its RTP timestamp
     `960 * c` (aiortc's `OpusEncoder.pack` converts the pts to the 48 kHz RTP clock).
+
+
+    `fec`: Opus in-band forward error correction (each packet also carries a coarse copy of
+    the previous one, which a receiver decodes when that one was lost); the peer turns it on
+    when the client's offer asks for it (`useinbandfec=1`, Chromium's default).
     """
 
-    def __init__(self, bitrate: int = OPUS_BITRATE) -> None:
+    def __init__(self, bitrate: int = OPUS_BITRATE, fec: bool = False) -> None:
+        self.fec = fec
         self._codec = av.CodecContext.create("libopus", "w")
         self._codec.sample_rate = SAMPLE_RATE
         self._codec.layout = "mono"
         self._codec.format = "s16"
         self._codec.bit_rate = bitrate
         self._codec.time_base = fractions.Fraction(1, SAMPLE_RATE)
-        self._codec.options = {"application": "voip", "frame_duration": str(CHUNK_MS)}
+        options = {"application": "voip", "frame_duration": str(CHUNK_MS)}
+        if fec:  # libopus adds the redundancy only when it expects loss
+            options.update(fec="1", packet_loss=str(FEC_EXPECTED_LOSS_PCT))
+        self._codec.options = options
 
     def encode(self, chunk: av.AudioFrame) -> av.Packet:
         """The Opus packet of one 20 ms chunk, with the chunk's pts and time base."""
@@ -137,12 +187,3 @@ class OpusStream:
         packet.pts = chunk.pts
         packet.time_base = chunk.time_base
         return packet
-
-
-def attach_keyframe_requests(sender: RTCRtpSender, stream: Vp8Stream) -> None:
-    """Route the receiver's keyframe requests (RTCP PLI / FIR) for `sender` to `stream`.
-
-    aiortc answers PLI / FIR by calling the sender's `_send_keyframe()`, which only flags its
-    own encoder; with pre-encoded packets the flag must reach this stream instead.
-    """
-    sender._send_keyframe = stream.request_keyframe  # type: ignore[method-assign]

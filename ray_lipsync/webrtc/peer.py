@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +30,9 @@ from aiortc.sdp import SessionDescription
 from ray_lipsync.clock import CHUNK_SAMPLES
 from ray_lipsync.types import OutputFrame
 from ray_lipsync.webrtc.mic import MicReader
-from ray_lipsync.webrtc.encoder import OpusStream, Vp8Stream, attach_keyframe_requests
+from ray_lipsync.webrtc.bandwidth import BitrateBounds, BitrateController
+from ray_lipsync.webrtc.encoder import OpusStream, Vp8Stream
+from ray_lipsync.webrtc.rtcp import LinkFeedback
 from ray_lipsync.webrtc.tracks import MediaCounters, SessionMedia, SessionVideoTrack, pcm_chunk
 
 if TYPE_CHECKING:
@@ -89,6 +92,15 @@ def parse_offer(sdp: str, type: str) -> SessionDescription:
     return parsed
 
 
+def asks_opus_fec(offer: SessionDescription) -> bool:
+    """Whether the offer's Opus asks for in-band FEC (`useinbandfec=1`, as Chromium's does)."""
+    for media in offer.media:
+        for codec in media.rtp.codecs if media.kind == "audio" else ():
+            if codec.mimeType.lower() == "audio/opus" and str(codec.parameters.get("useinbandfec")) == "1":
+                return True
+    return False
+
+
 class SessionPeer:
     """The WebRTC side of one session (aiortc RTCPeerConnection + the session's tracks)."""
 
@@ -97,11 +109,14 @@ class SessionPeer:
         session: "Session",
         *,
         ice_servers: list[dict] | None = None,
+        bitrate: BitrateBounds = BitrateBounds(),
         on_frame_sent: Callable[[OutputFrame], None] | None = None,
         on_closed: Callable[[], Awaitable[None] | None] | None = None,
     ) -> None:
         self.session = session
         self._config = ice_configuration(ice_servers)
+        self._bitrate = bitrate
+        self.link: LinkFeedback | None = None
         self._on_frame_sent = on_frame_sent
         self._on_closed = on_closed
         self._pc = RTCPeerConnection(configuration=self._config)
@@ -122,6 +137,11 @@ class SessionPeer:
     def counters(self) -> MediaCounters:
         """Frames in, video frames sent/dropped, audio chunks sent (zeros before answer())."""
         return self.media.counters if self.media is not None else MediaCounters()
+
+    def network(self) -> dict | None:
+        """The video link as the sender sees it (bandwidth estimate, loss, round trip,
+        keyframes); None without a video track."""
+        return self.link.stats().as_dict() if self.link is not None else None
 
     async def answer(self, sdp: str, type: str = "offer") -> dict:
         """Answer the client's offer: {"sdp": ..., "type": "answer"}. ValueError if unusable."""
@@ -150,11 +170,13 @@ class SessionPeer:
             on_frame_sent=self._on_frame_sent,
             video=want_video,
             audio=want_audio,
+            opus_fec=asks_opus_fec(offer),
         )
         for track in self.media.tracks:
             sender = self._pc.addTrack(track)
             if isinstance(track, SessionVideoTrack):
-                attach_keyframe_requests(sender, track.encoder)
+                self.link = LinkFeedback(track.encoder, BitrateController(self._bitrate, time.monotonic()))
+                self.link.attach(sender)
         answer = await self._pc.createAnswer()
         await self._pc.setLocalDescription(answer)
         self._spawn(self._watch_media(self.media), "media-watch")
@@ -209,6 +231,8 @@ class SessionPeer:
                 await self.media.drain()  # source ended: let the senders take the last frame
                 await self.media.stop()
             await self._pc.close()
+            if self.link is not None:
+                self.link.close()
             pending = [t for t in self._tasks if t is not current]
             for task in pending:
                 task.cancel()

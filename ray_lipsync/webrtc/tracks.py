@@ -173,9 +173,9 @@ class SessionAudioTrack(_SessionTrack):
 
     kind = "audio"
 
-    def __init__(self, media: "SessionMedia") -> None:
+    def __init__(self, media: "SessionMedia", fec: bool = False) -> None:
         super().__init__(media)
-        self.encoder = OpusStream()
+        self.encoder = OpusStream(fec=fec)
 
     async def _media_of(self, item: _Item) -> av.Packet:
         assert item.av_frame is not None
@@ -190,7 +190,8 @@ class SessionMedia:
     consumption starts, frames already overdue (due before the connection came up) are
     skipped rather than burst out; their utterance marks move to the first frame sent.
     `record_sent` (the session's) and `on_frame_sent` (the API's) are called once per frame,
-    in frame order, after its video and both audio chunks went to the encoders. Consumption
+    in frame order, after its video and both audio chunks went to the encoders. `opus_fec`
+    turns on Opus in-band FEC (the client asked for it). Consumption
     starts on the first `recv()` of a track (or `start()`), i.e. when the connection is up.
     """
 
@@ -203,6 +204,7 @@ class SessionMedia:
         on_frame_sent: Callable[[OutputFrame], None] | None = None,
         video: bool = True,
         audio: bool = True,
+        opus_fec: bool = False,
         video_queue: int = DEFAULT_VIDEO_QUEUE,
         audio_queue: int = DEFAULT_AUDIO_QUEUE,
         now: Callable[[], float] = time.time,
@@ -218,7 +220,7 @@ class SessionMedia:
         self._video_limit = video_queue
         self._audio_space = asyncio.Semaphore(audio_queue // 2)  # whole frames of audio
         self.video: SessionVideoTrack | None = SessionVideoTrack(self) if video else None
-        self.audio: SessionAudioTrack | None = SessionAudioTrack(self) if audio else None
+        self.audio: SessionAudioTrack | None = SessionAudioTrack(self, fec=opus_fec) if audio else None
         self.counters = MediaCounters()
         self._parts_per_frame = (1 if video else 0) + (2 if audio else 0)
         # frame_index -> [parts still to send, frame], in arrival order
