@@ -31,7 +31,7 @@ CHROMIUM_FLAGS = [
 ]
 
 START_JS = """async ({ wav }) => {
-  const out = window.probe = { frames: [], samples: [], speech_at: null, errors: [] };
+  const out = window.probe = { frames: [], samples: [], speech_at: null, errors: [], time_origin: performance.timeOrigin };
   const video = document.getElementById("video");
   const onFrame = (now) => { out.frames.push(now); video.requestVideoFrameCallback(onFrame); };
   video.requestVideoFrameCallback(onFrame);
@@ -71,6 +71,9 @@ COLLECT_JS = """async (seconds) => {
   await new Promise((r) => setTimeout(r, out.speech_at + seconds * 1000 - performance.now()));
   clearInterval(out.timer);
   delete out.timer;
+  // end the session now: the next run on the same link must not share it with this one's media
+  await fetch(`/v1/sessions/${app.session}`, { method: "DELETE", headers: { Authorization: `Bearer ${app.token}` } })
+    .catch((e) => out.errors.push(String(e)));
   return out;
 }"""
 

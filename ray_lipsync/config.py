@@ -280,7 +280,7 @@ class WebRTCConfig(_Frozen):
     )
     min_bitrate: int = Field(100_000, ge=30_000, le=50_000_000, description="Video bitrate floor, bit/s: "
                              "the encoder never goes below it whatever the link feedback says.")
-    start_bitrate: int = Field(300_000, ge=30_000, le=50_000_000, description="Video bitrate of a new "
+    start_bitrate: int = Field(200_000, ge=30_000, le=50_000_000, description="Video bitrate of a new "
                                "session, bit/s, until the receiver's feedback moves it.")
     max_bitrate: int = Field(1_000_000, ge=30_000, le=50_000_000, description="Video bitrate ceiling, "
                              "bit/s (a talking 512x512 avatar looks sharp well below 1 Mbit/s).")

@@ -149,40 +149,47 @@ def test_opus_fec_as_the_offer_asks():
 
 
 def test_link_feedback_on_a_real_aiortc_sender():
-    """PLI makes a keyframe, REMB lowers the encoder's target, a receiver report with heavy
-    loss (read back through getStats) cuts it; aiortc's own handling still runs."""
+    """PLI makes a keyframe; REMB sets the encoder's target (the audio's share taken off only when
+    it names the audio too); receiver reports are read back through getStats, and the loss is
+    taken from their cumulative counts; aiortc's own handling still runs."""
     from aiortc import RTCPeerConnection
     from aiortc.rtp import RTCP_PSFB_APP, RTCP_PSFB_PLI, RtcpPsfbPacket, RtcpReceiverInfo, RtcpRrPacket, pack_remb_fci
 
     from ray_lipsync.webrtc.rtcp import LinkFeedback
 
+    now = [10.0]
+
     async def main():
         pc = RTCPeerConnection()
         sender = pc.addTransceiver("video", direction="sendonly").sender
         stream = Vp8Stream()
-        link = LinkFeedback(stream, BitrateController(BOUNDS, now=0.0), clock=lambda: 10.0)
+        link = LinkFeedback(stream, BitrateController(BOUNDS, now=0.0), clock=lambda: now[0])
         link.attach(sender)
         image = np.full((32, 32, 3), 90, np.uint8)
         for k in range(13):
             stream.encode(image, video_pts(k))
         await sender._handle_rtcp_packet(RtcpPsfbPacket(fmt=RTCP_PSFB_PLI, ssrc=1, media_ssrc=0))
         keyframe = stream.encode(image, video_pts(13)).is_keyframe
-        await sender._handle_rtcp_packet(RtcpPsfbPacket(fmt=RTCP_PSFB_APP, ssrc=1, media_ssrc=0,
-                                                        fci=pack_remb_fci(300_000, [1])))
-        after_remb = stream._wanted
-        own = [s.ssrc for s in (await sender.getStats()).values() if s.type == "outbound-rtp"]
-        report = RtcpReceiverInfo(ssrc=own[0] if own else 0, fraction_lost=128, packets_lost=10,
-                                  highest_sequence=100, jitter=0, lsr=0, dlsr=0)
-        await sender._handle_rtcp_packet(RtcpRrPacket(ssrc=1, reports=[report]))
-        await asyncio.sleep(0.05)  # the report is read back through getStats in a task
+        wanted = []
+        for ssrcs in ([7, 8], [7]):
+            await sender._handle_rtcp_packet(RtcpPsfbPacket(fmt=RTCP_PSFB_APP, ssrc=1, media_ssrc=0,
+                                                            fci=pack_remb_fci(300_000, ssrcs)))
+            wanted.append(stream._wanted)
+        own = next(s.ssrc for s in (await sender.getStats()).values() if s.type == "outbound-rtp")
+        for lost in (0, 50):  # two reports a second apart: 50 packets lost in between
+            report = RtcpReceiverInfo(ssrc=own, fraction_lost=0, packets_lost=lost,
+                                      highest_sequence=100, jitter=0, lsr=0, dlsr=0)
+            await sender._handle_rtcp_packet(RtcpRrPacket(ssrc=1, reports=[report]))
+            await asyncio.sleep(0.05)  # the report is read back through getStats in a task
+            now[0] += 1.0
         stats = link.stats()
         link.close()
         await pc.close()
-        return keyframe, after_remb, stats
+        return keyframe, wanted, stats
 
-    keyframe, after_remb, stats = asyncio.run(main())
+    keyframe, wanted, stats = asyncio.run(main())
     assert keyframe
-    assert after_remb == 300_000 - AUDIO_RESERVE_BPS
+    assert wanted == [300_000 - AUDIO_RESERVE_BPS, 300_000]
     assert stats.keyframe_requests == 1 and stats.remb_bps == 300_000
-    assert stats.reports == 1 and stats.loss == 0.5
-    assert stats.target_bps == int((300_000 - AUDIO_RESERVE_BPS))  # REMB still the tighter bound
+    assert stats.reports == 1 and stats.loss == 1.0  # nothing was sent: all 50 lost
+    assert stats.target_bps == 250_000  # the loss cut the estimate (500k) by half, under REMB's

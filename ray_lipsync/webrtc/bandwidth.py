@@ -35,7 +35,7 @@ QUEUE_RTT_S = 0.15  # round trip above the smallest seen by this much: a queue i
 QUEUE_CUT = 0.85
 SENT_HEADROOM = 1.5  # the target grows to at most this times the rate actually sent
 SENT_WINDOW_S = 2.0
-MIN_DECREASE_GAP_S = 0.3  # reports closer than this after a cut describe the same congestion
+MIN_DECREASE_GAP_S = 1.0  # reports closer than this after a cut describe the same congestion
 REMB_FRESH_S = 3.0  # a REMB this recent stands in for the round-trip queue detector
 
 
@@ -44,7 +44,7 @@ class BitrateBounds:
     """Configured bounds of a session's video bitrate, bit/s (`webrtc.*_bitrate`)."""
 
     min_bps: int = 100_000
-    start_bps: int = 300_000
+    start_bps: int = 200_000
     max_bps: int = 1_000_000
 
     def __post_init__(self) -> None:

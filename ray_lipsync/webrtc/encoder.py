@@ -9,10 +9,10 @@ in the code"). The video track hands the packets to aiortc, whose sender only pa
 (`Vp8Encoder.pack`).
 
 Rate control is libvpx's CBR at the target that the link feedback sets (`set_target_bitrate`,
-driven by rtcp.py / bandwidth.py), with a half-second buffer and keyframes capped at six
+driven by rtcp.py / bandwidth.py), with a half-second buffer and keyframes capped at three
 frames' budget (`max-intra-rate`): an uncapped keyframe of the default avatar is ~90 KB, two
 seconds of a 300 kbit/s link, so on a slow link it never arrived whole and the receiver's PLI
-brought the next one; here it is 7-17 KB. libvpx (through FFmpeg) takes a new bitrate only when the encoder is
+brought the next one (figures: benchmarks/README.md, "Network"). libvpx (through FFmpeg) takes a new bitrate only when the encoder is
 opened again, as aiortc's own encoder does too: a decrease is applied at the next frame, an
 increase at most every `RAISE_GAP_FRAMES`, and only steps of more than `RATE_STEP` count, since
 each reopening starts with a (capped) keyframe.
@@ -37,11 +37,11 @@ from ray_lipsync.yuv import to_i420
 log = logging.getLogger(__name__)
 
 VIDEO_TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK_HZ)
-BITRATE = 300_000  # bit/s until the link feedback says otherwise (webrtc.start_bitrate)
+BITRATE = 200_000  # bit/s until the link feedback says otherwise (webrtc.start_bitrate)
 KEYFRAME_INTERVAL = 250  # frames (10 s): recovery even if a keyframe request is lost
 KEYFRAME_REQUEST_GAP = 12  # frames (~0.5 s) between keyframes made on request
-RATE_STEP = 0.15  # a new target this far (relative) from the encoder's reopens it
-RAISE_GAP_FRAMES = 50  # frames (2 s) between reopenings that raise the bitrate
+RATE_STEP = 0.25  # a new target this far (relative) from the encoder's reopens it
+RAISE_GAP_FRAMES = 75  # frames (3 s) between reopenings that raise the bitrate
 
 
 class Vp8Stream:
@@ -134,7 +134,7 @@ class Vp8Stream:
             "bufsize": str(self.bitrate // 2),
             "undershoot-pct": "50",
             "overshoot-pct": "10",
-            "max-intra-rate": "600",  # a keyframe takes at most 6 frames' budget
+            "max-intra-rate": "300",  # a keyframe takes at most 3 frames' budget
             "partitions": "0",
         }
         self._codec = codec

@@ -1,0 +1,81 @@
+"""A talking session in headless Chromium behind emulated bad links (tests/emulated_link.py):
+the client host is a network namespace whose link from the server is shaped by the kernel's tbf
+(rate) and a relay (loss; this kernel has no netem). The service is the real HTTP API over an
+in-process gateway and LocalPipeline; the viewer is benchmarks/network_viewer.py, the figures
+come from Chromium's own WebRTC statistics (benchmarks/network.py has the full benchmark).
+
+Skips without root, iproute2, /dev/net/tun or Debian's chromium.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from emulated_link import EmulatedLink, unavailable
+from helpers import CHROMIUM
+
+REASON = unavailable()
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.slow,
+    pytest.mark.skipif(REASON is not None, reason=f"no emulated link: {REASON}"),
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian chromium at /usr/bin/chromium"),
+]
+SECONDS = 12.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> Iterator[tuple[EmulatedLink, str, Path]]:
+    from local_service import serve_app
+
+    from benchmarks.network import speech_wav
+    from ray_lipsync.config import Settings
+
+    tmp = tmp_path_factory.mktemp("network")
+    wav = tmp / "speech.wav"
+    wav.write_bytes(speech_wav(SECONDS + 5))
+    port = free_port()
+    with EmulatedLink() as link, serve_app(Settings(home=tmp / "home"), port, host="0.0.0.0"):
+        yield link, f"http://{link.server_ip}:{port}", wav
+
+
+def watch(setup, **shape) -> dict:
+    from benchmarks.network import analyse, run_viewer
+
+    link, url, wav = setup
+    link.shape(**shape)
+    raw = run_viewer(link, url, wav, SECONDS)
+    assert "failed" not in raw, raw
+    figures = analyse(raw)
+    figures["server"] = next(s["server"] for s in reversed(raw["samples"]) if s.get("server"))
+    return figures
+
+
+def test_video_keeps_playing_on_a_300_kbit_link(setup):
+    """Before the encoder followed the link, 300 kbit/s showed no video frame at all (a 1 Mbit/s
+    encoder with ~90 KB keyframes); now the encoder settles under the link's rate."""
+    figures = watch(setup, rate_kbit=300)
+    server = figures["server"]
+    assert server["remb_bps"] is not None and server["reports"] > 0, server
+    assert server["encoder_bps"] < 300_000, server  # under the link, room left for the audio
+    assert figures["fps"] >= 15, figures
+    assert figures["concealed_audio_pct"] is not None and figures["concealed_audio_pct"] < 5, figures
+
+
+def test_lost_packets_are_asked_for_and_resent(setup):
+    """2 % loss at 1 Mbit/s: Chromium NACKs the lost video packets, aiortc resends our encoder's
+    packets from its history, and the picture keeps moving; the audio carries Opus FEC."""
+    figures = watch(setup, rate_kbit=1000, loss=0.02)
+    assert figures["nacks"] > 0, figures
+    assert figures["fps"] >= 20, figures
+    assert figures["fec_packets"] > 0, figures
