@@ -10,12 +10,12 @@ in the code"). The video track hands the packets to aiortc, whose sender only pa
 
 Rate control is libvpx's CBR at the target that the link feedback sets (`set_target_bitrate`,
 driven by rtcp.py / bandwidth.py), with a half-second buffer and keyframes capped at three
-frames' budget (`max-intra-rate`): an uncapped keyframe of the default avatar is ~90 KB, two
-seconds of a 300 kbit/s link, so on a slow link it never arrived whole and the receiver's PLI
-brought the next one (figures: benchmarks/README.md, "Network"). libvpx (through FFmpeg) takes a new bitrate only when the encoder is
-opened again, as aiortc's own encoder does too: a decrease is applied at the next frame, an
-increase at most every `RAISE_GAP_FRAMES`, and only steps of more than `RATE_STEP` count, since
-each reopening starts with a (capped) keyframe.
+frames' budget (`max-intra-rate`): an uncapped keyframe of the default avatar is far larger
+than a slow link carries in time, so it never arrived whole and the receiver's PLI brought the
+next one (figures: benchmarks/README.md, section "network.py"). libvpx (through FFmpeg) takes
+a new bitrate only when the encoder is opened again, as aiortc's own encoder does too: a
+decrease is applied at the next frame, an increase at most every `RAISE_GAP_FRAMES`, and only
+steps of more than `RATE_STEP` count, since each reopening starts with a (capped) keyframe.
 
 Keyframes: the first frame, every `keyframe_interval` frames (a safety net), and whenever the
 receiver asks (RTCP PLI / FIR, routed here by rtcp.py), at most one per
@@ -128,7 +128,7 @@ class Vp8Stream:
             # (measured: benchmarks/README.md, section "Figures behind settings in the code")
             "static-thresh": "500",
             # CBR with a half-second buffer: the rate stays near the target within a second,
-            # what a link at that rate can carry (measured: benchmarks/README.md, "Network")
+            # what a link at that rate can carry (measured: benchmarks/README.md, "network.py")
             "minrate": str(self.bitrate),
             "maxrate": str(self.bitrate),
             "bufsize": str(self.bitrate // 2),
