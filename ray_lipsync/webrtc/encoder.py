@@ -116,7 +116,7 @@ class Vp8Stream:
         codec.framerate = fractions.Fraction(FPS)  # libvpx sizes a frame's budget by it
         codec.bit_rate = self.bitrate
         codec.gop_size = self.keyframe_interval
-        codec.qmin, codec.qmax = 2, 56
+        codec.qmin, codec.qmax = 2, 63  # 63: keyframes a slow link can carry (benchmarks/README.md, "network.py")
         codec.thread_count = 1
         codec.options = {
             "deadline": "realtime",
