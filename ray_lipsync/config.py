@@ -193,6 +193,28 @@ class PipelineConfig(_Frozen):
         return self
 
 
+class AdmissionConfig(_Frozen):
+    """Admission from measured headroom (ray_lipsync/admission.py; README, Failures and capacity)."""
+
+    enabled: bool = Field(True, description="Refuse sessions the host cannot serve on time (503 + "
+                          "Retry-After) and shed the newest under sudden overload.")
+    cpu_target: float = Field(0.85, gt=0, le=1.0, description="Share of the host's cores the "
+                              "sessions may need if they all talked at once.")
+    talking_share: float = Field(1.0, gt=0, le=1.0, description="Share of sessions assumed to "
+                                 "talk at once (1: any session may talk at any time).")
+    max_drop_ratio: float = Field(0.005, ge=0, le=1, description="Refuse while the sessions "
+                                  "lost more than this share of frames to lateness in window_s.")
+    max_loop_lag_ms: float = Field(60.0, gt=0, description="Refuse while the gateway's event "
+                                   "loop lagged more than this in window_s.")
+    window_s: float = Field(5.0, gt=0, le=60, description="Window of those checks; also Retry-After.")
+    talk_cores_prior: float = Field(0.25, gt=0, le=64, description="CPU (cores) of one talking "
+                                    "session until it has been measured on this host.")
+    shed_drop_ratio: float = Field(0.05, gt=0, le=1, description="Sessions losing more than this "
+                                   "share of frames (or loop lag above twice its bound)...")
+    shed_after_s: float = Field(3.0, gt=0, le=600, description="...for this long: the newest "
+                                "session is closed (counted in lipsync_sessions_shed_total).")
+
+
 class ServeConfig(_Frozen):
     """HTTP / WebRTC service."""
 
@@ -220,6 +242,7 @@ class ServeConfig(_Frozen):
     min_gateways: int = Field(1, ge=1, description="Autoscaling lower bound of gateways.")
     max_gateways: int = Field(4, ge=1, description="Autoscaling upper bound of gateways.")
     target_sessions_per_gateway: int = Field(8, gt=0, description="Autoscaling target.")
+    admission: AdmissionConfig = AdmissionConfig()
     gateway_resources: dict[str, float] = Field(
         default_factory=dict, description="Custom Ray resources each gateway replica needs, e.g. "
         '{"gateway": 1} with that resource declared (`ray start --resources`) on the nodes that '

@@ -21,8 +21,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from ray_lipsync.admission import AdmissionPolicy, LoadSample
 from ray_lipsync.api.auth import check_token, new_token
 from ray_lipsync.api.events import EventHub
+from ray_lipsync.api.load import HostCpu, LoopLag, host_cores
 from ray_lipsync.api.metrics import GatewayMetrics
 from ray_lipsync.clock import SAMPLE_RATE
 from ray_lipsync.config import Settings
@@ -89,6 +91,11 @@ class _Entry:
     ice_servers: list[dict] = field(default_factory=list)
     offered_at: float | None = None  # monotonic time of the offer (for webrtc.connect_timeout_s)
     created: float = field(default_factory=time.monotonic)
+    counted: tuple[int, int] = (0, 0)  # (frames sent, frames late) as last sampled for admission
+
+
+LATE_REASONS = ("late", "sender_backpressure")  # drops that say the host is not keeping up
+LOAD_SAMPLE_S = 1.0
 
 
 class Gateway:
@@ -110,6 +117,10 @@ class Gateway:
         self._creating = 0
         self._closing: set[asyncio.Task] = set()
         self._reaper: asyncio.Task | None = None
+        self._sampler: asyncio.Task | None = None
+        self.admission = AdmissionPolicy(settings.serve.admission)
+        self._loop_lag = LoopLag()
+        self.load: dict[str, float] = {}  # the last load sample (metrics, autoscaling)
         self._devices: dict[tuple[str, str], str] = {}  # (inference replica, backend) -> device
         self.metrics = GatewayMetrics(tag)
 
@@ -151,6 +162,14 @@ class Gateway:
         if len(self._entries) + self._creating >= self.settings.serve.max_sessions:
             raise AtCapacity(f"gateway {self.tag} holds its maximum of "
                              f"{self.settings.serve.max_sessions} sessions; retry later")
+        decision = self.admission.decide(len(self._entries) + self._creating)
+        if not decision.admit:
+            self.metrics.sessions_refused += 1
+            logger.info("session refused: %s", decision.reason)
+            refused = AtCapacity(f"the service cannot take another session on time now "
+                                 f"({decision.reason}); retry later")
+            refused.retry_after_s = decision.retry_after_s
+            raise refused
         self._creating += 1
         try:
             session = await self.pipeline.create_session(avatar=avatar, backend=backend)
@@ -192,17 +211,51 @@ class Gateway:
 
     async def shutdown(self) -> None:
         """Close every session and stop background work."""
-        if self._reaper is not None:
-            self._reaper.cancel()
-            self._reaper = None
+        for task in (self._reaper, self._sampler):
+            if task is not None:
+                task.cancel()
+        self._reaper = self._sampler = None
+        self._loop_lag.stop()
         for entry in list(self._entries.values()):
             await self._close_entry(entry, "server shutting down")
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
 
     def _ensure_reaper(self) -> None:
+        """Start the background work (idle reaper, load sampling) once a loop runs."""
         if self._reaper is None or self._reaper.done():
             self._reaper = asyncio.get_running_loop().create_task(self._reap_idle())
+        if self._sampler is None or self._sampler.done():
+            self._loop_lag.start()
+            self._sampler = asyncio.get_running_loop().create_task(self._sample_load())
+
+    async def _sample_load(self) -> None:
+        """Once a second: what admission needs (admission.py), and shedding when it says so."""
+        host, own = HostCpu(), time.process_time()
+        while True:
+            await asyncio.sleep(LOAD_SAMPLE_S)
+            sent = late = talking = 0
+            for entry in self._entries.values():
+                drops = entry.session.drops.by_reason()
+                counts = (entry.session.frames_sent, sum(drops.get(r, 0) for r in LATE_REASONS))
+                sent += counts[0] - entry.counted[0]
+                late += counts[1] - entry.counted[1]
+                entry.counted = counts
+                talking += entry.session.speaking()
+            busy, lag = host.busy_cores(), self._loop_lag.take_ms()
+            cpu = time.process_time()
+            gateway_cores, own = (cpu - own) / LOAD_SAMPLE_S, cpu
+            now = time.monotonic()
+            self.admission.observe(LoadSample(now, len(self._entries), talking, sent, late, lag, busy,
+                                              host_cores()))
+            self.load = {"busy_cores": busy, "loop_lag_ms": lag, "talk_cores": self.admission.talk_cores,
+                         "gateway_cores": gateway_cores}
+            if self._entries and self.admission.should_shed(now):
+                newest = max(self._entries.values(), key=lambda e: e.created)
+                self.metrics.sessions_shed += 1
+                logger.warning("shedding session %s: its sessions lost frames for %.0f s",
+                               newest.public_id, self.settings.serve.admission.shed_after_s)
+                await self._close_entry(newest, "shed: the service was overloaded (newest session first)")
 
     async def _reap_idle(self) -> None:
         timeout = self.settings.serve.idle_timeout_s
@@ -376,7 +429,7 @@ class Gateway:
             queued += stats.queued_audio_s
         return self.metrics.snapshot(
             sessions=len(entries), speaking=int(speaking), queued_audio_s=queued,
-            queued_events=sum(e.events.queued for e in entries),
+            queued_events=sum(e.events.queued for e in entries), load=self.load,
             open_drops=[e.session.drops.by_reason() for e in entries])
 
 

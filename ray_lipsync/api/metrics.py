@@ -28,6 +28,8 @@ class GatewayMetrics:
         self.replica = replica
         self.sessions_created = 0
         self.sessions_closed = 0
+        self.sessions_refused = 0  # admission said no (503)
+        self.sessions_shed = 0  # closed to relieve an overload
         self.frames_sent = 0
         self._closed_drops: dict[str, int] = {}  # drops of sessions already closed, by reason
         self._bucket_counts = [0] * (len(LATENCY_BUCKETS_MS) + 1)
@@ -46,7 +48,7 @@ class GatewayMetrics:
             self._closed_drops[reason] = self._closed_drops.get(reason, 0) + n
 
     def snapshot(self, *, sessions: int, speaking: int, queued_audio_s: float,
-                 queued_events: int, open_drops: Iterable[Mapping[str, int]] = ()) -> dict[str, Any]:
+                 queued_events: int, load: Mapping[str, float] | None = None, open_drops: Iterable[Mapping[str, int]] = ()) -> dict[str, Any]:
         """A picklable view of the counters plus the replica's current gauges."""
         drops = {reason.value: 0 for reason in DropReason} | self._closed_drops
         for session_drops in open_drops:
@@ -61,7 +63,10 @@ class GatewayMetrics:
             "queued_events": queued_events,
             "sessions_created": self.sessions_created,
             "sessions_closed": self.sessions_closed,
+            "sessions_refused": self.sessions_refused,
+            "sessions_shed": self.sessions_shed,
             "frames_sent": self.frames_sent,
+            "load": dict(load or {}),
             "drops": drops,
             "latency_buckets": list(self._bucket_counts),
             "latency_sum_ms": self._latency_sum_ms,
@@ -105,6 +110,8 @@ class _SnapshotCollector:
         counters = {
             "sessions_created": ("lipsync_sessions_created", "Sessions created."),
             "sessions_closed": ("lipsync_sessions_closed", "Sessions closed."),
+            "sessions_refused": ("lipsync_sessions_refused", "Sessions refused by admission (503)."),
+            "sessions_shed": ("lipsync_sessions_shed", "Sessions closed to relieve an overload (newest first)."),
             "frames_sent": ("lipsync_frames_sent", "Video frames sent to peers."),
         }
         for key, (name, doc) in gauges.items():
@@ -115,7 +122,19 @@ class _SnapshotCollector:
         for key, (name, doc) in counters.items():
             family = CounterMetricFamily(name, doc, labels=["replica"])
             for snap in self._snapshots:
-                family.add_metric([snap["replica"]], float(snap[key]))
+                family.add_metric([snap["replica"]], float(snap.get(key, 0)))
+            yield family
+        load = {
+            "busy_cores": ("lipsync_host_busy_cores", "CPU busy on the gateway's host, in cores."),
+            "loop_lag_ms": ("lipsync_gateway_loop_lag_ms", "Worst event-loop lag of the gateway in the last second."),
+            "talk_cores": ("lipsync_talking_session_cores", "Measured CPU of one talking session, in cores."),
+            "gateway_cores": ("lipsync_gateway_cores", "CPU of the gateway process, in cores."),
+        }
+        for key, (name, doc) in load.items():
+            family = GaugeMetricFamily(name, doc, labels=["replica"])
+            for snap in self._snapshots:
+                if key in snap.get("load", {}):
+                    family.add_metric([snap["replica"]], float(snap["load"][key]))
             yield family
         dropped = CounterMetricFamily(
             "lipsync_frames_dropped",

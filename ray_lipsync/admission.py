@@ -1,0 +1,134 @@
+"""Admission from measured headroom: whether a gateway takes one more session, and when it
+must shed one (a pure policy; the gateway feeds it samples, see api/gateway.py).
+
+Every `LoadSample` says what the last second looked like on the gateway's host: its sessions
+(and how many were talking), the frames its sessions sent and lost to lateness or sender
+backpressure, the worst lag of its event loop, and the CPU busy on the host (every process:
+pipeline, Ray, clients on the same machine). From these the policy keeps two estimates:
+
+- `quiet_cores`: the host's CPU while none of the sessions talked (Ray, idle sessions, the
+  rest of the machine), an exponential average;
+- `talk_cores`: what one talking session adds to it, `(busy - quiet) / talking`, averaged.
+
+A new session is admitted only if (`decide`):
+
+1. every session was served on time over the last `window_s`: visible drops (late, sender
+   backpressure) at most `max_drop_ratio` of the frames sent, and event-loop lag under
+   `max_loop_lag_ms`;
+2. the host could still serve everyone if `talking_share` of the sessions, the new one
+   included, talked at once: `quiet + talk_cores x talking_share x (n + 1) <= cpu_target x cores`
+   (talking_share 1: any session may talk whenever it likes);
+3. the configured bounds (`serve.max_sessions`) allow it (checked by the gateway).
+
+Refused: 503 with Retry-After `window_s`. Admission cannot foresee a noisy neighbour; when the
+sessions have been degraded for `shed_after_s` (drops above `shed_drop_ratio`, or the loop lag
+above twice its bound), `should_shed` says to close the newest session, once per
+`shed_after_s`, so the older ones recover instead of all degrading together.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+
+from ray_lipsync.config import AdmissionConfig
+
+EWMA = 0.2
+
+
+@dataclass(frozen=True)
+class LoadSample:
+    """What one sampling period (about a second) looked like."""
+
+    t: float
+    sessions: int
+    talking: int
+    frames_sent: int  # frames the sessions sent in this period
+    frames_late: int  # of the sessions' frames lost to lateness or sender backpressure in it
+    loop_lag_ms: float  # worst event-loop lag in it
+    busy_cores: float  # CPU busy on the host in it, in cores
+    cores: int
+
+
+@dataclass(frozen=True)
+class Decision:
+    admit: bool
+    reason: str
+    retry_after_s: float = 0.0
+
+
+class AdmissionPolicy:
+    """Admit while measured headroom remains; shed the newest session under sudden overload."""
+
+    def __init__(self, settings: AdmissionConfig = AdmissionConfig()) -> None:
+        self.settings = settings
+        self._samples: collections.deque[LoadSample] = collections.deque()
+        self.quiet_cores: float | None = None
+        self.talk_cores = settings.talk_cores_prior
+        self._degraded_since: float | None = None
+        self._last_shed = float("-inf")
+
+    def observe(self, sample: LoadSample) -> None:
+        """Take one period's measurements."""
+        self._samples.append(sample)
+        while self._samples and self._samples[0].t < sample.t - self.settings.window_s:
+            self._samples.popleft()
+        if sample.talking == 0:
+            self.quiet_cores = _average(self.quiet_cores, sample.busy_cores)
+        elif self.quiet_cores is not None:
+            per_talker = max(0.0, sample.busy_cores - self.quiet_cores) / sample.talking
+            self.talk_cores = _average(self.talk_cores, min(per_talker, float(sample.cores)))
+        if self._overloaded(sample):
+            if self._degraded_since is None:
+                self._degraded_since = sample.t
+        else:
+            self._degraded_since = None
+
+    def decide(self, sessions: int) -> Decision:
+        """Whether one more session fits next to `sessions` open ones."""
+        s = self.settings
+        if not s.enabled:
+            return Decision(True, "admission control is off")
+        late, sent, lag = self._window()
+        if sent and late / sent > s.max_drop_ratio:
+            return Decision(False, f"sessions lost {late} of {sent} frames to lateness in the last "
+                            f"{s.window_s:.0f} s", s.window_s)
+        if lag > s.max_loop_lag_ms:
+            return Decision(False, f"the gateway's event loop lagged {lag:.0f} ms", s.window_s)
+        if not self._samples:
+            return Decision(True, "no measurement yet")
+        cores = self._samples[-1].cores
+        quiet = self.quiet_cores if self.quiet_cores is not None else self._samples[-1].busy_cores
+        need = quiet + self.talk_cores * s.talking_share * (sessions + 1)
+        budget = s.cpu_target * cores
+        if need > budget:
+            return Decision(False, f"{sessions + 1} sessions would need {need:.2f} of {budget:.2f} "
+                            f"cores (measured {self.talk_cores:.2f} per talking session)", s.window_s)
+        return Decision(True, f"{need:.2f} of {budget:.2f} cores")
+
+    def should_shed(self, now: float) -> bool:
+        """Whether to close the newest session now (sustained overload; at most once per
+        `shed_after_s`, so the effect of one shedding is measured before the next)."""
+        s = self.settings
+        if not s.enabled or self._degraded_since is None:
+            return False
+        if now - self._degraded_since < s.shed_after_s or now - self._last_shed < s.shed_after_s:
+            return False
+        self._last_shed = now
+        self._degraded_since = None
+        return True
+
+    def _window(self) -> tuple[int, int, float]:
+        late = sum(x.frames_late for x in self._samples)
+        sent = sum(x.frames_sent for x in self._samples)
+        lag = max((x.loop_lag_ms for x in self._samples), default=0.0)
+        return late, sent, lag
+
+    def _overloaded(self, sample: LoadSample) -> bool:
+        s = self.settings
+        dropping = sample.frames_sent > 0 and sample.frames_late / sample.frames_sent > s.shed_drop_ratio
+        return sample.sessions > 1 and (dropping or sample.loop_lag_ms > 2 * s.max_loop_lag_ms)
+
+
+def _average(current: float | None, value: float) -> float:
+    return value if current is None else (1 - EWMA) * current + EWMA * value

@@ -1,0 +1,114 @@
+"""Admission from measured headroom (ray_lipsync/admission.py) and its gateway wiring."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import httpx
+import pytest
+
+from ray_lipsync.admission import AdmissionPolicy, LoadSample
+from ray_lipsync.config import AdmissionConfig, Settings
+
+CONFIG = AdmissionConfig(cpu_target=0.85, talk_cores_prior=0.25, window_s=5.0, shed_after_s=3.0)
+
+
+def sample(t: float, sessions: int, talking: int, busy: float, sent: int = 25, late: int = 0,
+           lag: float = 5.0) -> LoadSample:
+    return LoadSample(t, sessions, talking, sent * sessions, late, lag, busy, 2)
+
+
+def test_admits_until_the_measured_cost_of_everyone_talking_fills_the_budget():
+    policy = AdmissionPolicy(CONFIG)
+    assert policy.decide(0).admit  # nothing measured: the configured bounds alone decide
+    for t in range(5):  # two idle sessions on a host 0.3 cores busy
+        policy.observe(sample(t, 2, 0, 0.3))
+    assert policy.quiet_cores == pytest.approx(0.3)
+    for t in range(5, 30):  # both talk: 0.3 + 2 x 0.2
+        policy.observe(sample(t, 2, 2, 0.7))
+    assert policy.talk_cores == pytest.approx(0.2, abs=0.01)
+    # budget 0.85 x 2 = 1.7 cores: 0.3 + 0.2 x n must stay under it
+    assert policy.decide(5).admit  # 6 sessions: 1.5 cores
+    refused = policy.decide(7)  # 8 sessions: 1.9 cores
+    assert not refused.admit and refused.retry_after_s == CONFIG.window_s
+    assert "cores" in refused.reason
+
+
+def test_talking_share_admits_more_when_not_everyone_talks_at_once():
+    policy = AdmissionPolicy(CONFIG.model_copy(update={"talking_share": 0.25}))
+    for t in range(30):
+        policy.observe(sample(t, 1, 0 if t < 5 else 1, 0.3 if t < 5 else 0.5))
+    assert policy.decide(20).admit and not policy.decide(40).admit
+
+
+def test_refuses_while_sessions_lose_frames_or_the_loop_lags():
+    policy = AdmissionPolicy(CONFIG)
+    policy.observe(sample(0, 2, 0, 0.2, late=2))  # 2 of 50 frames late: 4 % > 0.5 %
+    decision = policy.decide(2)
+    assert not decision.admit and "lateness" in decision.reason
+    policy = AdmissionPolicy(CONFIG)
+    policy.observe(sample(0, 2, 0, 0.2, lag=150.0))
+    assert "event loop" in policy.decide(2).reason
+    for t in range(1, 7):  # the window moves on: healthy again
+        policy.observe(sample(t, 2, 0, 0.2))
+    assert policy.decide(2).admit
+
+
+def test_sheds_the_newest_only_after_a_sustained_overload_and_once_per_period():
+    policy = AdmissionPolicy(CONFIG)
+    policy.observe(sample(0.0, 5, 5, 1.9, late=20))  # 20 of 125: 16 % > 5 %
+    assert not policy.should_shed(0.0)
+    policy.observe(sample(1.0, 5, 5, 1.9, late=20))
+    policy.observe(sample(2.0, 5, 5, 1.9, late=20))
+    assert not policy.should_shed(2.0)  # 2 s of overload: not yet
+    policy.observe(sample(3.0, 5, 5, 1.9, late=20))
+    assert policy.should_shed(3.0)
+    policy.observe(sample(4.0, 4, 4, 1.9, late=20))
+    assert not policy.should_shed(4.0)  # measure the effect before shedding again
+    policy.observe(sample(5.0, 4, 4, 1.5))  # recovered: the overload clock resets
+    policy.observe(sample(6.0, 4, 4, 1.5))
+    assert not policy.should_shed(9.0)
+
+
+def test_a_single_session_is_never_shed_and_off_means_off():
+    policy = AdmissionPolicy(CONFIG)
+    for t in range(10):
+        policy.observe(sample(t, 1, 1, 2.0, late=20))
+    assert not policy.should_shed(10.0)
+    off = AdmissionPolicy(CONFIG.model_copy(update={"enabled": False}))
+    for t in range(10):
+        off.observe(sample(t, 5, 5, 2.0, late=50))
+    assert off.decide(100).admit and not off.should_shed(10.0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_api_answers_503_with_retry_after_once_measured_headroom_is_gone(tmp_path):
+    """A real HTTP API whose admission has measured the host and finds no room: the first
+    session is admitted (nothing measured yet), later ones get 503 + Retry-After and the
+    refusal is counted; the admitted session is unharmed."""
+    from local_service import serve_app
+
+    # a talking session is assumed to need 64 cores until one has been measured
+    settings = Settings(home=tmp_path, serve={"admission": {"talk_cores_prior": 64.0}})
+    with serve_app(settings, free_port()) as url, httpx.Client(base_url=url, timeout=30) as http:
+        first = http.post("/v1/sessions", json={"avatar": "default"})
+        assert first.status_code == 201, first.text
+
+        deadline = time.monotonic() + 30  # the gateway samples its load once a second
+        while "lipsync_host_busy_cores{" not in http.get("/metrics").text and time.monotonic() < deadline:
+            time.sleep(0.2)
+        refused = http.post("/v1/sessions", json={"avatar": "default"})
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"] == "at_capacity" and "cores" in refused.json()["detail"]
+        assert int(refused.headers["Retry-After"]) >= 1
+        body = first.json()
+        state = http.get(f"/v1/sessions/{body['session_id']}", headers={"Authorization": f"Bearer {body['token']}"})
+        assert state.status_code == 200
+        metrics = http.get("/metrics").text
+        assert "lipsync_sessions_refused_total" in metrics and "lipsync_host_busy_cores" in metrics
