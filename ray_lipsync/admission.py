@@ -20,6 +20,8 @@ A new session is admitted only if (`decide`):
    (talking_share 1: any session may talk whenever it likes);
 3. the configured bounds (`serve.max_sessions`) allow it (checked by the gateway).
 
+The first session is always admitted (as the only session is never shed).
+
 Refused: 503 with Retry-After `window_s`. Admission cannot foresee a noisy neighbour; when the
 sessions have been degraded for `shed_after_s` (drops above `shed_drop_ratio`, or the loop lag
 above twice its bound), `should_shed` says to close the newest session, once per
@@ -89,6 +91,8 @@ class AdmissionPolicy:
         s = self.settings
         if not s.enabled:
             return Decision(True, "admission control is off")
+        if sessions == 0:  # a service that refuses its only session serves nobody
+            return Decision(True, "the first session is always admitted")
         late, sent, lag = self._window()
         if sent and late / sent > s.max_drop_ratio:
             return Decision(False, f"sessions lost {late} of {sent} frames to lateness in the last "

@@ -241,7 +241,11 @@ class ServeConfig(_Frozen):
     )
     min_gateways: int = Field(1, ge=1, description="Autoscaling lower bound of gateways.")
     max_gateways: int = Field(4, ge=1, description="Autoscaling upper bound of gateways.")
-    target_sessions_per_gateway: int = Field(8, gt=0, description="Autoscaling target.")
+    target_sessions_per_gateway: int = Field(8, gt=0, description="Autoscaling: most sessions "
+                                             "per gateway before another is added.")
+    target_gateway_cores: float = Field(0.6, gt=0, le=1.0, description="Autoscaling: CPU (cores) "
+                                        "a gateway process may use before another is added (one "
+                                        "Python process tops out at one core).")
     admission: AdmissionConfig = AdmissionConfig()
     gateway_resources: dict[str, float] = Field(
         default_factory=dict, description="Custom Ray resources each gateway replica needs, e.g. "

@@ -4,7 +4,7 @@
                  deployment, through a DeploymentHandle) and HomeClient (inside a replica)
     routing      SessionRouter: a session's requests to its home replica, new ones to the
                  least loaded
-    autoscaling  SessionsAutoscalingPolicy: gateways for the open sessions
+    autoscaling  GatewayLoadAutoscalingPolicy: gateways for the measured load and open sessions
     board        the MetricsBoard actor and BoardReader (/metrics of every gateway)
     deployment   GatewayDeployment, build_app, build (the application builder)
     run          `ray-lipsync serve`: start Ray + Serve, block, shut down on SIGINT/SIGTERM

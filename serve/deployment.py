@@ -3,7 +3,7 @@
 `GatewayDeployment` is one gateway replica: a `Gateway` (whose GatewayAPI methods are what
 other replicas' ServeClients call) serving the HTTP API through a HomeClient. `build_app`
 gives it session-affine routing (SessionRouter) and autoscaling on open sessions
-(SessionsAutoscalingPolicy); `build` is the application builder of `serve run serve_app:build`.
+(GatewayLoadAutoscalingPolicy: measured gateway CPU and open sessions); `build` is the application builder of `serve run serve_app:build`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from ray_lipsync.api.routes import build_api
 from ray_lipsync.config import Settings, settings_from_args
 from ray_lipsync.heap import freeze_startup_heap
 
-from .autoscaling import SessionsAutoscalingPolicy
+from .autoscaling import GatewayLoadAutoscalingPolicy
 from .board import BoardReader
 from .clients import HomeClient, ServeClient
 from .routing import SessionRouter
@@ -106,7 +106,7 @@ class GatewayDeployment(Gateway):
         return {"sessions": self.session_count}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        return {"sessions": self.session_count}
+        return {"sessions": self.session_count, "gateway_cores": self.load.get("gateway_cores", 0.0)}
 
     async def __del__(self) -> None:
         pusher = getattr(self, "_pusher", None)  # absent when __init__ failed
@@ -120,7 +120,7 @@ class GatewayDeployment(Gateway):
 def build_app(settings: Settings, pipeline: str = DEFAULT_PIPELINE, *,
               gateway_cpus: float = GATEWAY_CPUS) -> serve.Application:
     """The Serve application: Gateway replicas serving the HTTP API (session-affine routing,
-    autoscaled on sessions)."""
+    autoscaled on measured load and sessions)."""
     s = settings.serve
     actor_options: dict[str, Any] = {"num_cpus": gateway_cpus}
     if s.gateway_resources:
@@ -137,8 +137,9 @@ def build_app(settings: Settings, pipeline: str = DEFAULT_PIPELINE, *,
             upscale_delay_s=5.0, downscale_delay_s=600.0,
             look_back_period_s=15.0,  # sessions are a level, not a rate: react within seconds
             policy=AutoscalingPolicy(
-                policy_function=SessionsAutoscalingPolicy,
-                policy_kwargs={"target_sessions_per_gateway": s.target_sessions_per_gateway},
+                policy_function=GatewayLoadAutoscalingPolicy,
+                policy_kwargs={"target_sessions_per_gateway": s.target_sessions_per_gateway,
+                               "target_gateway_cores": s.target_gateway_cores},
             ),
         ),
     ).bind(settings.model_dump_json(context={"secrets": True}), pipeline)  # replicas need turn_secret

@@ -21,7 +21,7 @@ def sample(t: float, sessions: int, talking: int, busy: float, sent: int = 25, l
 
 def test_admits_until_the_measured_cost_of_everyone_talking_fills_the_budget():
     policy = AdmissionPolicy(CONFIG)
-    assert policy.decide(0).admit  # nothing measured: the configured bounds alone decide
+    assert policy.decide(0).admit and policy.decide(1).admit  # nothing measured: only the bounds decide
     for t in range(5):  # two idle sessions on a host 0.3 cores busy
         policy.observe(sample(t, 2, 0, 0.3))
     assert policy.quiet_cores == pytest.approx(0.3)
@@ -90,8 +90,8 @@ def free_port() -> int:
 
 def test_the_api_answers_503_with_retry_after_once_measured_headroom_is_gone(tmp_path):
     """A real HTTP API whose admission has measured the host and finds no room: the first
-    session is admitted (nothing measured yet), later ones get 503 + Retry-After and the
-    refusal is counted; the admitted session is unharmed."""
+    session is admitted (always), later ones get 503 + Retry-After and the refusal is
+    counted; the admitted session is unharmed."""
     from local_service import serve_app
 
     # a talking session is assumed to need 64 cores until one has been measured
@@ -105,10 +105,28 @@ def test_the_api_answers_503_with_retry_after_once_measured_headroom_is_gone(tmp
             time.sleep(0.2)
         refused = http.post("/v1/sessions", json={"avatar": "default"})
         assert refused.status_code == 503, refused.text
-        assert refused.json()["error"] == "at_capacity" and "cores" in refused.json()["detail"]
+        assert refused.json()["error"] == "at_capacity" and "retry later" in refused.json()["detail"]
         assert int(refused.headers["Retry-After"]) >= 1
         body = first.json()
         state = http.get(f"/v1/sessions/{body['session_id']}", headers={"Authorization": f"Bearer {body['token']}"})
         assert state.status_code == 200
         metrics = http.get("/metrics").text
         assert "lipsync_sessions_refused_total" in metrics and "lipsync_host_busy_cores" in metrics
+
+
+def test_gateways_scale_on_their_measured_cpu_as_well_as_sessions():
+    from types import SimpleNamespace
+
+    from serve.autoscaling import GatewayLoadAutoscalingPolicy
+
+    policy = GatewayLoadAutoscalingPolicy(target_sessions_per_gateway=8, target_gateway_cores=0.6)
+
+    def ctx(sessions: dict, cores: dict):
+        return SimpleNamespace(aggregated_metrics={"sessions": sessions, "gateway_cores": cores},
+                               capacity_adjusted_min_replicas=1, capacity_adjusted_max_replicas=4)
+
+    assert policy(ctx({"a": 3}, {"a": 0.2}))[0] == 1
+    assert policy(ctx({"a": 4}, {"a": 0.9}))[0] == 2  # few sessions, but a busy process
+    assert policy(ctx({"a": 9, "b": 8}, {"a": 0.3, "b": 0.3}))[0] == 3  # sessions bound it too
+    assert policy(ctx({"a": 16}, {"a": 5.0}))[0] == 4  # within max
+    assert policy(ctx({}, {}))[0] == 1

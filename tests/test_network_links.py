@@ -45,7 +45,8 @@ def setup(tmp_path_factory) -> Iterator[tuple[EmulatedLink, str, Path]]:
     wav = tmp / "speech.wav"
     wav.write_bytes(speech_wav(SECONDS + 5))
     port = free_port()
-    with EmulatedLink() as link, serve_app(Settings(home=tmp / "home"), port, host="0.0.0.0"):
+    settings = Settings(home=tmp / "home", serve={"admission": {"enabled": False}})  # Chromium shares the cores
+    with EmulatedLink() as link, serve_app(settings, port, host="0.0.0.0"):
         yield link, f"http://{link.server_ip}:{port}", wav
 
 

@@ -57,6 +57,8 @@ class Vp8Stream:
         self._since_keyframe = 0
         self._since_open = 0
         self._keyframe_requested = threading.Event()
+        self._last_image: np.ndarray | None = None  # the last image and its I420 planes
+        self._last_i420: np.ndarray | None = None
         self.bytes_out = 0  # every packet's size, summed (the link feedback reads it)
         self.keyframes = 0
         self.reopens = 0
@@ -75,7 +77,9 @@ class Vp8Stream:
         """The VP8 packet of an RGB uint8 HxWx3 image shown at `pts` (90 kHz clock)."""
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"image must be HxWx3 uint8 RGB, got {image.dtype} {image.shape}")
-        frame = av.VideoFrame.from_ndarray(to_i420(image), format="yuv420p")
+        if image is not self._last_image:  # a silent avatar repeats its frame: convert it once
+            self._last_image, self._last_i420 = image, to_i420(image)
+        frame = av.VideoFrame.from_ndarray(self._last_i420, format="yuv420p")
         frame.pts = pts
         frame.time_base = VIDEO_TIME_BASE
         codec = self._open(frame.width, frame.height)
