@@ -4,11 +4,15 @@ must shed one (a pure policy; the gateway feeds it samples, see api/gateway.py).
 Every `LoadSample` says what the last second looked like on the gateway's host: its sessions
 (and how many were talking), the frames its sessions sent and lost to lateness or sender
 backpressure, the worst lag of its event loop, and the CPU busy on the host (every process:
-pipeline, Ray, clients on the same machine). From these the policy keeps two estimates:
+pipeline, Ray, clients on the same machine). From these the policy keeps three estimates,
+each the median of its last `ESTIMATES` samples (a session's connection or a keyframe burst is
+one sample, not a trend):
 
-- `quiet_cores`: the host's CPU while none of the sessions talked (Ray, idle sessions, the
-  rest of the machine), an exponential average;
-- `talk_cores`: what one talking session adds to it, `(busy - quiet) / talking`, averaged.
+- `base_cores`: the host's CPU with no session on this gateway (Ray, the rest of the machine);
+  0 until such a sample exists (the sessions are then charged for it: cautious);
+- `idle_cores`: what one silent session adds, `(busy - base) / sessions` while none talks;
+- `talk_cores`: what one talking session adds,
+  `(busy - base - idle x silent sessions) / talking`.
 
 A new session is admitted only if (`decide`):
 
@@ -16,7 +20,8 @@ A new session is admitted only if (`decide`):
    backpressure) at most `max_drop_ratio` of the frames sent, and event-loop lag under
    `max_loop_lag_ms`;
 2. the host could still serve everyone if `talking_share` of the sessions, the new one
-   included, talked at once: `quiet + talk_cores x talking_share x (n + 1) <= cpu_target x cores`
+   included, talked at once and the others were silent:
+   `base + (n + 1) x (share x talk_cores + (1 - share) x idle_cores) <= cpu_target x cores`
    (talking_share 1: any session may talk whenever it likes);
 3. the configured bounds (`serve.max_sessions`) allow it (checked by the gateway).
 
@@ -31,11 +36,13 @@ above twice its bound), `should_shed` says to close the newest session, once per
 from __future__ import annotations
 
 import collections
+import statistics
 from dataclasses import dataclass
 
 from ray_lipsync.config import AdmissionConfig
 
-EWMA = 0.2
+ESTIMATES = 10  # samples each estimate is the median of
+IDLE_CORES_PRIOR = 0.05
 
 
 @dataclass(frozen=True)
@@ -65,8 +72,9 @@ class AdmissionPolicy:
     def __init__(self, settings: AdmissionConfig = AdmissionConfig()) -> None:
         self.settings = settings
         self._samples: collections.deque[LoadSample] = collections.deque()
-        self.quiet_cores: float | None = None
-        self.talk_cores = settings.talk_cores_prior
+        self._base: collections.deque[float] = collections.deque(maxlen=ESTIMATES)
+        self._idle: collections.deque[float] = collections.deque(maxlen=ESTIMATES)
+        self._talk: collections.deque[float] = collections.deque(maxlen=ESTIMATES)
         self._degraded_since: float | None = None
         self._last_shed = float("-inf")
 
@@ -75,11 +83,14 @@ class AdmissionPolicy:
         self._samples.append(sample)
         while self._samples and self._samples[0].t < sample.t - self.settings.window_s:
             self._samples.popleft()
-        if sample.talking == 0:
-            self.quiet_cores = _average(self.quiet_cores, sample.busy_cores)
-        elif self.quiet_cores is not None:
-            per_talker = max(0.0, sample.busy_cores - self.quiet_cores) / sample.talking
-            self.talk_cores = _average(self.talk_cores, min(per_talker, float(sample.cores)))
+        above_base = max(0.0, sample.busy_cores - self.base_cores)
+        if sample.sessions == 0:
+            self._base.append(sample.busy_cores)
+        elif sample.talking == 0:
+            self._idle.append(above_base / sample.sessions)
+        else:
+            silent = (sample.sessions - sample.talking) * self.idle_cores
+            self._talk.append(max(0.0, above_base - silent) / sample.talking)
         if self._overloaded(sample):
             if self._degraded_since is None:
                 self._degraded_since = sample.t
@@ -101,14 +112,25 @@ class AdmissionPolicy:
             return Decision(False, f"the gateway's event loop lagged {lag:.0f} ms", s.window_s)
         if not self._samples:
             return Decision(True, "no measurement yet")
-        cores = self._samples[-1].cores
-        quiet = self.quiet_cores if self.quiet_cores is not None else self._samples[-1].busy_cores
-        need = quiet + self.talk_cores * s.talking_share * (sessions + 1)
-        budget = s.cpu_target * cores
+        per_session = s.talking_share * self.talk_cores + (1 - s.talking_share) * self.idle_cores
+        need = self.base_cores + per_session * (sessions + 1)
+        budget = s.cpu_target * self._samples[-1].cores
         if need > budget:
             return Decision(False, f"{sessions + 1} sessions would need {need:.2f} of {budget:.2f} "
                             f"cores (measured {self.talk_cores:.2f} per talking session)", s.window_s)
         return Decision(True, f"{need:.2f} of {budget:.2f} cores")
+
+    @property
+    def base_cores(self) -> float:
+        return statistics.median(self._base) if self._base else 0.0
+
+    @property
+    def idle_cores(self) -> float:
+        return statistics.median(self._idle) if self._idle else IDLE_CORES_PRIOR
+
+    @property
+    def talk_cores(self) -> float:
+        return statistics.median(self._talk) if self._talk else self.settings.talk_cores_prior
 
     def should_shed(self, now: float) -> bool:
         """Whether to close the newest session now (sustained overload; at most once per
@@ -133,6 +155,3 @@ class AdmissionPolicy:
         dropping = sample.frames_sent > 0 and sample.frames_late / sample.frames_sent > s.shed_drop_ratio
         return sample.sessions > 1 and (dropping or sample.loop_lag_ms > 2 * s.max_loop_lag_ms)
 
-
-def _average(current: float | None, value: float) -> float:
-    return value if current is None else (1 - EWMA) * current + EWMA * value

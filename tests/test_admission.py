@@ -22,15 +22,19 @@ def sample(t: float, sessions: int, talking: int, busy: float, sent: int = 25, l
 def test_admits_until_the_measured_cost_of_everyone_talking_fills_the_budget():
     policy = AdmissionPolicy(CONFIG)
     assert policy.decide(0).admit and policy.decide(1).admit  # nothing measured: only the bounds decide
-    for t in range(5):  # two idle sessions on a host 0.3 cores busy
+    for t in range(5):  # no session: the host is 0.2 cores busy
+        policy.observe(sample(t, 0, 0, 0.2))
+    for t in range(5, 10):  # two silent sessions: 0.05 each
         policy.observe(sample(t, 2, 0, 0.3))
-    assert policy.quiet_cores == pytest.approx(0.3)
-    for t in range(5, 30):  # both talk: 0.3 + 2 x 0.2
-        policy.observe(sample(t, 2, 2, 0.7))
-    assert policy.talk_cores == pytest.approx(0.2, abs=0.01)
-    # budget 0.85 x 2 = 1.7 cores: 0.3 + 0.2 x n must stay under it
-    assert policy.decide(5).admit  # 6 sessions: 1.5 cores
-    refused = policy.decide(7)  # 8 sessions: 1.9 cores
+    policy.observe(sample(10, 2, 2, 1.6))  # one sample of a connection burst: not a trend
+    for t in range(11, 30):  # both talk: 0.2 each
+        policy.observe(sample(t, 2, 2, 0.6))
+    assert policy.base_cores == pytest.approx(0.2)
+    assert policy.idle_cores == pytest.approx(0.05)
+    assert policy.talk_cores == pytest.approx(0.2)
+    # budget 0.85 x 2 = 1.7 cores: 0.2 + 0.2 x n must stay under it
+    assert policy.decide(6).admit  # 7 sessions: 1.6 cores
+    refused = policy.decide(7)  # 8 sessions: 1.8 cores
     assert not refused.admit and refused.retry_after_s == CONFIG.window_s
     assert "cores" in refused.reason
 
@@ -38,8 +42,9 @@ def test_admits_until_the_measured_cost_of_everyone_talking_fills_the_budget():
 def test_talking_share_admits_more_when_not_everyone_talks_at_once():
     policy = AdmissionPolicy(CONFIG.model_copy(update={"talking_share": 0.25}))
     for t in range(30):
-        policy.observe(sample(t, 1, 0 if t < 5 else 1, 0.3 if t < 5 else 0.5))
-    assert policy.decide(20).admit and not policy.decide(40).admit
+        policy.observe(sample(t, 0 if t < 5 else 1, 0 if t < 10 else 1, 0.2 if t < 5 else 0.25 if t < 10 else 0.45))
+    # per session 0.25 x 0.25 + 0.75 x 0.05 = 0.1 cores, on a base of 0.2
+    assert policy.decide(13).admit and not policy.decide(16).admit
 
 
 def test_refuses_while_sessions_lose_frames_or_the_loop_lags():
