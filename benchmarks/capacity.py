@@ -7,7 +7,8 @@ every admitted session's fps and drops are watched the whole time.
 Every `--interval-s` a new client (aiortc, on this machine) asks for a session. Admitted, it
 connects and, if it is a talker (`all`: every session; `quarter`: sessions 1, 5, 9, ...),
 streams TTS speech over the session's WebSocket in real time until the run ends; the others
-stay silent. Refused (503), the client waits its Retry-After and asks again; after
+stay silent (with --start, `serve.admission.talking_share` is set to match: 1 or 0.25).
+Refused (503), the client waits its Retry-After and asks again; after
 `--refusals` refusals in a row no more sessions are added and the run holds `--hold-s` more
 seconds. Every 2 s each session's received fps (frames decoded by its client) and its server
 state (frames sent, visible drops) are sampled; a session is judged from 2 s after its first
@@ -27,6 +28,7 @@ import json
 import logging
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,7 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from e2e import DEFAULT_TEXT, SessionResult, cpu_seconds, speech, start_server, stream_speech, wait_healthy  # noqa: E402
+from e2e import DEFAULT_TEXT, SessionResult, cpu_seconds, speech, stream_speech, wait_healthy  # noqa: E402
 
 from ray_lipsync.webrtc.client import ReceiverClient  # noqa: E402
 
@@ -56,6 +58,7 @@ class Watched:
     fps: list[tuple[float, float]] = field(default_factory=list)  # (time, fps over the last 2 s)
     state: list[tuple[float, int, int]] = field(default_factory=list)  # (time, sent, dropped)
     errors: list[str] = field(default_factory=list)
+    closed_by_server: str | None = None  # e.g. shed under overload
 
     def judged(self, end: float) -> dict:
         start = (self.first_frame_at or end) + JUDGE_AFTER_S
@@ -66,7 +69,7 @@ class Watched:
         return {"index": self.index, "talker": self.talker, "fps_min_2s": min(fps) if fps else None,
                 "fps_median": round(float(np.median(fps)), 1) if fps else None,
                 "frames_sent": sent, "dropped_pct": round(100 * dropped / sent, 2) if sent else None,
-                "errors": self.errors}
+                "closed_by_server": self.closed_by_server, "errors": self.errors}
 
 
 async def watch_session(http: httpx.AsyncClient, w: Watched, token: str, samples: np.ndarray,
@@ -91,8 +94,12 @@ async def watch_session(http: httpx.AsyncClient, w: Watched, token: str, samples
                 pass
             now = time.monotonic()
             w.fps.append((now, client.received.fps(now - SAMPLE_S, now)))
-            state = (await http.get(f"/v1/sessions/{w.session_id}", headers=headers)).json()
-            w.state.append((now, state.get("frames_sent", 0), state.get("frames_dropped", 0)))
+            response = await http.get(f"/v1/sessions/{w.session_id}", headers=headers)
+            if response.status_code != 200:  # closed by the server (shed): judged until then
+                w.closed_by_server = f"HTTP {response.status_code} at {now - w.admitted_at:.0f} s"
+                break
+            state = response.json()
+            w.state.append((now, state["frames_sent"], state["frames_dropped"]))
     except Exception as exc:  # noqa: BLE001 - one failing client must not hide the others
         w.errors.append(f"{exc.__class__.__name__}: {exc}")
     finally:
@@ -102,8 +109,15 @@ async def watch_session(http: httpx.AsyncClient, w: Watched, token: str, samples
         await http.delete(f"/v1/sessions/{w.session_id}", headers=headers)
 
 
+def start_server(args: argparse.Namespace, config: Path) -> subprocess.Popen:
+    """`ray-lipsync serve` with `serve.admission.talking_share` set as the run assumes."""
+    config.write_text(json.dumps({"serve": {"admission": {"talking_share": args.talking_share}}}))
+    cmd = [sys.executable, "-m", "serve_app", "-q", "--config", str(config), "serve", "--port", str(args.port)]
+    return subprocess.Popen(cmd, cwd=Path(__file__).resolve().parent.parent)
+
+
 async def benchmark(args: argparse.Namespace) -> dict:
-    server = start_server(args.port, [], None) if args.start else None
+    server = start_server(args, Path(tempfile.mkdtemp()) / "settings.json") if args.start else None
     url = args.url or f"http://127.0.0.1:{args.port}"
     try:
         async with httpx.AsyncClient(base_url=url, timeout=60) as http:
@@ -160,7 +174,7 @@ async def benchmark(args: argparse.Namespace) -> dict:
                 server.kill()
     sessions = [w.judged(end) for w in watched]
     held = all(s["fps_min_2s"] is not None and s["fps_min_2s"] >= 24 and (s["dropped_pct"] or 0) <= 1
-               for s in sessions)
+               and s["closed_by_server"] is None for s in sessions)
     n = len(watched)
     return {
         "config": {k: v for k, v in vars(args).items() if k != "json"},
@@ -183,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start", action="store_true", help="start `ray-lipsync serve` for the run")
     parser.add_argument("--port", type=int, default=18700)
     parser.add_argument("--talking", choices=["all", "quarter"], default="all")
+    parser.add_argument("--talking-share", type=float, default=None, help="with --start: "
+                        "serve.admission.talking_share (default: 1 for --talking all, 0.25 for quarter)")
     parser.add_argument("--interval-s", type=float, default=6.0)
     parser.add_argument("--refusals", type=int, default=3, help="refusals in a row that end the adding")
     parser.add_argument("--max-sessions", type=int, default=32)
@@ -194,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if bool(args.url) == args.start:
         parser.error("give a URL or --start, not both")
+    if args.talking_share is None:
+        args.talking_share = 1.0 if args.talking == "all" else 0.25
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     result = asyncio.run(benchmark(args))
     print(json.dumps({k: v for k, v in result.items() if k not in ("sessions", "raw")}, indent=2))

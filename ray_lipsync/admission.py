@@ -20,9 +20,12 @@ A new session is admitted only if (`decide`):
    backpressure) at most `max_drop_ratio` of the frames sent, and event-loop lag under
    `max_loop_lag_ms`;
 2. the host could still serve everyone if `talking_share` of the sessions, the new one
-   included, talked at once and the others were silent:
-   `base + (n + 1) x (share x talk_cores + (1 - share) x idle_cores) <= cpu_target x cores`
-   (talking_share 1: any session may talk whenever it likes);
+   included, talked at once: the host's busy CPU now (median of the last 3 samples: every
+   gateway and process on it counts) plus a talking session's cost for each session that would
+   then talk and does not now, plus a silent session's cost for the new one if it is not
+   among them, stays under `cpu_target x cores` (talking_share 1: any session may talk
+   whenever it likes). The talking cost is at least `talk_cores_prior`: where several gateways
+   share a host, one gateway's view of it is blurred by the others' sessions.
 3. the configured bounds (`serve.max_sessions`) allow it (checked by the gateway).
 
 The first session is always admitted (as the only session is never shed).
@@ -36,6 +39,7 @@ above twice its bound), `should_shed` says to close the newest session, once per
 from __future__ import annotations
 
 import collections
+import math
 import statistics
 from dataclasses import dataclass
 
@@ -112,12 +116,16 @@ class AdmissionPolicy:
             return Decision(False, f"the gateway's event loop lagged {lag:.0f} ms", s.window_s)
         if not self._samples:
             return Decision(True, "no measurement yet")
-        per_session = s.talking_share * self.talk_cores + (1 - s.talking_share) * self.idle_cores
-        need = self.base_cores + per_session * (sessions + 1)
+        recent = list(self._samples)[-3:]
+        busy = statistics.median(x.busy_cores for x in recent)
+        talkers = math.ceil(s.talking_share * (sessions + 1) - 1e-9)
+        more = max(0, talkers - recent[-1].talking)
+        talk = max(self.talk_cores, s.talk_cores_prior)
+        need = busy + talk * more + (self.idle_cores if talkers < sessions + 1 else 0.0)
         budget = s.cpu_target * self._samples[-1].cores
         if need > budget:
             return Decision(False, f"{sessions + 1} sessions would need {need:.2f} of {budget:.2f} "
-                            f"cores (measured {self.talk_cores:.2f} per talking session)", s.window_s)
+                            f"cores ({talk:.2f} per talking session, {more} more would talk)", s.window_s)
         return Decision(True, f"{need:.2f} of {budget:.2f} cores")
 
     @property

@@ -20,8 +20,11 @@ def sample(t: float, sessions: int, talking: int, busy: float, sent: int = 25, l
 
 
 def test_admits_until_the_measured_cost_of_everyone_talking_fills_the_budget():
-    policy = AdmissionPolicy(CONFIG)
+    policy = AdmissionPolicy(CONFIG.model_copy(update={"talk_cores_prior": 0.1}))
     assert policy.decide(0).admit and policy.decide(1).admit  # nothing measured: only the bounds decide
+    policy.observe(sample(0, 1, 1, 1.9))  # a host already full: the second session must wait
+    assert policy.decide(0).admit and not policy.decide(1).admit
+    policy = AdmissionPolicy(CONFIG.model_copy(update={"talk_cores_prior": 0.1}))
     for t in range(5):  # no session: the host is 0.2 cores busy
         policy.observe(sample(t, 0, 0, 0.2))
     for t in range(5, 10):  # two silent sessions: 0.05 each
@@ -32,9 +35,9 @@ def test_admits_until_the_measured_cost_of_everyone_talking_fills_the_budget():
     assert policy.base_cores == pytest.approx(0.2)
     assert policy.idle_cores == pytest.approx(0.05)
     assert policy.talk_cores == pytest.approx(0.2)
-    # budget 0.85 x 2 = 1.7 cores: 0.2 + 0.2 x n must stay under it
-    assert policy.decide(6).admit  # 7 sessions: 1.6 cores
-    refused = policy.decide(7)  # 8 sessions: 1.8 cores
+    # budget 0.85 x 2 = 1.7 cores: busy now (0.6) + 0.2 for each session that would start talking
+    assert policy.decide(6).admit  # 7 sessions, 5 more talking: 1.6 cores
+    refused = policy.decide(7)  # 8 sessions, 6 more talking: 1.8 cores
     assert not refused.admit and refused.retry_after_s == CONFIG.window_s
     assert "cores" in refused.reason
 
@@ -43,8 +46,9 @@ def test_talking_share_admits_more_when_not_everyone_talks_at_once():
     policy = AdmissionPolicy(CONFIG.model_copy(update={"talking_share": 0.25}))
     for t in range(30):
         policy.observe(sample(t, 0 if t < 5 else 1, 0 if t < 10 else 1, 0.2 if t < 5 else 0.25 if t < 10 else 0.45))
-    # per session 0.25 x 0.25 + 0.75 x 0.05 = 0.1 cores, on a base of 0.2
-    assert policy.decide(13).admit and not policy.decide(16).admit
+    # busy now 0.45 with one talker; a quarter talking: 0.25 per extra talker, 0.05 for a silent newcomer
+    assert policy.decide(16).admit  # 17 sessions, 5 talking: 0.45 + 4 x 0.25 + 0.05 = 1.5
+    assert not policy.decide(20).admit  # 21 sessions, 6 talking: 1.75
 
 
 def test_refuses_while_sessions_lose_frames_or_the_loop_lags():
