@@ -168,22 +168,18 @@ def analyse(raw: dict, step_at_ms: float | None = None, step_rate_kbit: int | No
 def service(args: argparse.Namespace, host: str) -> Iterator[str]:
     """`ray-lipsync serve` (--start) or the API over LocalPipeline in this process."""
     if args.start:
-        from e2e import start_server  # benchmarks/e2e.py
+        import asyncio
+
+        import httpx
+        from e2e import start_server, wait_healthy  # benchmarks/e2e.py
 
         server = start_server(args.port, ["--host", "0.0.0.0"], None)
         try:
-            import httpx
+            async def healthy() -> None:
+                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{args.port}", timeout=5) as http:
+                    await wait_healthy(http, 180, server)
 
-            deadline = time.monotonic() + 180
-            while True:
-                try:
-                    if httpx.get(f"http://127.0.0.1:{args.port}/healthz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError("ray-lipsync serve did not become healthy")
-                time.sleep(0.5)
+            asyncio.run(healthy())
             yield f"http://{host}:{args.port}"
         finally:
             server.terminate()
