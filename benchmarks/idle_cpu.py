@@ -1,0 +1,85 @@
+"""CPU of silent sessions, per process of `ray-lipsync serve`.
+
+Starts `ray-lipsync serve`, measures every process of its tree for 10 s with no session, then
+connects N aiortc clients that never speak and measures 15 s again (from `/proc`, as e2e.py
+does). Reports, per process title, % of a core before, with the sessions, and the difference
+per session; and this process's own CPU (the clients).
+
+    python benchmarks/idle_cpu.py --sessions 4 --json benchmarks/results/idle_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from e2e import cpu_by_process, start_server, wait_healthy  # noqa: E402
+
+from ray_lipsync.webrtc.client import ReceiverClient  # noqa: E402
+
+
+async def percent_by_process(pid: int, seconds: float) -> dict[str, float]:
+    before, t = cpu_by_process(pid), time.monotonic()
+    await asyncio.sleep(seconds)
+    after, dt = cpu_by_process(pid), time.monotonic() - t
+    return {k: 100 * (after[k] - before.get(k, 0.0)) / dt for k in after}
+
+
+async def benchmark(args: argparse.Namespace) -> dict:
+    server = start_server(args.port, [], None)
+    clients: list[ReceiverClient] = []
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{args.port}", timeout=60) as http:
+            await wait_healthy(http, 180, server)
+            await asyncio.sleep(5)  # past the start-up work
+            alone = await percent_by_process(server.pid, 10)
+            for _ in range(args.sessions):
+                created = (await http.post("/v1/sessions", json={"avatar": "default"})).raise_for_status().json()
+                client = ReceiverClient(keep_audio=False)
+                clients.append(client)
+                answer = (await http.post(f"/v1/sessions/{created['session_id']}/offer", json=await client.offer(),
+                                          headers={"Authorization": f"Bearer {created['token']}"})).json()
+                await client.accept(answer)
+                await client.wait_first_video(30)
+            await asyncio.sleep(5)
+            own = time.process_time()
+            silent = await percent_by_process(server.pid, 15)
+            clients_percent = 100 * (time.process_time() - own) / 15
+    finally:
+        for client in clients:
+            await client.close()
+        server.terminate()
+        server.wait(60)
+    by_process = {k: {"no_session": round(alone.get(k, 0.0), 1), "with_sessions": round(v, 1),
+                      "per_session": round((v - alone.get(k, 0.0)) / args.sessions, 2)}
+                  for k, v in silent.items() if v >= 0.5 or alone.get(k, 0.0) >= 0.5}
+    return {"sessions": args.sessions, "by_process": by_process,
+            "server_percent_per_session": round((sum(silent.values()) - sum(alone.values())) / args.sessions, 2),
+            "clients_percent": round(clients_percent, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sessions", type=int, default=4)
+    parser.add_argument("--port", type=int, default=18800)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    result = asyncio.run(benchmark(args))
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
