@@ -39,6 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from output import write_json  # noqa: E402
 from e2e import DEFAULT_TEXT, SessionResult, cpu_seconds, speech, stream_speech, wait_healthy  # noqa: E402
 
 from ray_lipsync.webrtc.client import ReceiverClient  # noqa: E402
@@ -217,9 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({k: v for k, v in result.items() if k not in ("sessions", "raw")}, indent=2))
     for s in result["sessions"]:
         print(s)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return 0
 
 

@@ -30,7 +30,6 @@ import io
 import json
 import logging
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,8 +44,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from emulated_link import EmulatedLink, unavailable  # noqa: E402
+from output import write_json  # noqa: E402
 
 log = logging.getLogger("benchmarks.network")
 SETTLE_S = 3.0  # the first seconds of speech are not judged (the link estimate converges)
@@ -242,9 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     result = run(args)
     print(json.dumps(result["cases"], indent=2))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return 0
 
 
