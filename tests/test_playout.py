@@ -188,3 +188,27 @@ def test_second_session_first_utterance_uses_the_first_sessions_needs(lipsync_se
     assert needs
     assert pushed.delay_s < 0.6
     assert pushed.delay_s == pytest.approx(max(0.08, min(0.6, sorted(needs)[int(0.99 * len(needs))] / 1000 + 0.04)))
+
+
+def test_a_session_after_a_closed_one_starts_from_what_that_one_needed(lipsync_settings):
+    """One session at a time (a voice agent's usual case): the second session's first
+    utterance gets the D the closed first one needed, not playout_initial_ms."""
+    settings = tuned(lipsync_settings, playout_delay_ms=600, playout_min_ms=80, playout_initial_ms=600)
+
+    async def main():
+        pipeline = LocalPipeline(settings)
+        first = await pipeline.create_session()
+        rx = Receiver(first)
+        utt = await first.push_audio(speech("Fine."), "a")
+        await rx.until_frame(utt.end_frame + 2)
+        await rx.stop()
+        needs = first.playout_needs_ms()
+        await pipeline.close_session(first.session_id)
+        second = await pipeline.create_session()
+        pushed = await second.push_audio(speech("Fine."), "b")
+        await pipeline.shutdown()
+        return pushed, needs
+
+    pushed, needs = asyncio.run(main())
+    assert needs
+    assert pushed.delay_s < 0.6

@@ -7,6 +7,8 @@ Two pipelines implement `Pipeline`: `LocalPipeline` (one in-process engine per b
 
 from __future__ import annotations
 
+import collections
+from dataclasses import dataclass
 from typing import Protocol
 
 from ray_lipsync.errors import UnknownSession
@@ -37,11 +39,26 @@ class Pipeline(Protocol):
     async def shutdown(self) -> None: ...
 
 
-class SessionRegistry:
-    """The open sessions of one pipeline, by id."""
+REMEMBERED_NEEDS = 250  # speech frames (10 s) of closed sessions' playout needs
 
-    def __init__(self) -> None:
+
+@dataclass(frozen=True)
+class ClosedNeeds:
+    """What sessions that have closed needed of the playout delay, latest last (ms)."""
+
+    needs_ms: list[float]
+
+    def playout_needs_ms(self) -> list[float]:
+        return self.needs_ms
+
+
+class SessionRegistry:
+    """The open sessions of one pipeline, by id, and what the closed ones needed of the
+    playout delay (`playout_sources`: a new session's first D starts from both)."""
+
+    def __init__(self, remembered_needs: int = REMEMBERED_NEEDS) -> None:
         self._sessions: dict[str, Session] = {}
+        self._closed_needs: collections.deque[float] = collections.deque(maxlen=remembered_needs)
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -59,7 +76,13 @@ class SessionRegistry:
         return [s for s in self._sessions.values() if not s.closed]
 
     def forget(self, session_id: str) -> None:
-        self._sessions.pop(session_id, None)
+        session = self._sessions.pop(session_id, None)
+        if session is not None:
+            self._closed_needs.extend(session.playout_needs_ms()[-self._closed_needs.maxlen:])
+
+    def playout_sources(self) -> list[Session | ClosedNeeds]:
+        """The live sessions and the remembered needs of closed ones (policy_for_new_session)."""
+        return [*self.sessions(), ClosedNeeds(list(self._closed_needs))]
 
     async def close_all(self) -> None:
         for session in list(self._sessions.values()):

@@ -10,8 +10,8 @@ the push arrived (and never before the end of speech already queued). So
 - an utterance is contiguous from its first to its last sample: speech is never stretched or
   cut, D changes only in the silence between utterances;
 - `D` is `p99(need of the last playout_window speech frames) + playout_margin_ms`
-  (before the session measured anything: what the engine's other live sessions needed, else
-  `playout_initial_ms`), clamped to
+  (before the session measured anything: what the pipeline's other sessions needed, live or
+  closed in the last 10 s of their speech, else `playout_initial_ms`), clamped to
   `[playout_min_ms, playout_delay_ms]`. The *need* of frame k is how much of its utterance's
   D it needed: `ready time - (first push of its utterance + 40 ms x its place in it)`. For
   speech pushed at once that is the pipeline's latency for the first frames (later ones are
@@ -102,7 +102,8 @@ def new_clock(policy: PlayoutPolicy, now: float | None = None) -> SessionClock:
 
 
 def policy_for_new_session(config: PipelineConfig, live: Iterable[_HasNeeds]) -> PlayoutPolicy:
-    """The policy of a new session, its first D seeded by what the engine's live sessions needed."""
+    """The policy of a new session, its first D seeded by what the pipeline's sessions needed
+    (`live`: open sessions and the remembered needs of closed ones, SessionRegistry.playout_sources)."""
     policy = PlayoutPolicy.from_config(config)
     recent = [n for s in live for n in s.playout_needs_ms()[-policy.window:]]
     return policy.seeded(recent)
