@@ -6,6 +6,7 @@ does). Reports, per process title, % of a core before, with the sessions, and th
 per session; and this process's own CPU (the clients).
 
     python benchmarks/idle_cpu.py --sessions 4 --json benchmarks/results/idle_cpu.json
+    python benchmarks/idle_cpu.py --sessions 4 --avatar yongen --json benchmarks/results/idle_cpu_yongen.json
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ async def benchmark(args: argparse.Namespace) -> dict:
             await asyncio.sleep(5)  # past the start-up work
             alone = await percent_by_process(server.pid, 10)
             for _ in range(args.sessions):
-                created = (await http.post("/v1/sessions", json={"avatar": "default"})).raise_for_status().json()
+                created = (await http.post("/v1/sessions", json={"avatar": args.avatar})).raise_for_status().json()
                 client = ReceiverClient(keep_audio=False)
                 clients.append(client)
                 answer = (await http.post(f"/v1/sessions/{created['session_id']}/offer", json=await client.offer(),
@@ -63,7 +64,7 @@ async def benchmark(args: argparse.Namespace) -> dict:
     by_process = {k: {"no_session": round(alone.get(k, 0.0), 1), "with_sessions": round(v, 1),
                       "per_session": round((v - alone.get(k, 0.0)) / args.sessions, 2)}
                   for k, v in silent.items() if v >= 0.5 or alone.get(k, 0.0) >= 0.5}
-    return {"sessions": args.sessions, "by_process": by_process,
+    return {"sessions": args.sessions, "avatar": args.avatar, "by_process": by_process,
             "server_percent_per_session": round((sum(silent.values()) - sum(alone.values())) / args.sessions, 2),
             "clients_percent": round(clients_percent, 1)}
 
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sessions", type=int, default=4)
     parser.add_argument("--port", type=int, default=18800)
+    parser.add_argument("--avatar", default="default", help="a prepared avatar (e.g. one made from "
+                        "../shared/media/yongen.mp4 with `ray-lipsync avatar prepare`)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     result = asyncio.run(benchmark(args))
