@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import logging
 import os
@@ -35,7 +34,6 @@ import sys
 import tempfile
 import threading
 import time
-import wave
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,6 +45,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from emulated_link import EmulatedLink, unavailable  # noqa: E402
+from speech import RATE, speech, to_wav_bytes  # noqa: E402  (tests/speech.py)
 from output import write_json  # noqa: E402
 
 log = logging.getLogger("benchmarks.network")
@@ -64,17 +63,8 @@ PHRASE = "The quick brown fox jumps over the lazy dog, and then it runs away aga
 
 def speech_wav(seconds: float) -> bytes:
     """`seconds` of continuous TTS speech, 16 kHz mono WAV."""
-    from ray_lipsync.tts import Synthesizer
-
-    phrase = Synthesizer().synthesize(PHRASE)
-    samples = np.tile(phrase, int(np.ceil(seconds * 16_000 / len(phrase))))[: int(seconds * 16_000)]
-    out = io.BytesIO()
-    with wave.open(out, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16_000)
-        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
-    return out.getvalue()
+    phrase = speech(PHRASE)
+    return to_wav_bytes(np.tile(phrase, int(np.ceil(seconds * RATE / len(phrase))))[: int(seconds * RATE)])
 
 
 def run_viewer(link: EmulatedLink, url: str, wav: Path, seconds: float,

@@ -314,9 +314,7 @@ class WebRTCConfig(_Frozen):
 
     @model_validator(mode="after")
     def _bitrate_order(self) -> "WebRTCConfig":
-        if not self.min_bitrate <= self.start_bitrate <= self.max_bitrate:
-            raise ValueError(f"webrtc bitrates must satisfy min_bitrate <= start_bitrate <= max_bitrate, got "
-                             f"{self.min_bitrate}, {self.start_bitrate}, {self.max_bitrate}")
+        self.bitrate_bounds()  # BitrateBounds checks min <= start <= max (ValueError)
         return self
 
     def bitrate_bounds(self) -> "BitrateBounds":

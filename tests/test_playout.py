@@ -168,8 +168,9 @@ def test_a_new_session_starts_from_what_other_sessions_needed():
     assert fixed.seeded([80.0] * 10).delay_s([]) == 0.3
 
 
-def test_second_session_first_utterance_uses_the_first_sessions_needs(lipsync_settings):
-    settings = tuned(lipsync_settings, playout_delay_ms=600, playout_min_ms=80, playout_initial_ms=600)
+def first_utterances(settings, close_first: bool):
+    """A first session speaks once; a second one (after the first closed, or beside it) is
+    created and pushes its first utterance: (that push, the first session's needs)."""
 
     async def main():
         pipeline = LocalPipeline(settings)
@@ -178,13 +179,20 @@ def test_second_session_first_utterance_uses_the_first_sessions_needs(lipsync_se
         utt = await first.push_audio(speech("Fine."), "a")
         await rx.until_frame(utt.end_frame + 2)
         await rx.stop()
+        needs = first.playout_needs_ms()
+        if close_first:
+            await pipeline.close_session(first.session_id)
         second = await pipeline.create_session()
         pushed = await second.push_audio(speech("Fine."), "b")
-        needs = first.playout_needs_ms()
         await pipeline.shutdown()
         return pushed, needs
 
-    pushed, needs = asyncio.run(main())
+    return asyncio.run(main())
+
+
+def test_second_session_first_utterance_uses_the_first_sessions_needs(lipsync_settings):
+    settings = tuned(lipsync_settings, playout_delay_ms=600, playout_min_ms=80, playout_initial_ms=600)
+    pushed, needs = first_utterances(settings, close_first=False)
     assert needs
     assert pushed.delay_s < 0.6
     assert pushed.delay_s == pytest.approx(max(0.08, min(0.6, sorted(needs)[int(0.99 * len(needs))] / 1000 + 0.04)))
@@ -194,21 +202,6 @@ def test_a_session_after_a_closed_one_starts_from_what_that_one_needed(lipsync_s
     """One session at a time (a voice agent's usual case): the second session's first
     utterance gets the D the closed first one needed, not playout_initial_ms."""
     settings = tuned(lipsync_settings, playout_delay_ms=600, playout_min_ms=80, playout_initial_ms=600)
-
-    async def main():
-        pipeline = LocalPipeline(settings)
-        first = await pipeline.create_session()
-        rx = Receiver(first)
-        utt = await first.push_audio(speech("Fine."), "a")
-        await rx.until_frame(utt.end_frame + 2)
-        await rx.stop()
-        needs = first.playout_needs_ms()
-        await pipeline.close_session(first.session_id)
-        second = await pipeline.create_session()
-        pushed = await second.push_audio(speech("Fine."), "b")
-        await pipeline.shutdown()
-        return pushed, needs
-
-    pushed, needs = asyncio.run(main())
+    pushed, needs = first_utterances(settings, close_first=True)
     assert needs
     assert pushed.delay_s < 0.6

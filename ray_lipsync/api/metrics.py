@@ -48,8 +48,10 @@ class GatewayMetrics:
             self._closed_drops[reason] = self._closed_drops.get(reason, 0) + n
 
     def snapshot(self, *, sessions: int, speaking: int, queued_audio_s: float,
-                 queued_events: int, load: Mapping[str, float] | None = None, open_drops: Iterable[Mapping[str, int]] = ()) -> dict[str, Any]:
-        """A picklable view of the counters plus the replica's current gauges."""
+                 queued_events: int, load: Mapping[str, float] | None = None,
+                 open_drops: Iterable[Mapping[str, int]] = ()) -> dict[str, Any]:
+        """A picklable view of the counters plus the replica's current gauges (`load`: the last
+        load sample's figures, gauges of their own)."""
         drops = {reason.value: 0 for reason in DropReason} | self._closed_drops
         for session_drops in open_drops:
             for reason, n in session_drops.items():
@@ -66,7 +68,7 @@ class GatewayMetrics:
             "sessions_refused": self.sessions_refused,
             "sessions_shed": self.sessions_shed,
             "frames_sent": self.frames_sent,
-            "load": dict(load or {}),
+            **dict(load or {}),
             "drops": drops,
             "latency_buckets": list(self._bucket_counts),
             "latency_sum_ms": self._latency_sum_ms,
@@ -106,6 +108,11 @@ class _SnapshotCollector:
             "speaking": ("lipsync_sessions_speaking", "Sessions currently speaking."),
             "queued_audio_s": ("lipsync_queued_audio_seconds", "Audio queued ahead of playback."),
             "queued_events": ("lipsync_queued_events", "Server-sent events waiting for clients."),
+            # the gateway's last load sample (absent until it took one)
+            "busy_cores": ("lipsync_host_busy_cores", "CPU busy on the gateway's host, in cores."),
+            "loop_lag_ms": ("lipsync_gateway_loop_lag_ms", "Worst event-loop lag of the gateway in the last second."),
+            "talk_cores": ("lipsync_talking_session_cores", "Measured CPU of one talking session, in cores."),
+            "gateway_cores": ("lipsync_gateway_cores", "CPU of the gateway process, in cores."),
         }
         counters = {
             "sessions_created": ("lipsync_sessions_created", "Sessions created."),
@@ -117,24 +124,13 @@ class _SnapshotCollector:
         for key, (name, doc) in gauges.items():
             family = GaugeMetricFamily(name, doc, labels=["replica"])
             for snap in self._snapshots:
-                family.add_metric([snap["replica"]], float(snap[key]))
+                if key in snap:
+                    family.add_metric([snap["replica"]], float(snap[key]))
             yield family
         for key, (name, doc) in counters.items():
             family = CounterMetricFamily(name, doc, labels=["replica"])
             for snap in self._snapshots:
                 family.add_metric([snap["replica"]], float(snap.get(key, 0)))
-            yield family
-        load = {
-            "busy_cores": ("lipsync_host_busy_cores", "CPU busy on the gateway's host, in cores."),
-            "loop_lag_ms": ("lipsync_gateway_loop_lag_ms", "Worst event-loop lag of the gateway in the last second."),
-            "talk_cores": ("lipsync_talking_session_cores", "Measured CPU of one talking session, in cores."),
-            "gateway_cores": ("lipsync_gateway_cores", "CPU of the gateway process, in cores."),
-        }
-        for key, (name, doc) in load.items():
-            family = GaugeMetricFamily(name, doc, labels=["replica"])
-            for snap in self._snapshots:
-                if key in snap.get("load", {}):
-                    family.add_metric([snap["replica"]], float(snap["load"][key]))
             yield family
         dropped = CounterMetricFamily(
             "lipsync_frames_dropped",

@@ -84,7 +84,7 @@ class LocalPipeline:
             new_clock(self.settings),
             max_queued_s=self.settings.pipeline.audio_buffer_s,
             lookahead_ms=lookahead_ms,
-            playout=policy_for_new_session(self.settings.pipeline, self._registry.playout_sources()),
+            playout=policy_for_new_session(self.settings.pipeline, self._registry),
             schedule=self.schedule,
         )
         self._registry.add(session)

@@ -8,7 +8,6 @@ Two pipelines implement `Pipeline`: `LocalPipeline` (one in-process engine per b
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass
 from typing import Protocol
 
 from ray_lipsync.errors import UnknownSession
@@ -42,19 +41,9 @@ class Pipeline(Protocol):
 REMEMBERED_NEEDS = 250  # speech frames (10 s) of closed sessions' playout needs
 
 
-@dataclass(frozen=True)
-class ClosedNeeds:
-    """What sessions that have closed needed of the playout delay, latest last (ms)."""
-
-    needs_ms: list[float]
-
-    def playout_needs_ms(self) -> list[float]:
-        return self.needs_ms
-
-
 class SessionRegistry:
     """The open sessions of one pipeline, by id, and what the closed ones needed of the
-    playout delay (`playout_sources`: a new session's first D starts from both)."""
+    playout delay (`playout_needs`: a new session's first D starts from both)."""
 
     def __init__(self, remembered_needs: int = REMEMBERED_NEEDS) -> None:
         self._sessions: dict[str, Session] = {}
@@ -80,9 +69,12 @@ class SessionRegistry:
         if session is not None:
             self._closed_needs.extend(session.playout_needs_ms()[-self._closed_needs.maxlen:])
 
-    def playout_sources(self) -> list[Session | ClosedNeeds]:
-        """The live sessions and the remembered needs of closed ones (policy_for_new_session)."""
-        return [*self.sessions(), ClosedNeeds(list(self._closed_needs))]
+    def playout_needs(self, window: int) -> list[float]:
+        """The last `window` playout needs (ms) of the closed sessions and of each open one."""
+        needs = list(self._closed_needs)[-window:]
+        for session in self.sessions():
+            needs.extend(session.playout_needs_ms()[-window:])
+        return needs
 
     async def close_all(self) -> None:
         for session in list(self._sessions.values()):

@@ -27,7 +27,7 @@ created; with `playout_adaptive=False` D is the fixed `playout_delay_ms` (t0 = c
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -37,8 +37,8 @@ from ray_lipsync.config import PipelineConfig
 __all__ = ["PlayoutPolicy", "new_clock", "policy_for_new_session"]
 
 
-class _HasNeeds(Protocol):
-    def playout_needs_ms(self) -> list[float]: ...
+class _KnowsNeeds(Protocol):
+    def playout_needs(self, window: int) -> list[float]: ...
 
 
 def _p99(values: Sequence[float]) -> float:
@@ -101,9 +101,8 @@ def new_clock(policy: PlayoutPolicy, now: float | None = None) -> SessionClock:
     return SessionClock(t0=now - (policy.max_s - policy.floor_s), delay_s=policy.max_s)
 
 
-def policy_for_new_session(config: PipelineConfig, live: Iterable[_HasNeeds]) -> PlayoutPolicy:
+def policy_for_new_session(config: PipelineConfig, sessions: _KnowsNeeds) -> PlayoutPolicy:
     """The policy of a new session, its first D seeded by what the pipeline's sessions needed
-    (`live`: open sessions and the remembered needs of closed ones, SessionRegistry.playout_sources)."""
+    (open ones and the remembered needs of closed ones: SessionRegistry.playout_needs)."""
     policy = PlayoutPolicy.from_config(config)
-    recent = [n for s in live for n in s.playout_needs_ms()[-policy.window:]]
-    return policy.seeded(recent)
+    return policy.seeded(sessions.playout_needs(policy.window))

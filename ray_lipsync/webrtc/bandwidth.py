@@ -88,7 +88,7 @@ class BitrateController:
         return None if self._remb is None else int(self._remb)
 
     def on_sent(self, nbytes: int, now: float) -> None:
-        """The encoder sent a frame of `nbytes` (the growth bound follows what was sent)."""
+        """The encoder sent `nbytes` since the last call (the growth bound follows what was sent)."""
         self._sent.append((now, nbytes))
         while self._sent and self._sent[0][0] < now - SENT_WINDOW_S:
             self._sent.popleft()

@@ -103,7 +103,9 @@ class LinkFeedback:
         """One incoming RTCP packet addressed to the sender."""
         now = self._clock()
         if isinstance(packet, (RtcpRrPacket, RtcpSrPacket)):
-            if packet.reports and self._sender is not None:  # aiortc routes reports by SSRC
+            # aiortc routes reports by SSRC; one is read per LOSS_WINDOW_S (Chromium sends one
+            # with every NACK: reading each through getStats() would be work for nothing)
+            if packet.reports and self._sender is not None and self._report_due(now):
                 self._spawn(self._on_report(now))
         elif isinstance(packet, RtcpRtpfbPacket) and packet.fmt == RTCP_RTPFB_NACK:
             self.nacks += len(packet.lost)
@@ -142,13 +144,10 @@ class LinkFeedback:
         remote = next((s for s in report.values() if s.type == "remote-inbound-rtp"), None)
         if remote is None:
             return
-        if self._counts is None:
-            self._counts = (now, remote.packetsLost, remote.packetsReceived)
+        previous, self._counts = self._counts, (now, remote.packetsLost, remote.packetsReceived)
+        if previous is None:
             return
-        then, lost, received = self._counts
-        if now - then < LOSS_WINDOW_S:
-            return
-        self._counts = (now, remote.packetsLost, remote.packetsReceived)
+        _, lost, received = previous
         new_lost = max(0, remote.packetsLost - lost)
         new_received = max(0, remote.packetsReceived - received)
         fraction = new_lost / (new_lost + new_received) if new_lost + new_received else 0.0
@@ -157,6 +156,9 @@ class LinkFeedback:
         self.controller.on_report(fraction, remote.roundTripTime, now)
         self.reports += 1
         self._apply()
+
+    def _report_due(self, now: float) -> bool:
+        return self._counts is None or now - self._counts[0] >= LOSS_WINDOW_S
 
     def _apply(self) -> None:
         self.encoder.set_target_bitrate(self.controller.target_bps)
