@@ -10,8 +10,10 @@ streams TTS speech over the session's WebSocket in real time until the run ends;
 stay silent (with --start, `serve.admission.talking_share` is set to match: 1 or 0.25).
 Refused (503), the client waits its Retry-After and asks again; after
 `--refusals` refusals in a row no more sessions are added and the run holds `--hold-s` more
-seconds. Every 2 s each session's received fps (frames decoded by its client) and its server
-state (frames sent, visible drops) are sampled; a session is judged from 2 s after its first
+seconds. Every 2 s each session's fps and its server state (frames sent, visible drops) are
+sampled. The fps is the frames its client decoded plus the frames the server left out because
+they repeated a still picture the viewer was showing (`network.frames_left_out`,
+`webrtc.still_fps`); the received fps alone is reported too; a session is judged from 2 s after its first
 frame to the end, so the arrival of every later session counts against it.
 
 Reported: sessions admitted, refusals (status, Retry-After), any 5xx other than 503, per
@@ -56,7 +58,9 @@ class Watched:
     talker: bool
     admitted_at: float
     first_frame_at: float | None = None
-    fps: list[tuple[float, float]] = field(default_factory=list)  # (time, fps over the last 2 s)
+    fps: list[tuple[float, float]] = field(default_factory=list)  # (time, fps shown over the last 2 s)
+    received_fps: list[tuple[float, float]] = field(default_factory=list)  # (time, decoded fps)
+    left_out: tuple[float, int] | None = None  # (time, frames left out so far) at the last sample
     state: list[tuple[float, int, int]] = field(default_factory=list)  # (time, sent, dropped)
     errors: list[str] = field(default_factory=list)
     closed_by_server: str | None = None  # e.g. shed under overload
@@ -64,11 +68,14 @@ class Watched:
     def judged(self, end: float) -> dict:
         start = (self.first_frame_at or end) + JUDGE_AFTER_S
         fps = [f for t, f in self.fps if start + SAMPLE_S <= t <= end]
+        received = [f for t, f in self.received_fps if start + SAMPLE_S <= t <= end]
         states = [(t, s, d) for t, s, d in self.state if t >= start]
         sent = states[-1][1] - states[0][1] if len(states) >= 2 else 0
         dropped = states[-1][2] - states[0][2] if len(states) >= 2 else 0
         return {"index": self.index, "talker": self.talker, "fps_min_2s": min(fps) if fps else None,
                 "fps_median": round(float(np.median(fps)), 1) if fps else None,
+                "received_fps_min_2s": min(received) if received else None,
+                "received_fps_median": round(float(np.median(received)), 1) if received else None,
                 "frames_sent": sent, "dropped_pct": round(100 * dropped / sent, 2) if sent else None,
                 "closed_by_server": self.closed_by_server, "errors": self.errors}
 
@@ -94,12 +101,17 @@ async def watch_session(http: httpx.AsyncClient, w: Watched, token: str, samples
             except asyncio.TimeoutError:
                 pass
             now = time.monotonic()
-            w.fps.append((now, client.received.fps(now - SAMPLE_S, now)))
             response = await http.get(f"/v1/sessions/{w.session_id}", headers=headers)
             if response.status_code != 200:  # closed by the server (shed): judged until then
                 w.closed_by_server = f"HTTP {response.status_code} at {now - w.admitted_at:.0f} s"
                 break
             state = response.json()
+            received = client.received.fps(now - SAMPLE_S, now)
+            left_out = (state.get("network") or {}).get("frames_left_out", 0)
+            if w.left_out is not None:
+                w.received_fps.append((now, received))
+                w.fps.append((now, received + (left_out - w.left_out[1]) / (now - w.left_out[0])))
+            w.left_out = (now, left_out)
             w.state.append((now, state["frames_sent"], state["frames_dropped"]))
     except Exception as exc:  # noqa: BLE001 - one failing client must not hide the others
         w.errors.append(f"{exc.__class__.__name__}: {exc}")

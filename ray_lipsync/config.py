@@ -305,17 +305,32 @@ class WebRTCConfig(_Frozen):
         30.0, gt=0, le=600, description="A session whose peer has not connected this long after its "
         "offer is closed (e.g. the client could not reach the TURN server)."
     )
+    reconnect_grace_s: float = Field(
+        20.0, ge=0, le=600, description="A session whose WebRTC connection failed (the client's "
+        "network went away; not a hang-up) is kept this long for the client to send a new offer "
+        "on it (the client module does); 0 = close it at once."
+    )
     min_bitrate: int = Field(100_000, ge=30_000, le=50_000_000, description="Video bitrate floor, bit/s: "
                              "the encoder never goes below it whatever the link feedback says.")
     start_bitrate: int = Field(200_000, ge=30_000, le=50_000_000, description="Video bitrate of a new "
                                "session, bit/s, until the receiver's feedback moves it.")
     max_bitrate: int = Field(1_000_000, ge=30_000, le=50_000_000, description="Video bitrate ceiling, "
                              "bit/s (a talking 512x512 avatar looks sharp well below 1 Mbit/s).")
+    still_fps: float = Field(5.0, ge=1.0, le=25.0, description="Frame rate of a picture that does not "
+                             "change (a still-image avatar in silence): its repeats are encoded and sent "
+                             "only this often, since the receiver keeps showing the last picture; 25 = "
+                             "every frame. Speech and a video avatar's idle cycle always go at 25 fps.")
 
     @model_validator(mode="after")
     def _bitrate_order(self) -> "WebRTCConfig":
         self.bitrate_bounds()  # BitrateBounds checks min <= start <= max (ValueError)
         return self
+
+    def still_every(self) -> int:
+        """`still_fps` as the largest frame gap of a still picture (frames at 25 fps)."""
+        from ray_lipsync.clock import FPS
+
+        return max(1, round(FPS / self.still_fps))
 
     def bitrate_bounds(self) -> "BitrateBounds":
         """The session encoders' bounds (webrtc/bandwidth.py)."""

@@ -70,14 +70,81 @@ async def test_bad_json_offers_and_capacity(lipsync_settings):
         r = await client.post(url, json={"sdp": "v=0", "type": "answer"}, headers=auth)
         assert r.status_code == 400
         receiver = await connect(client, sid, auth)  # a failed offer leaves the session usable
-        receiver2 = ReceiverClient(ice_servers=[])
-        r = await client.post(url, json=await receiver2.offer(), headers=auth)
-        assert r.status_code == 409 and r.json()["error"] == "peer_exists"
+        receiver2 = await connect(client, sid, auth)  # a reconnect: the new peer replaces the old
+        frames = (await client.get(f"/v1/sessions/{sid}", headers=auth)).json()["frames_sent"]
+        assert gateway.session_count == 1 and frames > 0
+        for _ in range(100):  # the old connection was closed by the server
+            if receiver.connection_state == "closed":
+                break
+            await asyncio.sleep(0.05)
+        assert receiver.connection_state == "closed"
         await new_session(client)
         r = await client.post("/v1/sessions", json={})
         assert r.status_code == 503 and r.headers["Retry-After"].isdigit()
         await gateway.shutdown()
         await asyncio.gather(receiver.close(), receiver2.close())
+
+
+class FailingPeer:
+    """Stands for aiortc's SessionPeer: a connection that fails when the test says so (a real
+    one reports ICE failure only after aioice's ~30 s of unanswered consent checks)."""
+
+    def __init__(self, peers: list, session, *, on_closed, **_: object) -> None:
+        self.on_closed, self.connection_state = on_closed, "new"
+        peers.append(self)
+
+    async def answer(self, sdp: str, type: str = "offer") -> dict:
+        self.connection_state = "connected"
+        return {"sdp": "v=0", "type": "answer"}
+
+    def network(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        self.connection_state = "closed"
+
+    def fail(self) -> None:
+        self.connection_state = "failed"
+        self.on_closed(True)
+
+
+async def test_a_failed_connection_keeps_the_session_for_a_new_offer(lipsync_settings):
+    """webrtc.reconnect_grace_s: after a failed connection the session waits for a new offer
+    (`session.connection` event, connection_state "lost"); without one it closes after the
+    grace; a hang-up (not a failure) closes it at once."""
+    peers: list[FailingPeer] = []
+    settings = variant(lipsync_settings, webrtc={"reconnect_grace_s": 1.0})
+    gateway = Gateway(settings, LocalPipeline(settings), "gw1",
+                      peer_factory=lambda session, **kw: FailingPeer(peers, session, **kw))
+    created = await gateway.create_session()
+    sid, token = created["session_id"], created["token"]
+    events: list[tuple[str, dict]] = []
+
+    async def listen() -> None:
+        async for event, data in gateway.events(sid, token, keepalive_s=5):
+            events.append((event, data))
+
+    listener = asyncio.create_task(listen())
+    await gateway.offer(sid, token, "offer")
+    peers[0].fail()
+    assert (await gateway.status(sid, token))["connection_state"] == "lost"
+    await asyncio.sleep(0.5)
+    await gateway.offer(sid, token, "offer")  # the client came back within the grace
+    await asyncio.sleep(1.5)  # longer than the grace: the session stays, it has a peer again
+    assert (await gateway.status(sid, token))["connection_state"] == "connected"
+    peers[0].fail()  # the replaced peer's late report changes nothing
+    peers[1].fail()
+    await asyncio.wait_for(listener, 10)  # no new offer: closed after the grace
+    assert gateway.session_count == 0
+    assert ("session.connection", {"state": "lost", "reconnect_within_s": 1.0}) in events
+    assert events[-1][0] == "session.closed" and "no new offer" in events[-1][1]["reason"]
+
+    created = await gateway.create_session()  # a hang-up closes at once
+    await gateway.offer(created["session_id"], created["token"], "offer")
+    peers[-1].on_closed(False)
+    await asyncio.sleep(0.1)
+    assert gateway.session_count == 0
+    await gateway.shutdown()
 
 
 async def test_speech_over_http_and_webrtc_with_events(lipsync_settings):

@@ -37,7 +37,7 @@ def test_openapi_documents_error_codes_with_the_error_body(lipsync_settings):
     assert "HTTPValidationError" not in text and "ValidationError" not in schema["components"]["schemas"]
     expected = {
         ("post", "/v1/sessions"): {400, 401, 403, 404, 503},
-        ("post", "/v1/sessions/{session_id}/offer"): {400, 401, 403, 404, 409, 410},
+        ("post", "/v1/sessions/{session_id}/offer"): {400, 401, 403, 404, 410},
         ("post", "/v1/sessions/{session_id}/audio"): {400, 401, 403, 404, 410, 413, 415, 422, 429},
         ("post", "/v1/sessions/{session_id}/speak"): {400, 401, 403, 404, 410, 413, 429},
         ("post", "/v1/sessions/{session_id}/interrupt"): {401, 403, 404, 410},

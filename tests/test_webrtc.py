@@ -119,6 +119,65 @@ def test_media_fans_out_one_to_two_and_reports_frames_in_order():
     assert sent == recorded == list(range(40))
 
 
+def test_a_still_picture_is_sent_ever_more_sparsely_and_a_change_at_once():
+    """Repeats of one read-only picture (an idle still avatar): the gap between the frames
+    sent grows by one frame per frame sent, up to still_every; a new picture goes at once;
+    audio and the frame reports stay whole."""
+    still = np.full((1, 32, 32, 3), 80, np.uint8)
+    still.flags.writeable = False  # like Avatar.frames: every idle frame is a new view of it
+
+    def image(k: int) -> np.ndarray:
+        if 30 <= k < 40:  # speech: a fresh picture each frame
+            return np.full((32, 32, 3), k, np.uint8)
+        return still[0]
+
+    async def frames():
+        for k in range(70):
+            frame = make_frame(k)
+            frame.image = image(k)
+            yield frame
+            await asyncio.sleep(0)
+
+    async def main():
+        reported: list[int] = []
+        media = SessionMedia(frames(), now=lambda: 0.0, video_queue=70, still_every=5,
+                             on_frame_sent=lambda f: reported.append(f.frame_index))
+        video, audio = [], []
+        await asyncio.gather(drain(media.video, video), drain(media.audio, audio))
+        return media, [p.pts // 3600 for p in video], audio, reported
+
+    media, shown, audio, reported = asyncio.run(main())
+    # frames 0..6 in full (the first and its first 5 repeats + 1), then gaps 2, 3, 4, 5, 5, ...
+    assert shown[:7] == list(range(7))
+    gaps = [b - a for a, b in zip(shown, shown[1:])]
+    assert gaps[6:10] == [2, 3, 4, 5], shown
+    assert list(range(30, 40)) == [k for k in shown if 30 <= k < 40]  # speech: every frame
+    assert shown[shown.index(39) + 1] == 40  # the still picture again: a change, sent at once
+    assert max(gaps) <= 5
+    c = media.counters
+    assert c.video_frames_sent + c.video_frames_left_out == 70 and c.video_frames_left_out > 30
+    assert c.audio_chunks_sent == len(audio) == 140
+    assert reported == list(range(70))
+
+
+def test_writable_or_requested_frames_are_never_left_out():
+    from ray_lipsync.webrtc.encoder import same_picture
+
+    stream = Vp8Stream(still_every=5)
+    writable = np.full((32, 32, 3), 7, np.uint8)
+    assert not same_picture(writable, writable)  # its pixels may have changed in place
+    stream.encode(writable, 0)
+    assert not any(stream.skips(writable) for _ in range(20))
+    frozen = np.full((1, 32, 32, 3), 7, np.uint8)
+    frozen.flags.writeable = False
+    assert same_picture(frozen[0], frozen[0]) and not same_picture(frozen[0], writable)
+    stream.encode(frozen[0], 3600)
+    skipped = [stream.skips(frozen[0]) or bool(stream.encode(frozen[0], 0)) and False for _ in range(20)]
+    assert any(skipped)
+    stream.request_keyframe()  # the receiver lost the picture: frames go out until it has one
+    assert not stream.skips(frozen[0])
+
+
 def test_lagging_video_drops_oldest_but_never_audio():
     async def main():
         reported: list[int] = []
@@ -270,7 +329,7 @@ def test_session_over_webrtc_timing_audio_interrupt_events_and_one_to_two(lipsyn
         session = await pipeline.create_session()
         sent: list[OutputFrame] = []
         client = ReceiverClient()
-        peer = await connect(session, client, on_frame_sent=sent.append)
+        peer = await connect(session, client, on_frame_sent=sent.append, still_every=1)
         first = await client.wait_first_video(timeout=5)
 
         t0 = time.monotonic()  # 10 s of frames, with 1 s of speech in the middle
@@ -297,7 +356,8 @@ def test_session_over_webrtc_timing_audio_interrupt_events_and_one_to_two(lipsyn
     r = asyncio.run(main())
     peer, sent = r["peer"], r["sent"]
     assert r["first"] < 2.0  # first frame within 2 s of connect
-    # 25 +/- 1 fps over 10 s: the stream carries every frame (pts on the 90 kHz clock) ...
+    # 25 +/- 1 fps over 10 s: with still_every=1 the stream carries every frame, also the
+    # silent ones (pts on the 90 kHz clock) ...
     pts = r["pts"]
     assert len(pts) >= 240 and (pts[-1] - pts[0]) / 90_000 >= 9.5, (len(pts), pts[-1] - pts[0])
     steps = [b - a for a, b in zip(pts, pts[1:])]
@@ -391,6 +451,6 @@ def test_ray_pipeline_session_streams_over_webrtc(lipsync_settings):
     assert first < 2.0
     assert abs(loud_ms(audio, rate) - speech.duration_ms) <= 40
     assert counters.video_frames_dropped == 0
-    assert counters.audio_chunks_sent == 2 * counters.video_frames_sent == 2 * len(sent)
+    assert counters.audio_chunks_sent == 2 * (counters.video_frames_sent + counters.video_frames_left_out) == 2 * len(sent)
     assert [u for f in sent for u in f.meta.get("utterance_end", [])] == ["tone"]
 

@@ -28,7 +28,7 @@ from ray_lipsync.api.load import HostCpu, LoopLag, host_cores
 from ray_lipsync.api.metrics import GatewayMetrics
 from ray_lipsync.clock import SAMPLE_RATE
 from ray_lipsync.config import Settings
-from ray_lipsync.errors import AtCapacity, MalformedAudio, SessionError, UnknownSession
+from ray_lipsync.errors import AtCapacity, MalformedAudio, UnknownSession
 from ray_lipsync.ice import session_ice_servers
 from ray_lipsync.streaming.pipeline import Pipeline
 from ray_lipsync.streaming.session import Session
@@ -41,10 +41,6 @@ logger = logging.getLogger(__name__)
 
 COMPAT_RANDOM_DIGITS = 9  # LiveTalking ids: <6-digit gateway code><9 random digits>
 _COMPAT_SPLIT = 10**COMPAT_RANDOM_DIGITS
-
-
-class PeerConflict(SessionError):
-    """The session already has a WebRTC peer (HTTP 409)."""
 
 
 def gateway_code(tag: str) -> int:
@@ -69,7 +65,7 @@ def names_gateway(session_id: str | int, tag: str) -> bool:
 class PeerFactory(Protocol):
     def __call__(self, session: Any, *, ice_servers: list[dict] | None, bitrate: BitrateBounds,
                  on_frame_sent: Callable[[OutputFrame], None],
-                 on_closed: Callable[[], Any]) -> Any: ...
+                 still_every: int, on_closed: Callable[[bool], Any]) -> Any: ...
 
 
 def default_peer_factory(session: Any, **kwargs: Any) -> Any:
@@ -90,6 +86,8 @@ class _Entry:
     last_activity: float = field(default_factory=time.monotonic)
     ice_servers: list[dict] = field(default_factory=list)
     offered_at: float | None = None  # monotonic time of the offer (for webrtc.connect_timeout_s)
+    peer_generation: int = 0  # counts the peers this session had (a new offer replaces the peer)
+    lost_at: float | None = None  # monotonic time its connection failed (webrtc.reconnect_grace_s)
     created: float = field(default_factory=time.monotonic)
     counted: tuple[int, int] = (0, 0)  # (frames sent, frames late) as last sampled for admission
 
@@ -261,12 +259,17 @@ class Gateway:
         timeout = self.settings.serve.idle_timeout_s
         connect_timeout = self.settings.webrtc.connect_timeout_s
         offer_timeout = self.settings.serve.offer_timeout_s
+        reconnect_grace = self.settings.webrtc.reconnect_grace_s
         while True:
             await asyncio.sleep(min(1.0, timeout / 4, connect_timeout / 4, offer_timeout / 4))
             now = time.monotonic()
             for entry in list(self._entries.values()):
                 if now - entry.last_activity > timeout:
                     await self._close_entry(entry, f"idle for more than {timeout:g} s")
+                elif entry.lost_at is not None:
+                    if now - entry.lost_at > reconnect_grace:
+                        await self._close_entry(entry, f"connection lost and no new offer within "
+                                                       f"{reconnect_grace:g} s")
                 elif entry.peer is None and now - entry.created > offer_timeout:
                     await self._close_entry(entry, f"no WebRTC offer within {offer_timeout:g} s")
                 elif entry.offered_at is not None and entry.peer is not None:
@@ -281,17 +284,22 @@ class Gateway:
                     type: str = "offer", *, compat: bool = False) -> dict:
         """Answer the client's SDP offer with this session's peer: {sdp, type}."""
         entry = self._entry(session_id, token, compat=compat)
-        if entry.peer is not None:
-            raise PeerConflict("this session already has a WebRTC peer; create a new session "
-                               "to connect again")
+        if entry.peer is not None:  # the client reconnects: its new connection replaces the old
+            old, entry.peer = entry.peer, None
+            logger.info("session %s: a new offer replaces its WebRTC peer", entry.public_id)
+            await old.close()
+        entry.peer_generation += 1
+        generation = entry.peer_generation
         entry.peer = self._peer_factory(
             entry.session,
             ice_servers=entry.ice_servers,
             bitrate=self.settings.webrtc.bitrate_bounds(),
+            still_every=self.settings.webrtc.still_every(),
             on_frame_sent=lambda frame: self._on_frame_sent(entry, frame),
-            on_closed=lambda: self._on_peer_closed(entry),
+            on_closed=lambda failed: self._on_peer_closed(entry, generation, failed),
         )
         entry.offered_at = time.monotonic()
+        entry.lost_at = None
         try:
             return await entry.peer.answer(sdp, type)
         except Exception:
@@ -316,12 +324,20 @@ class Gateway:
         logger.warning("session %s: %s", entry.public_id, state)
         entry.events.publish("session.state", {"state": state})
 
-    def _on_peer_closed(self, entry: _Entry) -> None:
-        if entry.public_id in self._entries:
-            task = asyncio.get_running_loop().create_task(
-                self._close_entry(entry, "peer disconnected"))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+    def _on_peer_closed(self, entry: _Entry, generation: int, failed: bool) -> None:
+        """The session's peer ended by itself: close the session, unless the connection failed
+        (the client may reconnect: kept `webrtc.reconnect_grace_s`, see `_reap_idle`)."""
+        if generation != entry.peer_generation or entry.public_id not in self._entries:
+            return  # a peer already replaced by a newer offer, or a session closing anyway
+        grace = self.settings.webrtc.reconnect_grace_s
+        if failed and grace > 0:
+            entry.peer, entry.lost_at = None, time.monotonic()
+            logger.info("session %s: connection lost; kept %g s for a new offer", entry.public_id, grace)
+            entry.events.publish("session.connection", {"state": "lost", "reconnect_within_s": grace})
+            return
+        task = asyncio.get_running_loop().create_task(self._close_entry(entry, "peer disconnected"))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     # ---- speech ----------------------------------------------------------------------
     async def push_audio(self, session_id: str | int, token: str | None, samples: np.ndarray,
@@ -386,7 +402,8 @@ class Gateway:
             "latency_ms_p99": stats.latency_ms_p99,
             "queued_audio_s": stats.queued_audio_s,
             "device": await self._device_of(stats.replica, entry.session.backend),
-            "connection_state": entry.peer.connection_state if entry.peer else "new",
+            "connection_state": (entry.peer.connection_state if entry.peer
+                                 else "lost" if entry.lost_at is not None else "new"),
             "network": entry.peer.network() if entry.peer else None,
         }
 

@@ -68,6 +68,8 @@ class NetworkState(BaseModel):
     keyframe_requests: int = Field(description="PLI / FIR received.")
     keyframes: int
     encoder_reopens: int = Field(description="Times the encoder was reopened at a new bitrate.")
+    frames_left_out: int = Field(description="Frames of a still picture not sent: the viewer kept "
+                                 "showing it (webrtc.still_fps).")
 
 
 class SessionState(BaseModel):

@@ -25,7 +25,6 @@ from ray_lipsync.api.auth import MissingToken, WrongToken, bearer_token, check_a
 from ray_lipsync.api.client import GatewayAPI
 from ray_lipsync.api.events import format_sse
 from ray_lipsync.api.stream import StreamSocket, parse_rate
-from ray_lipsync.api.gateway import PeerConflict
 from ray_lipsync.api.metrics import render_prometheus
 from ray_lipsync.api.uploads import push_decoded, stream_upload
 from ray_lipsync.config import Settings
@@ -42,7 +41,7 @@ SMALL_UPLOAD_BYTES = 64 * 1024  # uploads up to this size skip the separate toke
 _STATUS: list[tuple[type[BaseException], int, str]] = [
     (MissingToken, 401, "unauthorized"), (WrongToken, 403, "forbidden"),
     (UnknownSession, 404, "unknown_session"), (AvatarNotFound, 404, "unknown_avatar"),
-    (SessionClosed, 410, "session_closed"), (PeerConflict, 409, "peer_exists"),
+    (SessionClosed, 410, "session_closed"),
     (AudioTooLarge, 413, "too_large"), (UnsupportedAudio, 415, "unsupported_audio"),
     (MalformedAudio, 422, "malformed_audio"), (AudioInputError, 422, "invalid_audio"),
     (Backpressure, 429, "backpressure"), (BackendUnavailable, 503, "backend_unavailable"),
@@ -56,7 +55,6 @@ ERROR_DESCRIPTIONS = {
     401: "Missing credentials (session token, or the API key where one is required)",
     403: "Credentials that do not match",
     404: "Unknown session or avatar",
-    409: "The session already has a WebRTC peer",
     410: "The session closed",
     413: "Input above the size or duration limit",
     415: "Not audio, or an unsupported audio type",
@@ -171,7 +169,7 @@ def session_routes(settings: Settings, client: GatewayAPI,
         return token
 
     @api.post("/sessions/{session_id}/offer", response_model=models.SessionDescription,
-              responses=errors(400, *SESSION_ERRORS, 409, 410))
+              responses=errors(400, *SESSION_ERRORS, 410))
     async def offer(session_id: str, body: models.OfferRequest,
                     authorization: str | None = Header(None)) -> dict:
         token = await auth(session_id, authorization)

@@ -17,6 +17,14 @@ a new bitrate only when the encoder is opened again, as aiortc's own encoder doe
 decrease is applied at the next frame, an increase at most every `RAISE_GAP_FRAMES`, and only
 steps of more than `RATE_STEP` count, since each reopening starts with a (capped) keyframe.
 
+A still picture (a still-image avatar in silence: the same read-only frame handed out again)
+is not encoded again on every frame: after `STILL_AFTER_FRAMES` repeats the gap between the
+frames sent grows by one frame per frame sent up to `still_every` (`webrtc.still_fps`; 5 fps
+by default), and the frames between are left out (`skips`). The receiver keeps showing the
+picture it has; a gap that grows gradually is not a freeze to Chromium's detector, which
+counts a frame as frozen when it comes later than max(3 x, + 150 ms) the recent average
+interval. The first changed picture (speech) is encoded at once.
+
 Keyframes: the first frame, every `keyframe_interval` frames (a safety net), and whenever the
 receiver asks (RTCP PLI / FIR, routed here by rtcp.py), at most one per
 `KEYFRAME_REQUEST_GAP` frames (a receiver repeats its request until a keyframe arrives).
@@ -42,14 +50,45 @@ KEYFRAME_INTERVAL = 250  # frames (10 s): recovery even if a keyframe request is
 KEYFRAME_REQUEST_GAP = 12  # frames (~0.5 s) between keyframes made on request
 RATE_STEP = 0.25  # a new target this far (relative) from the encoder's reopens it
 RAISE_GAP_FRAMES = 75  # frames (3 s) between reopenings that raise the bitrate
+STILL_AFTER_FRAMES = 5  # repeats of a still picture encoded in full before the frame gap grows
+STILL_EVERY = 5  # frames: the largest gap of a still picture (5 fps)
+
+
+def same_picture(image: np.ndarray, last: np.ndarray | None) -> bool:
+    """Whether `image` shows what `last` showed: the same read-only pixels (an avatar's idle
+    frame handed out again, as another view of the same memory). Holding `last` keeps that
+    memory alive, so its address cannot come back with other pixels; writable arrays never
+    count, since their pixels may have changed in place."""
+    if last is None:
+        return False
+    if image is last:
+        return not _writable(image)
+    return (image.__array_interface__["data"][0] == last.__array_interface__["data"][0]
+            and image.shape == last.shape and image.strides == last.strides
+            and not _writable(image) and not _writable(last))
+
+
+def _writable(image: np.ndarray) -> bool:
+    """Whether the array or any array it views can be written."""
+    node: object = image
+    while isinstance(node, np.ndarray):
+        if node.flags.writeable:
+            return True
+        node = node.base
+    return False
 
 
 class Vp8Stream:
     """One session's VP8 encoder state: call `encode` for every frame, in order."""
 
-    def __init__(self, bitrate: int = BITRATE, keyframe_interval: int = KEYFRAME_INTERVAL) -> None:
-        if bitrate <= 0 or keyframe_interval < 1:
-            raise ValueError("bitrate must be > 0 and keyframe_interval >= 1")
+    def __init__(self, bitrate: int = BITRATE, keyframe_interval: int = KEYFRAME_INTERVAL,
+                 still_every: int = STILL_EVERY) -> None:
+        if bitrate <= 0 or keyframe_interval < 1 or still_every < 1:
+            raise ValueError("bitrate must be > 0, keyframe_interval and still_every >= 1")
+        self.still_every = still_every
+        self._still_repeats = 0  # frames since the picture last changed
+        self._still_gap = 1  # frames between the still picture's frames sent, now
+        self._since_sent = 0
         self.bitrate = bitrate  # what the open encoder aims for
         self._wanted = bitrate  # what the link feedback asks for (set from the event loop)
         self.keyframe_interval = keyframe_interval
@@ -62,6 +101,7 @@ class Vp8Stream:
         self.bytes_out = 0  # every packet's size, summed (the link feedback reads it)
         self.keyframes = 0
         self.reopens = 0
+        self.frames_left_out = 0  # repeats of a still picture not encoded (`skips`)
 
     def request_keyframe(self) -> None:
         """Make the next encoded frame a keyframe (thread-safe)."""
@@ -73,12 +113,29 @@ class Vp8Stream:
             raise ValueError(f"bitrate must be > 0, got {bps}")
         self._wanted = int(bps)
 
+    def skips(self, image: np.ndarray) -> bool:
+        """Whether the frame of `image` may be left out (not encoded, not sent): a repeat of
+        the still picture the receiver already shows, between two of its spaced-out frames
+        (module docstring). Call once per frame, before `encode`; False means encode it."""
+        if not same_picture(image, self._last_image) or self._keyframe_requested.is_set():
+            return False
+        self._still_repeats += 1
+        self._since_sent += 1
+        if self._since_sent < self._still_gap:
+            self.frames_left_out += 1
+            return True
+        if self._still_repeats > STILL_AFTER_FRAMES:
+            self._still_gap = min(self.still_every, self._still_gap + 1)
+        return False
+
     def encode(self, image: np.ndarray, pts: int) -> av.Packet:
         """The VP8 packet of an RGB uint8 HxWx3 image shown at `pts` (90 kHz clock)."""
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"image must be HxWx3 uint8 RGB, got {image.dtype} {image.shape}")
-        if image is not self._last_image:  # a silent avatar repeats its frame: convert it once
+        self._since_sent = 0
+        if not same_picture(image, self._last_image):  # a silent avatar repeats its frame: convert it once
             self._last_image, self._last_i420 = image, to_i420(image)
+            self._still_repeats, self._still_gap = 0, 1
         frame = av.VideoFrame.from_ndarray(self._last_i420, format="yuv420p")
         frame.pts = pts
         frame.time_base = VIDEO_TIME_BASE

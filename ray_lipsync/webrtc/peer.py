@@ -8,8 +8,9 @@ Usage (the API does this):
     ...
     await peer.close()
 
-`on_closed` is called once when the connection ends by itself (ICE failure, remote hang-up)
-or the session's frame stream ends; it is not called when you call `close()` yourself.
+`on_closed(failed)` is called once when the connection ends by itself (`failed` True: ICE or
+DTLS failed, e.g. the client's network went away, so it may come back; False: the remote hung
+up, or the session's frame stream ended); it is not called when you call `close()` yourself.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from ray_lipsync.clock import CHUNK_SAMPLES
 from ray_lipsync.types import OutputFrame
 from ray_lipsync.webrtc.mic import MicReader
 from ray_lipsync.webrtc.bandwidth import BitrateBounds, BitrateController
-from ray_lipsync.webrtc.encoder import OpusStream, Vp8Stream
+from ray_lipsync.webrtc.encoder import STILL_EVERY, OpusStream, Vp8Stream
 from ray_lipsync.webrtc.rtcp import LinkFeedback
 from ray_lipsync.webrtc.tracks import MediaCounters, SessionMedia, SessionVideoTrack, pcm_chunk
 
@@ -110,12 +111,14 @@ class SessionPeer:
         *,
         ice_servers: list[dict] | None = None,
         bitrate: BitrateBounds = BitrateBounds(),
+        still_every: int = STILL_EVERY,
         on_frame_sent: Callable[[OutputFrame], None] | None = None,
-        on_closed: Callable[[], Awaitable[None] | None] | None = None,
+        on_closed: Callable[[bool], Awaitable[None] | None] | None = None,
     ) -> None:
         self.session = session
         self._config = ice_configuration(ice_servers)
         self._bitrate = bitrate
+        self._still_every = still_every
         self.link: LinkFeedback | None = None
         self._on_frame_sent = on_frame_sent
         self._on_closed = on_closed
@@ -126,6 +129,7 @@ class SessionPeer:
         self.mic: MicReader | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
+        self._failed = False  # the connection failed (rather than being closed by either side)
         self._closed = asyncio.Event()
 
     @property
@@ -171,6 +175,7 @@ class SessionPeer:
             video=want_video,
             audio=want_audio,
             opus_fec=asks_opus_fec(offer),
+            still_every=self._still_every,
         )
         for track in self.media.tracks:
             sender = self._pc.addTrack(track)
@@ -202,6 +207,7 @@ class SessionPeer:
         state = self._pc.connectionState
         log.info("session %s: connection %s", getattr(self.session, "session_id", "?"), state)
         if state in ("failed", "closed") and not self._closing:
+            self._failed = state == "failed"
             self._spawn(self._shutdown(notify=True), "peer-close")
 
     def _on_remote_track(self, track: MediaStreamTrack) -> None:
@@ -241,7 +247,7 @@ class SessionPeer:
             self._closed.set()
         if notify and self._on_closed is not None:
             try:
-                result = self._on_closed()
+                result = self._on_closed(self._failed)
                 if inspect.isawaitable(result):
                     await result
             except Exception:

@@ -63,6 +63,7 @@ class LinkStats:
     keyframe_requests: int
     keyframes: int
     encoder_reopens: int
+    frames_left_out: int
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,7 +128,7 @@ class LinkFeedback:
             remb_bps=c.remb_bps, loss=round(c.loss, 4),
             rtt_ms=None if c.rtt_s is None else round(1000 * c.rtt_s, 1), reports=self.reports,
             nacks=self.nacks, keyframe_requests=self.keyframe_requests, keyframes=e.keyframes,
-            encoder_reopens=e.reopens)
+            encoder_reopens=e.reopens, frames_left_out=e.frames_left_out)
 
     def close(self) -> None:
         for task in self._tasks:

@@ -14,8 +14,10 @@ Backpressure: the video queue (of frames not encoded yet, so a drop never breaks
 reference chain) is bounded and drops its *oldest* frame when the sender lags
 (counted in `video_frames_dropped` and reported to the session, `record_dropped`, which
 counts it as a `sender_backpressure` drop); audio is never dropped or delayed (silence is sent as
-zeros, never as a gap). A frame is reported as sent (`record_sent`, `on_frame_sent`) once its
-video (or its drop) and both its audio chunks have been handed to the encoders.
+zeros, never as a gap). A still picture's repeats are mostly left out of the video (not
+encoded, not sent; `Vp8Stream.skips` decides, `video_frames_left_out` counts them). A frame is
+reported as sent (`record_sent`, `on_frame_sent`) once its video (or its drop or leaving out)
+and both its audio chunks have been handed to the encoders.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from ray_lipsync.clock import CHUNK_SAMPLES, SAMPLE_RATE, SAMPLES_PER_FRAME, audio_pts
 from ray_lipsync.types import OutputFrame
-from ray_lipsync.webrtc.encoder import OpusStream, Vp8Stream
+from ray_lipsync.webrtc.encoder import STILL_EVERY, OpusStream, Vp8Stream
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,7 @@ class MediaCounters:
     frames_in: int = 0
     frames_skipped_at_join: int = 0
     video_frames_sent: int = 0
+    video_frames_left_out: int = 0  # repeats of a still picture, not encoded (Vp8Stream.skips)
     video_frames_dropped: int = 0
     audio_chunks_sent: int = 0
     frames_reported: int = 0
@@ -112,22 +115,30 @@ class _SessionTrack(MediaStreamTrack):
         if self.readyState != "live":
             raise MediaStreamError
         self._media.start()
-        while not self._queue:
-            self._ready.clear()
-            await self._ready.wait()
-            if self.readyState != "live":
+        while True:
+            while not self._queue:
+                self._ready.clear()
+                await self._ready.wait()
+                if self.readyState != "live":
+                    raise MediaStreamError
+            item = self._queue.popleft()
+            if item is None:
+                self.stop()
                 raise MediaStreamError
-        item = self._queue.popleft()
-        if item is None:
-            self.stop()
-            raise MediaStreamError
-        if item.due is not None:  # at most one chunk early (a clock that stands still never blocks)
-            wait = min(CHUNK_S, item.due - self._media._now())
-            if wait > 0:
-                await asyncio.sleep(wait)
+            if item.due is not None:  # at most one chunk early (a clock that stands still never blocks)
+                wait = min(CHUNK_S, item.due - self._media._now())
+                if wait > 0:
+                    await asyncio.sleep(wait)
+            if not self._left_out(item):
+                break
+            self._media._on_left_out(item.frame)
         out = await self._media_of(item)
         self._media._on_sent(self.kind, item.frame)
         return out
+
+    def _left_out(self, item: _Item) -> bool:
+        """Whether this item is not sent at all (a repeat the receiver already shows)."""
+        return False
 
     async def _media_of(self, item: _Item) -> av.frame.Frame | av.Packet:
         assert item.av_frame is not None
@@ -147,9 +158,12 @@ class SessionVideoTrack(_SessionTrack):
 
     kind = "video"
 
-    def __init__(self, media: "SessionMedia") -> None:
+    def __init__(self, media: "SessionMedia", still_every: int = STILL_EVERY) -> None:
         super().__init__(media)
-        self.encoder = Vp8Stream()
+        self.encoder = Vp8Stream(still_every=still_every)
+
+    def _left_out(self, item: _Item) -> bool:
+        return self.encoder.skips(np.asarray(item.frame.image))
 
     async def _media_of(self, item: _Item) -> av.Packet:
         frame = item.frame
@@ -190,8 +204,9 @@ class SessionMedia:
     consumption starts, frames already overdue (due before the connection came up) are
     skipped rather than burst out; their utterance marks move to the first frame sent.
     `record_sent` (the session's) and `on_frame_sent` (the API's) are called once per frame,
-    in frame order, after its video and both audio chunks went to the encoders. `opus_fec`
-    turns on Opus in-band FEC (the client asked for it). Consumption
+    in frame order, after its video (or its leaving out, a still picture's repeat) and both audio
+    chunks went to the encoders. `opus_fec` turns on Opus in-band FEC (the client asked for
+    it); `still_every` is the largest frame gap of a still picture (`Vp8Stream`). Consumption
     starts on the first `recv()` of a track (or `start()`), i.e. when the connection is up.
     """
 
@@ -205,6 +220,7 @@ class SessionMedia:
         video: bool = True,
         audio: bool = True,
         opus_fec: bool = False,
+        still_every: int = STILL_EVERY,
         video_queue: int = DEFAULT_VIDEO_QUEUE,
         audio_queue: int = DEFAULT_AUDIO_QUEUE,
         now: Callable[[], float] = time.time,
@@ -219,7 +235,7 @@ class SessionMedia:
         self._on_frame_sent = on_frame_sent
         self._video_limit = video_queue
         self._audio_space = asyncio.Semaphore(audio_queue // 2)  # whole frames of audio
-        self.video: SessionVideoTrack | None = SessionVideoTrack(self) if video else None
+        self.video: SessionVideoTrack | None = SessionVideoTrack(self, still_every) if video else None
         self.audio: SessionAudioTrack | None = SessionAudioTrack(self, fec=opus_fec) if audio else None
         self.counters = MediaCounters()
         self._parts_per_frame = (1 if video else 0) + (2 if audio else 0)
@@ -331,6 +347,10 @@ class SessionMedia:
         if self._record_dropped is not None:
             self._record_dropped(frame)
         log.debug("session %s: video frame %d dropped (sender lagging)", frame.session_id, frame.frame_index)
+        self._part_done(frame)
+
+    def _on_left_out(self, frame: OutputFrame) -> None:
+        self.counters.video_frames_left_out += 1
         self._part_done(frame)
 
     def _on_sent(self, kind: str, frame: OutputFrame) -> None:
