@@ -12,6 +12,7 @@ Speech and other test signals live in speech.py, real servers in servers.py.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +35,13 @@ from ray_lipsync.webrtc.client import ReceiverClient
 
 
 # -- the HTTP API over an in-process gateway -----------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def make(settings: Settings) -> tuple[Gateway, httpx.AsyncClient]:

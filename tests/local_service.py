@@ -11,9 +11,13 @@ from contextlib import contextmanager
 
 
 @contextmanager
-def serve_app(settings, port: int, replica: str = "local", host: str = "127.0.0.1") -> Iterator[str]:
-    """Serve `settings`' API on `host`:`port`; yields its loopback URL; shuts the gateway down."""
+def serve_app(settings, port: int, replica: str = "local", host: str = "127.0.0.1",
+              pages: dict[str, str] | None = None) -> Iterator[str]:
+    """Serve `settings`' API on `host`:`port`; yields its loopback URL; shuts the gateway down.
+
+    `pages`: extra HTML pages by path, served from the same origin (an integrator's page)."""
     import uvicorn
+    from fastapi.responses import HTMLResponse
 
     from ray_lipsync.api.gateway import Gateway
     from ray_lipsync.api.routes import build_api
@@ -21,6 +25,8 @@ def serve_app(settings, port: int, replica: str = "local", host: str = "127.0.0.
 
     gateway = Gateway(settings, LocalPipeline(settings), replica)
     app = build_api(settings, gateway)
+    for path, html in (pages or {}).items():
+        app.add_api_route(path, lambda html=html: HTMLResponse(html), methods=["GET"], include_in_schema=False)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="test-service", daemon=True)
     thread.start()

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
 import httpx
 import pytest
+
+from helpers import free_port
 
 from ray_lipsync.admission import AdmissionPolicy, LoadSample
 from ray_lipsync.config import AdmissionConfig, Settings
@@ -89,12 +90,6 @@ def test_a_single_session_is_never_shed_and_off_means_off():
     for t in range(10):
         off.observe(sample(t, 5, 5, 2.0, late=50))
     assert off.decide(100).admit and not off.should_shed(10.0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_the_api_answers_503_with_retry_after_once_measured_headroom_is_gone(tmp_path):

@@ -7,25 +7,18 @@ in-process gateway and `LocalPipeline`, served by uvicorn on a free port (no Ray
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from helpers import CHROMIUM, chromium
+from helpers import CHROMIUM, chromium, free_port
 
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian chromium at /usr/bin/chromium "
                        "(apt-get install -y chromium)"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,13 @@ Skips without root, iproute2, /dev/net/tun or Debian's chromium.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from emulated_link import EmulatedLink, unavailable
-from helpers import CHROMIUM
+from helpers import CHROMIUM, free_port
 
 REASON = unavailable()
 pytestmark = [
@@ -26,12 +25,6 @@ pytestmark = [
     pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian chromium at /usr/bin/chromium"),
 ]
 SECONDS = 12.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -269,6 +269,7 @@ def session_routes(settings: Settings, client: GatewayAPI,
 
 
 GATEWAY_HEADER = "X-Lipsync-Gateway"
+WEB = Path(__file__).resolve().parent.parent / "web"  # the demo page and the client module
 
 
 class ServedBy:
@@ -323,11 +324,13 @@ def build_api(settings: Settings, client: GatewayAPI, gateway: str | None = None
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:
-        index = Path(__file__).resolve().parent.parent / "web" / "index.html"
-        if index.is_file():
-            return HTMLResponse(index.read_text())
-        return HTMLResponse("<!doctype html><title>ray-lipsync</title>"
-                            "<p>ray-lipsync is running; the API is at <a href='/docs'>/docs</a>.")
+        """The demo page (it uses the client module below)."""
+        return HTMLResponse((WEB / "index.html").read_text())
+
+    @app.get("/client/ray-lipsync.js", response_class=Response)
+    async def client_module() -> Response:
+        """The JavaScript client module (an ES module, no dependencies): README, "Client module"."""
+        return Response((WEB / "ray-lipsync.js").read_bytes(), media_type="text/javascript; charset=utf-8")
 
     if settings.serve.livetalking_compat:
         from ray_lipsync.api.livetalking import livetalking_routes

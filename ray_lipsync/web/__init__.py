@@ -1,0 +1,1 @@
+"""The demo page and the JavaScript client module, served by the API (routes.py)."""
