@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import subprocess
+import tempfile
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -218,9 +219,16 @@ async def run_client(http: httpx.AsyncClient, samples: np.ndarray, seconds: floa
 # -- the run ---------------------------------------------------------------------------------
 
 
-def start_server(port: int, extra: list[str], ray_cpus: float | None) -> subprocess.Popen:
-    """`ray-lipsync serve` with a local Ray; `ray_cpus` overrides its logical CPU count."""
-    cmd = [sys.executable, "-m", "serve_app", "-q", "serve", "--port", str(port), *extra]
+def start_server(port: int, extra: list[str], ray_cpus: float | None,
+                 settings: dict | None = None) -> subprocess.Popen:
+    """`ray-lipsync serve` with a local Ray; `ray_cpus` overrides its logical CPU count;
+    `settings` (sections of the settings JSON) go in through `--config`."""
+    config: list[str] = []
+    if settings:
+        path = Path(tempfile.mkdtemp()) / "settings.json"
+        path.write_text(json.dumps(settings))
+        config = ["--config", str(path)]
+    cmd = [sys.executable, "-m", "serve_app", "-q", *config, "serve", "--port", str(port), *extra]
     env = dict(os.environ)
     if ray_cpus:
         env["RAY_OVERRIDE_RESOURCES"] = json.dumps({"CPU": ray_cpus})

@@ -37,7 +37,7 @@ async def percent_by_process(pid: int, seconds: float) -> dict[str, float]:
 
 
 async def benchmark(args: argparse.Namespace) -> dict:
-    server = start_server(args.port, [], None)
+    server = start_server(args.port, [], None, {"webrtc": {"still_fps": args.still_fps}})
     clients: list[ReceiverClient] = []
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{args.port}", timeout=60) as http:
@@ -64,7 +64,7 @@ async def benchmark(args: argparse.Namespace) -> dict:
     by_process = {k: {"no_session": round(alone.get(k, 0.0), 1), "with_sessions": round(v, 1),
                       "per_session": round((v - alone.get(k, 0.0)) / args.sessions, 2)}
                   for k, v in silent.items() if v >= 0.5 or alone.get(k, 0.0) >= 0.5}
-    return {"sessions": args.sessions, "avatar": args.avatar, "by_process": by_process,
+    return {"sessions": args.sessions, "avatar": args.avatar, "still_fps": args.still_fps, "by_process": by_process,
             "server_percent_per_session": round((sum(silent.values()) - sum(alone.values())) / args.sessions, 2),
             "clients_percent": round(clients_percent, 1)}
 
@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=18800)
     parser.add_argument("--avatar", default="default", help="a prepared avatar (e.g. one made from "
                         "../shared/media/yongen.mp4 with `ray-lipsync avatar prepare`)")
+    parser.add_argument("--still-fps", type=float, default=5.0, help="webrtc.still_fps of the server "
+                        "(25: every frame of a still picture is encoded, as before it existed)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     result = asyncio.run(benchmark(args))

@@ -230,9 +230,23 @@ class ServeConfig(_Frozen):
         (), description="Keys accepted by POST /v1/sessions as "
         "'Authorization: Bearer <key>'; empty = anyone may create sessions (local demo)."
     )
+    cors_origins: tuple[str, ...] = Field(
+        (), description="Origins of pages on other sites allowed to call the API and load the "
+        "client module (e.g. 'https://app.example.com'; '*' = any); empty = same origin only."
+    )
     livetalking_compat: bool = Field(
         False, description="Serve LiveTalking's unauthenticated routes (/offer, /human, ...)."
     )
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, origins: tuple[str, ...]) -> tuple[str, ...]:
+        for origin in origins:
+            scheme, sep, host = origin.partition("://")
+            if origin != "*" and not (sep and scheme in ("http", "https") and host and "/" not in host):
+                raise ValueError(f"serve.cors_origins: {origin[:80]!r} is not an origin "
+                                 "('https://host[:port]', no path) or '*'")
+        return origins
     stream_read_ahead_s: float = Field(
         120.0, gt=0, description="Through Ray Serve only (its proxy reads a WebSocket as fast as "
         "the client sends, so TCP cannot slow the client): while the speech buffer is full, most "

@@ -8,7 +8,10 @@ LocalPipeline (tests/local_service.py). Skips without Debian's chromium.
 from __future__ import annotations
 
 import base64
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -106,6 +109,9 @@ SCENARIO = """async (wav64) => {
 }"""
 
 
+ELSEWHERE = free_port()  # an integrator's site: another origin, allowed by serve.cors_origins
+
+
 @pytest.fixture(scope="module")
 def service(tmp_path_factory) -> Iterator[str]:
     pytest.importorskip("uvicorn")
@@ -113,9 +119,70 @@ def service(tmp_path_factory) -> Iterator[str]:
 
     from ray_lipsync.config import Settings
 
-    settings = Settings(home=tmp_path_factory.mktemp("home"), serve={"admission": {"enabled": False}})
+    settings = Settings(home=tmp_path_factory.mktemp("home"), serve={
+        "admission": {"enabled": False}, "cors_origins": [f"http://127.0.0.1:{ELSEWHERE}"]})
     with serve_app(settings, free_port(), pages={"/integrator.html": PAGE}) as url:
         yield url
+
+
+@contextmanager
+def site(port: int, html: str) -> Iterator[str]:
+    """A static page on its own origin (Python's http.server in a thread)."""
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            body = html.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), Page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.shutdown()
+        thread.join(5)
+
+
+def test_cors_allows_only_the_configured_origins(service):
+    import httpx
+
+    allowed = {"Origin": f"http://127.0.0.1:{ELSEWHERE}", "Access-Control-Request-Method": "POST",
+               "Access-Control-Request-Headers": "authorization,content-type"}
+    r = httpx.options(f"{service}/v1/sessions", headers=allowed)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == allowed["Origin"]
+    r = httpx.get(f"{service}/client/ray-lipsync.js", headers={"Origin": allowed["Origin"]})
+    assert r.headers["content-type"].startswith("text/javascript")
+    assert r.headers["access-control-allow-origin"] == allowed["Origin"]
+    r = httpx.options(f"{service}/v1/sessions", headers={**allowed, "Origin": "http://evil.example"})
+    assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+
+
+def test_a_page_on_another_site_uses_the_module_with_its_server_option(service):
+    page_html = f"""<!doctype html><video id="v"></video><script type="module">
+import {{ AvatarSession }} from "{service}/client/ray-lipsync.js";
+const avatar = await AvatarSession.create({{ server: "{service}" }});
+avatar.addEventListener("utterance.end", () => {{ window.done = true; }});
+await avatar.connect({{ video: document.getElementById("v") }});
+await avatar.speak("Hi.");
+window.avatar = avatar;
+</script>"""
+    with site(ELSEWHERE, page_html) as origin, chromium() as browser:
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(origin + "/")
+        page.wait_for_function("window.done === true && document.getElementById('v').videoWidth > 0",
+                               timeout=60_000)
+        page.evaluate("window.avatar.close()")
+        page.close()
+    assert errors == []
 
 
 def test_the_client_module_drives_a_session_from_a_page_that_only_imports_it(service):

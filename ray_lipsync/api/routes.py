@@ -16,6 +16,7 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Header, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -305,6 +306,10 @@ def build_api(settings: Settings, client: GatewayAPI, gateway: str | None = None
     app = FastAPI(title="ray-lipsync", version="0.1.0",
                   description="Real-time lip-synced avatar streaming over WebRTC.")
     install_error_handlers(app)
+    if settings.serve.cors_origins:  # pages on other sites (the client module's `server` option)
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.serve.cors_origins),
+                           allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
     if gateway is not None:
         app.add_middleware(ServedBy, gateway=gateway)
     app.include_router(session_routes(settings, client, stream_read_ahead_s))
