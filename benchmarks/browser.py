@@ -8,7 +8,7 @@ Connect and play the WebRTC stream as a person would. In every page a probe meas
   threshold; AudioContext time is mapped to the page's clock with getOutputTimestamp();
 - video as shown: requestVideoFrameCallback gives each frame's expected display time; the
   frame is drawn into a canvas and the mean absolute difference of the lower face from the
-  idle picture is the "mouth motion" signal.
+  idle picture shown when the audio is posted is the "mouth motion" signal.
 
 The service runs in this process (HTTP API over an in-process gateway and LocalPipeline, the
 procedural backend, like tests/test_browser.py) and records, for every frame it sends, its
@@ -48,6 +48,8 @@ import tempfile
 import threading
 import time
 import wave
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -59,7 +61,7 @@ from ray_lipsync.config import Settings  # noqa: E402
 from ray_lipsync.heap import freeze_startup_heap  # noqa: E402
 from ray_lipsync.streaming.local import LocalPipeline  # noqa: E402
 from sink_recorder import SinkRecorder, loud_blocks  # noqa: E402
-from viewer_analysis import analyse, summarise  # noqa: E402
+from viewer_analysis import MOUTH_THRESHOLD, analyse, summarise  # noqa: E402
 
 log = logging.getLogger("benchmarks.browser")
 CHROMIUM = "/usr/bin/chromium"
@@ -185,9 +187,9 @@ class Service:
 
 # -- the probe in the page ------------------------------------------------------------------
 
-PROBE_JS = """async ({ delayMs, loud, box, size, wavs }) => {
+PROBE_JS = """async ({ delayMs, loud, box, size, wavs, server }) => {
   const b = window.bench = { audio: [], video: [], clock: [], posts: [], interrupts: [],
-                             timeOrigin: performance.timeOrigin, ref: null, wavs: {} };
+                             timeOrigin: performance.timeOrigin, ref: null, wavs: {}, server };
   for (const [name, data] of Object.entries(wavs))
     b.wavs[name] = new Blob([Uint8Array.from(atob(data), (c) => c.charCodeAt(0))], { type: "audio/wav" });
   const ctx = new AudioContext();
@@ -242,22 +244,26 @@ PROBE_JS = """async ({ delayMs, loud, box, size, wavs }) => {
   video.requestVideoFrameCallback(onFrame);
   const auth = () => ({ Authorization: `Bearer ${app.token}` });
   b.say = async (name) => {
+    // the idle picture as shown now: the codec leaves it a little different after each
+    // utterance (libvpx's static threshold keeps blocks that barely changed), so a reference
+    // taken at connect would count that as motion
+    b.ref = grab();
     const t = performance.now();
-    const r = await fetch(`/v1/sessions/${app.session}/audio`, { method: "POST", body: b.wavs[name],
+    const r = await fetch(`${server}/v1/sessions/${app.session}/audio`, { method: "POST", body: b.wavs[name],
                           headers: { ...auth(), "Content-Type": "audio/wav" } });
     b.posts.push({ name, t, status: r.status, answered: performance.now() });
   };
   b.interrupt = async (how) => {  // "page": the page's Interrupt button; "api": a bare POST
     const t = performance.now();
-    if (how === "page") { await interrupt(); b.interrupts.push({ t, how, answered: performance.now() }); return; }
-    const r = await fetch(`/v1/sessions/${app.session}/interrupt`, { method: "POST", headers: auth() });
+    if (how === "page") { document.getElementById("interrupt").click(); b.interrupts.push({ t, how }); return; }
+    const r = await fetch(`${server}/v1/sessions/${app.session}/interrupt`, { method: "POST", headers: auth() });
     b.interrupts.push({ t, how, status: r.status, answered: performance.now() });
   };
   return ctx.sampleRate;
 }"""
 
 STATS_JS = """async () => {
-  window.bench.stats = await (await fetch(`/v1/sessions/${app.session}`,
+  window.bench.stats = await (await fetch(`${window.bench.server}/v1/sessions/${app.session}`,
                                           { headers: { Authorization: `Bearer ${app.token}` } })).json();
 }"""
 
@@ -279,6 +285,123 @@ COLLECT_JS = """async () => {
   return { rtc, audio: b.audio, video: b.video, ssrc: b.ssrc, clock: b.clock, posts: b.posts, interrupts: b.interrupts,
            timeOrigin: b.timeOrigin, rate: b.rate, session: app.session, stats: s };
 }"""
+
+
+# What a team writes after a WebRTC tutorial: recvonly transceivers, the stream on one <video>.
+PLAIN_PAGE = """<!doctype html><meta charset="utf-8"><title>plain client</title>
+<video id="video" autoplay playsinline></video>
+<script>
+"use strict";
+const SERVER = "%SERVER%";
+window.app = { pc: null, session: null, token: null };
+async function start() {
+  const post = (path, body, token) => fetch(SERVER + path, { method: "POST", body: JSON.stringify(body),
+    headers: { "Content-Type": "application/json", ...(token ? { Authorization: `Bearer ${token}` } : {}) } });
+  const created = await (await post("/v1/sessions", {})).json();
+  app.session = created.session_id; app.token = created.token;
+  const pc = app.pc = new RTCPeerConnection({ iceServers: created.ice_servers || [] });
+  pc.addTransceiver("video", { direction: "recvonly" });
+  pc.addTransceiver("audio", { direction: "recvonly" });
+  pc.ontrack = (e) => { const v = document.getElementById("video"); if (v.srcObject !== e.streams[0]) v.srcObject = e.streams[0]; };
+  await pc.setLocalDescription(await pc.createOffer());
+  await new Promise((resolve) => {
+    if (pc.iceGatheringState === "complete") return resolve();
+    pc.addEventListener("icegatheringstatechange", () => { if (pc.iceGatheringState === "complete") resolve(); });
+  });
+  const answer = await (await post(`/v1/sessions/${app.session}/offer`, { sdp: pc.localDescription.sdp, type: "offer" }, app.token)).json();
+  await pc.setRemoteDescription(answer);
+}
+</script>"""
+
+
+class PlainSite:
+    """PLAIN_PAGE on its own origin (http.server in a thread), talking to `server` (CORS)."""
+
+    def __init__(self, port: int, server: str) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        body = PLAIN_PAGE.replace("%SERVER%", server).encode()
+
+        class Page(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Page)
+        threading.Thread(target=self.server.serve_forever, name="plain-site", daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+class ServeDeployment:
+    """`ray-lipsync serve` as users run it (Ray + Serve, its own process tree); the viewer's
+    figures only (no server-side frame records: the A/V offset uses `articulation_lead_s`)."""
+
+    def __init__(self, args, settings: dict) -> None:
+        from e2e import start_server
+
+        self.url = f"http://127.0.0.1:{args.port}"
+        self.process = start_server(args.port, [], None, settings)
+
+    async def __aenter__(self) -> "ServeDeployment":
+        import httpx
+
+        from e2e import wait_healthy, warm_up
+
+        async with httpx.AsyncClient(base_url=self.url, timeout=60) as http:
+            await wait_healthy(http, 240, self.process)
+            await warm_up(http, "default")
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.process.terminate()
+        self.process.wait(60)
+
+
+def default_avatar():
+    """The default avatar, as the server prepares it (deterministic)."""
+    from ray_lipsync.render import load_render_avatar
+
+    return load_render_avatar(Settings(home=Path(tempfile.gettempdir()) / "lipsync-browser-avatar"), None)
+
+
+async def articulation_lead_s(wav64: str) -> float:
+    """When the first loud sample of the phrase comes after the first moving mouth frame, as the
+    service itself sends them (a LocalPipeline session of the default avatar, no WebRTC): the
+    server-side part of (sound at the viewer - mouth at the viewer), which the A/V offset of a
+    run without server records subtracts."""
+    with wave.open(io.BytesIO(base64.b64decode(wav64))) as w:
+        samples = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32767
+
+    async def frames() -> list:
+        pipeline = LocalPipeline(Settings(home=Path(tempfile.gettempdir()) / "lipsync-browser-avatar"))
+        session = await pipeline.create_session()
+        box = mouth_box(session.avatar)
+        idle = probe(session.avatar.frames[0], box)
+        utterance = await session.push_audio(samples)
+        out = []
+        async for frame in session.frames():
+            if frame.frame_index >= utterance.start_frame:
+                out.append((frame.frame_index - utterance.start_frame, frame.audio,
+                            float(np.abs(probe(frame.image, box) - idle).mean())))
+            if frame.frame_index >= utterance.end_frame:
+                break
+        await pipeline.shutdown()
+        return out
+
+    rows = await frames()
+    mouth = next(k for k, _, signal in rows if signal > MOUTH_THRESHOLD)
+    sound = next(k * 0.04 + np.flatnonzero(np.abs(a) > LOUD)[0] / 16000 for k, a, _ in rows
+                 if a is not None and (np.abs(a) > LOUD).any())
+    return float(sound - mouth * 0.04)
 
 
 def wav_bytes(samples: np.ndarray) -> bytes:
@@ -303,7 +426,19 @@ def phrases() -> dict[str, str]:
     return out
 
 
-async def run_viewer(browser, service: Service, wavs: dict, args, index: int,
+@dataclass
+class Target:
+    """Where a viewer goes: its page, the service's base URL seen from it ("" = same origin),
+    which client it is, and (in-process only) the session's mouth box and internal id."""
+
+    page_url: str
+    server: str
+    client: str  # "page" (the service's page, built on the client module) or "plain"
+    box: Callable[[str], tuple]
+    internal: Callable[[str], str | None]
+
+
+async def run_viewer(browser, target: Target, wavs: dict, args, index: int,
                      done: asyncio.Barrier) -> dict:
     """One page: connect, probe, speak short phrases, then interrupt long ones. Every page
     finishes its script before any reads its figures, and closes only once all have read
@@ -312,19 +447,24 @@ async def run_viewer(browser, service: Service, wavs: dict, args, index: int,
     page = await browser.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
-    await page.goto(service.url + "/")
-    await page.wait_for_selector("#avatar option", state="attached", timeout=20_000)
+    await page.goto(target.page_url)
+    if target.client == "page":
+        await page.wait_for_selector("#avatar option", state="attached", timeout=20_000)
     await asyncio.sleep(index * 0.37)  # sessions do not move in lockstep
-    await page.click("#connect")
+    if target.client == "page":
+        await page.click("#connect")
+    else:
+        await page.evaluate("start()")
     await page.wait_for_function("document.getElementById('video').videoWidth > 0 && app.session", timeout=60_000)
     connected = await page.evaluate("performance.timeOrigin + performance.now()")
-    internal = service.gateway.internal[await page.evaluate("app.session")]
-    box = service.pipeline.boxes[internal]
-    await page.evaluate(PROBE_JS, {"delayMs": args.inject_audio_delay_ms, "loud": LOUD, "box": list(box),
-                                   "size": list(PROBE_SIZE), "wavs": wavs})
+    session = await page.evaluate("app.session")
+    internal = target.internal(session)
+    await page.evaluate(PROBE_JS, {"delayMs": args.inject_audio_delay_ms, "loud": LOUD,
+                                   "box": list(target.box(session)), "size": list(PROBE_SIZE),
+                                   "wavs": wavs, "server": target.server})
     if args.sink_monitor and index > 0:  # the sink records one mix: only the first page is heard
         await page.evaluate("document.getElementById('audio').muted = true")
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(1.0)  # the idle picture's quality settles (libvpx improves it for ~1 s)
     await page.evaluate("bench.setReference()")
     rng = random.Random(index)
     start = time.time()
@@ -335,7 +475,8 @@ async def run_viewer(browser, service: Service, wavs: dict, args, index: int,
     for i in range(args.interrupts):
         await page.evaluate("bench.say('long')")
         await asyncio.sleep(args.interrupt_after_s + rng.uniform(0, 0.3))
-        await page.evaluate(f"bench.interrupt('{'page' if i % 2 == 0 else 'api'}')")
+        how = "page" if i % 2 == 0 and target.client == "page" else "api"  # a plain page has no button
+        await page.evaluate(f"bench.interrupt('{how}')")
         await asyncio.sleep(1.0)
     # The session's figures are read while every page still plays; the probe data (large)
     # comes after, as this process (which also hosts the service) parsing it stalls the senders.
@@ -355,16 +496,42 @@ async def run_viewer(browser, service: Service, wavs: dict, args, index: int,
 
 
 async def benchmark(args) -> dict:
+    from contextlib import AsyncExitStack
+
     from playwright.async_api import async_playwright
 
     home = Path(args.home or Path(tempfile.gettempdir()) / "lipsync-browser-home")
     pipeline = {"playout_adaptive": False} if args.fixed_playout else {}
     if args.playout_delay_ms is not None:
         pipeline["playout_delay_ms"] = args.playout_delay_ms
-    settings = Settings(home=home, pipeline=pipeline)
+    site_port = args.port + 1
+    # admission off: the viewers' Chromium runs on the same 2 cores and would count as the
+    # service's load; the plain page is on its own origin (another port), allowed by CORS
+    sections = {"pipeline": pipeline, "webrtc": {"still_fps": args.still_fps},
+                "serve": {"admission": {"enabled": False},
+                                                "cors_origins": [f"http://127.0.0.1:{site_port}"]}}
+    settings = Settings(home=home, **sections)
     wavs = phrases()
+    lead = await articulation_lead_s(wavs["short"])
     recorder = SinkRecorder(args.sink_monitor) if args.sink_monitor else None
-    with Service(settings, args.port) as service:
+    async with AsyncExitStack() as stack:
+        service = None
+        if args.deployment == "local":
+            service = stack.enter_context(Service(settings, args.port))
+            url = service.url
+            internal = lambda session: service.gateway.internal[session]  # noqa: E731
+            box = lambda session: service.pipeline.boxes[internal(session)]  # noqa: E731
+        else:
+            url = (await stack.enter_async_context(ServeDeployment(args, sections))).url
+            avatar_box = mouth_box(default_avatar())
+            internal = lambda session: None  # noqa: E731
+            box = lambda session: avatar_box  # noqa: E731
+        if args.client == "plain":
+            site = PlainSite(site_port, url)
+            stack.callback(site.close)
+            target = Target(site.url + "/", url, "plain", box, internal)
+        else:
+            target = Target(url + "/", "", "page", box, internal)
         async with async_playwright() as pw:
             # with a sink to record, the browser plays sound (playwright mutes it by default)
             unmuted = {"ignore_default_args": ["--mute-audio"]} if recorder else {}
@@ -374,7 +541,7 @@ async def benchmark(args) -> dict:
                 recorder.start()
             try:
                 done = asyncio.Barrier(args.sessions)
-                raw = await asyncio.gather(*(run_viewer(browser, service, wavs, args, i, done)
+                raw = await asyncio.gather(*(run_viewer(browser, target, wavs, args, i, done)
                                              for i in range(args.sessions)))
             finally:
                 await browser.close()
@@ -382,33 +549,57 @@ async def benchmark(args) -> dict:
             samples, t0 = recorder.stop()
             first, last = loud_blocks(samples, t0, LOUD)
             raw[0]["sink_first"], raw[0]["sink_last"] = first.tolist(), last.tolist()
-        sessions = [analyse(d, service.pipeline.records[d["internal"]],
-                            service.pipeline.pushes[d["internal"]], args) for d in raw]
+
+        def analysed(d: dict, clock: str | None = None) -> dict:
+            if service is None:
+                return analyse(d, None, None, args, clock, lead_s=lead)
+            return analyse(d, service.pipeline.records[d["internal"]], service.pipeline.pushes[d["internal"]],
+                           args, clock, lead_s=lead)
+
+        sessions = [analysed(d) for d in raw]
         by_clock = {}
         for clock in ("playout", "output", "context", *(("sink",) if recorder else ())):  # how much the audio reference matters
             measured = raw[:1] if clock == "sink" else raw  # the sink plays the first page only
-            other = summarise([analyse(d, service.pipeline.records[d["internal"]],
-                                       service.pipeline.pushes[d["internal"]], args, clock) for d in measured])
+            other = summarise([analysed(d, clock) for d in measured])
             by_clock[clock] = {k: other[k] for k in ("onset_audio_ms_p50", "av_offset_ms_p50_from_2s",
                                                      "av_offset_ms_first_2s", "interrupt_audio_ms_p50")}
         if args.raw:
-            Path(args.raw).write_text(json.dumps({"viewers": raw, "records": service.pipeline.records}))
+            records = service.pipeline.records if service is not None else None
+            Path(args.raw).write_text(json.dumps({"viewers": raw, "records": records}))
     return {
-        "config": {"sessions": args.sessions, "utterances": args.utterances, "interrupts": args.interrupts,
+        "config": {"deployment": args.deployment, "client": args.client, "sessions": args.sessions,
+                   "utterances": args.utterances, "interrupts": args.interrupts,
                    "inject_audio_delay_ms": args.inject_audio_delay_ms, "audio_clock": args.audio_clock,
                    "playout_adaptive": getattr(settings.pipeline, "playout_adaptive", False),
                    "playout_delay_ms": settings.pipeline.playout_delay_ms,
                    "playout_min_ms": getattr(settings.pipeline, "playout_min_ms", None),
-                   "backend": settings.backend},
+                   "backend": settings.backend, "articulation_lead_ms": round(1000 * lead, 1),
+                   "commit": git_commit()},
         "summary": summarise(sessions),
         "by_audio_clock": by_clock,
         "sessions": sessions,
     }
 
 
+def git_commit() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sessions", type=int, default=1)
+    parser.add_argument("--deployment", choices=["local", "serve"], default="local",
+                        help="local: the HTTP API over LocalPipeline in this process (server-side "
+                        "frame records); serve: `ray-lipsync serve` (Ray + Serve) as users run it")
+    parser.add_argument("--client", choices=["page", "plain"], default="page",
+                        help="page: the service's own page (built on /client/ray-lipsync.js); "
+                        "plain: a minimal page with the stream on one <video>, on another origin")
     parser.add_argument("--utterances", type=int, default=10, help="short phrases per session")
     parser.add_argument("--interval-s", type=float, default=1.0, help="between short phrases")
     parser.add_argument("--interrupts", type=int, default=4, help="long phrases cut per session "
@@ -421,6 +612,8 @@ def main(argv: list[str] | None = None) -> int:
                         "time (output, getOutputTimestamp: adds WebAudio's output latency)")
     parser.add_argument("--sink-monitor", default=None, help="PulseAudio source to record what the "
                         "browser plays (e.g. spk.monitor of a null sink; the first page is heard)")
+    parser.add_argument("--still-fps", type=float, default=5.0, help="webrtc.still_fps (25: every "
+                        "frame of the still idle picture is sent)")
     parser.add_argument("--fixed-playout", action="store_true", help="fixed D (pipeline.playout_delay_ms)")
     parser.add_argument("--playout-delay-ms", type=int, default=None)
     parser.add_argument("--port", type=int, default=19500)

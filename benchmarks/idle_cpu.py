@@ -37,7 +37,9 @@ async def percent_by_process(pid: int, seconds: float) -> dict[str, float]:
 
 
 async def benchmark(args: argparse.Namespace) -> dict:
-    server = start_server(args.port, [], None, {"webrtc": {"still_fps": args.still_fps}})
+    # admission off: it would refuse sessions while this machine is busy (this is a CPU count)
+    server = start_server(args.port, [], None, {"webrtc": {"still_fps": args.still_fps},
+                                                "serve": {"admission": {"enabled": False}}})
     clients: list[ReceiverClient] = []
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{args.port}", timeout=60) as http:

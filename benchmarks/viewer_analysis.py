@@ -8,7 +8,7 @@ import statistics
 
 import numpy as np
 
-MOUTH_THRESHOLD = 2.0  # mean |difference| from idle (0-255) above which the mouth moves
+MOUTH_THRESHOLD = 4.0  # mean |difference| from idle (0-255) above which the mouth moves (speech: ~8-12)
 
 
 def audio_times(data: dict, clock_source: str) -> tuple[np.ndarray, np.ndarray]:
@@ -30,13 +30,23 @@ def audio_times(data: dict, clock_source: str) -> tuple[np.ndarray, np.ndarray]:
     return first, last
 
 
-def analyse(data: dict, rows: list[dict], pushes: list[float], args, audio_clock: str | None = None) -> dict:
+def analyse(data: dict, rows: list[dict] | None, pushes: list | None, args, audio_clock: str | None = None,
+            lead_s: float | None = None) -> dict:
+    """One viewer's figures. `rows`/`pushes`: the server's per-frame records (in-process runs);
+    None against a server that keeps none (`ray-lipsync serve`): then the A/V offset is
+    (sound - mouth at the viewer) - `lead_s` (the renderer's own sound-after-mouth lead for
+    the phrase), which in-process runs also report (`av_offset_lead_ms`) as its check."""
     origin = data["timeOrigin"]
     wall = lambda perf: (origin + perf) / 1000
     a_first, a_last = audio_times(data, audio_clock or args.audio_clock)
     video = np.asarray(data["video"], dtype=np.float64).reshape(-1, 4)
     v_time, v_mouth = wall(video[:, 0]), video[:, 3]
-    frames = sorted(rows, key=lambda r: r["k"])
+    # motion at the viewer: two frames in a row over the threshold (a single frame can be the
+    # codec's own change of an idle picture, e.g. a keyframe)
+    over = v_mouth > MOUTH_THRESHOLD
+    moving = over & np.append(over[1:], False)
+    frames = sorted(rows or [], key=lambda r: r["k"])
+    pushes = pushes or []
     connected = data["connected_ms"] / 1000
     utterances, interrupts = [], []
     skipped = {"still_audible": 0, "not_found": 0}
@@ -48,21 +58,23 @@ def analyse(data: dict, rows: list[dict], pushes: list[float], args, audio_clock
             skipped["still_audible"] += 1  # the previous phrase still plays: no clean onset
             continue
         heard = a_first[a_first > t]
-        seen = v_time[(v_time > t) & (v_mouth > MOUTH_THRESHOLD)]
-        if srv_audio is None or srv_mouth is None or not len(heard) or not len(seen):
+        seen = v_time[(v_time > t) & moving]
+        if (rows is not None and (srv_audio is None or srv_mouth is None)) or not len(heard) or not len(seen):
             skipped["not_found"] += 1
             continue
+        by_lead = None if lead_s is None else ((heard[0] - seen[0]) - lead_s) * 1000
         pushed = next((p for p in pushes if p[0] > t), None)
         utterances.append({
             "post_to_push_ms": None if pushed is None else (pushed[0] - t) * 1000,
             "playout_delay_ms": None if pushed is None or pushed[1] is None else pushed[1] * 1000,
             "recent_latency_p99_ms": float(np.quantile(pushed[2], 0.99)) if pushed and pushed[2] else None,
-            "since_connect_s": srv_audio - connected,
+            "since_connect_s": (heard[0] if srv_audio is None else srv_audio) - connected,
             "onset_audio_ms": (heard[0] - t) * 1000, "onset_mouth_ms": (seen[0] - t) * 1000,
-            "server_audio_ms": (srv_audio - t) * 1000,
-            "av_offset_ms": ((heard[0] - srv_audio) - (seen[0] - srv_mouth)) * 1000,
-            "viewer_audio_delay_ms": (heard[0] - srv_audio) * 1000,
-            "viewer_video_delay_ms": (seen[0] - srv_mouth) * 1000,
+            "server_audio_ms": None if srv_audio is None else (srv_audio - t) * 1000,
+            "av_offset_ms": by_lead if srv_audio is None else ((heard[0] - srv_audio) - (seen[0] - srv_mouth)) * 1000,
+            "av_offset_lead_ms": by_lead,
+            "viewer_audio_delay_ms": None if srv_audio is None else (heard[0] - srv_audio) * 1000,
+            "viewer_video_delay_ms": None if srv_mouth is None else (seen[0] - srv_mouth) * 1000,
         })
     for cut in data["interrupts"]:
         t = wall(cut["t"])
@@ -107,7 +119,8 @@ def summarise(sessions: list[dict]) -> dict:
         "utterances": len(utts), "interrupts": len(cuts),
         "onset_audio_ms_p50": med(onset_a), "onset_audio_ms_p90": p(onset_a, 0.9),
         "onset_mouth_ms_p50": med([u["onset_mouth_ms"] for u in utts]),
-        "server_audio_ms_p50": med([u["server_audio_ms"] for u in utts]),
+        "server_audio_ms_p50": med([u["server_audio_ms"] for u in utts if u["server_audio_ms"] is not None]),
+        "av_offset_lead_ms_p50_from_2s": med([u["av_offset_lead_ms"] for u in later if u["av_offset_lead_ms"] is not None]),
         "av_offset_ms_p50": med([u["av_offset_ms"] for u in utts]),
         "av_offset_ms_p50_from_2s": med([u["av_offset_ms"] for u in later]),
         "abs_av_offset_ms_max_from_2s": max((abs(u["av_offset_ms"]) for u in later), default=None),

@@ -18,8 +18,8 @@ decrease is applied at the next frame, an increase at most every `RAISE_GAP_FRAM
 steps of more than `RATE_STEP` count, since each reopening starts with a (capped) keyframe.
 
 A still picture (a still-image avatar in silence: the same read-only frame handed out again)
-is not encoded again on every frame: after `STILL_AFTER_FRAMES` repeats the gap between the
-frames sent grows by one frame per frame sent up to `still_every` (`webrtc.still_fps`; 5 fps
+is not encoded again on every frame: after `STILL_AFTER_FRAMES` repeats (1 s; counted again
+from a keyframe) the gap between the frames sent grows by one frame per frame sent up to `still_every` (`webrtc.still_fps`; 5 fps
 by default), and the frames between are left out (`skips`). The receiver keeps showing the
 picture it has; a gap that grows gradually is not a freeze to Chromium's detector, which
 counts a frame as frozen when it comes later than max(3 x, + 150 ms) the recent average
@@ -50,7 +50,10 @@ KEYFRAME_INTERVAL = 250  # frames (10 s): recovery even if a keyframe request is
 KEYFRAME_REQUEST_GAP = 12  # frames (~0.5 s) between keyframes made on request
 RATE_STEP = 0.25  # a new target this far (relative) from the encoder's reopens it
 RAISE_GAP_FRAMES = 75  # frames (3 s) between reopenings that raise the bitrate
-STILL_AFTER_FRAMES = 5  # repeats of a still picture encoded in full before the frame gap grows
+# repeats of a still picture encoded at the full rate before the frame gap grows (also after a
+# keyframe): a picture's quality keeps improving over its first frames (libvpx spends the
+# rate on it), which at 5 fps would take seconds to show
+STILL_AFTER_FRAMES = 25
 STILL_EVERY = 5  # frames: the largest gap of a still picture (5 fps)
 
 
@@ -146,6 +149,7 @@ class Vp8Stream:
             frame.pict_type = av.video.frame.PictureType.I
             self._since_keyframe = 0
             self.keyframes += 1
+            self._still_repeats, self._still_gap = 0, 1
         self._since_keyframe += 1
         self._since_open += 1
         packets = codec.encode(frame)
