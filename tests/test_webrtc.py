@@ -88,6 +88,39 @@ def test_audio_chunks_are_two_20ms_s16_frames_with_sample_pts():
     assert pcm[0] == -32767 and pcm[-1] == 32767
 
 
+def test_opus_silence_reuses_the_packet_libopus_settled_on():
+    """Digital silence: once libopus repeats one packet, later silent chunks get it without an
+    encode, byte for byte what libopus makes (checked against a second encoder that encodes
+    every chunk); sound afterwards is encoded again and decodes as the same sound (libopus's
+    state after fewer silent chunks differs a little, so its bytes do too)."""
+    from ray_lipsync.webrtc.encoder import OpusStream
+    from ray_lipsync.webrtc.tracks import pcm_chunk
+
+    t = np.arange(320 * 10) / 16000
+    tone = (np.sin(2 * np.pi * 300 * t) * 8000).astype(np.int16)
+    pcm = np.concatenate([tone, np.zeros(320 * 40, np.int16), tone])
+    for fec in (False, True):
+        reusing, reference = OpusStream(fec=fec), OpusStream(fec=fec)
+        got, want = [], []
+        for i in range(len(pcm) // 320):
+            got.append(bytes(reusing.encode(pcm_chunk(pcm[i * 320:(i + 1) * 320], i))))
+            packet = reference._codec.encode(pcm_chunk(pcm[i * 320:(i + 1) * 320], i))[0]
+            want.append(bytes(packet))
+        assert got[:50] == want[:50]
+        heard = [decode_opus(packets)[-960 * 10:] for packets in (got, want)]  # the tone, at 48 kHz
+        rms = lambda x: float(np.sqrt(np.mean(x ** 2)))  # noqa: E731
+        assert rms(heard[0] - heard[1]) < 0.05 * rms(heard[1]), (rms(heard[0] - heard[1]), rms(heard[1]))
+        assert 30 <= reusing.chunks_reused < 40  # the silence after it settled; never the tone
+        assert reference.chunks_reused == 0
+
+
+def decode_opus(packets: list[bytes]) -> np.ndarray:
+    decoder = av.CodecContext.create("libopus", "r")
+    decoder.sample_rate, decoder.layout = 48000, "mono"
+    return np.concatenate([f.to_ndarray().astype(np.float32).reshape(-1)
+                           for p in packets for f in decoder.decode(av.Packet(p))])
+
+
 def test_missing_audio_is_sent_as_silence_not_a_gap():
     frame = make_frame(1)
     frame.audio = np.zeros(10, np.float32)  # short

@@ -225,6 +225,11 @@ class OpusStream:
     `fec`: Opus in-band forward error correction (each packet also carries a coarse copy of
     the previous one, which a receiver decodes when that one was lost); the peer turns it on
     when the client's offer asks for it (`useinbandfec=1`, Chromium's default).
+
+    Digital silence (a silent avatar sends zeros) settles within a few chunks on one packet
+    that libopus then repeats byte for byte (3 bytes; 8 with FEC): once two silent chunks in a
+    row gave the same packet, the encoder is at that fixed point, and later silent chunks get
+    that packet without running libopus (`chunks_reused` counts them) until a chunk with sound.
     """
 
     def __init__(self, bitrate: int = OPUS_BITRATE, fec: bool = False) -> None:
@@ -239,16 +244,27 @@ class OpusStream:
         if fec:  # libopus adds the redundancy only when it expects loss
             options.update(fec="1", packet_loss=str(FEC_EXPECTED_LOSS_PCT))
         self._codec.options = options
+        self._silent: bytes | None = None  # the last silent chunk's packet
+        self._silence_settled = False  # libopus repeats that packet for every silent chunk
+        self.chunks_reused = 0
 
     def encode(self, chunk: av.AudioFrame) -> av.Packet:
         """The Opus packet of one 20 ms chunk, with the chunk's pts and time base."""
         if chunk.samples != CHUNK_SAMPLES or chunk.sample_rate != SAMPLE_RATE:
             raise ValueError(f"expected {CHUNK_SAMPLES} samples at {SAMPLE_RATE} Hz, got "
                              f"{chunk.samples} at {chunk.sample_rate} Hz")
-        packets = self._codec.encode(chunk)
-        if len(packets) != 1:  # libopus: one frame in, one packet out
-            raise RuntimeError(f"libopus returned {len(packets)} packets for one chunk")
-        packet = packets[0]
+        silent = not chunk.to_ndarray().any()
+        if silent and self._silence_settled:
+            self.chunks_reused += 1
+            packet = av.Packet(self._silent)
+        else:
+            packets = self._codec.encode(chunk)
+            if len(packets) != 1:  # libopus: one frame in, one packet out
+                raise RuntimeError(f"libopus returned {len(packets)} packets for one chunk")
+            packet = packets[0]
+            data = bytes(packet) if silent else None
+            self._silence_settled = data is not None and data == self._silent
+            self._silent = data
         packet.pts = chunk.pts
         packet.time_base = chunk.time_base
         return packet
