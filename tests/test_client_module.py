@@ -125,6 +125,12 @@ def service(tmp_path_factory) -> Iterator[str]:
         yield url
 
 
+@pytest.fixture(scope="module")
+def browser():
+    with chromium() as launched:
+        yield launched
+
+
 @contextmanager
 def site(port: int, html: str) -> Iterator[str]:
     """A static page on its own origin (Python's http.server in a thread)."""
@@ -164,7 +170,7 @@ def test_cors_allows_only_the_configured_origins(service):
     assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
 
 
-def test_a_page_on_another_site_uses_the_module_with_its_server_option(service):
+def test_a_page_on_another_site_uses_the_module_with_its_server_option(service, browser):
     page_html = f"""<!doctype html><video id="v"></video><script type="module">
 import {{ AvatarSession }} from "{service}/client/ray-lipsync.js";
 const avatar = await AvatarSession.create({{ server: "{service}" }});
@@ -173,7 +179,7 @@ await avatar.connect({{ video: document.getElementById("v") }});
 await avatar.speak("Hi.");
 window.avatar = avatar;
 </script>"""
-    with site(ELSEWHERE, page_html) as origin, chromium() as browser:
+    with site(ELSEWHERE, page_html) as origin:
         page = browser.new_page()
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
@@ -185,18 +191,17 @@ window.avatar = avatar;
     assert errors == []
 
 
-def test_the_client_module_drives_a_session_from_a_page_that_only_imports_it(service):
+def test_the_client_module_drives_a_session_from_a_page_that_only_imports_it(service, browser):
     rate = 16000
     t = np.arange(int(0.6 * rate)) / rate
     wav = to_wav_bytes((0.3 * np.sin(2 * np.pi * 180 * t)).astype(np.float32), rate)
-    with chromium() as browser:
-        page = browser.new_page()
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(f"{service}/integrator.html")
-        page.wait_for_function("window.lipsync !== undefined", timeout=10_000)
-        out = page.evaluate(SCENARIO, base64.b64encode(wav).decode())
-        page.close()
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(f"{service}/integrator.html")
+    page.wait_for_function("window.lipsync !== undefined", timeout=10_000)
+    out = page.evaluate(SCENARIO, base64.b64encode(wav).decode())
+    page.close()
     assert errors == []
     assert "default" in out["avatars"]
     assert out["unknown"] == [True, 404, "unknown_avatar"]
