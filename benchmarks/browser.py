@@ -61,6 +61,7 @@ from ray_lipsync.config import Settings  # noqa: E402
 from ray_lipsync.heap import freeze_startup_heap  # noqa: E402
 from ray_lipsync.streaming.local import LocalPipeline  # noqa: E402
 from sink_recorder import SinkRecorder, loud_blocks  # noqa: E402
+from static_site import StaticPage  # noqa: E402
 from viewer_analysis import MOUTH_THRESHOLD, analyse, summarise  # noqa: E402
 
 log = logging.getLogger("benchmarks.browser")
@@ -314,33 +315,6 @@ async function start() {
 </script>"""
 
 
-class PlainSite:
-    """PLAIN_PAGE on its own origin (http.server in a thread), talking to `server` (CORS)."""
-
-    def __init__(self, port: int, server: str) -> None:
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        body = PLAIN_PAGE.replace("%SERVER%", server).encode()
-
-        class Page(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                self.send_response(200)
-                self.send_header("Content-Type", "text/html; charset=utf-8")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.url = f"http://127.0.0.1:{port}"
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), Page)
-        threading.Thread(target=self.server.serve_forever, name="plain-site", daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-
-
 class ServeDeployment:
     """`ray-lipsync serve` as users run it (Ray + Serve, its own process tree); the viewer's
     figures only (no server-side frame records: the A/V offset uses `articulation_lead_s`)."""
@@ -527,8 +501,7 @@ async def benchmark(args) -> dict:
             internal = lambda session: None  # noqa: E731
             box = lambda session: avatar_box  # noqa: E731
         if args.client == "plain":
-            site = PlainSite(site_port, url)
-            stack.callback(site.close)
+            site = stack.enter_context(StaticPage(site_port, PLAIN_PAGE.replace("%SERVER%", url)))
             target = Target(site.url + "/", url, "plain", box, internal)
         else:
             target = Target(url + "/", "", "page", box, internal)

@@ -8,16 +8,15 @@ LocalPipeline (tests/local_service.py). Skips without Debian's chromium.
 from __future__ import annotations
 
 import base64
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
 
 from helpers import CHROMIUM, chromium, free_port
 from speech import to_wav_bytes
+
+from benchmarks.static_site import StaticPage
 
 pytestmark = [
     pytest.mark.browser,
@@ -131,31 +130,6 @@ def browser():
         yield launched
 
 
-@contextmanager
-def site(port: int, html: str) -> Iterator[str]:
-    """A static page on its own origin (Python's http.server in a thread)."""
-    class Page(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            body = html.encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", port), Page)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.shutdown()
-        thread.join(5)
-
-
 def test_cors_allows_only_the_configured_origins(service):
     import httpx
 
@@ -179,7 +153,8 @@ await avatar.connect({{ video: document.getElementById("v") }});
 await avatar.speak("Hi.");
 window.avatar = avatar;
 </script>"""
-    with site(ELSEWHERE, page_html) as origin:
+    with StaticPage(ELSEWHERE, page_html) as site:
+        origin = site.url
         page = browser.new_page()
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
