@@ -80,6 +80,7 @@ class GatewayDeployment(Gateway):
         from ray_lipsync.webrtc.peer import warm_up
 
         await warm_up()  # the first session's offer then costs what later ones do
+        await self.warm_playout()  # and its first utterance starts as soon as later ones
         self._ensure_reaper()  # load sampling from the start: admission learns the idle host
         self._reader = BoardReader(self)
         self._pusher = asyncio.get_running_loop().create_task(self._push_metrics())

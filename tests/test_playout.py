@@ -205,3 +205,28 @@ def test_a_session_after_a_closed_one_starts_from_what_that_one_needed(lipsync_s
     pushed, needs = first_utterances(settings, close_first=True)
     assert needs
     assert pushed.delay_s < 0.6
+
+
+def test_a_starting_gateway_speaks_once_so_the_first_session_starts_measured(lipsync_settings):
+    """Gateway.warm_playout: a throwaway session speaks through the pipeline at start, so the
+    very first client session's first utterance gets a measured D, not playout_initial_ms;
+    the throwaway session is gone afterwards and was never a client's."""
+    from ray_lipsync.api.gateway import Gateway
+
+    settings = tuned(lipsync_settings, playout_delay_ms=600, playout_min_ms=80, playout_initial_ms=600)
+
+    async def main():
+        pipeline = LocalPipeline(settings)
+        gateway = Gateway(settings, pipeline, "gw1")
+        warmed = await gateway.warm_playout()
+        left = (len(pipeline.sessions()), gateway.session_count, gateway.metrics.sessions_created)
+        created = await gateway.create_session()
+        session = pipeline.get(gateway._entries[created["session_id"]].session.session_id)
+        pushed = await session.push_audio(speech("Fine."), "first")
+        await gateway.shutdown()
+        await pipeline.shutdown()
+        return warmed, left, pushed
+
+    warmed, left, pushed = asyncio.run(main())
+    assert warmed and left == (0, 0, 0)
+    assert pushed.delay_s < 0.6

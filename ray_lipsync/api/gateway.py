@@ -94,6 +94,7 @@ class _Entry:
 
 LATE_REASONS = ("late", "sender_backpressure")  # drops that say the host is not keeping up
 LOAD_SAMPLE_S = 1.0
+WARM_TEXT = "Hello, I am ready."  # what a starting gateway says in a throwaway session
 
 
 class Gateway:
@@ -154,6 +155,32 @@ class Gateway:
         self._entry(session_id, token)
 
     # ---- lifecycle -------------------------------------------------------------------
+    async def warm_playout(self, timeout_s: float = 15.0) -> bool:
+        """Speak once through the pipeline in a throwaway session (not a client's, not
+        counted), so that the first utterance of the first real session starts from the
+        playout delay this deployment measured, not from `playout_initial_ms`: the pipeline's
+        registry remembers what closed sessions needed (streaming/playout.py). False (and a
+        warning) if the pipeline could not do it in `timeout_s`; the service starts anyway."""
+        from ray_lipsync.tts import Synthesizer
+
+        session = None
+        try:
+            async with asyncio.timeout(timeout_s):
+                speech = await asyncio.to_thread(lambda: Synthesizer().synthesize(WARM_TEXT))
+                session = await self.pipeline.create_session()
+                utterance = await session.push_audio(speech)
+                async for frame in session.frames():
+                    if frame.frame_index >= utterance.end_frame:
+                        break
+            return True
+        except Exception:  # noqa: BLE001 - a slow or failing pipeline must not stop the start
+            logger.warning("the warm-up utterance did not complete; first utterances start at "
+                           "playout_initial_ms", exc_info=True)
+            return False
+        finally:
+            if session is not None:
+                await self.pipeline.close_session(session.session_id)
+
     async def create_session(self, avatar: str = "default", backend: str | None = None) -> dict:
         """A new session on this gateway: {session_id, token, ice_servers, compat_id}."""
         self._ensure_reaper()
