@@ -9,6 +9,9 @@ import statistics
 import numpy as np
 
 MOUTH_THRESHOLD = 4.0  # mean |difference| from idle (0-255) above which the mouth moves (speech: ~8-12)
+# below this in 5 frames in a row the mouth is idle again: the idle picture the codec brings
+# back after speech differs from the one before by up to ~5 (its quality at the bitrate varies)
+IDLE_THRESHOLD = 6.0
 
 
 def audio_times(data: dict, clock_source: str) -> tuple[np.ndarray, np.ndarray]:
@@ -89,7 +92,7 @@ def analyse(data: dict, rows: list[dict] | None, pushes: list | None, args, audi
                 break
         idle = None
         for i in np.flatnonzero(v_time > t):
-            if (v_mouth[i:i + 5] < MOUTH_THRESHOLD).all() and len(v_mouth[i:i + 5]) == 5:
+            if (v_mouth[i:i + 5] < IDLE_THRESHOLD).all() and len(v_mouth[i:i + 5]) == 5:
                 idle = v_time[i]
                 break
         srv_idle = next((r["pt"] for r in frames if r["pt"] > t and r["first_loud"] < 0 and not r["speech"]), None)
