@@ -161,9 +161,16 @@ window.avatar = avatar;
         page.goto(origin + "/")
         page.wait_for_function("window.done === true && document.getElementById('v').videoWidth > 0",
                                timeout=60_000)
+        # silence: the still picture is thinned to webrtc.still_fps after 1 s, gradually enough
+        # that Chromium counts no freeze
+        page.wait_for_timeout(4000)
+        video = page.evaluate("""async () => { let v = null;
+            (await window.avatar.pc.getStats()).forEach((r) => { if (r.type === "inbound-rtp" && r.kind === "video") v = r; });
+            return { freezes: v.freezeCount, decoded: v.framesDecoded }; }""")
         page.evaluate("window.avatar.close()")
         page.close()
     assert errors == []
+    assert video["freezes"] == 0 and video["decoded"] > 0, video
 
 
 def test_the_client_module_drives_a_session_from_a_page_that_only_imports_it(service, browser):

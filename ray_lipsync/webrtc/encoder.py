@@ -19,12 +19,13 @@ steps of more than `RATE_STEP` count, since each reopening starts with a (capped
 
 A still picture (a still-image avatar in silence: the same read-only frame handed out again)
 is not encoded again on every frame: after `STILL_AFTER_FRAMES` repeats (1 s; counted again
-from a keyframe) the gap between the frames sent grows by one frame per frame sent up to
-`still_every` (`webrtc.still_fps`; 5 fps by default), and the frames between are left out
-(`skips`). The receiver keeps showing the
-picture it has; a gap that grows gradually is not a freeze to Chromium's detector, which
-counts a frame as frozen when it comes later than max(3 x, + 150 ms) the recent average
-interval. The first changed picture (speech) is encoded at once.
+from a keyframe) the gap between the frames sent grows by one frame every `STILL_HOLD` frames
+sent, up to `still_every` (`webrtc.still_fps`; 5 fps by default), and the frames between are
+left out (`skips`). The receiver keeps showing the picture it has. The growth is slow enough
+for Chromium's freeze detector, which counts a frame as frozen when it comes later than
+max(3 x, + 150 ms) the average of the last 30 frame intervals: growing every frame sent
+(80, 120, 160, 200 ms) was counted as one freeze; holding each gap 5 frames leaves >= 40 ms
+to spare. The first changed picture (speech) is encoded at once.
 
 Keyframes: the first frame, every `keyframe_interval` frames (a safety net), and whenever the
 receiver asks (RTCP PLI / FIR, routed here by rtcp.py), at most one per
@@ -56,6 +57,7 @@ RAISE_GAP_FRAMES = 75  # frames (3 s) between reopenings that raise the bitrate
 # rate on it), which at 5 fps would take seconds to show
 STILL_AFTER_FRAMES = 25
 STILL_EVERY = 5  # frames: the largest gap of a still picture (5 fps)
+STILL_HOLD = 5  # frames sent at each gap before it grows by one frame
 
 
 def same_picture(image: np.ndarray, last: np.ndarray | None) -> bool:
@@ -92,6 +94,7 @@ class Vp8Stream:
         self.still_every = still_every
         self._still_repeats = 0  # frames since the picture last changed
         self._still_gap = 1  # frames between the still picture's frames sent, now
+        self._sent_at_gap = 0  # frames sent at that gap
         self._since_sent = 0
         self.bitrate = bitrate  # what the open encoder aims for
         self._wanted = bitrate  # what the link feedback asks for (set from the event loop)
@@ -129,7 +132,9 @@ class Vp8Stream:
             self.frames_left_out += 1
             return True
         if self._still_repeats > STILL_AFTER_FRAMES:
-            self._still_gap = min(self.still_every, self._still_gap + 1)
+            self._sent_at_gap += 1
+            if self._sent_at_gap >= STILL_HOLD and self._still_gap < self.still_every:
+                self._still_gap, self._sent_at_gap = self._still_gap + 1, 0
         return False
 
     def encode(self, image: np.ndarray, pts: int) -> av.Packet:
@@ -139,7 +144,7 @@ class Vp8Stream:
         self._since_sent = 0
         if not same_picture(image, self._last_image):  # a silent avatar repeats its frame: convert it once
             self._last_image, self._last_i420 = image, to_i420(image)
-            self._still_repeats, self._still_gap = 0, 1
+            self._still_repeats, self._still_gap, self._sent_at_gap = 0, 1, 0
         frame = av.VideoFrame.from_ndarray(self._last_i420, format="yuv420p")
         frame.pts = pts
         frame.time_base = VIDEO_TIME_BASE
@@ -150,7 +155,7 @@ class Vp8Stream:
             frame.pict_type = av.video.frame.PictureType.I
             self._since_keyframe = 0
             self.keyframes += 1
-            self._still_repeats, self._still_gap = 0, 1
+            self._still_repeats, self._still_gap, self._sent_at_gap = 0, 1, 0
         self._since_keyframe += 1
         self._since_open += 1
         packets = codec.encode(frame)
