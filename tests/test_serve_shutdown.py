@@ -1,8 +1,8 @@
 """`ray-lipsync serve` stops, with every Ray process it started, within 10 s of SIGINT or SIGTERM.
 
 The real command in a subprocess (a new local Ray + Serve on loopback), signalled by PID once
-/healthz answers. The SIGINT case is also run the way a script's `ray-lipsync serve &` starts
-it: with SIGINT inherited as ignored (what a non-interactive shell gives background commands),
+/healthz answers. The SIGINT case is run the way a script's `ray-lipsync serve &` starts it:
+with SIGINT inherited as ignored (what a non-interactive shell gives background commands),
 which the command must override.
 """
 
@@ -65,11 +65,13 @@ def alive(processes: list[psutil.Process]) -> list[str]:
     return running
 
 
+# SIGINT is run inherited as ignored only: the server installs its own handler for SIGINT and
+# SIGTERM whatever it inherited (serve/run.py), so Ctrl-C in a terminal (SIGINT at its default)
+# runs the same code as this case, which also proves the inherited SIG_IGN is overridden.
 @pytest.mark.parametrize(("signum", "inherited"), [
-    (signal.SIGINT, signal.SIG_DFL),
     (signal.SIGINT, signal.SIG_IGN),  # `ray-lipsync serve &` in a script
     (signal.SIGTERM, signal.SIG_DFL),
-], ids=["SIGINT", "SIGINT-inherited-ignored", "SIGTERM"])
+], ids=["SIGINT-inherited-ignored", "SIGTERM"])
 def test_a_signal_stops_the_server_and_every_ray_process_it_started(signum, inherited, lipsync_home, tmp_path):
     log = tmp_path / "server.log"
     env = {**os.environ, "RAY_LIPSYNC_HOME": str(lipsync_home)}
