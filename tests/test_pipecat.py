@@ -28,7 +28,7 @@ from pipecat.workers.runner import WorkerRunner  # noqa: E402
 
 from ray_lipsync.audio import resample  # noqa: E402
 from ray_lipsync.integrations.pipecat import LipsyncVideoService  # noqa: E402
-from helpers import loud_ms  # noqa: E402
+from helpers import loud_ms, variant  # noqa: E402
 from servers import running_server  # noqa: E402
 from speech import speech  # noqa: E402
 
@@ -96,7 +96,10 @@ async def test_pipecat_pipeline_plays_the_avatar_in_sync_and_interrupts(lipsync_
     first = speech("The quick brown fox jumps over the lazy dog.")
     long = speech("Streaming avatars need steady latency, and a voice agent needs to know how "
                   "much of its answer the user heard.")
-    async with running_server(lipsync_settings, PORT) as (gateway, base):
+    # every frame on the 40 ms grid, also the silent ones around the answer: a still idle
+    # picture is otherwise sent at webrtc.still_fps (tested in test_webrtc / test_client_module)
+    settings = variant(lipsync_settings, webrtc={"still_fps": 25})
+    async with running_server(settings, PORT) as (gateway, base):
         avatar = LipsyncVideoService(base)
         sink = Sink()
         finished: list[dict] = []
