@@ -62,6 +62,9 @@ def cluster_args(home: Path, sessions: int) -> dict[str, str]:
         "pipeline.sessions_per_replica": str(sessions),
         "pipeline.min_replicas": "2", "pipeline.max_replicas": "2",
         "pipeline.replica_device": "gpu",
+        # three simulated nodes on this machine's 2 cores: admission would (rightly) refuse the
+        # sessions this benchmark needs; what it measures is failover
+        "serve.admission.enabled": "false",
     }
 
 
@@ -312,7 +315,8 @@ async def server_case(kills: int, sessions: int) -> dict:
 
 def run_server(home: Path, kills: int, sessions: int, standby: str) -> dict:
     config = home / "server-settings.json"
-    config.write_text(json.dumps({"pipeline": {"standby": standby}}))
+    config.write_text(json.dumps({"pipeline": {"standby": standby},  # failover, not admission
+                                  "serve": {"admission": {"enabled": False}}}))
     cmd = [str(Path(sys.executable).with_name("ray-lipsync")), "--home", str(home), "--config", str(config),
            "serve", "--port", str(SERVER_HTTP)]
     server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
