@@ -237,16 +237,6 @@ class ServeConfig(_Frozen):
     livetalking_compat: bool = Field(
         False, description="Serve LiveTalking's unauthenticated routes (/offer, /human, ...)."
     )
-
-    @field_validator("cors_origins")
-    @classmethod
-    def _origins(cls, origins: tuple[str, ...]) -> tuple[str, ...]:
-        for origin in origins:
-            scheme, sep, host = origin.partition("://")
-            if origin != "*" and not (sep and scheme in ("http", "https") and host and "/" not in host):
-                raise ValueError(f"serve.cors_origins: {origin[:80]!r} is not an origin "
-                                 "('https://host[:port]', no path) or '*'")
-        return origins
     stream_read_ahead_s: float = Field(
         120.0, gt=0, description="Through Ray Serve only (its proxy reads a WebSocket as fast as "
         "the client sends, so TCP cannot slow the client): while the speech buffer is full, most "
@@ -266,6 +256,16 @@ class ServeConfig(_Frozen):
         '{"gateway": 1} with that resource declared (`ray start --resources`) on the nodes that '
         "should host gateways: the ones clients can reach for media."
     )
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, origins: tuple[str, ...]) -> tuple[str, ...]:
+        for origin in origins:
+            scheme, sep, host = origin.partition("://")
+            if origin != "*" and not (sep and scheme in ("http", "https") and host and "/" not in host):
+                raise ValueError(f"serve.cors_origins: {origin[:80]!r} is not an origin "
+                                 "('https://host[:port]', no path) or '*'")
+        return origins
 
 
 ICE_SCHEMES = ("stun:", "stuns:", "turn:", "turns:")

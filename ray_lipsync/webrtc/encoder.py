@@ -92,9 +92,7 @@ class Vp8Stream:
         if bitrate <= 0 or keyframe_interval < 1 or still_every < 1:
             raise ValueError("bitrate must be > 0, keyframe_interval and still_every >= 1")
         self.still_every = still_every
-        self._still_repeats = 0  # frames since the picture last changed
-        self._still_gap = 1  # frames between the still picture's frames sent, now
-        self._sent_at_gap = 0  # frames sent at that gap
+        self._restart_still()
         self._since_sent = 0
         self.bitrate = bitrate  # what the open encoder aims for
         self._wanted = bitrate  # what the link feedback asks for (set from the event loop)
@@ -137,6 +135,12 @@ class Vp8Stream:
                 self._still_gap, self._sent_at_gap = self._still_gap + 1, 0
         return False
 
+    def _restart_still(self) -> None:
+        """A new picture (or a keyframe of it): its repeats go at the full rate again."""
+        self._still_repeats = 0  # frames since the picture last changed
+        self._still_gap = 1  # frames between the still picture's frames sent, now
+        self._sent_at_gap = 0  # frames sent at that gap
+
     def encode(self, image: np.ndarray, pts: int) -> av.Packet:
         """The VP8 packet of an RGB uint8 HxWx3 image shown at `pts` (90 kHz clock)."""
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
@@ -144,7 +148,7 @@ class Vp8Stream:
         self._since_sent = 0
         if not same_picture(image, self._last_image):  # a silent avatar repeats its frame: convert it once
             self._last_image, self._last_i420 = image, to_i420(image)
-            self._still_repeats, self._still_gap, self._sent_at_gap = 0, 1, 0
+            self._restart_still()
         frame = av.VideoFrame.from_ndarray(self._last_i420, format="yuv420p")
         frame.pts = pts
         frame.time_base = VIDEO_TIME_BASE
@@ -155,7 +159,7 @@ class Vp8Stream:
             frame.pict_type = av.video.frame.PictureType.I
             self._since_keyframe = 0
             self.keyframes += 1
-            self._still_repeats, self._still_gap, self._sent_at_gap = 0, 1, 0
+            self._restart_still()
         self._since_keyframe += 1
         self._since_open += 1
         packets = codec.encode(frame)

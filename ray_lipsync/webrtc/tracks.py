@@ -15,7 +15,7 @@ reference chain) is bounded and drops its *oldest* frame when the sender lags
 (counted in `video_frames_dropped` and reported to the session, `record_dropped`, which
 counts it as a `sender_backpressure` drop); audio is never dropped or delayed (silence is sent as
 zeros, never as a gap). A still picture's repeats are mostly left out of the video (not
-encoded, not sent; `Vp8Stream.skips` decides, `video_frames_left_out` counts them). A frame is
+encoded, not sent; `Vp8Stream.skips` decides and counts them, `frames_left_out`). A frame is
 reported as sent (`record_sent`, `on_frame_sent`) once its video (or its drop or leaving out)
 and both its audio chunks have been handed to the encoders.
 """
@@ -78,7 +78,6 @@ class MediaCounters:
     frames_in: int = 0
     frames_skipped_at_join: int = 0
     video_frames_sent: int = 0
-    video_frames_left_out: int = 0  # repeats of a still picture, not encoded (Vp8Stream.skips)
     video_frames_dropped: int = 0
     audio_chunks_sent: int = 0
     frames_reported: int = 0
@@ -131,7 +130,7 @@ class _SessionTrack(MediaStreamTrack):
                     await asyncio.sleep(wait)
             if not self._left_out(item):
                 break
-            self._media._on_left_out(item.frame)
+            self._media._part_done(item.frame)  # left out: counted by the encoder that decided
         out = await self._media_of(item)
         self._media._on_sent(self.kind, item.frame)
         return out
@@ -347,10 +346,6 @@ class SessionMedia:
         if self._record_dropped is not None:
             self._record_dropped(frame)
         log.debug("session %s: video frame %d dropped (sender lagging)", frame.session_id, frame.frame_index)
-        self._part_done(frame)
-
-    def _on_left_out(self, frame: OutputFrame) -> None:
-        self.counters.video_frames_left_out += 1
         self._part_done(frame)
 
     def _on_sent(self, kind: str, frame: OutputFrame) -> None:
