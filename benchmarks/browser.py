@@ -32,6 +32,11 @@ which tells which of the page-side references is right.
     python benchmarks/browser.py --sessions 1 --json benchmarks/results/browser_1.json
     python benchmarks/browser.py --sessions 4 --json benchmarks/results/browser_4.json
     python benchmarks/browser.py --sessions 1 --inject-audio-delay-ms 200 --json ...
+    python benchmarks/browser.py --deployment serve --client plain --sessions 1 --json ...
+
+The service side (in-process recording service, `ray-lipsync serve`, the mouth signal) is in
+viewer_service.py, what runs in the page (probe, plain client) in viewer_page.py, the
+analysis in viewer_analysis.py.
 """
 
 from __future__ import annotations
@@ -45,24 +50,24 @@ import logging
 import random
 import sys
 import tempfile
-import threading
 import time
 import wave
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from output import git_commit  # noqa: E402
 from ray_lipsync.config import Settings  # noqa: E402
-from ray_lipsync.heap import freeze_startup_heap  # noqa: E402
-from ray_lipsync.streaming.local import LocalPipeline  # noqa: E402
 from sink_recorder import SinkRecorder, loud_blocks  # noqa: E402
 from static_site import StaticPage  # noqa: E402
-from viewer_analysis import MOUTH_THRESHOLD, analyse, summarise  # noqa: E402
+from viewer_analysis import analyse, summarise  # noqa: E402
+from viewer_page import COLLECT_JS, PLAIN_PAGE, PROBE_JS, STATS_JS  # noqa: E402
+from viewer_service import (LOUD, PROBE_SIZE, ServeDeployment, Service, articulation_lead_s,  # noqa: E402
+                            default_avatar, mouth_box)
 
 log = logging.getLogger("benchmarks.browser")
 CHROMIUM = "/usr/bin/chromium"
@@ -71,311 +76,8 @@ CHROMIUM_FLAGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
     "--autoplay-policy=no-user-gesture-required",
 ]
-LOUD = 0.02  # |sample| above this is audible (-34 dBFS)
-PROBE_SIZE = (64, 32)  # the lower-face box is compared at this size (w, h)
 SHORT = "Hi."
 LONG = "The quick brown fox jumps over the lazy dog, and then it runs away again."
-
-
-# -- the service ----------------------------------------------------------------------------
-
-
-def mouth_box(avatar) -> tuple[float, float, float, float]:
-    """Lower half of the face crop of the first avatar frame, as fractions of the frame."""
-    h, w = avatar.frames[0].shape[:2]
-    x1, y1, x2, y2 = (float(v) for v in avatar.crop_boxes[0])
-    return x1 / w, (y1 + 0.55 * (y2 - y1)) / h, x2 / w, y2 / h
-
-
-def probe(image: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray:
-    h, w = image.shape[:2]
-    x1, y1, x2, y2 = int(box[0] * w), int(box[1] * h), int(box[2] * w), int(box[3] * h)
-    return cv2.resize(image[y1:y2, x1:x2], PROBE_SIZE, interpolation=cv2.INTER_AREA).astype(np.float32)
-
-
-class RecordingPipeline(LocalPipeline):
-    """LocalPipeline that records what each session sends (for the server side of the timing)."""
-
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(settings)
-        self.records: dict[str, list[dict]] = {}
-        self.boxes: dict[str, tuple[float, ...]] = {}
-        self.last_created: str | None = None
-        self.pushes: dict[str, list[float]] = {}
-
-    async def create_session(self, *args, **kwargs):
-        session = await super().create_session(*args, **kwargs)
-        box = mouth_box(session.avatar)
-        idle = probe(session.avatar.frames[0], box)
-        self.boxes[session.session_id] = box
-        rows = self.records[session.session_id] = []
-        sent = session.record_sent
-
-        def record_sent(frame) -> None:
-            loud = np.flatnonzero(np.abs(frame.audio) > LOUD)
-            rows.append({
-                "k": frame.frame_index, "pt": frame.presentation_time, "speech": frame.speech,
-                "first_loud": int(loud[0]) if len(loud) else -1, "last_loud": int(loud[-1]) if len(loud) else -1,
-                "mouth": float(np.abs(probe(frame.image, box) - idle).mean()), "dropped": frame.dropped,
-            })
-            sent(frame)
-
-        session.record_sent = record_sent  # read by SessionPeer when the offer is answered
-        pushes = self.pushes[session.session_id] = []
-        push = session.push_audio
-
-        async def push_audio(samples, *args, **kwargs):
-            at = time.time()
-            utterance = await push(samples, *args, **kwargs)
-            pushes.append((at, getattr(utterance, "delay_s", None), list(session.latencies_ms())[-250:]))
-            return utterance
-
-        session.push_audio = push_audio
-        self.last_created = session.session_id
-        return session
-
-
-def recording_gateway(settings: Settings, pipeline: RecordingPipeline):
-    """The in-process Gateway, remembering which pipeline session each public id is."""
-    from ray_lipsync.api.gateway import Gateway
-
-    class RecordingGateway(Gateway):
-        def __init__(self, *args, **kwargs) -> None:
-            super().__init__(*args, **kwargs)
-            self.internal: dict[str, str] = {}
-
-        async def create_session(self, *args, **kwargs) -> dict:
-            created = await super().create_session(*args, **kwargs)
-            # no await between the pipeline's return and here: last_created is this session
-            self.internal[created["session_id"]] = pipeline.last_created
-            return created
-
-    return RecordingGateway(settings, pipeline, "local")
-
-
-class Service:
-    """The HTTP API + LocalPipeline served by uvicorn in a thread on 127.0.0.1:port."""
-
-    def __init__(self, settings: Settings, port: int) -> None:
-        import uvicorn
-
-        from ray_lipsync.api.routes import build_api
-
-        self.pipeline = RecordingPipeline(settings)
-        self.gateway = recording_gateway(settings, self.pipeline)
-        self.server = uvicorn.Server(uvicorn.Config(build_api(settings, self.gateway), host="127.0.0.1",
-                                                    port=port, log_level="warning"))
-        self.url = f"http://127.0.0.1:{port}"
-        self.thread = threading.Thread(target=self.server.run, name="bench-service", daemon=True)
-
-    def __enter__(self) -> Service:
-        freeze_startup_heap()  # as the gateway does once it started
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the service did not start within 30 s")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        loop = getattr(self.server, "_loop", None)
-        if loop is not None:
-            asyncio.run_coroutine_threadsafe(self.gateway.shutdown(), loop).result(20)
-        self.server.should_exit = True
-        self.thread.join(20)
-
-
-# -- the probe in the page ------------------------------------------------------------------
-
-PROBE_JS = """async ({ delayMs, loud, box, size, wavs, server }) => {
-  const b = window.bench = { audio: [], video: [], clock: [], posts: [], interrupts: [],
-                             timeOrigin: performance.timeOrigin, ref: null, wavs: {}, server };
-  for (const [name, data] of Object.entries(wavs))
-    b.wavs[name] = new Blob([Uint8Array.from(atob(data), (c) => c.charCodeAt(0))], { type: "audio/wav" });
-  const ctx = new AudioContext();
-  await ctx.resume();
-  const code = `class Tap extends AudioWorkletProcessor {
-    constructor() { super(); this.out = []; }
-    process(inputs) {
-      const ch = inputs[0] && inputs[0][0];
-      if (ch) {
-        let first = -1, last = -1;
-        for (let i = 0; i < ch.length; i++) if (Math.abs(ch[i]) > ${loud}) { if (first < 0) first = i; last = i; }
-        if (first >= 0) this.out.push(currentFrame, first, last);
-        if (this.out.length >= 48 || (this.out.length && currentFrame % 4096 < 128)) { this.port.postMessage(this.out); this.out = []; }
-      }
-      return true;
-    }
-  }
-  registerProcessor("tap", Tap);`;
-  await ctx.audioWorklet.addModule(URL.createObjectURL(new Blob([code], { type: "application/javascript" })));
-  const receiver = app.pc.getReceivers().find((r) => r.track && r.track.kind === "audio");
-  const src = ctx.createMediaStreamSource(new MediaStream([receiver.track]));
-  const tap = new AudioWorkletNode(ctx, "tap");
-  let head = src;
-  if (delayMs > 0) { const d = ctx.createDelay(2.0); d.delayTime.value = delayMs / 1000; src.connect(d); head = d; }
-  head.connect(tap);
-  const mute = ctx.createGain(); mute.gain.value = 0; tap.connect(mute).connect(ctx.destination);
-  tap.port.onmessage = (e) => { for (const v of e.data) b.audio.push(v); };
-  b.rate = ctx.sampleRate;
-  b.ssrc = [];  // WebRTC's own view: when the last audio packet was played, and its level
-  setInterval(() => { for (const s of receiver.getSynchronizationSources())
-                        b.ssrc.push([s.timestamp, s.rtpTimestamp || 0, s.audioLevel || 0, performance.now()]); }, 5);
-  setInterval(() => { const t = ctx.getOutputTimestamp();
-                      b.clock.push([t.contextTime, t.performanceTime, ctx.currentTime, performance.now()]); }, 200);
-  const video = document.getElementById("video");
-  const canvas = document.createElement("canvas");
-  canvas.width = size[0]; canvas.height = size[1];
-  const g = canvas.getContext("2d", { willReadFrequently: true });
-  const grab = () => {
-    const w = video.videoWidth, h = video.videoHeight;
-    g.drawImage(video, box[0] * w, box[1] * h, (box[2] - box[0]) * w, (box[3] - box[1]) * h, 0, 0, size[0], size[1]);
-    return g.getImageData(0, 0, size[0], size[1]).data;
-  };
-  b.setReference = () => { b.ref = grab(); };
-  const onFrame = (now, meta) => {
-    if (b.ref) {
-      const px = grab(); let sum = 0, n = 0;
-      for (let i = 0; i < px.length; i += 4) { sum += Math.abs(px[i] - b.ref[i]) + Math.abs(px[i + 1] - b.ref[i + 1]) + Math.abs(px[i + 2] - b.ref[i + 2]); n += 3; }
-      b.video.push([meta.expectedDisplayTime, meta.presentationTime, meta.rtpTimestamp || 0, sum / n]);
-    }
-    video.requestVideoFrameCallback(onFrame);
-  };
-  video.requestVideoFrameCallback(onFrame);
-  const auth = () => ({ Authorization: `Bearer ${app.token}` });
-  b.say = async (name) => {
-    // the idle picture as shown now: the codec leaves it a little different after each
-    // utterance (libvpx's static threshold keeps blocks that barely changed), so a reference
-    // taken at connect would count that as motion
-    b.ref = grab();
-    const t = performance.now();
-    const r = await fetch(`${server}/v1/sessions/${app.session}/audio`, { method: "POST", body: b.wavs[name],
-                          headers: { ...auth(), "Content-Type": "audio/wav" } });
-    b.posts.push({ name, t, status: r.status, answered: performance.now() });
-  };
-  b.interrupt = async (how) => {  // "page": the page's Interrupt button; "api": a bare POST
-    const t = performance.now();
-    if (how === "page") { document.getElementById("interrupt").click(); b.interrupts.push({ t, how }); return; }
-    const r = await fetch(`${server}/v1/sessions/${app.session}/interrupt`, { method: "POST", headers: auth() });
-    b.interrupts.push({ t, how, status: r.status, answered: performance.now() });
-  };
-  return ctx.sampleRate;
-}"""
-
-STATS_JS = """async () => {
-  window.bench.stats = await (await fetch(`${window.bench.server}/v1/sessions/${app.session}`,
-                                          { headers: { Authorization: `Bearer ${app.token}` } })).json();
-}"""
-
-COLLECT_JS = """async () => {
-  const s = window.bench.stats;
-  const b = window.bench;
-  const rtc = {};
-  (await app.pc.getStats()).forEach((r) => {
-    if (r.type === "inbound-rtp") {
-      const n = r.jitterBufferEmittedCount || 1;
-      rtc[r.kind] = { jitter_buffer_ms: 1000 * r.jitterBufferDelay / n,
-                      jitter_buffer_target_ms: 1000 * (r.jitterBufferTargetDelay || 0) / n,
-                      jitter_buffer_minimum_ms: 1000 * (r.jitterBufferMinimumDelay || 0) / n,
-                      jitter_ms: 1000 * (r.jitter || 0), emitted: r.jitterBufferEmittedCount };
-    }
-    if (r.type === "media-playout" && r.totalSamplesCount)
-      rtc.playout_ms = 1000 * r.totalPlayoutDelay / r.totalSamplesCount;
-  });
-  return { rtc, audio: b.audio, video: b.video, ssrc: b.ssrc, clock: b.clock, posts: b.posts, interrupts: b.interrupts,
-           timeOrigin: b.timeOrigin, rate: b.rate, session: app.session, stats: s };
-}"""
-
-
-# What a team writes after a WebRTC tutorial: recvonly transceivers, the stream on one <video>.
-PLAIN_PAGE = """<!doctype html><meta charset="utf-8"><title>plain client</title>
-<video id="video" autoplay playsinline></video>
-<script>
-"use strict";
-const SERVER = "%SERVER%";
-window.app = { pc: null, session: null, token: null };
-async function start() {
-  const post = (path, body, token) => fetch(SERVER + path, { method: "POST", body: JSON.stringify(body),
-    headers: { "Content-Type": "application/json", ...(token ? { Authorization: `Bearer ${token}` } : {}) } });
-  const created = await (await post("/v1/sessions", {})).json();
-  app.session = created.session_id; app.token = created.token;
-  const pc = app.pc = new RTCPeerConnection({ iceServers: created.ice_servers || [] });
-  pc.addTransceiver("video", { direction: "recvonly" });
-  pc.addTransceiver("audio", { direction: "recvonly" });
-  pc.ontrack = (e) => { const v = document.getElementById("video"); if (v.srcObject !== e.streams[0]) v.srcObject = e.streams[0]; };
-  await pc.setLocalDescription(await pc.createOffer());
-  await new Promise((resolve) => {
-    if (pc.iceGatheringState === "complete") return resolve();
-    pc.addEventListener("icegatheringstatechange", () => { if (pc.iceGatheringState === "complete") resolve(); });
-  });
-  const answer = await (await post(`/v1/sessions/${app.session}/offer`, { sdp: pc.localDescription.sdp, type: "offer" }, app.token)).json();
-  await pc.setRemoteDescription(answer);
-}
-</script>"""
-
-
-class ServeDeployment:
-    """`ray-lipsync serve` as users run it (Ray + Serve, its own process tree); the viewer's
-    figures only (no server-side frame records: the A/V offset uses `articulation_lead_s`)."""
-
-    def __init__(self, args, settings: dict) -> None:
-        from e2e import start_server
-
-        self.url = f"http://127.0.0.1:{args.port}"
-        self.process = start_server(args.port, [], None, settings)
-
-    async def __aenter__(self) -> "ServeDeployment":
-        import httpx
-
-        from e2e import wait_healthy, warm_up
-
-        async with httpx.AsyncClient(base_url=self.url, timeout=60) as http:
-            await wait_healthy(http, 240, self.process)
-            await warm_up(http, "default")
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        self.process.terminate()
-        self.process.wait(60)
-
-
-def default_avatar():
-    """The default avatar, as the server prepares it (deterministic)."""
-    from ray_lipsync.render import load_render_avatar
-
-    return load_render_avatar(Settings(home=Path(tempfile.gettempdir()) / "lipsync-browser-avatar"), None)
-
-
-async def articulation_lead_s(wav64: str) -> float:
-    """When the first loud sample of the phrase comes after the first moving mouth frame, as the
-    service itself sends them (a LocalPipeline session of the default avatar, no WebRTC): the
-    server-side part of (sound at the viewer - mouth at the viewer), which the A/V offset of a
-    run without server records subtracts."""
-    with wave.open(io.BytesIO(base64.b64decode(wav64))) as w:
-        samples = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32767
-
-    async def frames() -> list:
-        pipeline = LocalPipeline(Settings(home=Path(tempfile.gettempdir()) / "lipsync-browser-avatar"))
-        session = await pipeline.create_session()
-        box = mouth_box(session.avatar)
-        idle = probe(session.avatar.frames[0], box)
-        utterance = await session.push_audio(samples)
-        out = []
-        async for frame in session.frames():
-            if frame.frame_index >= utterance.start_frame:
-                out.append((frame.frame_index - utterance.start_frame, frame.audio,
-                            float(np.abs(probe(frame.image, box) - idle).mean())))
-            if frame.frame_index >= utterance.end_frame:
-                break
-        await pipeline.shutdown()
-        return out
-
-    rows = await frames()
-    mouth = next(k for k, _, signal in rows if signal > MOUTH_THRESHOLD)
-    sound = next(k * 0.04 + np.flatnonzero(np.abs(a) > LOUD)[0] / 16000 for k, a, _ in rows
-                 if a is not None and (np.abs(a) > LOUD).any())
-    return float(sound - mouth * 0.04)
 
 
 def wav_bytes(samples: np.ndarray) -> bytes:
@@ -552,16 +254,6 @@ async def benchmark(args) -> dict:
         "by_audio_clock": by_clock,
         "sessions": sessions,
     }
-
-
-def git_commit() -> str | None:
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,8 +39,9 @@ import httpx
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
+from output import git_commit  # noqa: E402
 from raycluster import LocalCluster, serving_cluster  # noqa: E402
 from talker import Talker  # noqa: E402
 
@@ -341,17 +342,6 @@ def run_server(home: Path, kills: int, sessions: int, standby: str) -> dict:
             os.killpg(server.pid, signal.SIGKILL)
 
 
-def commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                             text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("+changes" if dirty else "")
-    except OSError:
-        return "unknown"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kills", type=int, default=5, help="kills per case")
@@ -365,7 +355,7 @@ def main() -> int:
     from ray_lipsync.avatar.store import AvatarStore
     from ray_lipsync.config import Settings
 
-    result = {"benchmark": "failover", "commit": commit(), "sessions": args.sessions, "kills": args.kills,
+    result = {"benchmark": "failover", "commit": git_commit(), "sessions": args.sessions, "kills": args.kills,
               "cpus": os.cpu_count(), "server_standby": args.standby}
     with tempfile.TemporaryDirectory(prefix="failover-") as tmp:
         home = Path(tmp)

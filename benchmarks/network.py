@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from emulated_link import EmulatedLink, unavailable  # noqa: E402
 from speech import RATE, speech, to_wav_bytes  # noqa: E402  (tests/speech.py)
-from output import write_json  # noqa: E402
+from output import git_commit, write_json  # noqa: E402
 
 log = logging.getLogger("benchmarks.network")
 SETTLE_S = 3.0  # the first seconds of speech are not judged (the link estimate converges)
@@ -206,16 +206,8 @@ def run(args: argparse.Namespace) -> dict:
                     results.setdefault(name, []).append(figures)
     return {"config": {"seconds": args.seconds, "repeats": args.repeats, "start": args.start,
                        "cases": {n: CASES[n] for n in args.cases}, "step_to": STEP_TO, "settle_s": SETTLE_S,
-                       "commit": _commit()},
+                       "commit": git_commit()},
             "cases": results}
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
