@@ -24,6 +24,12 @@ PIPELINE_RAY_ENV = {
     # idle (measured: benchmarks/README.md, section "Figures behind settings in the code");
     # sessions change on a scale of seconds, so 500 ms loses nothing.
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+    # A call in flight to an actor whose process died fails only once the caller has heard
+    # why from the GCS, or after this wait (Ray's default: 1000 ms). Every frame of a round
+    # to a killed replica, batcher or compositor is lost while the caller waits; with 0 the
+    # call fails as soon as the connection drops and failover starts at once (measured:
+    # benchmarks/README.md, section "Figures behind settings in the code").
+    "RAY_timeout_ms_task_wait_for_death_info": "0",
 }
 
 
