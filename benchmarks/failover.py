@@ -10,7 +10,7 @@ Two deployments, both real:
   sessions (tests/talker.py) talk without pause. Each stage is killed `--kills` times with
   SIGKILL by PID: the feature batcher, the compositor on the node of session 0's replica,
   session 0's replica (the other has room), that replica's whole worker node (a replacement
-  node joins after each kill), and a gateway (its sessions end; how soon their slots free).
+  node joins after each kill's window), and a gateway (its sessions end; how soon their slots free).
 - **server**: `ray-lipsync serve` (one node, the defaults) with N talking sessions; all its
   pipeline processes (directory, metrics board, feature batcher, replica, compositor) are
   killed at once, `--kills` times.
@@ -51,6 +51,8 @@ SERVER_HTTP = 21095
 NAMESPACE = "failover"
 SETTLE_S = 2.0  # after the service is healthy again, before reading the sessions
 QUIET_S = 6.0  # the no-kill window
+HEAL_WAIT_S = 10.0  # a window ends this long after the kill if /healthz is still 503 (a node
+# kill: its replica stays missing until a replacement node joins, after the window)
 TOP_UP_S = 10.0  # each session keeps at least this much speech queued
 
 
@@ -154,6 +156,29 @@ def pids(prefix: str) -> list[int]:
     return found
 
 
+def cpu_seconds() -> dict[int, tuple[str, float]]:
+    """CPU time (user + system) of every process now: pid -> (title, seconds)."""
+    out = {}
+    for proc in psutil.process_iter(["cmdline", "cpu_times"]):
+        cmd, times = proc.info["cmdline"], proc.info["cpu_times"]
+        if cmd and times is not None:
+            title = Path(cmd[0]).name
+            if title.startswith("ray::"):  # ray::Class.method while a call runs: by class
+                title = title.split(".")[0]
+            out[proc.pid] = (title[:48], times.user + times.system)
+    return out
+
+
+def cpu_spent(before: dict[int, tuple[str, float]], top: int = 8) -> dict[str, float]:
+    """The processes that used the most CPU since `before` (seconds, by title; the window's
+    new processes count from zero)."""
+    spent: dict[str, float] = {}
+    for pid, (title, seconds) in cpu_seconds().items():
+        used = seconds - before.get(pid, (title, 0.0))[1]
+        spent[title] = spent.get(title, 0.0) + used
+    return {t: round(v, 2) for t, v in sorted(spent.items(), key=lambda kv: -kv[1])[:top]}
+
+
 def summary(kills: list[dict]) -> dict:
     frames = [k["frames"] for k in kills]
     return {"kills": len(frames), "median_frames": statistics.median(frames) if frames else None,
@@ -163,7 +188,11 @@ def summary(kills: list[dict]) -> dict:
 # -- cluster -----------------------------------------------------------------------------------
 
 
-async def cluster_cases(cluster: LocalCluster, settings, kills: int, sessions: int) -> dict:
+CLUSTER_CASES = ("no kill", "batcher", "compositor", "replica", "worker node", "gateway")
+
+
+async def cluster_cases(cluster: LocalCluster, settings, kills: int, sessions: int,
+                        cases: tuple[str, ...] = CLUSTER_CASES) -> dict:
     import ray
 
     from actors.directory import generation_of, get_directory
@@ -195,15 +224,22 @@ async def cluster_cases(cluster: LocalCluster, settings, kills: int, sessions: i
         await load.open(sessions)
         await asyncio.sleep(5.0)  # past the sessions' first seconds
 
+        restores: list = []  # what a kill took away, given back after its window
+
         async def one(kill) -> dict:
             before = await load.states()
+            cpu = cpu_seconds()
             killed = time.monotonic()
             what = kill(before)
-            recovered = await until(lambda: healthy(http), 60)
+            recovered = await until(lambda: healthy(http), HEAL_WAIT_S)
             await asyncio.sleep(max(SETTLE_S, QUIET_S - (time.monotonic() - killed)))
             figures = {**lost(before, await load.states()), "killed": what,
-                       "healthy_after_s": None if recovered is None else round(recovered, 2)}
+                       "healthy_after_s": None if recovered is None else round(recovered, 2),
+                       "window_s": round(time.monotonic() - killed, 1), "cpu_s": cpu_spent(cpu)}
             print(f"  {figures}", flush=True)
+            for restore in restores:  # after the window: capacity for the next kill
+                restore()
+            restores.clear()
             await until(lambda: replicas_ready(2), 90)
             return figures
 
@@ -228,7 +264,9 @@ async def cluster_cases(cluster: LocalCluster, settings, kills: int, sessions: i
             node_id = actor_node(session0(before)["replica"])
             victim = next(n for n in cluster.nodes if n.name != "head" and n.node_id() == node_id)
             count = victim.kill()  # it stays listed: its ports are not reused
-            cluster.add_worker(f"gpu_{next(spare)}", num_cpus=2, num_gpus=1)  # a replacement joins
+            # A replacement node joins after the window: on a real cluster its start costs a
+            # new machine's CPU, here it would cost the two cores the sessions run on.
+            restores.append(lambda: cluster.add_worker(f"gpu_{next(spare)}", num_cpus=2, num_gpus=1))
             return f"node ({count} processes)"
 
         def quiet(before):
@@ -236,9 +274,14 @@ async def cluster_cases(cluster: LocalCluster, settings, kills: int, sessions: i
 
         for case, kill in (("no kill", quiet), ("batcher", kill_batcher), ("compositor", kill_compositor),
                            ("replica", kill_replica), ("worker node", kill_node)):
+            if case not in cases:
+                continue
             print(f"{case}:", flush=True)
             results[case] = summary([await one(kill) for _ in range(kills)])
 
+        if "gateway" not in cases:
+            await load.close()
+            return results
         print("gateway:", flush=True)
         freed = []
         for _ in range(kills):
@@ -276,14 +319,14 @@ async def _gateways(n: int) -> bool:
     return len(pids("ray::ServeReplica:ray-lipsync:Gateway")) >= n
 
 
-def run_cluster(home: Path, kills: int, sessions: int) -> dict:
+def run_cluster(home: Path, kills: int, sessions: int, cases: tuple[str, ...] = CLUSTER_CASES) -> dict:
     from ray_lipsync.config import settings_from_args
 
     args = cluster_args(home, sessions)
     env = {"RAY_LIPSYNC_HOME": str(home), "PYTHONPATH": str(ROOT)}
     with serving_cluster(BASE_PORT, Path(f"/tmp/rfo{os.getpid()}"), env, head_resources={"gateway": 2},
                          workers=["gpu_a", "gpu_b"], http_port=CLUSTER_HTTP, args=args) as cluster:
-        return asyncio.run(cluster_cases(cluster, settings_from_args(args), kills, sessions))
+        return asyncio.run(cluster_cases(cluster, settings_from_args(args), kills, sessions, cases))
 
 
 # -- one server ----------------------------------------------------------------------------------
@@ -300,13 +343,15 @@ async def server_case(kills: int, sessions: int) -> dict:
         each = []
         for _ in range(kills):
             before = await load.states()
+            cpu = cpu_seconds()
             victims = [pid for title in PIPELINE_TITLES for pid in pids(title)]
             for pid in victims:
                 os.kill(pid, signal.SIGKILL)
             recovered = await until(lambda: healthy(http), 60)
             await asyncio.sleep(SETTLE_S)
             figures = {**lost(before, await load.states()), "processes_killed": len(victims),
-                       "healthy_after_s": None if recovered is None else round(recovered, 2)}
+                       "healthy_after_s": None if recovered is None else round(recovered, 2),
+                       "cpu_s": cpu_spent(cpu)}
             print(f"  {figures}", flush=True)
             each.append(figures)
             await asyncio.sleep(3.0)
@@ -347,10 +392,15 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=5, help="kills per case")
     parser.add_argument("--sessions", type=int, default=4, help="talking sessions")
     parser.add_argument("--only", choices=("cluster", "server"), help="run one deployment")
+    parser.add_argument("--cases", default=",".join(CLUSTER_CASES),
+                        help=f"cluster: the cases to run, comma-separated (of {', '.join(CLUSTER_CASES)})")
     parser.add_argument("--standby", choices=("auto", "on", "off"), default="auto",
                         help="server: the gateways' standby engine (pipeline.standby)")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "failover.json")
     args = parser.parse_args()
+    cases = tuple(c.strip() for c in args.cases.split(","))
+    if unknown := set(cases) - set(CLUSTER_CASES):
+        parser.error(f"unknown cases: {', '.join(sorted(unknown))}")
     from ray_lipsync.avatar.default import load_or_prepare
     from ray_lipsync.avatar.store import AvatarStore
     from ray_lipsync.config import Settings
@@ -364,7 +414,7 @@ def main() -> int:
             print("server: all pipeline processes at once", flush=True)
             result["server"] = run_server(home, args.kills, args.sessions, args.standby)
         if args.only in (None, "cluster"):
-            result["cluster"] = run_cluster(home, args.kills, args.sessions)
+            result["cluster"] = run_cluster(home, args.kills, args.sessions, cases)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     for section in ("server", "cluster"):

@@ -50,17 +50,19 @@ async def load_pipeline(spec: str, settings: Settings) -> Any:
 
 
 def log_through_serve(level: int = logging.INFO) -> None:
-    """Send this package's log records (session create/close, peers) at `level` and above
-    through the replica's `ray.serve` handlers: its log file and stderr, which Ray streams to
-    the driver (`ray-lipsync serve`). Without this they stop at Python's WARNING default."""
-    package = logging.getLogger("ray_lipsync")
-    package.setLevel(level)
+    """Send this project's log records (session create/close, peers, failover of the Ray
+    pipeline) at `level` and above through the replica's `ray.serve` handlers: its log file
+    and stderr, which Ray streams to the driver (`ray-lipsync serve`). Without this they stop
+    at Python's WARNING default, on the worker's stderr only."""
     handlers = logging.getLogger("ray.serve").handlers
-    if handlers:
-        for handler in handlers:
-            if handler not in package.handlers:
-                package.addHandler(handler)
-        package.propagate = False
+    for name in ("ray_lipsync", "actors"):
+        package = logging.getLogger(name)
+        package.setLevel(level)
+        if handlers:
+            for handler in handlers:
+                if handler not in package.handlers:
+                    package.addHandler(handler)
+            package.propagate = False
 
 
 @serve.deployment(name=GATEWAY, max_ongoing_requests=1000, graceful_shutdown_timeout_s=5,

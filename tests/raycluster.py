@@ -114,9 +114,10 @@ class LocalCluster:
         for node in reversed(self.nodes):
             node.kill()
         deadline = time.monotonic() + 10
+        gcs = f":{self.base}"  # the head's Ray client server names it by the node's IP
         for proc in psutil.process_iter(["cmdline"]):
-            cmd = " ".join(proc.info["cmdline"] or [])
-            if str(self.temp_dir) in cmd or f"127.0.0.1:{self.base}" in cmd:
+            args = proc.info["cmdline"] or []
+            if any(str(self.temp_dir) in arg or arg.endswith(gcs) for arg in args):
                 try:
                     proc.send_signal(signal.SIGKILL)
                     proc.wait(max(0.1, deadline - time.monotonic()))
