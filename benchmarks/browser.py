@@ -183,7 +183,7 @@ async def benchmark(args) -> dict:
     site_port = args.port + 1
     # admission off: the viewers' Chromium runs on the same 2 cores and would count as the
     # service's load; the plain page is on its own origin (another port), allowed by CORS
-    sections = {"pipeline": pipeline, "webrtc": {"still_fps": args.still_fps},
+    sections = {"pipeline": pipeline, "webrtc": {"still_fps": args.still_fps, "opus_dtx": args.opus_dtx == "on"},
                 "serve": {"admission": {"enabled": False},
                                                 "cors_origins": [f"http://127.0.0.1:{site_port}"]}}
     settings = Settings(home=home, **sections)
@@ -248,6 +248,7 @@ async def benchmark(args) -> dict:
                    "playout_adaptive": getattr(settings.pipeline, "playout_adaptive", False),
                    "playout_delay_ms": settings.pipeline.playout_delay_ms,
                    "playout_min_ms": getattr(settings.pipeline, "playout_min_ms", None),
+                   "opus_dtx": settings.webrtc.opus_dtx,
                    "backend": settings.backend, "articulation_lead_ms": round(1000 * lead, 1),
                    "commit": git_commit()},
         "summary": summarise(sessions),
@@ -279,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                         "browser plays (e.g. spk.monitor of a null sink; the first page is heard)")
     parser.add_argument("--still-fps", type=float, default=5.0, help="webrtc.still_fps (25: every "
                         "frame of the still idle picture is sent)")
+    parser.add_argument("--opus-dtx", choices=["on", "off"], default="on", help="webrtc.opus_dtx")
     parser.add_argument("--fixed-playout", action="store_true", help="fixed D (pipeline.playout_delay_ms)")
     parser.add_argument("--playout-delay-ms", type=int, default=None)
     parser.add_argument("--port", type=int, default=19500)

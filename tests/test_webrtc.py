@@ -114,6 +114,34 @@ def test_opus_silence_reuses_the_packet_libopus_settled_on():
         assert reference.chunks_reused == 0
 
 
+def test_opus_dtx_sends_one_empty_frame_per_400ms_of_settled_silence():
+    """DTX: settled silence goes out as a 1-byte packet (the TOC byte of the silent packet,
+    one empty frame) every DTX_EVERY_CHUNKS chunks, the chunks between are left out; the
+    tone after it is encoded as without DTX, and libopus decodes the whole stream."""
+    from ray_lipsync.webrtc.encoder import DTX_EVERY_CHUNKS, OpusStream
+    from ray_lipsync.webrtc.tracks import pcm_chunk
+
+    t = np.arange(320 * 10) / 16000
+    tone = (np.sin(2 * np.pi * 300 * t) * 8000).astype(np.int16)
+    pcm = np.concatenate([tone, np.zeros(320 * 100, np.int16), tone])
+    for fec in (False, True):
+        dtx, plain = OpusStream(fec=fec, dtx=True), OpusStream(fec=fec)
+        sent, plain_sent = [], []
+        for i in range(len(pcm) // 320):
+            chunk = pcm[i * 320:(i + 1) * 320]
+            packet = dtx.encode(pcm_chunk(chunk, i))
+            sent.append(None if packet is None else (i, bytes(packet)))
+            plain_sent.append(bytes(plain.encode(pcm_chunk(chunk, i))))
+        kept = [p for p in sent if p is not None]
+        settled = next(i for i, p in enumerate(sent) if p is None) - 1  # the first DTX packet
+        dtx_packets = [(i, data) for i, data in kept if 10 < i < 110 and len(data) == 1]
+        assert [i for i, _ in dtx_packets] == list(range(settled, 110, DTX_EVERY_CHUNKS))
+        assert all(data[0] == plain_sent[i][0] & 0xFC for i, data in dtx_packets)  # its TOC, code 0
+        assert dtx.chunks_left_out == sent.count(None) == 100 - (settled - 10) - len(dtx_packets)
+        assert [data for i, data in kept if i >= 110] == plain_sent[110:]  # the tone: as without DTX
+        assert len(decode_opus([data for _, data in kept])) > 0
+
+
 def decode_opus(packets: list[bytes]) -> np.ndarray:
     decoder = av.CodecContext.create("libopus", "r")
     decoder.sample_rate, decoder.layout = 48000, "mono"
@@ -202,6 +230,34 @@ def test_a_still_picture_is_sent_ever_more_sparsely_and_a_change_at_once():
     assert c.video_frames_sent + left_out == total and left_out >= 15
     assert c.audio_chunks_sent == len(audio) == 2 * total
     assert reported == list(range(total))
+
+
+def test_media_with_dtx_leaves_silence_out_without_holding_up_frames():
+    """Audio chunks that DTX leaves out free the audio queue like sent ones: a silence far
+    longer than the queue still reports every frame, in order, and the speech after it
+    goes out whole."""
+    total, talk = 120, range(100, 120)
+    tone = (np.sin(np.arange(SAMPLES_PER_FRAME) * 0.2) * 0.3).astype(np.float32)
+
+    async def frames():
+        for k in range(total):
+            yield make_frame(k, audio=tone if k in talk else None)
+            await asyncio.sleep(0)
+
+    async def main():
+        reported: list[int] = []
+        media = SessionMedia(frames(), now=lambda: 0.0, video=False, audio_queue=4, opus_dtx=True,
+                             on_frame_sent=lambda f: reported.append(f.frame_index))
+        audio: list = []
+        await drain(media.audio, audio)
+        return media, audio, reported
+
+    media, audio, reported = asyncio.run(main())
+    c = media.counters
+    assert reported == list(range(total))
+    assert c.audio_chunks_sent == len(audio) and c.audio_chunks_sent + c.audio_chunks_left_out == 2 * total
+    assert c.audio_chunks_left_out >= 150  # most of the 200 silent chunks
+    assert sum(1 for p in audio if p.pts >= 2 * talk.start * 320) == 2 * len(talk)
 
 
 def test_writable_or_requested_frames_are_never_left_out():

@@ -65,7 +65,7 @@ def names_gateway(session_id: str | int, tag: str) -> bool:
 class PeerFactory(Protocol):
     def __call__(self, session: Any, *, ice_servers: list[dict] | None, bitrate: BitrateBounds,
                  on_frame_sent: Callable[[OutputFrame], None],
-                 still_every: int, on_closed: Callable[[bool], Any]) -> Any: ...
+                 still_every: int, opus_dtx: bool, on_closed: Callable[[bool], Any]) -> Any: ...
 
 
 def default_peer_factory(session: Any, **kwargs: Any) -> Any:
@@ -322,6 +322,7 @@ class Gateway:
             ice_servers=entry.ice_servers,
             bitrate=self.settings.webrtc.bitrate_bounds(),
             still_every=self.settings.webrtc.still_every(),
+            opus_dtx=self.settings.webrtc.opus_dtx,
             on_frame_sent=lambda frame: self._on_frame_sent(entry, frame),
             on_closed=lambda failed: self._on_peer_closed(entry, generation, failed),
         )

@@ -70,6 +70,7 @@ class NetworkState(BaseModel):
     encoder_reopens: int = Field(description="Times the encoder was reopened at a new bitrate.")
     frames_left_out: int = Field(description="Frames of a still picture not sent: the viewer kept "
                                  "showing it (webrtc.still_fps).")
+    audio_chunks_left_out: int = Field(0, description="20 ms chunks of silence not sent (webrtc.opus_dtx).")
 
 
 class SessionState(BaseModel):

@@ -221,6 +221,9 @@ class Vp8Stream:
 
 OPUS_BITRATE = 32_000  # bit/s: wideband speech
 FEC_EXPECTED_LOSS_PCT = 10  # libopus sizes its in-band FEC for this much loss
+# In settled silence with DTX, a DTX packet goes out this often (chunks: 400 ms, the interval
+# of libopus's own comfort-noise updates) and the chunks between are left out
+DTX_EVERY_CHUNKS = 20
 
 
 class OpusStream:
@@ -242,10 +245,18 @@ class OpusStream:
     (`chunks_reused` counts them) until a chunk with sound. The encoder then resumes as after
     a shorter silence (its first packet of sound differs by a few bytes from one after the
     whole silence; the decoded sound is the same within 5 % RMS, tests/test_webrtc.py).
+
+    `dtx`: discontinuous transmission in that settled silence, as WebRTC's own Opus sender
+    does it (the FFmpeg libopus wrapper has no DTX switch): a packet of only the TOC byte
+    (an empty frame, which a receiver's jitter buffer takes as "DTX": it plays comfort
+    silence instead of concealing a loss) goes out every `DTX_EVERY_CHUNKS` chunks and the
+    chunks between are left out (`encode` returns None; `chunks_left_out` counts them). An
+    idle session then sends 2.5 audio packets a second instead of 50.
     """
 
-    def __init__(self, bitrate: int = OPUS_BITRATE, fec: bool = False) -> None:
+    def __init__(self, bitrate: int = OPUS_BITRATE, fec: bool = False, dtx: bool = False) -> None:
         self.fec = fec
+        self.dtx = dtx
         self._codec = av.CodecContext.create("libopus", "w")
         self._codec.sample_rate = SAMPLE_RATE
         self._codec.layout = "mono"
@@ -258,18 +269,27 @@ class OpusStream:
         self._codec.options = options
         self._silent: bytes | None = None  # the last silent chunk's packet
         self._silence_settled = False  # libopus repeats that packet for every silent chunk
+        self._dtx_run = 0  # settled silent chunks so far (DTX: their position in the cycle)
         self.chunks_reused = 0
+        self.chunks_left_out = 0
 
-    def encode(self, chunk: av.AudioFrame) -> av.Packet:
-        """The Opus packet of one 20 ms chunk, with the chunk's pts and time base."""
+    def encode(self, chunk: av.AudioFrame) -> av.Packet | None:
+        """The Opus packet of one 20 ms chunk, with the chunk's pts and time base; None: the
+        chunk is left out (DTX in silence)."""
         if chunk.samples != CHUNK_SAMPLES or chunk.sample_rate != SAMPLE_RATE:
             raise ValueError(f"expected {CHUNK_SAMPLES} samples at {SAMPLE_RATE} Hz, got "
                              f"{chunk.samples} at {chunk.sample_rate} Hz")
         silent = not chunk.to_ndarray().any()
         if silent and self._silence_settled:
+            run, self._dtx_run = self._dtx_run, self._dtx_run + 1
+            if self.dtx and run % DTX_EVERY_CHUNKS:
+                self.chunks_left_out += 1
+                return None
             self.chunks_reused += 1
-            packet = av.Packet(self._silent)
+            # DTX: the TOC byte alone, frame count code 0: one empty frame
+            packet = av.Packet(bytes([self._silent[0] & 0xFC]) if self.dtx else self._silent)
         else:
+            self._dtx_run = 0
             packets = self._codec.encode(chunk)
             if len(packets) != 1:  # libopus: one frame in, one packet out
                 raise RuntimeError(f"libopus returned {len(packets)} packets for one chunk")

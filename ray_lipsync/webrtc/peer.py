@@ -112,6 +112,7 @@ class SessionPeer:
         ice_servers: list[dict] | None = None,
         bitrate: BitrateBounds = BitrateBounds(),
         still_every: int = STILL_EVERY,
+        opus_dtx: bool = False,
         on_frame_sent: Callable[[OutputFrame], None] | None = None,
         on_closed: Callable[[bool], Awaitable[None] | None] | None = None,
     ) -> None:
@@ -119,6 +120,7 @@ class SessionPeer:
         self._config = ice_configuration(ice_servers)
         self._bitrate = bitrate
         self._still_every = still_every
+        self._opus_dtx = opus_dtx
         self.link: LinkFeedback | None = None
         self._on_frame_sent = on_frame_sent
         self._on_closed = on_closed
@@ -144,8 +146,10 @@ class SessionPeer:
 
     def network(self) -> dict | None:
         """The video link as the sender sees it (bandwidth estimate, loss, round trip,
-        keyframes); None without a video track."""
-        return self.link.stats().as_dict() if self.link is not None else None
+        keyframes) and the audio chunks DTX left out; None without a video track."""
+        if self.link is None:
+            return None
+        return {**self.link.stats().as_dict(), "audio_chunks_left_out": self.counters.audio_chunks_left_out}
 
     async def answer(self, sdp: str, type: str = "offer") -> dict:
         """Answer the client's offer: {"sdp": ..., "type": "answer"}. ValueError if unusable."""
@@ -175,6 +179,7 @@ class SessionPeer:
             video=want_video,
             audio=want_audio,
             opus_fec=asks_opus_fec(offer),
+            opus_dtx=self._opus_dtx,
             still_every=self._still_every,
         )
         for track in self.media.tracks:

@@ -4,8 +4,8 @@ One `SessionMedia` per session is the *single* consumer of `session.frames()` (w
 already paced by the session's `SessionClock`). It fans each `OutputFrame` out to a
 `SessionVideoTrack` (one VP8 av.Packet, pts = 3600k on the 90 kHz clock, encoded by the
 session's `Vp8Stream` when the sender takes it) and a `SessionAudioTrack` (two 20 ms
-chunks, s16 mono 16 kHz, pts counted in samples, one Opus packet each from its `OpusStream`), so frame k and chunks 2k, 2k+1 always
-carry the same presentation time. Frames arrive paced by the session clock; the audio track
+chunks, s16 mono 16 kHz, pts counted in samples, one Opus packet each from its
+`OpusStream`), so frame k and chunks 2k, 2k+1 always carry the same presentation time. Frames arrive paced by the session clock; the audio track
 only spreads each frame's two chunks over their own slots (chunk 2k+1 leaves 20 ms after
 chunk 2k, at `presentation_time + 20 ms`), so audio packets leave every 20 ms rather than in
 pairs every 40 ms (a receiver's jitter buffer then has no 20 ms burst jitter to absorb).
@@ -14,10 +14,11 @@ Backpressure: the video queue (of frames not encoded yet, so a drop never breaks
 reference chain) is bounded and drops its *oldest* frame when the sender lags
 (counted in `video_frames_dropped` and reported to the session, `record_dropped`, which
 counts it as a `sender_backpressure` drop); audio is never dropped or delayed (silence is sent as
-zeros, never as a gap). A still picture's repeats are mostly left out of the video (not
+zeros, or, with `opus_dtx`, as Opus DTX once it has settled). A still picture's repeats are mostly left out of the video (not
 encoded, not sent; `Vp8Stream.skips` decides and counts them, `frames_left_out`). A frame is
 reported as sent (`record_sent`, `on_frame_sent`) once its video (or its drop or leaving out)
-and both its audio chunks have been handed to the encoders.
+and both its audio chunks have been handed to the encoders (or left out: Opus DTX in a
+settled silence, `OpusStream`).
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class MediaCounters:
     video_frames_sent: int = 0
     video_frames_dropped: int = 0
     audio_chunks_sent: int = 0
+    audio_chunks_left_out: int = 0
     frames_reported: int = 0
 
 
@@ -89,12 +91,13 @@ class _Item:
     `due` is when the item may leave, on the media source's clock (None: at once).
     """
 
-    __slots__ = ("av_frame", "due", "frame")
+    __slots__ = ("av_frame", "due", "frame", "packet")
 
     def __init__(self, av_frame: av.frame.Frame | None, frame: OutputFrame, due: float | None = None) -> None:
         self.av_frame = av_frame
         self.frame = frame
         self.due = due
+        self.packet: av.Packet | None = None  # audio: encoded when it is due
 
 
 class _SessionTrack(MediaStreamTrack):
@@ -124,13 +127,14 @@ class _SessionTrack(MediaStreamTrack):
             if item is None:
                 self.stop()
                 raise MediaStreamError
+            if self._left_out(item):  # not sent: nothing to wait for
+                self._media._on_left_out(self.kind, item.frame)  # counted by the encoder that decided
+                continue
             if item.due is not None:  # at most one chunk early (a clock that stands still never blocks)
                 wait = min(CHUNK_S, item.due - self._media._now())
                 if wait > 0:
                     await asyncio.sleep(wait)
-            if not self._left_out(item):
-                break
-            self._media._part_done(item.frame)  # left out: counted by the encoder that decided
+            break
         out = await self._media_of(item)
         self._media._on_sent(self.kind, item.frame)
         return out
@@ -186,13 +190,18 @@ class SessionAudioTrack(_SessionTrack):
 
     kind = "audio"
 
-    def __init__(self, media: "SessionMedia", fec: bool = False) -> None:
+    def __init__(self, media: "SessionMedia", fec: bool = False, dtx: bool = False) -> None:
         super().__init__(media)
-        self.encoder = OpusStream(fec=fec)
+        self.encoder = OpusStream(fec=fec, dtx=dtx)
+
+    def _left_out(self, item: _Item) -> bool:
+        assert item.av_frame is not None
+        item.packet = self.encoder.encode(item.av_frame)  # None: DTX leaves it out
+        return item.packet is None
 
     async def _media_of(self, item: _Item) -> av.Packet:
-        assert item.av_frame is not None
-        return self.encoder.encode(item.av_frame)
+        assert item.packet is not None
+        return item.packet
 
 
 class SessionMedia:
@@ -203,10 +212,11 @@ class SessionMedia:
     consumption starts, frames already overdue (due before the connection came up) are
     skipped rather than burst out; their utterance marks move to the first frame sent.
     `record_sent` (the session's) and `on_frame_sent` (the API's) are called once per frame,
-    in frame order, after its video (or its leaving out, a still picture's repeat) and both audio
-    chunks went to the encoders. `opus_fec` turns on Opus in-band FEC (the client asked for
-    it); `still_every` is the largest frame gap of a still picture (`Vp8Stream`). Consumption
-    starts on the first `recv()` of a track (or `start()`), i.e. when the connection is up.
+    in frame order, after its video and both audio chunks went to the encoders (or were left
+    out: a still picture's repeat, DTX silence). `opus_fec` turns on Opus in-band FEC (the
+    client asked for it), `opus_dtx` Opus DTX in silence (`OpusStream`); `still_every` is the
+    largest frame gap of a still picture (`Vp8Stream`). Consumption starts on the first
+    `recv()` of a track (or `start()`), i.e. when the connection is up.
     """
 
     def __init__(
@@ -219,6 +229,7 @@ class SessionMedia:
         video: bool = True,
         audio: bool = True,
         opus_fec: bool = False,
+        opus_dtx: bool = False,
         still_every: int = STILL_EVERY,
         video_queue: int = DEFAULT_VIDEO_QUEUE,
         audio_queue: int = DEFAULT_AUDIO_QUEUE,
@@ -235,7 +246,7 @@ class SessionMedia:
         self._video_limit = video_queue
         self._audio_space = asyncio.Semaphore(audio_queue // 2)  # whole frames of audio
         self.video: SessionVideoTrack | None = SessionVideoTrack(self, still_every) if video else None
-        self.audio: SessionAudioTrack | None = SessionAudioTrack(self, fec=opus_fec) if audio else None
+        self.audio: SessionAudioTrack | None = SessionAudioTrack(self, fec=opus_fec, dtx=opus_dtx) if audio else None
         self.counters = MediaCounters()
         self._parts_per_frame = (1 if video else 0) + (2 if audio else 0)
         # frame_index -> [parts still to send, frame], in arrival order
@@ -353,9 +364,20 @@ class SessionMedia:
             self.counters.video_frames_sent += 1
         else:
             self.counters.audio_chunks_sent += 1
-            if self.counters.audio_chunks_sent % 2 == 0:
-                self._audio_space.release()
+            self._audio_chunk_done()
         self._part_done(frame)
+
+    def _on_left_out(self, kind: str, frame: OutputFrame) -> None:
+        """A part not sent at all (a still picture's repeat, a chunk of DTX silence)."""
+        if kind == "audio":
+            self.counters.audio_chunks_left_out += 1
+            self._audio_chunk_done()
+        self._part_done(frame)
+
+    def _audio_chunk_done(self) -> None:
+        c = self.counters
+        if (c.audio_chunks_sent + c.audio_chunks_left_out) % 2 == 0:
+            self._audio_space.release()  # a whole frame of audio left the queue
 
     def _part_done(self, frame: OutputFrame) -> None:
         entry = self._pending.get(frame.frame_index)
