@@ -7,9 +7,12 @@ epoch, and every stage drops work whose epoch is older than the session's curren
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ray_lipsync.streaming.sources import SourcePlan
 
 
 @dataclass
@@ -59,7 +62,7 @@ class StageSpec:
     """What a feature stage needs to (re)create a session's state on any process."""
 
     avatar: str
-    avatar_frames: int
+    avatar_frames: int  # of the idle cycle (the main video)
     schedule: str = "streaming"
 
 
@@ -72,7 +75,9 @@ class AudioPush:
     (`time.monotonic() + due_in_s`) on arrival, so deadlines never depend on the wall clocks
     of two nodes agreeing. `spec` lets a restarted stage rebuild the session's state.
     `replay`: audio sent again because the round that carried it failed (the feature stage
-    computes its frames again, see FeatureStage.push).
+    computes its frames again, see FeatureStage.push). `sources`: which source frame each
+    output frame shows (the session's clip plan when the push was made; None: the idle
+    cycle of `spec.avatar_frames`).
     """
 
     session_id: str
@@ -83,6 +88,7 @@ class AudioPush:
     spec: StageSpec
     due_in_s: float
     replay: bool = False
+    sources: SourcePlan | None = None
 
     @property
     def stop(self) -> int:

@@ -6,6 +6,10 @@ frames themselves are computed by an engine behind a `SessionLink` (in-process f
 time with chunks 2k and 2k+1; if its image is not ready then, the idle avatar frame takes its
 place and it counts as dropped. Audio is never held back.
 
+Which source frame of the avatar frame k shows (its idle cycle, a state clip, an action) is
+decided by the session's `ClipPlayer` (streaming/sources.py): silent frames read it here, and
+each push carries its plan to the feature stage for the speech frames.
+
 The session is the one place where drops are decided and counted (`DropCounter`, with a
 reason): stages only report why they shed a frame. Speech whose result arrives after its
 frame was shown, or whose engine call failed, counts when that becomes known.
@@ -17,7 +21,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import numpy as np
 
@@ -26,6 +30,7 @@ from ray_lipsync.clock import FRAME_MS, SAMPLE_RATE, SAMPLES_PER_FRAME, SessionC
 from ray_lipsync.errors import MalformedAudio, SessionClosed
 from ray_lipsync.streaming.drops import DropCounter, DropReason
 from ray_lipsync.streaming.playout import PlayoutPolicy
+from ray_lipsync.streaming.sources import ClipPlayer
 from ray_lipsync.streaming.timeline import Cut, SessionTimeline, Utterance
 from ray_lipsync.streaming.engine import RoundResult
 from ray_lipsync.streaming.link import SessionLink, SessionStats
@@ -61,7 +66,8 @@ class Session:
         self.backend = backend
         self.clock = clock
         self._link = link
-        self._spec = StageSpec(avatar.name, len(avatar), schedule)
+        self._spec = StageSpec(avatar.name, len(avatar.idle_frames), schedule)
+        self._player = ClipPlayer(avatar)
         self._timeline = SessionTimeline(clock, max_queued_s)
         self._lookahead = ms_to_samples(lookahead_ms)
         self._playout = playout  # None: every utterance gets the clock's fixed D
@@ -105,6 +111,36 @@ class Session:
         """"streaming", or "waiting_for_replica" while its replica is gone and none has room
         (its frames show idle and count as dropped; it resumes by itself)."""
         return "waiting_for_replica" if self._link.waiting else "streaming"
+
+    def avatar_state(self) -> dict[str, Any]:
+        """{state, clip, action, clips}: the silent state, the clip the next frame shows, the
+        action playing or about to (None if none), and the names state and action take."""
+        k = self._next_emit
+        return {"state": self._player.state, "clip": self._player.clip_at(k),
+                "action": self._player.action_at(k), "clips": self._player.clips}
+
+    def set_avatar_state(self, state: str) -> int:
+        """Make clip `state` ("idle": the main video) the silent state; returns the output
+        frame it takes effect from (ValueError for a clip the avatar lacks).
+
+        The switch frame is the first frame no stage has used: the next frame shown, or after
+        the speech already handed to the engine (whose frames were lip-synced on the old
+        plan). An action playing then finishes first."""
+        self._check_open()
+        at = self._switch_frame()
+        self._player.set_state(state, at)
+        return at
+
+    def play_action(self, clip: str) -> tuple[int, int]:
+        """Play `clip` once from the switch frame (see `set_avatar_state`), then return to the
+        state; returns its (first, end) output frames (ValueError for an unknown clip)."""
+        self._check_open()
+        at = self._switch_frame()
+        return at, self._player.play(clip, at)
+
+    def _switch_frame(self) -> int:
+        self._player.forget_before(self._next_emit)
+        return max(self._next_emit, self._claimed)
 
     def on_state_change(self, listener: Callable[[str], None]) -> None:
         """Call `listener(state)` whenever `state` changes."""
@@ -232,7 +268,7 @@ class Session:
     def _push(self, start: int, samples: np.ndarray, final: bool, replay: bool = False) -> AudioPush:
         """The push of timeline samples [start, start + len(samples)), made now."""
         return AudioPush(self.session_id, self._timeline.epoch, start, samples, final, self._spec,
-                         self.clock.due_in(time.time()), replay)
+                         self.clock.due_in(time.time()), replay, self._player.plan)
 
     def _spawn(self, coro: Awaitable[None]) -> asyncio.Future:
         """Run `coro` as a task of this session (cancelled when it closes)."""
@@ -431,7 +467,7 @@ class Session:
         reason = self._lost.pop(k, DropReason.LATE)
         self._audio_at.pop(k, None)
         if image is None:
-            image = self.avatar.frames[self.avatar.cycle_index(k)]
+            image = self.avatar.frames[self._player.source(k)]
         if dropped:
             self._drops.count(reason)
         timeline = self._timeline

@@ -1,0 +1,185 @@
+"""Which source frame output frame k shows: a session's avatar state, its actions and the
+switches between clips.
+
+A session is always in a *state* (`idle`, the main video's cycle, or a clip of the avatar such
+as `listening`); an *action* plays a clip once and then returns to the state. `ClipPlayer`
+(one per session) turns requests into a `SourcePlan`: segments that each say "from output
+frame `first` on, play this clip from this position". A plan only ever changes from a frame
+on that no stage has used yet (the session picks it), so the frames already shown or
+already sent for lip sync keep their source frames, and every copy of the plan (the session's,
+the one a push carried to the feature stage) agrees on them.
+
+Speech does not pause the plan: the mouth is lip-synced on whatever source frame the plan
+gives, so speech over a clip keeps the clip's motion, and an utterance that starts during an
+action or a state clip goes on on that clip's frames.
+
+No cut at a switch: the new clip is entered at its frame most similar to the frame shown just
+before (mean absolute difference of 32x32 thumbnails, `Avatar.thumbnails`); a state clip may
+be entered anywhere in its cycle, an action within its first `ACTION_ENTRY_WINDOW` frames (a
+gesture plays from near its beginning), and the state after an action at its frame most
+similar to the action's last. The comparison runs once per switch, never per frame: in
+silence a frame costs one segment lookup, as the plain idle cycle does.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from ray_lipsync.avatar.model import IDLE, Avatar, mirror_index
+
+log = logging.getLogger(__name__)
+
+ACTION_ENTRY_WINDOW = 0.25  # an action is entered within the first quarter of its frames
+
+
+class Segment(NamedTuple):
+    """From output frame `first` on, clip `clip` (source frames [start, start + length))
+    plays from clip position `entry`: looped forward then backward (a state) or once, then
+    held on its last frame (an action; the plan's next segment starts where it ends)."""
+
+    first: int
+    clip: str
+    start: int
+    length: int
+    entry: int
+    loop: bool
+
+    def source(self, k: int) -> int:
+        i = k - self.first + self.entry
+        return self.start + (mirror_index(i, self.length) if self.loop else min(i, self.length - 1))
+
+    @property
+    def end(self) -> int | None:
+        """First output frame after a played-once clip (None for a loop)."""
+        return None if self.loop else self.first + self.length - self.entry
+
+
+@dataclass(frozen=True)
+class SourcePlan:
+    """Output frame -> source frame, as segments ordered by `first` (immutable: a push carries
+    the plan as it was when the push was made)."""
+
+    segments: tuple[Segment, ...]
+
+    @classmethod
+    def cycle(cls, frames: int, start: int = 0) -> "SourcePlan":
+        """The plain idle cycle of `frames` source frames from `start` (mirror indexing)."""
+        return cls((Segment(0, IDLE, start, max(frames, 1), 0, True),))
+
+    def segment(self, k: int) -> Segment:
+        """The segment showing output frame k (the first one for frames before it)."""
+        segments = self.segments
+        for i in range(len(segments) - 1, 0, -1):
+            if segments[i].first <= k:
+                return segments[i]
+        return segments[0]
+
+    def source(self, k: int) -> int:
+        """The source frame output frame k shows."""
+        return self.segment(k).source(k)
+
+
+class ClipPlayer:
+    """The avatar state of one session and the plan that follows from it (see module doc).
+
+    A request changes the plan from output frame `at` on, the first frame no stage has used
+    yet (the session decides it). Names are checked against the avatar's clips (ValueError
+    otherwise).
+    """
+
+    def __init__(self, avatar: Avatar) -> None:
+        self.avatar = avatar
+        self.state = IDLE
+        idle = avatar.idle_frames
+        self.plan = SourcePlan.cycle(len(idle), idle.start)
+
+    @property
+    def clips(self) -> list[str]:
+        """The names a state or an action may take: "idle" and the avatar's clips."""
+        return [IDLE, *self.avatar.clips]
+
+    def source(self, k: int) -> int:
+        return self.plan.source(k)
+
+    def clip_at(self, k: int) -> str:
+        """Name of the clip output frame k shows."""
+        return self.plan.segment(k).clip
+
+    def action_at(self, k: int) -> str | None:
+        """The action playing at output frame k or requested to start after it, if any."""
+        action = self._action_after(k)
+        return None if action is None else action.clip
+
+    def set_state(self, state: str, at: int) -> None:
+        """Make `state` the silent state from output frame `at` on; an action playing then (or
+        requested to start later) is not cut: the new state follows it."""
+        frames = self._frames(state)
+        self.state = state
+        action = self._action_after(at)
+        if action is not None:
+            kept = tuple(s for s in self.plan.segments if s.first <= action.first)
+            start = action.end or at
+            previous = action.source(start - 1)
+        else:
+            kept = self._kept(at)
+            if kept[-1].clip == state:
+                self.plan = SourcePlan(kept)
+                return
+            start, previous = at, kept[-1].source(at - 1)
+        entry = self._closest(previous, frames, len(frames))
+        self.plan = SourcePlan((*kept, Segment(start, state, frames.start, len(frames), entry, True)))
+        log.debug("%s: state %s from frame %d (clip frame %d)", self.avatar.name, state, start, entry)
+
+    def play(self, clip: str, at: int) -> int:
+        """Play `clip` once from output frame `at` (cutting an action playing then), then
+        return to the state; returns the output frame after its last."""
+        frames = self._frames(clip)
+        kept = self._kept(at)
+        window = max(1, round(len(frames) * ACTION_ENTRY_WINDOW))
+        entry = self._closest(kept[-1].source(at - 1), frames, window)
+        action = Segment(at, clip, frames.start, len(frames), entry, False)
+        end = action.end or at
+        state = self._frames(self.state)
+        back = self._closest(frames.stop - 1, state, len(state))
+        self.plan = SourcePlan((*kept, action, Segment(end, self.state, state.start, len(state), back, True)))
+        log.debug("%s: action %s on frames %d..%d", self.avatar.name, clip, at, end - 1)
+        return end
+
+    def forget_before(self, k: int) -> None:
+        """Drop the segments that decide no frame from k on (no stage asks for older frames)."""
+        segments = self.plan.segments
+        first = 0
+        while first + 1 < len(segments) and segments[first + 1].first <= k:
+            first += 1
+        if first:
+            self.plan = SourcePlan(segments[first:])
+
+    # -- internals ------------------------------------------------------------------------
+    def _frames(self, name: str) -> range:
+        try:
+            return self.avatar.clip_frames(name)
+        except KeyError:
+            raise ValueError(f"avatar {self.avatar.name!r} has no clip {str(name)[:80]!r}; it has "
+                             f"{', '.join(self.clips)}") from None
+
+    def _kept(self, at: int) -> tuple[Segment, ...]:
+        """The segments deciding frames before `at` (the plan from `at` on is replaced)."""
+        return tuple(s for s in self.plan.segments if s.first < at) or self.plan.segments[:1]
+
+    def _action_after(self, k: int) -> Segment | None:
+        """The played-once segment showing frame k or starting after it."""
+        for segment in reversed(self.plan.segments):
+            if not segment.loop and (segment.end or 0) > k:
+                return segment
+        return None
+
+    def _closest(self, source: int, frames: range, window: int) -> int:
+        """Position in `frames` (among the first `window`) of the frame most like `source`."""
+        thumbs = self.avatar.thumbnails
+        candidates = thumbs[frames.start:frames.start + window]
+        distance = np.abs(candidates - thumbs[source]).mean(axis=(1, 2, 3))
+        return int(np.argmin(distance))
