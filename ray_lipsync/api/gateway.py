@@ -28,7 +28,7 @@ from ray_lipsync.api.load import HostCpu, LoopLag, host_cores
 from ray_lipsync.api.metrics import GatewayMetrics
 from ray_lipsync.clock import SAMPLE_RATE
 from ray_lipsync.config import Settings
-from ray_lipsync.errors import AtCapacity, MalformedAudio, UnknownSession
+from ray_lipsync.errors import AtCapacity, MalformedAudio, UnknownClip, UnknownSession
 from ray_lipsync.ice import session_ice_servers
 from ray_lipsync.streaming.pipeline import Pipeline
 from ray_lipsync.streaming.session import Session
@@ -410,10 +410,41 @@ class Gateway:
         entry.events.publish("interrupt", {k: answer[k] for k in ("epoch", "utterance_id", "played_ms")})
         return answer
 
+    # ---- avatar state ------------------------------------------------------------------
+    async def set_avatar_state(self, session_id: str | int, token: str | None = None,
+                               state: str | None = None, action: str | None = None, *,
+                               compat: bool = False) -> dict:
+        """Set the session's silent state (a clip, "idle" = the main video) and/or play an
+        action clip once (after the state is set); UnknownClip for a name the avatar lacks
+        (nothing changes then). Returns {state, clip, action, from_frame, action_end_frame}
+        and publishes it as the SSE event `avatar.state`."""
+        entry = self._entry(session_id, token, compat=compat)
+        session = entry.session
+        clips = session.avatar_state()["clips"]
+        for name in (state, action):
+            if name is not None and name not in clips:
+                raise UnknownClip(f"avatar {session.avatar.name!r} has no clip {str(name)[:80]!r}; "
+                                  f"it has {', '.join(clips)}")
+        if state is None and action is None:
+            raise ValueError("give a state, an action or both")
+        from_frame = end = None
+        if state is not None:
+            from_frame = session.set_avatar_state(state)
+        if action is not None:
+            from_frame, end = session.play_action(action)
+        now = session.avatar_state()
+        answer = {"state": now["state"], "clip": now["clip"], "action": now["action"],
+                  "from_frame": from_frame, "action_end_frame": end}
+        entry.events.publish("avatar.state", answer)
+        logger.info("session %s: avatar state %s, action %s from frame %s", entry.public_id,
+                    now["state"], action, from_frame)
+        return answer
+
     async def status(self, session_id: str | int, token: str | None = None, *,
                      compat: bool = False) -> dict:
         entry = self._entry(session_id, token, compat=compat)
         stats = entry.session.stats()
+        avatar = entry.session.avatar_state()
         return {
             "session_id": entry.public_id,
             "gateway": self.tag,
@@ -421,6 +452,10 @@ class Gateway:
             "epoch": stats.epoch,
             "speaking": stats.speaking,
             "state": stats.state,
+            "avatar_state": avatar["state"],
+            "clip": avatar["clip"],
+            "action": avatar["action"],
+            "clips": avatar["clips"],
             "frames_sent": stats.frames_sent,
             "frames_dropped": stats.frames_dropped,
             "drops": stats.drops,

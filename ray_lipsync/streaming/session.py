@@ -121,7 +121,7 @@ class Session:
 
     def set_avatar_state(self, state: str) -> int:
         """Make clip `state` ("idle": the main video) the silent state; returns the output
-        frame it takes effect from (ValueError for a clip the avatar lacks).
+        frame it takes effect from (UnknownClip for a clip the avatar lacks).
 
         The switch frame is the first frame no stage has used: the next frame shown, or after
         the speech already handed to the engine (whose frames were lip-synced on the old
@@ -133,7 +133,7 @@ class Session:
 
     def play_action(self, clip: str) -> tuple[int, int]:
         """Play `clip` once from the switch frame (see `set_avatar_state`), then return to the
-        state; returns its (first, end) output frames (ValueError for an unknown clip)."""
+        state; returns its (first, end) output frames (UnknownClip for an unknown clip)."""
         self._check_open()
         at = self._switch_frame()
         return at, self._player.play(clip, at)

@@ -30,6 +30,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ray_lipsync.avatar.model import IDLE, Avatar, mirror_index
+from ray_lipsync.errors import UnknownClip
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class ClipPlayer:
     """The avatar state of one session and the plan that follows from it (see module doc).
 
     A request changes the plan from output frame `at` on, the first frame no stage has used
-    yet (the session decides it). Names are checked against the avatar's clips (ValueError
+    yet (the session decides it). Names are checked against the avatar's clips (UnknownClip
     otherwise).
     """
 
@@ -163,8 +164,8 @@ class ClipPlayer:
         try:
             return self.avatar.clip_frames(name)
         except KeyError:
-            raise ValueError(f"avatar {self.avatar.name!r} has no clip {str(name)[:80]!r}; it has "
-                             f"{', '.join(self.clips)}") from None
+            raise UnknownClip(f"avatar {self.avatar.name!r} has no clip {str(name)[:80]!r}; it has "
+                              f"{', '.join(self.clips)}") from None
 
     def _kept(self, at: int) -> tuple[Segment, ...]:
         """The segments deciding frames before `at` (the plan from `at` on is replaced)."""
