@@ -108,7 +108,8 @@ class OutputFrame:
     `dropped` marks an idle frame that replaced one known to be speech but not ready in time
 (see streaming/drops.py); `latency_ms` is the
     time from the arrival of the frame's last audio chunk to its composited image (None for
-    idle frames).
+    idle frames); `source_frame` the avatar source frame the image shows (lip-synced or not;
+    see streaming/sources.py), None where unknown.
     """
 
     session_id: str
@@ -122,3 +123,4 @@ class OutputFrame:
     dropped: bool = False
     latency_ms: float | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    source_frame: int | None = None

@@ -62,3 +62,31 @@ def lipsync_settings(lipsync_home):
     from ray_lipsync.config import Settings
 
     return Settings(home=lipsync_home, serve={"admission": {"enabled": False}})
+
+
+@pytest.fixture(scope="session")
+def clip_settings(tmp_path_factory: pytest.TempPathFactory):
+    """Settings on a home holding avatar "clipped", prepared through the real `avatar prepare`
+    path (MediaPipe) from videos made of the default portrait with procedural head motion:
+    the main video (12 frames, a sway), clips `listening` (16, a nod), `thinking` (12, a tilt)
+    and `wave` (30 frames, a slow sideways move and back: long enough for speech to start
+    during it). Returns (settings, PrepareReport)."""
+    from ray_lipsync.avatar.default import default_image
+    from ray_lipsync.avatar.motion import head_motion, write_video
+    from ray_lipsync.avatar.prepare import run_prepare
+    from helpers import CLIPPED
+    from ray_lipsync.config import Settings
+
+    home = tmp_path_factory.mktemp("clip_home")
+    face = default_image()[:384, 64:448]  # 384x384 around the face: fast face analysis
+    videos = {
+        "main": head_motion(face, 12, dx=2.0),
+        "listening": head_motion(face, 16, dy=3.0, degrees=1.0),
+        "thinking": head_motion(face, 12, degrees=2.5),
+        "wave": head_motion(face, 30, dx=8.0, cycles=0.5),
+    }
+    paths = {name: write_video(home / f"{name}.mp4", frames) for name, frames in videos.items()}
+    settings = Settings(home=home, avatar={"name": CLIPPED}, serve={"admission": {"enabled": False}})
+    report = run_prepare(settings, image=None, video=paths.pop("main"), name=CLIPPED, progress=False,
+                         clips=paths)
+    return settings, report

@@ -259,6 +259,8 @@ def check_interrupt(run: InterruptRun, voice: np.ndarray, reply: np.ndarray) -> 
 
 # -- avatars -------------------------------------------------------------------------------
 
+CLIPPED = "clipped"  # the avatar of the `clip_settings` fixture: a main video and three clips
+
 
 def synthetic_avatar(name: str = "synth", n: int = 3, seed: int = 0) -> Avatar:
     """An avatar made of random arrays (no face analysis): for pure storage tests."""

@@ -131,3 +131,12 @@ class Avatar:
 
         side = (THUMBNAIL_SIDE, THUMBNAIL_SIDE)
         return np.stack([cv2.resize(f, side, interpolation=cv2.INTER_AREA) for f in self.frames]).astype(np.int16)
+
+    @cached_property
+    def typical_step(self) -> float:
+        """Median change between consecutive thumbnails inside the main video and each clip
+        (mean absolute difference): how much the picture moves from one frame to the next."""
+        ranges = [self.idle_frames, *self.clips.values()]
+        thumbs = self.thumbnails
+        diffs = [np.abs(np.diff(thumbs[r.start:r.stop], axis=0)).mean(axis=(1, 2, 3)) for r in ranges if len(r) > 1]
+        return float(np.median(np.concatenate(diffs))) if diffs else 0.0

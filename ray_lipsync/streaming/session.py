@@ -72,7 +72,7 @@ class Session:
         self._lookahead = ms_to_samples(lookahead_ms)
         self._playout = playout  # None: every utterance gets the clock's fixed D
         self._lead = self._lookahead + ms_to_samples(RELEASE_MARGIN_MS)
-        self._ready: dict[int, tuple[np.ndarray, float | None]] = {}  # frame -> (image, latency ms)
+        self._ready: dict[int, tuple[np.ndarray, float | None, int]] = {}  # frame -> (image, latency ms, source frame)
         self._expected: set[int] = set()  # speech frames whose image is on its way
         self._lost: dict[int, DropReason] = {}  # expected frames a stage reported it shed
         self._drops = DropCounter()
@@ -123,20 +123,19 @@ class Session:
         """Make clip `state` ("idle": the main video) the silent state; returns the output
         frame it takes effect from (UnknownClip for a clip the avatar lacks).
 
-        The switch frame is the first frame no stage has used: the next frame shown, or after
-        the speech already handed to the engine (whose frames were lip-synced on the old
-        plan). An action playing then finishes first."""
+        The switch comes at the first frame no stage has used (the next frame shown, or the
+        one after the speech already handed to the engine, whose frames were lip-synced on
+        the old plan), or up to MAX_WAIT_FRAMES later, at a frame close to the new clip
+        (streaming/sources.py). An action playing then finishes first."""
         self._check_open()
-        at = self._switch_frame()
-        self._player.set_state(state, at)
-        return at
+        return self._player.set_state(state, self._switch_frame())
 
     def play_action(self, clip: str) -> tuple[int, int]:
-        """Play `clip` once from the switch frame (see `set_avatar_state`), then return to the
-        state; returns its (first, end) output frames (UnknownClip for an unknown clip)."""
+        """Play `clip` once from the switch (see `set_avatar_state`), then return to the
+        state; returns its first output frame and the one after its last (UnknownClip for a
+        clip the avatar lacks)."""
         self._check_open()
-        at = self._switch_frame()
-        return at, self._player.play(clip, at)
+        return self._player.play(clip, self._switch_frame())
 
     def _switch_frame(self) -> int:
         self._player.forget_before(self._next_emit)
@@ -421,7 +420,7 @@ class Session:
                 self._lost[k] = DropReason.STAGE_ERROR
                 continue
             latency = None if arrived is None else (done - arrived) * 1000
-            self._ready[k] = (image, latency)
+            self._ready[k] = (image, latency, patch.avatar_frame)
             if latency is not None:
                 self._latencies.append(latency)
 
@@ -461,13 +460,14 @@ class Session:
 
     def _emit(self, k: int) -> OutputFrame:
         self._next_emit = k + 1
-        image, latency = self._ready.pop(k, (None, None))
+        image, latency, source = self._ready.pop(k, (None, None, None))
         dropped = image is None and k in self._expected
         self._expected.discard(k)
         reason = self._lost.pop(k, DropReason.LATE)
         self._audio_at.pop(k, None)
         if image is None:
-            image = self.avatar.frames[self._player.source(k)]
+            source = self._player.source(k)
+            image = self.avatar.frames[source]
         if dropped:
             self._drops.count(reason)
         timeline = self._timeline
@@ -490,6 +490,7 @@ class Session:
             dropped=dropped,
             latency_ms=latency,
             meta=meta,
+            source_frame=source,
         )
         timeline.forget_before(k + 1)
         return frame

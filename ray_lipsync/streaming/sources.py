@@ -15,9 +15,13 @@ action or a state clip goes on on that clip's frames.
 
 No cut at a switch: the new clip is entered at its frame most similar to the frame shown just
 before (mean absolute difference of 32x32 thumbnails, `Avatar.thumbnails`); a state clip may
-be entered anywhere in its cycle, an action within its first `ACTION_ENTRY_WINDOW` frames (a
-gesture plays from near its beginning), and the state after an action at its frame most
-similar to the action's last. The comparison runs once per switch, never per frame: in
+be entered anywhere in its cycle, an action within its first `ACTION_ENTRY_WINDOW` of its
+frames (a gesture plays from near its beginning), and the state after an action at its frame
+most similar to the action's last. When no frame of the new clip is close to the frame shown
+(a head turned in one clip, straight in the other), the switch waits for a better moment: it
+happens at the first of the next `MAX_WAIT_FRAMES` frames of the current clip whose best
+match is within `Avatar.typical_step` (the clips' median frame-to-frame change), else at the
+one whose best match is closest. The comparisons run once per request, never per frame: in
 silence a frame costs one segment lookup, as the plain idle cycle does.
 """
 
@@ -35,6 +39,7 @@ from ray_lipsync.errors import UnknownClip
 log = logging.getLogger(__name__)
 
 ACTION_ENTRY_WINDOW = 0.25  # an action is entered within the first quarter of its frames
+MAX_WAIT_FRAMES = 12  # a switch waits at most this long (480 ms) for a frame close to the new clip
 
 
 class Segment(NamedTuple):
@@ -115,9 +120,10 @@ class ClipPlayer:
         action = self._action_after(k)
         return None if action is None else action.clip
 
-    def set_state(self, state: str, at: int) -> None:
-        """Make `state` the silent state from output frame `at` on; an action playing then (or
-        requested to start later) is not cut: the new state follows it."""
+    def set_state(self, state: str, at: int) -> int:
+        """Make `state` the silent state from output frame `at` on (or a little later, see the
+        module doc); an action playing then (or requested to start later) is not cut: the
+        new state follows it. Returns the first output frame of the new state."""
         frames = self._frames(state)
         self.state = state
         action = self._action_after(at)
@@ -125,30 +131,32 @@ class ClipPlayer:
             kept = tuple(s for s in self.plan.segments if s.first <= action.first)
             start = action.end or at
             previous = action.source(start - 1)
+            entry = int(self._closest([previous], frames, len(frames))[1][0])
         else:
             kept = self._kept(at)
             if kept[-1].clip == state:
                 self.plan = SourcePlan(kept)
-                return
-            start, previous = at, kept[-1].source(at - 1)
-        entry = self._closest(previous, frames, len(frames))
+                return at
+            start, entry = self._switch(kept[-1], at, frames, len(frames))
         self.plan = SourcePlan((*kept, Segment(start, state, frames.start, len(frames), entry, True)))
         log.debug("%s: state %s from frame %d (clip frame %d)", self.avatar.name, state, start, entry)
+        return start
 
-    def play(self, clip: str, at: int) -> int:
-        """Play `clip` once from output frame `at` (cutting an action playing then), then
-        return to the state; returns the output frame after its last."""
+    def play(self, clip: str, at: int) -> tuple[int, int]:
+        """Play `clip` once from output frame `at` (or a little later, see the module doc;
+        cutting an action playing then), then return to the state; returns the action's
+        first output frame and the one after its last."""
         frames = self._frames(clip)
         kept = self._kept(at)
         window = max(1, round(len(frames) * ACTION_ENTRY_WINDOW))
-        entry = self._closest(kept[-1].source(at - 1), frames, window)
-        action = Segment(at, clip, frames.start, len(frames), entry, False)
-        end = action.end or at
+        start, entry = self._switch(kept[-1], at, frames, window)
+        action = Segment(start, clip, frames.start, len(frames), entry, False)
+        end = action.end or start
         state = self._frames(self.state)
-        back = self._closest(frames.stop - 1, state, len(state))
+        back = int(self._closest([frames.stop - 1], state, len(state))[1][0])
         self.plan = SourcePlan((*kept, action, Segment(end, self.state, state.start, len(state), back, True)))
-        log.debug("%s: action %s on frames %d..%d", self.avatar.name, clip, at, end - 1)
-        return end
+        log.debug("%s: action %s on frames %d..%d", self.avatar.name, clip, start, end - 1)
+        return start, end
 
     def forget_before(self, k: int) -> None:
         """Drop the segments that decide no frame from k on (no stage asks for older frames)."""
@@ -178,9 +186,20 @@ class ClipPlayer:
                 return segment
         return None
 
-    def _closest(self, source: int, frames: range, window: int) -> int:
-        """Position in `frames` (among the first `window`) of the frame most like `source`."""
+    def _switch(self, current: Segment, at: int, frames: range, window: int) -> tuple[int, int]:
+        """(first output frame of the new clip, its entry position) for a switch from the
+        segment `current` at `at` or up to MAX_WAIT_FRAMES later (an action: not past its end)."""
+        wait = MAX_WAIT_FRAMES if current.loop else max(0, min(MAX_WAIT_FRAMES, (current.end or at) - at))
+        shown = [current.source(k) for k in range(at - 1, at + wait)]
+        distance, entries = self._closest(shown, frames, window)
+        close = np.flatnonzero(distance <= self.avatar.typical_step)
+        i = int(close[0]) if close.size else int(np.argmin(distance))
+        return at + i, int(entries[i])
+
+    def _closest(self, sources: list[int], frames: range, window: int) -> tuple[np.ndarray, np.ndarray]:
+        """For each of `sources`: the distance to, and position of, the most similar frame
+        among the first `window` of `frames`."""
         thumbs = self.avatar.thumbnails
         candidates = thumbs[frames.start:frames.start + window]
-        distance = np.abs(candidates - thumbs[source]).mean(axis=(1, 2, 3))
-        return int(np.argmin(distance))
+        distance = np.abs(candidates[None] - thumbs[sources][:, None]).mean(axis=(2, 3, 4))
+        return distance.min(axis=1), distance.argmin(axis=1)
