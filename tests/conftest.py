@@ -64,29 +64,47 @@ def lipsync_settings(lipsync_home):
     return Settings(home=lipsync_home, serve={"admission": {"enabled": False}})
 
 
+CLIP_MOTIONS = {  # the main video and the clips of avatar "clipped": frames, sway
+    "main": (12, {"dx": 2.0}),
+    "listening": (16, {"dy": 3.0, "degrees": 1.0}),
+    "thinking": (12, {"degrees": 2.5}),
+    "wave": (30, {"dx": 8.0, "cycles": 0.5}),
+}
+
+
 @pytest.fixture(scope="session")
 def clip_settings(tmp_path_factory: pytest.TempPathFactory):
-    """Settings on a home holding avatar "clipped", prepared through the real `avatar prepare`
-    path (MediaPipe) from videos made of the default portrait with procedural head motion:
-    the main video (12 frames, a sway), clips `listening` (16, a nod), `thinking` (12, a tilt)
-    and `wave` (30 frames, a slow sideways move and back: long enough for speech to start
-    during it). Returns (settings, PrepareReport)."""
-    from ray_lipsync.avatar.default import default_image
-    from ray_lipsync.avatar.motion import head_motion, write_video
-    from ray_lipsync.avatar.prepare import run_prepare
+    """Settings on a home holding avatar "clipped", made from the default portrait (cut to
+    384x384 around the face) with procedural head motion (`CLIP_MOTIONS`): the main video
+    (a sway), clips `listening` (a nod), `thinking` (a tilt) and `wave` (30 frames, a slow
+    sideways move and back: long enough for speech to start during it). The videos are
+    written to MP4 and prepared through the real `avatar prepare` path (MediaPipe); where
+    MediaPipe is not installed (the pipecat venv), each frame is prepared from the default
+    portrait's shipped landmarks moved with it. Returns (settings, PrepareReport or None)."""
     from helpers import CLIPPED
+    from ray_lipsync.avatar.default import default_image, default_landmarks
+    from ray_lipsync.avatar.face import FaceObservation
+    from ray_lipsync.avatar.motion import moved, moved_points, motion, write_video
+    from ray_lipsync.avatar.prepare import build_avatar, join_clips, run_prepare
+    from ray_lipsync.avatar.store import AvatarStore
     from ray_lipsync.config import Settings
 
     home = tmp_path_factory.mktemp("clip_home")
-    face = default_image()[:384, 64:448]  # 384x384 around the face: fast face analysis
-    videos = {
-        "main": head_motion(face, 12, dx=2.0),
-        "listening": head_motion(face, 16, dy=3.0, degrees=1.0),
-        "thinking": head_motion(face, 12, degrees=2.5),
-        "wave": head_motion(face, 30, dx=8.0, cycles=0.5),
-    }
-    paths = {name: write_video(home / f"{name}.mp4", frames) for name, frames in videos.items()}
+    face, points = default_image()[:384, 64:448], default_landmarks() - np.array([64, 0], np.float32)
+    steps = {name: motion(n, **sway) for name, (n, sway) in CLIP_MOTIONS.items()}
     settings = Settings(home=home, avatar={"name": CLIPPED}, serve={"admission": {"enabled": False}})
-    report = run_prepare(settings, image=None, video=paths.pop("main"), name=CLIPPED, progress=False,
-                         clips=paths)
-    return settings, report
+    if importlib.util.find_spec("mediapipe") is not None:
+        paths = {name: write_video(home / f"{name}.mp4", [moved(face, s) for s in moved_steps])
+                 for name, moved_steps in steps.items()}
+        report = run_prepare(settings, image=None, video=paths.pop("main"), name=CLIPPED,
+                             progress=False, clips=paths)
+        return settings, report
+    parts = {
+        name: build_avatar(CLIPPED, np.stack([moved(face, s) for s in moved_steps]),
+                           [FaceObservation.from_landmarks(moved_points(points, s, (384, 384)))
+                            for s in moved_steps], settings.avatar, smooth=True)[0]
+        for name, moved_steps in steps.items()
+    }
+    main = parts.pop("main")
+    AvatarStore(settings.avatars_dir).save(join_clips(main, parts))
+    return settings, None

@@ -4,7 +4,8 @@ them like any video).
 
 A motion moves the whole picture by a small rigid transform per frame (shift in pixels,
 rotation in degrees about the centre), edges replicated, so a face detector finds the face in
-every frame and consecutive frames differ only by the motion.
+every frame and consecutive frames differ only by the motion; `moved_points` moves known face
+landmarks the same way (clips of the default avatar without MediaPipe).
 """
 
 from __future__ import annotations
@@ -16,24 +17,40 @@ import cv2
 import numpy as np
 
 
-def moved(image: np.ndarray, dx: float, dy: float, degrees: float = 0.0) -> np.ndarray:
-    """`image` (RGB uint8) shifted by (dx, dy) pixels and turned by `degrees` about its centre."""
-    height, width = image.shape[:2]
-    matrix = cv2.getRotationMatrix2D((width / 2, height / 2), degrees, 1.0)
-    matrix[:, 2] += (dx, dy)
-    return cv2.warpAffine(image, matrix, (width, height), flags=cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_REPLICATE)
-
-
-def head_motion(image: np.ndarray, frames: int, *, dx: float = 0.0, dy: float = 0.0,
-                degrees: float = 0.0, cycles: float = 1.0, phase: float = 0.0) -> list[np.ndarray]:
-    """`frames` frames of `image` swaying sinusoidally: amplitudes dx, dy (pixels) and
-    `degrees`, `cycles` periods over the clip, starting at `phase` (radians)."""
+def motion(frames: int, *, dx: float = 0.0, dy: float = 0.0, degrees: float = 0.0,
+           cycles: float = 1.0, phase: float = 0.0) -> list[np.ndarray]:
+    """Per frame, the (2, 3) affine matrix of a sinusoidal sway about the picture's centre
+    (apply with `moved`/`moved_points`): amplitudes dx, dy (pixels) and `degrees`, `cycles`
+    periods over the clip, starting at `phase` (radians)."""
     out = []
     for i in range(frames):
         s = float(np.sin(phase + 2 * np.pi * cycles * i / frames))
-        out.append(moved(image, dx * s, dy * s, degrees * s))
+        out.append(np.array([dx * s, dy * s, degrees * s]))
     return out
+
+
+def _matrix(step: np.ndarray, width: int, height: int) -> np.ndarray:
+    matrix = cv2.getRotationMatrix2D((width / 2, height / 2), float(step[2]), 1.0)
+    matrix[:, 2] += step[:2]
+    return matrix
+
+
+def moved(image: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """`image` (RGB uint8) moved by one `motion` step, edges replicated."""
+    height, width = image.shape[:2]
+    return cv2.warpAffine(image, _matrix(step, width, height), (width, height),
+                          flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+def moved_points(points: np.ndarray, step: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(K, 2) pixel points of a `size` = (width, height) picture moved by one `motion` step."""
+    matrix = _matrix(step, *size)
+    return (points @ matrix[:, :2].T + matrix[:, 2]).astype(np.float32)
+
+
+def head_motion(image: np.ndarray, frames: int, **sway: float) -> list[np.ndarray]:
+    """`frames` frames of `image` moved by `motion(frames, **sway)`."""
+    return [moved(image, step) for step in motion(frames, **sway)]
 
 
 def write_video(path: str | Path, frames: Sequence[np.ndarray], fps: int = 25) -> Path:
