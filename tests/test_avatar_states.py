@@ -21,7 +21,7 @@ import websockets
 from helpers import CLIPPED, Receiver, free_port, make, push_in_real_time, tuned, variant
 from ray_lipsync.avatar.default import default_image
 from ray_lipsync.avatar.model import IDLE
-from ray_lipsync.avatar.motion import head_motion, write_video
+from ray_lipsync.avatar.motion import head_motion, sample_portrait, write_video
 from ray_lipsync.avatar.prepare import list_avatars, parse_clip, run_prepare
 from ray_lipsync.avatar.store import AvatarStore
 from ray_lipsync.errors import AvatarError, UnknownClip
@@ -72,7 +72,7 @@ def test_prepare_appends_each_clip_and_the_manifest_lists_them(clip_settings, cl
 
 def test_a_clip_must_match_the_main_video(tmp_path: Path, clip_settings):
     settings, _ = clip_settings
-    face = default_image()[:384, 64:448]
+    face, _ = sample_portrait()
     main = write_video(tmp_path / "main.mp4", head_motion(face, 3, dx=1.0))
     small = write_video(tmp_path / "small.mp4", head_motion(default_image()[:320, 96:416], 3, dx=1.0))
     other = settings.model_copy(update={"home": tmp_path})

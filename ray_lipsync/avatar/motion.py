@@ -17,6 +17,31 @@ import cv2
 import numpy as np
 
 
+# A main video and three clips as tests and benchmarks make them: name -> (frames, sway).
+SAMPLE_MOTIONS: dict[str, tuple[int, dict[str, float]]] = {
+    "main": (12, {"dx": 2.0}),  # a sideways sway
+    "listening": (16, {"dy": 3.0, "degrees": 1.0}),  # a nod
+    "thinking": (12, {"degrees": 2.5}),  # a tilt
+    "wave": (30, {"dx": 8.0, "cycles": 0.5}),  # a slow move aside and back (an action)
+}
+
+
+def sample_portrait() -> tuple[np.ndarray, np.ndarray]:
+    """The default portrait cut to 384x384 around the face (fast face analysis), and its
+    shipped Face Mesh landmarks in that cut's pixels."""
+    from ray_lipsync.avatar.default import default_image, default_landmarks
+
+    top, left, side = 0, 64, 384
+    image = np.ascontiguousarray(default_image()[top:top + side, left:left + side])
+    return image, default_landmarks() - np.array([left, top], np.float32)
+
+
+def sample_videos(image: np.ndarray, folder: str | Path) -> dict[str, Path]:
+    """`SAMPLE_MOTIONS` of `image` written as <folder>/<name>.mp4; name -> path."""
+    return {name: write_video(Path(folder) / f"{name}.mp4", head_motion(image, n, **sway))
+            for name, (n, sway) in SAMPLE_MOTIONS.items()}
+
+
 def motion(frames: int, *, dx: float = 0.0, dy: float = 0.0, degrees: float = 0.0,
            cycles: float = 1.0, phase: float = 0.0) -> list[np.ndarray]:
     """Per frame, the (2, 3) affine matrix of a sinusoidal sway about the picture's centre
