@@ -109,7 +109,8 @@ class OutputFrame:
 (see streaming/drops.py); `latency_ms` is the
     time from the arrival of the frame's last audio chunk to its composited image (None for
     idle frames); `source_frame` the avatar source frame the image shows (lip-synced or not;
-    see streaming/sources.py), None where unknown.
+    see streaming/sources.py), None where unknown; a silent frame cross-faded between two
+    clips has meta["fade"] = {from_source_frame, weight (of source_frame)}.
     """
 
     session_id: str

@@ -20,13 +20,13 @@ import websockets
 
 from helpers import CLIPPED, Receiver, free_port, make, push_in_real_time, tuned, variant
 from ray_lipsync.avatar.default import default_image
-from ray_lipsync.avatar.model import IDLE
+from ray_lipsync.avatar.model import IDLE, Avatar
 from ray_lipsync.avatar.motion import head_motion, sample_portrait, write_video
 from ray_lipsync.avatar.prepare import list_avatars, parse_clip, run_prepare
 from ray_lipsync.avatar.store import AvatarStore
 from ray_lipsync.errors import AvatarError, UnknownClip
 from ray_lipsync.streaming.local import LocalPipeline
-from ray_lipsync.streaming.sources import MAX_WAIT_FRAMES, ClipPlayer, SourcePlan
+from ray_lipsync.streaming.sources import FADE_FRAMES, MAX_WAIT_FRAMES, ClipPlayer, SourcePlan, cross_fade
 from ray_lipsync.webrtc.client import ReceiverClient
 from servers import running_server
 from speech import speech
@@ -147,6 +147,33 @@ def test_no_switch_changes_the_picture_more_than_the_clips_move(clipped):
     assert max(at_switch) <= own.max()
 
 
+def test_a_switch_to_a_distant_pose_is_cross_faded(clipped):
+    """A clip sharing no pose with the main video (here: the main video moved 40 px) is not
+    entered with a cut: its silent frames fade in from the old clip over FADE_FRAMES."""
+    main = clipped.idle_frames
+    rows = list(main) * 2
+
+    def twice(array):
+        return np.concatenate([array[main.start:main.stop]] * 2)
+
+    far = Avatar(name="far", frames=np.concatenate([clipped.frames[:12], np.roll(clipped.frames[:12], 40, axis=2)]),
+                 crop_boxes=twice(clipped.crop_boxes), crops=twice(clipped.crops), masks=twice(clipped.masks),
+                 landmarks=twice(clipped.landmarks), detected=clipped.detected[rows], clips={"far": range(12, 24)})
+    player = ClipPlayer(far)
+    at = player.set_state("far", 10)
+    assert 10 <= at <= 10 + MAX_WAIT_FRAMES  # no frame is close: the closest of the wait
+    fades = [player.plan.silent_frame(k) for k in range(at - 1, at + FADE_FRAMES + 1)]
+    assert fades[0][1] is None and fades[-1][1] is None
+    weights = [w for _, faded_from, w in fades[1:-1] if faded_from is not None]
+    assert len(weights) == FADE_FRAMES and weights == sorted(weights)
+    assert player.source(at) in far.clips["far"]  # speech would show the new clip at once
+    shown = np.stack([player.silent_image(k)[0] for k in range(at - 1, at + FADE_FRAMES + 1)])
+    jump = steps(np.stack([far.frames[player.source(at - 1)], far.frames[player.source(at)]]))[0]
+    assert steps(shown).max() < 0.4 * jump
+    player.forget_before(at + 2)  # the old clip is kept while it fades out
+    assert player.silent_image(at + 2)[2] is not None
+
+
 # -- sessions -------------------------------------------------------------------------------
 
 
@@ -159,6 +186,10 @@ def check_sources(received, avatar) -> None:
         expected = avatar.frames[frame.source_frame]
         if frame.speech and not frame.dropped:
             assert np.array_equal(frame.image[TOP], expected[TOP])
+        elif "fade" in frame.meta:  # a switch cross-faded
+            fade = frame.meta["fade"]
+            old = avatar.frames[fade["from_source_frame"]]
+            assert np.array_equal(frame.image, cross_fade(old, expected, fade["weight"]))
         else:
             assert np.array_equal(frame.image, expected)
 

@@ -465,13 +465,15 @@ class Session:
         self._expected.discard(k)
         reason = self._lost.pop(k, DropReason.LATE)
         self._audio_at.pop(k, None)
+        fade = None
         if image is None:
-            source = self._player.source(k)
-            image = self.avatar.frames[source]
+            image, source, fade = self._player.silent_image(k)
         if dropped:
             self._drops.count(reason)
         timeline = self._timeline
         meta = timeline.marks(k)
+        if fade is not None:  # a switch between clips, cross-faded
+            meta["fade"] = fade
         if self._late_ends:
             meta.setdefault("utterance_end", []).extend(self._late_ends)
             played = meta.setdefault("utterance_played", {})

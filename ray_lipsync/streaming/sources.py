@@ -21,15 +21,20 @@ most similar to the action's last. When no frame of the new clip is close to the
 (a head turned in one clip, straight in the other), the switch waits for a better moment: it
 happens at the first of the next `MAX_WAIT_FRAMES` frames of the current clip whose best
 match is within `Avatar.typical_step` (the clips' median frame-to-frame change), else at the
-one whose best match is closest. The comparisons run once per request, never per frame: in
-silence a frame costs one segment lookup, as the plain idle cycle does.
+one whose best match is closest. If even that match is not within `Avatar.typical_step`
+(clips cut from different moments of a recording rarely share a pose), the silent frames of
+the switch are cross-faded: the old clip, still moving, fades into the new one over
+`FADE_FRAMES` frames (`SourcePlan.silent_frame`). A lip-synced frame is never blended: speech
+shows the new clip's frame from the switch on. The comparisons run once per request, never
+per frame: in silence a frame costs one segment lookup, as the plain idle cycle does, plus a
+blend of two frames during a cross-fade.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -40,12 +45,14 @@ log = logging.getLogger(__name__)
 
 ACTION_ENTRY_WINDOW = 0.25  # an action is entered within the first quarter of its frames
 MAX_WAIT_FRAMES = 12  # a switch waits at most this long (480 ms) for a frame close to the new clip
+FADE_FRAMES = 6  # a switch to a frame that is not close is cross-faded over this many (240 ms)
 
 
 class Segment(NamedTuple):
     """From output frame `first` on, clip `clip` (source frames [start, start + length))
     plays from clip position `entry`: looped forward then backward (a state) or once, then
-    held on its last frame (an action; the plan's next segment starts where it ends)."""
+    held on its last frame (an action; the plan's next segment starts where it ends);
+    cross-faded in from the segment before when `fade`."""
 
     first: int
     clip: str
@@ -53,6 +60,7 @@ class Segment(NamedTuple):
     length: int
     entry: int
     loop: bool
+    fade: bool = False  # the silent frames of its first FADE_FRAMES fade in from the segment before
 
     def source(self, k: int) -> int:
         i = k - self.first + self.entry
@@ -76,17 +84,37 @@ class SourcePlan:
         """The plain idle cycle of `frames` source frames from `start` (mirror indexing)."""
         return cls((Segment(0, IDLE, start, max(frames, 1), 0, True),))
 
-    def segment(self, k: int) -> Segment:
-        """The segment showing output frame k (the first one for frames before it)."""
+    def _index(self, k: int) -> int:
         segments = self.segments
         for i in range(len(segments) - 1, 0, -1):
             if segments[i].first <= k:
-                return segments[i]
-        return segments[0]
+                return i
+        return 0
+
+    def segment(self, k: int) -> Segment:
+        """The segment showing output frame k (the first one for frames before it)."""
+        return self.segments[self._index(k)]
 
     def source(self, k: int) -> int:
-        """The source frame output frame k shows."""
+        """The source frame output frame k shows (lip-synced on, when it is speech)."""
         return self.segment(k).source(k)
+
+    def silent_frame(self, k: int) -> tuple[int, int | None, float]:
+        """(source frame, source frame faded from or None, weight of the first) of silent
+        output frame k: a frame in a cross-fade blends the old clip's frame into the new's."""
+        i = self._index(k)
+        segment = self.segments[i]
+        source = segment.source(k)
+        if segment.fade and i and k - segment.first < FADE_FRAMES:
+            return source, self.segments[i - 1].source(k), (k - segment.first + 1) / (FADE_FRAMES + 1)
+        return source, None, 1.0
+
+
+def cross_fade(old: np.ndarray, new: np.ndarray, weight: float) -> np.ndarray:
+    """`new` * weight + `old` * (1 - weight), two RGB uint8 frames of one size."""
+    import cv2
+
+    return cv2.addWeighted(new, weight, old, 1.0 - weight, 0.0)
 
 
 class ClipPlayer:
@@ -111,6 +139,17 @@ class ClipPlayer:
     def source(self, k: int) -> int:
         return self.plan.source(k)
 
+    def silent_image(self, k: int) -> tuple[np.ndarray, int, dict[str, Any] | None]:
+        """(image, source frame, fade) of silent output frame k: the source frame itself (a
+        read-only view), or during a cross-fade its blend with the old clip's frame, fade =
+        {from_source_frame, weight} (of the source frame)."""
+        source, faded_from, weight = self.plan.silent_frame(k)
+        image = self.avatar.frames[source]
+        if faded_from is None:
+            return image, source, None
+        fade = {"from_source_frame": faded_from, "weight": weight}
+        return cross_fade(self.avatar.frames[faded_from], image, weight), source, fade
+
     def clip_at(self, k: int) -> str:
         """Name of the clip output frame k shows."""
         return self.plan.segment(k).clip
@@ -130,15 +169,14 @@ class ClipPlayer:
         if action is not None:
             kept = tuple(s for s in self.plan.segments if s.first <= action.first)
             start = action.end or at
-            previous = action.source(start - 1)
-            entry = int(self._closest([previous], frames, len(frames))[1][0])
+            entry, fade = self._enter(action.source(start - 1), frames)
         else:
             kept = self._kept(at)
             if kept[-1].clip == state:
                 self.plan = SourcePlan(kept)
                 return at
-            start, entry = self._switch(kept[-1], at, frames, len(frames))
-        self.plan = SourcePlan((*kept, Segment(start, state, frames.start, len(frames), entry, True)))
+            start, entry, fade = self._switch(kept[-1], at, frames, len(frames))
+        self.plan = SourcePlan((*kept, Segment(start, state, frames.start, len(frames), entry, True, fade)))
         log.debug("%s: state %s from frame %d (clip frame %d)", self.avatar.name, state, start, entry)
         return start
 
@@ -149,20 +187,21 @@ class ClipPlayer:
         frames = self._frames(clip)
         kept = self._kept(at)
         window = max(1, round(len(frames) * ACTION_ENTRY_WINDOW))
-        start, entry = self._switch(kept[-1], at, frames, window)
-        action = Segment(start, clip, frames.start, len(frames), entry, False)
+        start, entry, fade = self._switch(kept[-1], at, frames, window)
+        action = Segment(start, clip, frames.start, len(frames), entry, False, fade)
         end = action.end or start
         state = self._frames(self.state)
-        back = int(self._closest([frames.stop - 1], state, len(state))[1][0])
-        self.plan = SourcePlan((*kept, action, Segment(end, self.state, state.start, len(state), back, True)))
+        back, fade_back = self._enter(frames.stop - 1, state)
+        self.plan = SourcePlan((*kept, action, Segment(end, self.state, state.start, len(state), back, True, fade_back)))
         log.debug("%s: action %s on frames %d..%d", self.avatar.name, clip, start, end - 1)
         return start, end
 
     def forget_before(self, k: int) -> None:
-        """Drop the segments that decide no frame from k on (no stage asks for older frames)."""
+        """Drop the segments that decide no frame from k on (no stage asks for older frames;
+        a segment fading into the next is kept until the fade is over)."""
         segments = self.plan.segments
         first = 0
-        while first + 1 < len(segments) and segments[first + 1].first <= k:
+        while first + 1 < len(segments) and segments[first + 1].first + FADE_FRAMES <= k:
             first += 1
         if first:
             self.plan = SourcePlan(segments[first:])
@@ -186,15 +225,22 @@ class ClipPlayer:
                 return segment
         return None
 
-    def _switch(self, current: Segment, at: int, frames: range, window: int) -> tuple[int, int]:
-        """(first output frame of the new clip, its entry position) for a switch from the
-        segment `current` at `at` or up to MAX_WAIT_FRAMES later (an action: not past its end)."""
+    def _switch(self, current: Segment, at: int, frames: range, window: int) -> tuple[int, int, bool]:
+        """(first output frame of the new clip, its entry position, whether to cross-fade) for
+        a switch from the segment `current` at `at` or up to MAX_WAIT_FRAMES later (an action:
+        not past its end)."""
         wait = MAX_WAIT_FRAMES if current.loop else max(0, min(MAX_WAIT_FRAMES, (current.end or at) - at))
         shown = [current.source(k) for k in range(at - 1, at + wait)]
         distance, entries = self._closest(shown, frames, window)
         close = np.flatnonzero(distance <= self.avatar.typical_step)
         i = int(close[0]) if close.size else int(np.argmin(distance))
-        return at + i, int(entries[i])
+        return at + i, int(entries[i]), not close.size
+
+    def _enter(self, previous: int, frames: range) -> tuple[int, bool]:
+        """(entry position in the loop `frames`, whether to cross-fade) after source frame
+        `previous`, with no waiting (an action just ended)."""
+        distance, entries = self._closest([previous], frames, len(frames))
+        return int(entries[0]), bool(distance[0] > self.avatar.typical_step)
 
     def _closest(self, sources: list[int], frames: range, window: int) -> tuple[np.ndarray, np.ndarray]:
         """For each of `sources`: the distance to, and position of, the most similar frame
