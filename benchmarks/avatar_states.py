@@ -8,9 +8,11 @@
    between the two full frames is measured (mean absolute difference over all pixels, and the
    largest mean over a 32x32 block; through a cross-fade, the largest step of the frames
    around the switch), and compared with the same measures between consecutive frames inside
-   each clip, and with a naive switch (the new clip's first frame, at once).
+   each clip, and with a naive switch (the new clip's first frame, at once). Also the frames
+   from each request to its switch (waiting for a close frame, or for an action to end).
 2. CPU of silent frames. (a) The per-frame decision and image lookup, called in a loop:
-   before this feature's code, `avatar.frames[avatar.cycle_index(k)]`; now
+   before this feature, `avatar.frames[mirror_index(k, len(avatar))]` (the old
+   `Avatar.cycle_index`); now
    `player.silent_image(k)` (what the session calls) in the idle state and in a state clip
    after switches (past its cross-fade).
    (b) A real LocalPipeline session whose frames are read for a few seconds: this process's
@@ -38,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from output import git_commit, write_json  # noqa: E402
 
-from ray_lipsync.avatar.model import IDLE, Avatar  # noqa: E402
+from ray_lipsync.avatar.model import IDLE, Avatar, mirror_index  # noqa: E402
 from ray_lipsync.avatar.motion import sample_portrait, sample_videos, write_video  # noqa: E402
 from ray_lipsync.avatar.prepare import run_prepare  # noqa: E402
 from ray_lipsync.avatar.store import AvatarStore  # noqa: E402
@@ -128,7 +130,7 @@ def switches(avatar: Avatar, requests: int, seed: int) -> dict:
         "within_clips_block_max": summary([b for _, b in own]),
         "naive_switch_mean_abs_diff": summary([m for m, _ in naive]),
         "naive_switch_block_max": summary([b for _, b in naive]),
-        "frames_waited_for_a_close_frame": summary([float(w) for w in waited]),
+        "frames_from_request_to_switch": summary([float(w) for w in waited]),
     }
 
 
@@ -144,7 +146,7 @@ def per_frame_ns(avatar: Avatar, calls: int, repeats: int) -> dict:
     in_state.set_state(listening, 20)
     frames = avatar.frames
     ways = {
-        "before: avatar.cycle_index": lambda k: frames[avatar.cycle_index(k)],
+        "before (the old Avatar.cycle_index body)": lambda k: frames[mirror_index(k, len(avatar))],
         "idle state: player.silent_image": idle.silent_image,
         f"state {listening!r} after an action: player.silent_image": in_state.silent_image,
     }

@@ -110,7 +110,7 @@ class Avatar:
         """(width, height) of the full frames."""
         return int(self.frames.shape[2]), int(self.frames.shape[1])
 
-    @property
+    @cached_property
     def idle_frames(self) -> range:
         """The main video's source frames (the idle cycle): those before the first clip."""
         return range(0, min((c.start for c in self.clips.values()), default=len(self)))
