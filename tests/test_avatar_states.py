@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import websockets
 
-from helpers import CLIPPED, Receiver, free_port, make, push_in_real_time, tuned, variant
+from helpers import CLIPPED, Receiver, check_sources, free_port, make, push_in_real_time, tuned, variant
 from ray_lipsync.avatar.default import default_image
 from ray_lipsync.avatar.model import IDLE, Avatar
 from ray_lipsync.avatar.motion import head_motion, sample_portrait, write_video
@@ -26,13 +26,10 @@ from ray_lipsync.avatar.prepare import list_avatars, parse_clip, run_prepare
 from ray_lipsync.avatar.store import AvatarStore
 from ray_lipsync.errors import AvatarError, UnknownClip
 from ray_lipsync.streaming.local import LocalPipeline
-from ray_lipsync.streaming.sources import FADE_FRAMES, MAX_WAIT_FRAMES, ClipPlayer, SourcePlan, cross_fade
+from ray_lipsync.streaming.sources import FADE_FRAMES, MAX_WAIT_FRAMES, ClipPlayer, SourcePlan
 from ray_lipsync.webrtc.client import ReceiverClient
 from servers import running_server
 from speech import speech
-
-TOP = slice(0, 120)  # rows above the mouth: a lip-synced frame keeps its source frame's pixels there
-
 
 @pytest.fixture
 def anyio_backend() -> str:
@@ -175,23 +172,6 @@ def test_a_switch_to_a_distant_pose_is_cross_faded(clipped):
 
 
 # -- sessions -------------------------------------------------------------------------------
-
-
-def check_sources(received, avatar) -> None:
-    """Every frame shows the source frame it names: exactly when silent, above the mouth when
-    lip-synced."""
-    for r in received:
-        frame = r.frame
-        assert frame.source_frame is not None
-        expected = avatar.frames[frame.source_frame]
-        if frame.speech and not frame.dropped:
-            assert np.array_equal(frame.image[TOP], expected[TOP])
-        elif "fade" in frame.meta:  # a switch cross-faded
-            fade = frame.meta["fade"]
-            old = avatar.frames[fade["from_source_frame"]]
-            assert np.array_equal(frame.image, cross_fade(old, expected, fade["weight"]))
-        else:
-            assert np.array_equal(frame.image, expected)
 
 
 @pytest.mark.anyio

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +48,8 @@ MAX_WAIT_FRAMES = 12  # a switch waits at most this long (480 ms) for a frame cl
 FADE_FRAMES = 6  # a switch to a frame that is not close is cross-faded over this many (240 ms)
 
 
-class Segment(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class Segment:
     """From output frame `first` on, clip `clip` (source frames [start, start + length))
     plays from clip position `entry`: looped forward then backward (a state) or once, then
     held on its last frame (an action; the plan's next segment starts where it ends);
@@ -84,16 +85,17 @@ class SourcePlan:
         """The plain idle cycle of `frames` source frames from `start` (mirror indexing)."""
         return cls((Segment(0, IDLE, start, max(frames, 1), 0, True),))
 
-    def _index(self, k: int) -> int:
+    def _locate(self, k: int) -> int:
+        """Index of the segment showing output frame k (the first one for frames before it)."""
         segments = self.segments
-        for i in range(len(segments) - 1, 0, -1):
-            if segments[i].first <= k:
-                return i
-        return 0
+        i = len(segments) - 1
+        while i and segments[i].first > k:
+            i -= 1
+        return i
 
     def segment(self, k: int) -> Segment:
-        """The segment showing output frame k (the first one for frames before it)."""
-        return self.segments[self._index(k)]
+        """The segment showing output frame k."""
+        return self.segments[self._locate(k)]
 
     def source(self, k: int) -> int:
         """The source frame output frame k shows (lip-synced on, when it is speech)."""
@@ -102,7 +104,7 @@ class SourcePlan:
     def silent_frame(self, k: int) -> tuple[int, int | None, float]:
         """(source frame, source frame faded from or None, weight of the first) of silent
         output frame k: a frame in a cross-fade blends the old clip's frame into the new's."""
-        i = self._index(k)
+        i = self._locate(k)
         segment = self.segments[i]
         source = segment.source(k)
         if segment.fade and i and k - segment.first < FADE_FRAMES:
