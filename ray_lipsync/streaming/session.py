@@ -3,8 +3,8 @@
 The session owns the timeline (where speech lands on its clock) and the output pacing; the
 frames themselves are computed by an engine behind a `SessionLink` (in-process for
 `LocalPipeline`, Ray actors for `RayPipeline`). Frame k leaves `frames()` at its presentation
-time with chunks 2k and 2k+1; if its image is not ready then, the idle avatar frame takes its
-place and it counts as dropped. Audio is never held back.
+time with chunks 2k and 2k+1; if its image is not ready then, the avatar's silent frame
+takes its place and it counts as dropped. Audio is never held back.
 
 Which source frame of the avatar frame k shows (its idle cycle, a state clip, an action) is
 decided by the session's `ClipPlayer` (streaming/sources.py): silent frames read it here, and
