@@ -19,6 +19,7 @@ import pytest
 import websockets
 
 from helpers import CLIPPED, Receiver, check_sources, free_port, make, push_in_real_time, tuned, variant
+from ray_lipsync import cli
 from ray_lipsync.avatar.default import default_image
 from ray_lipsync.avatar.model import IDLE, Avatar
 from ray_lipsync.avatar.motion import head_motion, sample_portrait, write_video
@@ -82,6 +83,26 @@ def test_a_clip_must_match_the_main_video(tmp_path: Path, clip_settings):
     for bad in ("listening", "=x.mp4", "a b=x.mp4", "listening="):
         with pytest.raises(ValueError):
             parse_clip(bad)
+
+
+def test_the_cli_prepares_clips_and_lists_them(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                               caplog: pytest.LogCaptureFixture):
+    face, _ = sample_portrait()
+    main = write_video(tmp_path / "main.mp4", head_motion(face, 3, dx=1.0))
+    nod = write_video(tmp_path / "nod.mp4", head_motion(face, 4, dy=2.0))
+    home = ["--home", str(tmp_path / "home"), "-q"]
+    twice = ["--clip", f"listening={nod}", "--clip", f"listening={main}"]
+    assert cli.main([*home, "avatar", "prepare", "--video", str(main), "--name", "c", *twice]) == 2
+    assert "each --clip needs its own name" in caplog.text
+    with pytest.raises(SystemExit):  # argparse: a malformed --clip
+        cli.main([*home, "avatar", "prepare", "--video", str(main), "--name", "c", "--clip", str(nod)])
+    assert "--clip takes NAME=VIDEO" in capsys.readouterr().err
+    assert cli.main([*home, "avatar", "prepare", "--video", str(main), "--name", "c",
+                     "--clip", f"listening={nod}"]) == 0
+    capsys.readouterr()
+    assert cli.main([*home, "avatar", "list"]) == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["name"] == "c" and row["frames"] == 7 and row["clips"] == {"listening": 4}
 
 
 # -- the clip player --------------------------------------------------------------------------
