@@ -291,6 +291,13 @@ async def test_state_and_action_over_http(clip_settings):
             assert "Traceback" not in r.text
         r = await client.post(f"/v1/sessions/{sid}/state", json={"state": "dance"}, headers=auth)
         assert "listening, thinking, wave" in r.json()["detail"]
+        r = await client.post(f"/v1/sessions/{sid}/state", json={"state": "thinking", "action": "jump"},
+                              headers=auth)
+        assert r.status_code == 400  # one unknown name: nothing changes
+        assert (await client.get(f"/v1/sessions/{sid}", headers=auth)).json()["avatar_state"] == "listening"
+        r = await client.post(f"/v1/sessions/{sid}/state", json={"state": "thinking", "action": "wave"},
+                              headers=auth)
+        assert r.json()["state"] == "thinking" and r.json()["action"] == "wave"
         assert (await client.post(f"/v1/sessions/{sid}/state", json={"state": IDLE})).status_code == 401
         await rx.stop()
         await gateway.shutdown()

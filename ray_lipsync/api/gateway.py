@@ -28,7 +28,7 @@ from ray_lipsync.api.load import HostCpu, LoopLag, host_cores
 from ray_lipsync.api.metrics import GatewayMetrics
 from ray_lipsync.clock import SAMPLE_RATE
 from ray_lipsync.config import Settings
-from ray_lipsync.errors import AtCapacity, MalformedAudio, UnknownClip, UnknownSession
+from ray_lipsync.errors import AtCapacity, MalformedAudio, UnknownSession
 from ray_lipsync.ice import session_ice_servers
 from ray_lipsync.streaming.pipeline import Pipeline
 from ray_lipsync.streaming.session import Session
@@ -419,25 +419,13 @@ class Gateway:
         (nothing changes then). Returns {state, clip, action, from_frame, action_end_frame}
         and publishes it as the SSE event `avatar.state`."""
         entry = self._entry(session_id, token, compat=compat)
-        session = entry.session
-        clips = session.avatar_state()["clips"]
-        for name in (state, action):
-            if name is not None and name not in clips:
-                raise UnknownClip(f"avatar {session.avatar.name!r} has no clip {str(name)[:80]!r}; "
-                                  f"it has {', '.join(clips)}")
         if state is None and action is None:
             raise ValueError("give a state, an action or both")
-        from_frame = end = None
-        if state is not None:
-            from_frame = session.set_avatar_state(state)
-        if action is not None:
-            from_frame, end = session.play_action(action)
-        now = session.avatar_state()
-        answer = {"state": now["state"], "clip": now["clip"], "action": now["action"],
-                  "from_frame": from_frame, "action_end_frame": end}
+        now = entry.session.change_avatar_state(state, action)
+        answer = {key: now[key] for key in ("state", "clip", "action", "from_frame", "action_end_frame")}
         entry.events.publish("avatar.state", answer)
         logger.info("session %s: avatar state %s, action %s from frame %s", entry.public_id,
-                    now["state"], action, from_frame)
+                    now["state"], action, now["from_frame"])
         return answer
 
     async def status(self, session_id: str | int, token: str | None = None, *,

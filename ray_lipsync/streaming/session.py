@@ -137,6 +137,21 @@ class Session:
         self._check_open()
         return self._player.play(clip, self._switch_frame())
 
+    def change_avatar_state(self, state: str | None = None, action: str | None = None) -> dict[str, Any]:
+        """Set the state and/or play an action, the state first (both names are checked
+        before anything changes); returns {state, clip, action, from_frame,
+        action_end_frame} (clip and action as of the next frame shown)."""
+        self._check_open()
+        for name in (state, action):
+            if name is not None:
+                self._player.frames(name)
+        from_frame = end = None
+        if state is not None:
+            from_frame = self.set_avatar_state(state)
+        if action is not None:
+            from_frame, end = self.play_action(action)
+        return {**self.avatar_state(), "from_frame": from_frame, "action_end_frame": end}
+
     def _switch_frame(self) -> int:
         self._player.forget_before(self._next_emit)
         return max(self._next_emit, self._claimed)

@@ -165,7 +165,7 @@ class ClipPlayer:
         """Make `state` the silent state from output frame `at` on (or a little later, see the
         module doc); an action playing then (or requested to start later) is not cut: the
         new state follows it. Returns the first output frame of the new state."""
-        frames = self._frames(state)
+        frames = self.frames(state)
         self.state = state
         action = self._action_after(at)
         if action is not None:
@@ -186,13 +186,13 @@ class ClipPlayer:
         """Play `clip` once from output frame `at` (or a little later, see the module doc;
         cutting an action playing then), then return to the state; returns the action's
         first output frame and the one after its last."""
-        frames = self._frames(clip)
+        frames = self.frames(clip)
         kept = self._kept(at)
         window = max(1, round(len(frames) * ACTION_ENTRY_WINDOW))
         start, entry, fade = self._switch(kept[-1], at, frames, window)
         action = Segment(start, clip, frames.start, len(frames), entry, False, fade)
         end = action.end or start
-        state = self._frames(self.state)
+        state = self.frames(self.state)
         back, fade_back = self._enter(frames.stop - 1, state)
         self.plan = SourcePlan((*kept, action, Segment(end, self.state, state.start, len(state), back, True, fade_back)))
         log.debug("%s: action %s on frames %d..%d", self.avatar.name, clip, start, end - 1)
@@ -209,7 +209,8 @@ class ClipPlayer:
             self.plan = SourcePlan(segments[first:])
 
     # -- internals ------------------------------------------------------------------------
-    def _frames(self, name: str) -> range:
+    def frames(self, name: str) -> range:
+        """Source frames of clip `name` ("idle": the main video); UnknownClip if there is none."""
         try:
             return self.avatar.clip_frames(name)
         except KeyError:
