@@ -112,6 +112,14 @@ class SourcePlan:
         return source, None, 1.0
 
 
+def warm_switches(avatar: Avatar) -> None:
+    """Compute what switches compare (thumbnails, typical step) of an avatar with clips now:
+    pipelines call it off the event loop when a session opens, so a first switch never stalls
+    the loop."""
+    if avatar.clips:
+        _ = avatar.typical_step  # its thumbnails too
+
+
 def cross_fade(old: np.ndarray, new: np.ndarray, weight: float) -> np.ndarray:
     """`new` * weight + `old` * (1 - weight), two RGB uint8 frames of one size."""
     import cv2
@@ -138,7 +146,16 @@ class ClipPlayer:
         """The names a state or an action may take: "idle" and the avatar's clips."""
         return [IDLE, *self.avatar.clips]
 
+    def frames(self, name: str) -> range:
+        """Source frames of clip `name` ("idle": the main video); UnknownClip if there is none."""
+        try:
+            return self.avatar.clip_frames(name)
+        except KeyError:
+            raise UnknownClip(f"avatar {self.avatar.name!r} has no clip {str(name)[:80]!r}; it has "
+                              f"{', '.join(self.clips)}") from None
+
     def source(self, k: int) -> int:
+        """The source frame output frame k shows (lip-synced on, when it is speech)."""
         return self.plan.source(k)
 
     def silent_image(self, k: int) -> tuple[np.ndarray, int, dict[str, Any] | None]:
@@ -209,14 +226,6 @@ class ClipPlayer:
             self.plan = SourcePlan(segments[first:])
 
     # -- internals ------------------------------------------------------------------------
-    def frames(self, name: str) -> range:
-        """Source frames of clip `name` ("idle": the main video); UnknownClip if there is none."""
-        try:
-            return self.avatar.clip_frames(name)
-        except KeyError:
-            raise UnknownClip(f"avatar {self.avatar.name!r} has no clip {str(name)[:80]!r}; it has "
-                              f"{', '.join(self.clips)}") from None
-
     def _kept(self, at: int) -> tuple[Segment, ...]:
         """The segments deciding frames before `at` (the plan from `at` on is replaced)."""
         return tuple(s for s in self.plan.segments if s.first < at) or self.plan.segments[:1]
