@@ -260,6 +260,7 @@ def check_interrupt(run: InterruptRun, voice: np.ndarray, reply: np.ndarray) -> 
 
 # -- avatars -------------------------------------------------------------------------------
 
+MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"  # recordings, where present
 CLIPPED = "clipped"  # the avatar of the `clip_settings` fixture: a main video and three clips
 ABOVE_MOUTH = slice(0, 120)  # rows of a "clipped" frame that lip sync never changes
 

@@ -14,8 +14,8 @@ from ray_lipsync.avatar.motion import write_video
 from ray_lipsync.avatar.prepare import PrepareReport, fill_missing, prepare_image, prepare_video
 from ray_lipsync.config import AvatarConfig
 from ray_lipsync.errors import AvatarError
+from helpers import MEDIA
 
-MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
 CONFIG = AvatarConfig()
 
 
