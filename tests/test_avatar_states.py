@@ -247,7 +247,7 @@ async def test_speech_over_a_state_clip_keeps_its_motion(clip_settings):
     check_sources(received, avatar)
     after = [r.frame for r in received if r.frame.frame_index >= at]
     assert all(f.source_frame in listening for f in after)
-    talking = [f for f in after if f.speech]
+    talking = [f for f in after if f.speech and not f.dropped]  # a late frame shows the clip unmoved
     assert len(talking) > 10
     sources = [f.source_frame for f in after]
     assert set(np.diff(sources)) <= {-1, 0, 1}  # one loop, speech or not: no jump
