@@ -30,6 +30,7 @@ from ray_lipsync.streaming.local import new_clock
 from ray_lipsync.streaming.pipeline import SessionRegistry
 from ray_lipsync.streaming.playout import policy_for_new_session
 from ray_lipsync.streaming.session import Session
+from ray_lipsync.streaming.sources import warm_switches
 from ray_lipsync.types import AudioPush
 
 log = logging.getLogger(__name__)
@@ -224,6 +225,7 @@ class RayPipeline:
                              session_id: str | None = None) -> Session:
         backend = backend or self.settings.backend
         loaded = await self._avatars.get(avatar)
+        await asyncio.to_thread(warm_switches, loaded)
         await self._start_standby(backend, loaded.name)
         session_id = session_id or uuid.uuid4().hex
         self._ensure_lease()

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ray_lipsync.config import Settings
-from ray_lipsync.errors import LipsyncError
+from ray_lipsync.errors import AvatarError, LipsyncError
 
 log = logging.getLogger("ray_lipsync")
 
@@ -36,10 +36,22 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings.model_validate(data)
 
 
+def _clip(spec: str) -> tuple[str, Path]:
+    from ray_lipsync.avatar.prepare import parse_clip
+
+    try:
+        return parse_clip(spec)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def cmd_avatar_prepare(args: argparse.Namespace) -> int:
     from ray_lipsync.avatar.prepare import run_prepare
 
     settings = _settings(args)
+    clip_names = [name for name, _ in args.clip or []]
+    if len(set(clip_names)) != len(clip_names):
+        raise AvatarError(f"each --clip needs its own name, got {', '.join(clip_names)}")
     report = run_prepare(
         settings,
         image=args.image,
@@ -47,6 +59,7 @@ def cmd_avatar_prepare(args: argparse.Namespace) -> int:
         name=args.name,
         backend=args.backend or "procedural",
         progress=not args.quiet,
+        clips=dict(args.clip or []),
     )
     log.info("prepared avatar %r: %s", args.name, report)
     return 0
@@ -106,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--video", type=Path, help="talking-head video")
     prep.add_argument("--name", required=True, help="avatar name: letters, digits, _ and -")
     prep.add_argument("--backend", choices=["procedural", "musetalk"], help="also add MuseTalk latents")
+    prep.add_argument("--clip", action="append", type=_clip, metavar="NAME=VIDEO",
+                      help="a state or action clip of the same frame size (repeatable), e.g. "
+                           "listening=listen.mp4; sessions switch to it by name")
     prep.set_defaults(func=cmd_avatar_prepare)
     avatar.add_parser("list", help="list prepared avatars").set_defaults(func=cmd_avatar_list)
 

@@ -64,6 +64,10 @@ class UnknownSession(SessionError, KeyError):
         return str(self.args[0]) if self.args else "unknown session"
 
 
+class UnknownClip(SessionError, ValueError):
+    """A state or action names a clip the session's avatar does not have (HTTP 400)."""
+
+
 class SessionClosed(SessionError):
     """The session was closed; create a new one."""
 

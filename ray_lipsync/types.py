@@ -7,9 +7,12 @@ epoch, and every stage drops work whose epoch is older than the session's curren
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ray_lipsync.streaming.sources import SourcePlan
 
 
 @dataclass
@@ -59,7 +62,7 @@ class StageSpec:
     """What a feature stage needs to (re)create a session's state on any process."""
 
     avatar: str
-    avatar_frames: int
+    avatar_frames: int  # of the idle cycle (the main video)
     schedule: str = "streaming"
 
 
@@ -72,7 +75,9 @@ class AudioPush:
     (`time.monotonic() + due_in_s`) on arrival, so deadlines never depend on the wall clocks
     of two nodes agreeing. `spec` lets a restarted stage rebuild the session's state.
     `replay`: audio sent again because the round that carried it failed (the feature stage
-    computes its frames again, see FeatureStage.push).
+    computes its frames again, see FeatureStage.push). `sources`: which source frame each
+    output frame shows (the session's clip plan when the push was made; None: the idle
+    cycle of `spec.avatar_frames`).
     """
 
     session_id: str
@@ -83,6 +88,7 @@ class AudioPush:
     spec: StageSpec
     due_in_s: float
     replay: bool = False
+    sources: SourcePlan | None = None
 
     @property
     def stop(self) -> int:
@@ -102,7 +108,9 @@ class OutputFrame:
     `dropped` marks an idle frame that replaced one known to be speech but not ready in time
 (see streaming/drops.py); `latency_ms` is the
     time from the arrival of the frame's last audio chunk to its composited image (None for
-    idle frames).
+    idle frames); `source_frame` the avatar source frame the image shows (lip-synced or not;
+    see streaming/sources.py), None where unknown; a silent frame cross-faded between two
+    clips has meta["fade"] = {from_source_frame, weight (of source_frame)}.
     """
 
     session_id: str
@@ -116,3 +124,4 @@ class OutputFrame:
     dropped: bool = False
     latency_ms: float | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    source_frame: int | None = None

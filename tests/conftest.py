@@ -62,3 +62,41 @@ def lipsync_settings(lipsync_home):
     from ray_lipsync.config import Settings
 
     return Settings(home=lipsync_home, serve={"admission": {"enabled": False}})
+
+
+@pytest.fixture(scope="session")
+def clip_settings(tmp_path_factory: pytest.TempPathFactory):
+    """Settings on a home holding avatar "clipped", made from the default portrait (cut to
+    384x384 around the face) with procedural head motion (`avatar.motion.SAMPLE_MOTIONS`):
+    the main video (a sway), clips `listening` (a nod), `thinking` (a tilt) and `wave` (30
+    frames, a slow sideways move and back: long enough for speech to start during it). The videos are
+    written to MP4 and prepared through the real `avatar prepare` path (MediaPipe); where
+    MediaPipe is not installed (the pipecat venv), each frame is prepared from the default
+    portrait's shipped landmarks moved with it. Returns (settings, PrepareReport or None)."""
+    from helpers import CLIPPED
+    from ray_lipsync.avatar.face import FaceObservation
+    from ray_lipsync.avatar.motion import (
+        SAMPLE_MOTIONS, motion, moved, moved_points, sample_portrait, sample_videos,
+    )
+    from ray_lipsync.avatar.prepare import build_avatar, join_clips, run_prepare
+    from ray_lipsync.avatar.store import AvatarStore
+    from ray_lipsync.config import Settings
+
+    home = tmp_path_factory.mktemp("clip_home")
+    face, points = sample_portrait()
+    settings = Settings(home=home, avatar={"name": CLIPPED}, serve={"admission": {"enabled": False}})
+    if importlib.util.find_spec("mediapipe") is not None:
+        paths = sample_videos(face, home)
+        report = run_prepare(settings, image=None, video=paths.pop("main"), name=CLIPPED,
+                             progress=False, clips=paths)
+        return settings, report
+    steps = {name: motion(n, **sway) for name, (n, sway) in SAMPLE_MOTIONS.items()}
+    parts = {
+        name: build_avatar(CLIPPED, np.stack([moved(face, s) for s in moved_steps]),
+                           [FaceObservation.from_landmarks(moved_points(points, s, face.shape[1::-1]))
+                            for s in moved_steps], settings.avatar, smooth=True)[0]
+        for name, moved_steps in steps.items()
+    }
+    main = parts.pop("main")
+    AvatarStore(settings.avatars_dir).save(join_clips(main, parts))
+    return settings, None

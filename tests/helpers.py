@@ -30,6 +30,7 @@ from ray_lipsync.clock import PTS_PER_FRAME, SAMPLES_PER_FRAME
 from ray_lipsync.config import Settings
 from ray_lipsync.streaming.local import LocalPipeline
 from ray_lipsync.streaming.session import Session
+from ray_lipsync.streaming.sources import cross_fade
 from ray_lipsync.types import OutputFrame
 from ray_lipsync.webrtc.client import ReceiverClient
 
@@ -258,6 +259,27 @@ def check_interrupt(run: InterruptRun, voice: np.ndarray, reply: np.ndarray) -> 
 
 
 # -- avatars -------------------------------------------------------------------------------
+
+MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"  # recordings, where present
+CLIPPED = "clipped"  # the avatar of the `clip_settings` fixture: a main video and three clips
+ABOVE_MOUTH = slice(0, 120)  # rows of a "clipped" frame that lip sync never changes
+
+
+def check_sources(received, avatar) -> None:
+    """Every frame shows the source frame it names: exactly when silent, above the mouth when
+    lip-synced."""
+    for r in received:
+        frame = r.frame
+        assert frame.source_frame is not None
+        expected = avatar.frames[frame.source_frame]
+        if frame.speech and not frame.dropped:
+            assert np.array_equal(frame.image[ABOVE_MOUTH], expected[ABOVE_MOUTH])
+        elif "fade" in frame.meta:  # a switch cross-faded
+            fade = frame.meta["fade"]
+            old = avatar.frames[fade["from_source_frame"]]
+            assert np.array_equal(frame.image, cross_fade(old, expected, fade["weight"]))
+        else:
+            assert np.array_equal(frame.image, expected)
 
 
 def synthetic_avatar(name: str = "synth", n: int = 3, seed: int = 0) -> Avatar:

@@ -10,11 +10,12 @@ from skimage import data
 
 from ray_lipsync.avatar import LANDMARK, Avatar
 from ray_lipsync.avatar.face import FaceAnalyzer
+from ray_lipsync.avatar.motion import write_video
 from ray_lipsync.avatar.prepare import PrepareReport, fill_missing, prepare_image, prepare_video
 from ray_lipsync.config import AvatarConfig
 from ray_lipsync.errors import AvatarError
+from helpers import MEDIA
 
-MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
 CONFIG = AvatarConfig()
 
 
@@ -26,19 +27,6 @@ def astronaut() -> np.ndarray:
 @pytest.fixture(scope="module")
 def prepared(astronaut: np.ndarray) -> tuple[Avatar, PrepareReport]:
     return prepare_image(astronaut, "astronaut", CONFIG)
-
-
-def write_video(path: Path, frames: list[np.ndarray], fps: int = 25) -> None:
-    import av
-
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height = frames[0].shape[1], frames[0].shape[0]
-        stream.pix_fmt = "yuv420p"
-        stream.bit_rate = 8_000_000
-        for rgb in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
-        container.mux(stream.encode())
 
 
 def test_analyzer_finds_astronaut_face(astronaut: np.ndarray) -> None:

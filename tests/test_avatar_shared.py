@@ -110,4 +110,6 @@ def test_avatar_list_route_includes_shared_avatars(tmp_path: Path) -> None:
     origin.save(synthetic_avatar("dora"))
     origin.upload("dora")
     settings = Settings(home=tmp_path / "node", avatar_uri=str(shared))
-    assert list_avatars(settings) == ["default", "dora"]
+    listed = list_avatars(settings)
+    assert listed["avatars"] == ["default", "dora"]
+    assert listed["clips"] == {"default": [], "dora": []}  # not fetched here: none listed yet

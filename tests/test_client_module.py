@@ -1,5 +1,6 @@
 """The JavaScript client module (/client/ray-lipsync.js) in headless Chromium, from a page that
-only imports it: create, connect, speak, upload, stream, interrupt, events, reconnect, close.
+only imports it: create, connect, avatar state, speak, upload, stream, interrupt, events,
+reconnect, close.
 
 The page is served on the service's own origin, as an integrator's page would be; the service is the real HTTP API over an in-process gateway and
 LocalPipeline (tests/local_service.py). Skips without Debian's chromium.
@@ -57,13 +58,17 @@ SCENARIO = """async (wav64) => {
   out.avatars = await AvatarSession.avatars();
   try { await AvatarSession.create({ avatar: "nobody" }); } catch (e) { out.unknown = [e instanceof ApiError, e.status, e.error]; }
   const avatar = await AvatarSession.create({ avatar: "default" });
-  for (const name of ["utterance.start", "utterance.end", "interrupt", "connectionstatechange", "reconnecting", "reconnected"]) {
+  for (const name of ["utterance.start", "utterance.end", "interrupt", "avatar.state", "connectionstatechange", "reconnecting", "reconnected"]) {
     avatar.addEventListener(name, (e) => seen.push({ name, detail: e.detail }));
   }
   const video = document.getElementById("v");
   await avatar.connect({ video });
   await until(() => video.videoWidth > 0);
   out.audioElement = avatar._elements.audio.srcObject.getAudioTracks().length;
+
+  out.state = await avatar.setState("idle");
+  out.stateEvent = await waitFor("avatar.state");
+  try { await avatar.action("wave"); } catch (e) { out.badAction = [e instanceof ApiError, e.status, e.error]; }
 
   const spoken = await avatar.speak("Hello there.");
   await waitFor("utterance.start", (d) => d.utterance_id === spoken.utterance_id);
@@ -188,6 +193,8 @@ def test_the_client_module_drives_a_session_from_a_page_that_only_imports_it(ser
     assert "default" in out["avatars"]
     assert out["unknown"] == [True, 404, "unknown_avatar"]
     assert out["audioElement"] == 1  # audio in its own element (made by the module)
+    assert out["state"]["state"] == "idle" and out["stateEvent"]["state"] == "idle"
+    assert out["badAction"] == [True, 400, "unknown_clip"]  # the default avatar has no clips
     assert out["streamed"]["interrupted"] is False and out["streamed"]["played_ms"] > 400
     assert out["silencedAtOnce"] is True and out["cut"]["interrupted"] is True
     assert out["newPc"] is True and out["reconnectEvents"] == ["reconnecting", "reconnected"]

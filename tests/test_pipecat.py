@@ -20,6 +20,8 @@ from pipecat.frames.frames import (  # noqa: E402
     TTSAudioRawFrame,
     TTSStartedFrame,
     TTSStoppedFrame,
+    UserStartedSpeakingFrame,
+    UserStoppedSpeakingFrame,
 )
 from pipecat.pipeline.pipeline import Pipeline  # noqa: E402
 from pipecat.pipeline.worker import PipelineWorker  # noqa: E402
@@ -28,7 +30,7 @@ from pipecat.workers.runner import WorkerRunner  # noqa: E402
 
 from ray_lipsync.audio import resample  # noqa: E402
 from ray_lipsync.integrations.pipecat import LipsyncVideoService  # noqa: E402
-from helpers import loud_ms, variant  # noqa: E402
+from helpers import CLIPPED, free_port, loud_ms, variant  # noqa: E402
 from servers import running_server  # noqa: E402
 from speech import speech  # noqa: E402
 
@@ -160,3 +162,30 @@ async def test_pipecat_pipeline_plays_the_avatar_in_sync_and_interrupts(lipsync_
         finally:
             await stop_pipeline(runner, running)
         assert gateway.session_count == 0  # EndFrame closed the session on the server
+
+
+async def test_user_speaking_frames_set_the_listening_state_when_asked(clip_settings):
+    """listening_state=True: UserStartedSpeakingFrame -> the avatar's `listening` clip,
+    UserStoppedSpeakingFrame -> idle (POST /v1/sessions/{id}/state on the real server)."""
+    settings, _ = clip_settings
+    async with running_server(settings, free_port()) as (gateway, base):
+        avatar = LipsyncVideoService(base, avatar=CLIPPED, listening_state=True)
+        sink = Sink()
+        worker = PipelineWorker(Pipeline([avatar, sink]), idle_timeout_secs=None, enable_rtvi=False)
+        runner = WorkerRunner(handle_sigint=False)
+        await runner.add_workers(worker)
+        running = asyncio.create_task(runner.run())
+        try:
+            await wait_until(lambda: len(sink.images) >= 5, 15)
+            (session,) = gateway.pipeline.sessions()
+            assert session.avatar_state()["state"] == "idle"
+            await worker.queue_frame(UserStartedSpeakingFrame())
+            await wait_until(lambda: session.avatar_state()["state"] == "listening", 5)
+            await worker.queue_frame(UserStoppedSpeakingFrame())
+            await wait_until(lambda: session.avatar_state()["state"] == "idle", 5)
+            await avatar.play_action("wave")
+            assert session.avatar_state()["action"] == "wave"
+            await worker.queue_frame(EndFrame())
+            await asyncio.wait_for(running, 15)
+        finally:
+            await stop_pipeline(runner, running)

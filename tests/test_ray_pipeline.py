@@ -18,19 +18,23 @@ import numpy as np
 import pytest
 from speech import speech
 from helpers import (
+    CLIPPED,
     PHRASE_A,
     PHRASE_B,
     Receiver,
     assert_audio_is,
     assert_clock,
     check_interrupt,
+    check_sources,
     interrupt_and_reply,
     is_idle,
+    push_in_real_time,
     speak_once,
     speech_frames,
     tuned,
 )
 
+from ray_lipsync.avatar.store import AvatarStore
 from ray_lipsync.clock import SAMPLES_PER_FRAME
 from ray_lipsync.config import Settings
 from ray_lipsync.errors import AtCapacity, SessionClosed, UnknownSession
@@ -127,6 +131,31 @@ class TestLocalRay:
         assert stats.frames_dropped == 0
         assert stats.replica == replicas[0]["replica"] and replicas[0]["frames"] >= len(talking)
         assert replicas[0]["device"] == "cpu"  # reaches /metrics and the session state
+
+    def test_a_state_clip_through_actors_is_lip_synced_on_its_frames(self, make_settings, clip_settings,
+                                                                      lipsync_home):
+        """The clip plan travels with the pushes to the feature stage in its actor: speech over
+        the `listening` clip is rendered on the listening frames the session shows."""
+        clipped = AvatarStore(clip_settings[0].avatars_dir).load(CLIPPED, mmap=False)
+        AvatarStore(Settings(home=lipsync_home).avatars_dir).save(clipped)  # where the actors look
+        settings = make_settings()
+
+        async def run():
+            pipeline = await RayPipeline.connect(settings)
+            session = await pipeline.create_session(avatar=CLIPPED)
+            rx = Receiver(session)
+            at = session.set_avatar_state("listening")
+            utt = await push_in_real_time(session, speech(PHRASE_A), "u1")
+            received = await rx.until_frame(utt.end_frame + 3)
+            await rx.stop()
+            await pipeline.shutdown()
+            return session, at, received
+
+        session, at, received = asyncio.run(bounded(run()))
+        check_sources(received, session.avatar)
+        after = [r.frame for r in received if r.frame.frame_index >= at]
+        assert all(f.source_frame in session.avatar.clips["listening"] for f in after)
+        assert sum(f.speech and not f.dropped for f in after) > 10
 
     def test_interrupt_through_actors_silences_old_speech_within_two_frames(self, make_settings):
         settings = make_settings()

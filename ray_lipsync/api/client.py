@@ -34,6 +34,10 @@ class GatewayAPI(Protocol):
     async def interrupt(self, session_id: str | int, token: str | None = None, *,
                         compat: bool = False) -> dict: ...
 
+    async def set_avatar_state(self, session_id: str | int, token: str | None = None,
+                               state: str | None = None, action: str | None = None, *,
+                               compat: bool = False) -> dict: ...
+
     async def status(self, session_id: str | int, token: str | None = None, *,
                      compat: bool = False) -> dict: ...
 
@@ -52,7 +56,8 @@ class GatewayAPI(Protocol):
         ...
 
 
-SESSION_METHODS = ("authorize", "offer", "push_audio", "interrupt", "status", "close", "events")
+SESSION_METHODS = ("authorize", "offer", "push_audio", "interrupt", "set_avatar_state", "status",
+                   "close", "events")
 
 
 def forwarded_kwargs(method: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:

@@ -411,10 +411,29 @@ class Gateway:
         entry.events.publish("interrupt", {k: answer[k] for k in ("epoch", "utterance_id", "played_ms")})
         return answer
 
+    # ---- avatar state ------------------------------------------------------------------
+    async def set_avatar_state(self, session_id: str | int, token: str | None = None,
+                               state: str | None = None, action: str | None = None, *,
+                               compat: bool = False) -> dict:
+        """Set the session's silent state (a clip, "idle" = the main video) and/or play an
+        action clip once (after the state is set); UnknownClip for a name the avatar lacks
+        (nothing changes then). Returns {state, clip, action, from_frame, action_end_frame}
+        and publishes it as the SSE event `avatar.state`."""
+        entry = self._entry(session_id, token, compat=compat)
+        if state is None and action is None:
+            raise ValueError("give a state, an action or both")
+        now = entry.session.change_avatar_state(state, action)
+        answer = {key: now[key] for key in ("state", "clip", "action", "from_frame", "action_end_frame")}
+        entry.events.publish("avatar.state", answer)
+        logger.info("session %s: avatar state %s, action %s from frame %s", entry.public_id,
+                    now["state"], action, now["from_frame"])
+        return answer
+
     async def status(self, session_id: str | int, token: str | None = None, *,
                      compat: bool = False) -> dict:
         entry = self._entry(session_id, token, compat=compat)
         stats = entry.session.stats()
+        avatar = entry.session.avatar_state()
         return {
             "session_id": entry.public_id,
             "gateway": self.tag,
@@ -422,6 +441,10 @@ class Gateway:
             "epoch": stats.epoch,
             "speaking": stats.speaking,
             "state": stats.state,
+            "avatar_state": avatar["state"],
+            "clip": avatar["clip"],
+            "action": avatar["action"],
+            "clips": avatar["clips"],
             "frames_sent": stats.frames_sent,
             "frames_dropped": stats.frames_dropped,
             "drops": stats.drops,

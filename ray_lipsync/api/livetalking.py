@@ -2,7 +2,13 @@
 
 Same request and response shapes as LiveTalking's app.py so its web clients work unchanged:
 POST /offer {sdp,type} -> {sdp,type,sessionid}; /human {sessionid,text,type,interrupt};
-/humanaudio multipart (sessionid, file); /interrupt_talk and /is_speaking {sessionid}.
+/humanaudio multipart (sessionid, file); /interrupt_talk and /is_speaking {sessionid};
+/set_audiotype {sessionid, audiotype, reinit}: LiveTalking's custom states, numbered as its
+custom_config numbers them: audiotype 0 or 1 is the avatar's own idle cycle, 2 its first clip
+(`avatar prepare --clip`, in the order given), 3 the second, ... The clip becomes the silent
+state (POST /v1/sessions/{id}/state) and loops until another audiotype is set; unlike
+LiveTalking's custom videos our clips carry no audio, so nothing ends them by itself.
+`reinit` is accepted and ignored: a clip is entered at its frame most like the one shown.
 Replies are {"code": 0, ...} on success and {"code": -1, "msg": ...} on failure, as there.
 Session ids are integers (its clients parseInt them) that embed the home gateway's code.
 """
@@ -19,7 +25,7 @@ from fastapi.responses import JSONResponse
 from ray_lipsync.api.client import GatewayAPI
 from ray_lipsync.api.uploads import parse_form, push_decoded
 from ray_lipsync.config import Settings
-from ray_lipsync.errors import LipsyncError
+from ray_lipsync.errors import LipsyncError, UnknownClip
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +52,7 @@ def _session(params: dict[str, Any]) -> int:
 
 
 def livetalking_routes(settings: Settings, client: GatewayAPI) -> APIRouter:
-    """The five LiveTalking routes over `client` (no tokens, documented as unauthenticated)."""
+    """The LiveTalking routes over `client` (no tokens, documented as unauthenticated)."""
     api = APIRouter(tags=["livetalking (unauthenticated)"])
 
     async def guarded(request: Request, action) -> JSONResponse:  # noqa: ANN001
@@ -129,6 +135,25 @@ def livetalking_routes(settings: Settings, client: GatewayAPI) -> APIRouter:
             params = await _json(request)
             await client.interrupt(session_id=_session(params), compat=True)
             return {"code": 0, "msg": "ok"}
+
+        return await guarded(request, run)
+
+    @api.post("/set_audiotype")
+    async def set_audiotype(request: Request) -> JSONResponse:
+        async def run() -> dict:
+            params = await _json(request)
+            sessionid = _session(params)
+            audiotype = params.get("audiotype")
+            if isinstance(audiotype, bool) or not isinstance(audiotype, int):
+                raise ValueError("audiotype must be an integer: 0 or 1 for the idle cycle, "
+                                 "2 for the avatar's first clip, 3 for the second, ...")
+            clips = (await client.status(session_id=sessionid, compat=True))["clips"]
+            if not 0 <= audiotype <= len(clips):
+                raise UnknownClip(f"audiotype {audiotype} names no clip: this avatar has "
+                                  f"{len(clips) - 1} clip(s), audiotype 2..{len(clips)}")
+            state = clips[max(audiotype - 1, 0)]  # clips[0] is "idle"
+            await client.set_avatar_state(session_id=sessionid, state=state, compat=True)
+            return {"code": 0, "data": "ok"}
 
         return await guarded(request, run)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Strict(BaseModel):
@@ -54,6 +54,30 @@ class InterruptResult(BaseModel):
                                      "nothing was playing.")
 
 
+CLIP_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
+
+
+class AvatarStateRequest(_Strict):
+    state: str | None = Field(None, min_length=1, max_length=64, pattern=CLIP_NAME, description="Clip looped while the avatar is silent; \"idle\" = the main video.")
+    action: str | None = Field(None, min_length=1, max_length=64, pattern=CLIP_NAME, description="Clip played once (after `state` is set), then back to the state.")
+
+    @model_validator(mode="after")
+    def _one_at_least(self) -> "AvatarStateRequest":
+        if self.state is None and self.action is None:
+            raise ValueError("give `state`, `action` or both")
+        return self
+
+
+class AvatarStateResult(BaseModel):
+    state: str = Field(description="The silent state now.")
+    clip: str = Field(description="The clip the next frame shows.")
+    action: str | None = Field(description="The action playing or about to, if any.")
+    from_frame: int = Field(description="Output frame the change takes effect from (after the "
+                            "speech already handed to the engine, and after an action playing).")
+    action_end_frame: int | None = Field(description="Output frame after the action's last; "
+                                         "null without an action.")
+
+
 class NetworkState(BaseModel):
     """What the receiver's RTCP feedback says of a session's video link, and what the encoder does."""
 
@@ -84,6 +108,12 @@ class SessionState(BaseModel):
         description="waiting_for_replica: the session's inference replica is gone and no replica "
         "has room; its frames show idle (or come from the gateway's standby engine) and it "
         "resumes by itself when capacity returns (SSE event `session.state`).")
+    avatar_state: str = Field("idle", description="The silent state: \"idle\" (the main video) "
+                              "or a clip of the avatar (POST /v1/sessions/{id}/state).")
+    clip: str = Field("idle", description="The clip the next frame shows (an action's, or the state's).")
+    action: str | None = Field(None, description="The action clip playing or about to, if any.")
+    clips: list[str] = Field(default_factory=list, description="Names state and action take: "
+                             "\"idle\" and the avatar's clips.")
     frames_sent: int
     frames_dropped: int = Field(description="Frames the viewer saw replaced (every drop reason "
                                 "but stale_epoch).")
@@ -101,6 +131,9 @@ class SessionState(BaseModel):
 
 class AvatarList(BaseModel):
     avatars: list[str]
+    clips: dict[str, list[str]] = Field(description="Clip names per avatar (states and actions "
+                                        "its sessions can take besides \"idle\"); avatars not "
+                                        "in this node's store yet list none.")
 
 
 class ErrorBody(BaseModel):

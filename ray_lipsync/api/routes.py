@@ -31,7 +31,8 @@ from ray_lipsync.api.uploads import push_decoded, stream_upload
 from ray_lipsync.config import Settings
 from ray_lipsync.errors import (
     AtCapacity, AudioInputError, AudioTooLarge, AvatarError, AvatarNotFound, BackendUnavailable,
-    Backpressure, MalformedAudio, SessionClosed, StageUnavailable, UnknownSession, UnsupportedAudio,
+    Backpressure, MalformedAudio, SessionClosed, StageUnavailable, UnknownClip, UnknownSession,
+    UnsupportedAudio,
 )
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ _STATUS: list[tuple[type[BaseException], int, str]] = [
     (MalformedAudio, 422, "malformed_audio"), (AudioInputError, 422, "invalid_audio"),
     (Backpressure, 429, "backpressure"), (BackendUnavailable, 503, "backend_unavailable"),
     (AtCapacity, 503, "at_capacity"), (StageUnavailable, 503, "stage_unavailable"),
-    (AvatarError, 400, "bad_avatar"), (ValueError, 400, "bad_request"),
+    (AvatarError, 400, "bad_avatar"), (UnknownClip, 400, "unknown_clip"), (ValueError, 400, "bad_request"),
 ]
 
 
@@ -123,9 +124,11 @@ def check_session_id(session_id: str) -> str:
     return session_id
 
 
-def list_avatars(settings: Settings) -> list[str]:
-    """The default avatar plus every prepared avatar in the store and its shared location."""
-    from ray_lipsync.avatar.store import AvatarStore
+def list_avatars(settings: Settings) -> dict[str, list]:
+    """{avatars, clips}: the default avatar plus every prepared avatar in the store and its
+    shared location, and the clip names of each (read from the manifests in this node's
+    store; an avatar not fetched here yet lists none)."""
+    from ray_lipsync.avatar.store import AvatarStore, clip_ranges
 
     store = AvatarStore(settings.avatars_dir, settings.avatar_uri)
     try:
@@ -133,7 +136,15 @@ def list_avatars(settings: Settings) -> list[str]:
     except AvatarError:
         logger.warning("listing the shared avatars failed; listing local ones", exc_info=True)
         names = store.names()
-    return sorted({settings.avatar.name, *names})
+    avatars = sorted({settings.avatar.name, *names})
+    clips: dict[str, list[str]] = {}
+    for name in avatars:
+        try:
+            clips[name] = list(clip_ranges(store.manifest(name))) if store.exists(name) else []
+        except AvatarError:
+            logger.warning("avatar %r: unreadable manifest", name, exc_info=True)
+            clips[name] = []
+    return {"avatars": avatars, "clips": clips}
 
 
 async def synthesize(request: Request, text: str) -> Any:
@@ -153,7 +164,7 @@ def session_routes(settings: Settings, client: GatewayAPI,
 
     @api.get("/avatars", response_model=models.AvatarList)
     async def avatars() -> dict:
-        return {"avatars": await asyncio.to_thread(list_avatars, settings)}
+        return await asyncio.to_thread(list_avatars, settings)
 
     @api.post("/sessions", status_code=201, response_model=models.SessionCreated,
               responses=errors(400, 401, 403, 404, 503))
@@ -222,6 +233,17 @@ def session_routes(settings: Settings, client: GatewayAPI,
     async def interrupt(session_id: str, authorization: str | None = Header(None)) -> dict:
         token = await auth(session_id, authorization)
         return await client.interrupt(session_id=session_id, token=token)
+
+    @api.post("/sessions/{session_id}/state", response_model=models.AvatarStateResult,
+              responses=errors(400, *SESSION_ERRORS, 410))
+    async def avatar_state(session_id: str, body: models.AvatarStateRequest,
+                           authorization: str | None = Header(None)) -> dict:
+        """Set the silent state (`state`: a clip looped while the avatar does not speak,
+        "idle" = the main video) and/or play an action clip once (`action`); 400
+        `unknown_clip` for a name the avatar lacks. Speech goes on over the clip shown."""
+        token = await auth(session_id, authorization)
+        return await client.set_avatar_state(session_id=session_id, token=token,
+                                             state=body.state, action=body.action)
 
     @api.get("/sessions/{session_id}", response_model=models.SessionState,
              responses=errors(*SESSION_ERRORS))

@@ -2,12 +2,16 @@
 
 Client -> server: binary messages are PCM16 little-endian mono at `?rate=` (8000-48000 Hz,
 resampled to 16 kHz), any size; text messages are JSON `{"type": "flush"}` (the current
-utterance is complete: the next audio starts a new one) and `{"type": "clear"}` (interrupt:
-queued and playing speech stop now).
+utterance is complete: the next audio starts a new one), `{"type": "clear"}` (interrupt:
+queued and playing speech stop now), `{"type": "state", "state": "listening"}` (the silent
+state: a clip of the avatar, "idle" = the main video) and `{"type": "action", "clip": "wave"}`
+(play a clip once, then back to the state), as POST /v1/sessions/{id}/state does.
 Server -> client: `{"type": "playback.started", "utterance_id"}` when the utterance's first
 frame is sent to the peer, `{"type": "playback.finished", "utterance_id", "played_ms",
-"interrupted"}` when its last frame is sent or it is cut, `{"type": "error", "error",
-"detail"}` for a bad message (the socket stays open unless the session is gone), and
+"interrupted"}` when its last frame is sent or it is cut, `{"type": "avatar.state", "state", "clip", "action", "from_frame", "action_end_frame"}`
+after a state or action change (from any client of the session), `{"type": "error",
+"error", "detail"}` for a bad message (`unknown_clip` for a clip the avatar lacks; the
+socket stays open unless the session is gone), and
 `{"type": "session.closed", "reason"}` before the server closes the socket.
 
 Backpressure: while the session's speech buffer is full, audio is not pushed and no further
@@ -33,7 +37,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ray_lipsync.api.client import GatewayAPI
 from ray_lipsync.audio.resample import PIPELINE_RATE, Resampler
-from ray_lipsync.errors import Backpressure, SessionClosed, UnknownSession
+from ray_lipsync.errors import Backpressure, SessionClosed, UnknownClip, UnknownSession
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +188,8 @@ class StreamSocket:
                     await self._on_text(message["text"])
             except (UnknownSession, SessionClosed) as error:
                 await self._close_gone(str(error))
+            except UnknownClip as error:
+                await self._send({"type": "error", "error": "unknown_clip", "detail": str(error)})
             except ValueError as error:
                 await self._send({"type": "error", "error": "bad_request", "detail": str(error)})
             except Exception:  # noqa: BLE001 - the socket outlives one failed message
@@ -201,8 +207,8 @@ class StreamSocket:
         try:
             message = json.loads(text)
         except json.JSONDecodeError:
-            raise ValueError("text messages must be JSON: {\"type\": \"flush\"} or "
-                             "{\"type\": \"clear\"}") from None
+            raise ValueError("text messages must be JSON objects with a type: flush, clear, "
+                             "state or action") from None
         kind = message.get("type") if isinstance(message, dict) else None
         if kind == "flush":
             if not self._clears:
@@ -211,9 +217,17 @@ class StreamSocket:
             self._clears -= 1
             self.utterance = _Utterance(self.rate)
             await self.client.interrupt(session_id=self.session_id, token=self.token)
+        elif kind in ("state", "action"):
+            field = "state" if kind == "state" else "clip"
+            name = message.get(field)
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"a {kind!r} message needs {field!r}: the name of one of the "
+                                 "avatar's clips (GET /v1/sessions/{id} lists them)")
+            await self.client.set_avatar_state(session_id=self.session_id, token=self.token,
+                                               **{kind: name})
         else:
-            raise ValueError(f"unknown message type {str(kind)[:40]!r}; send 'flush' or 'clear' "
-                             "(audio goes in binary messages)")
+            raise ValueError(f"unknown message type {str(kind)[:40]!r}; send 'flush', 'clear', "
+                             "'state' or 'action' (audio goes in binary messages)")
 
     async def _flush(self) -> None:
         utterance = self.utterance
@@ -271,6 +285,8 @@ class StreamSocket:
                                   "interrupted": data.get("interrupted")})
             elif event == "session.state":  # waiting_for_replica / streaming
                 await self._send({"type": "session.state", "state": data.get("state")})
+            elif event == "avatar.state":
+                await self._send({"type": "avatar.state", **data})
             elif event == "session.closed":
                 await self._close_gone(data.get("reason", "session closed"))
                 return

@@ -9,6 +9,10 @@ animate; the blend mask says which crop pixels the compositor takes from the bac
 
 Frames without a detected face get landmarks interpolated linearly from the nearest detected
 frames (held at the ends) and are reported; a source with no face at all is an AvatarError.
+
+Clips (`--clip listening=listen.mp4`) are prepared exactly like the main video and appended to
+its per-frame arrays (`join_clips`), so every stage renders a clip's frames as it renders the
+main video's; a clip must have the main video's frame size.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -31,7 +35,7 @@ from ray_lipsync.avatar.face import (
     half_face_point,
     named_landmarks,
 )
-from ray_lipsync.avatar.model import CROP_SIZE, LANDMARK, Avatar
+from ray_lipsync.avatar.model import CROP_SIZE, LANDMARK, Avatar, validate_clip_name
 from ray_lipsync.avatar.store import AvatarStore, validate_name
 from ray_lipsync.config import AvatarConfig, Settings
 from ray_lipsync.errors import AvatarError
@@ -44,13 +48,15 @@ _FACE_OVAL = np.array(FACE_OVAL, dtype=np.int64)
 
 @dataclass
 class PrepareReport:
-    """What preparation found: frame count, detections, interpolated frame indices, time."""
+    """What preparation found: frame count, detections, interpolated frame indices, time;
+    `clips`: the same of each clip, by name (frame indices within the clip)."""
 
     frames: int
     detected: int
     interpolated: list[int] = field(default_factory=list)
     seconds: float = 0.0
     source: str = ""
+    clips: dict[str, "PrepareReport"] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,6 +69,7 @@ class PrepareReport:
             interpolated=[int(i) for i in data.get("interpolated", [])],
             seconds=float(data.get("seconds", 0.0)),
             source=str(data.get("source", "")),
+            clips={str(k): cls.from_dict(v) for k, v in data.get("clips", {}).items()},
         )
 
 
@@ -307,6 +314,48 @@ def prepare_video(
     return avatar, report
 
 
+def join_clips(main: Avatar, clips: Mapping[str, Avatar]) -> Avatar:
+    """`main` with each clip's per-frame arrays appended, in order (`Avatar.clips` records
+    where); AvatarError when a clip's frame size differs from the main video's."""
+    parts = [main]
+    ranges: dict[str, range] = {}
+    start = len(main)
+    for name, clip in clips.items():
+        if clip.size != main.size:
+            raise AvatarError(
+                f"clip {name!r} is {clip.size[0]}x{clip.size[1]} pixels, the main video "
+                f"{main.size[0]}x{main.size[1]}: a clip must have the main video's frame size "
+                "(re-encode it at that size)"
+            )
+        if set(clip.extras) != set(main.extras):
+            raise AvatarError(f"clip {name!r} has backend data {sorted(clip.extras)}, the main video "
+                              f"{sorted(main.extras)}; prepare them with the same backend")
+        ranges[name] = range(start, start + len(clip))
+        start += len(clip)
+        parts.append(clip)
+    if not clips:
+        return main
+
+    def stacked(attr: str) -> np.ndarray:
+        return np.concatenate([np.asarray(getattr(p, attr)) for p in parts])
+
+    return Avatar(
+        name=main.name, frames=stacked("frames"), crop_boxes=stacked("crop_boxes"),
+        crops=stacked("crops"), masks=stacked("masks"), landmarks=stacked("landmarks"),
+        detected=stacked("detected"), fps=main.fps,
+        extras={k: np.concatenate([p.extras[k] for p in parts]) for k in main.extras},
+        clips=ranges,
+    )  # fmt: skip
+
+
+def parse_clip(spec: str) -> tuple[str, Path]:
+    """`NAME=PATH` (the CLI's --clip) -> (name, path); ValueError when malformed."""
+    name, sep, path = spec.partition("=")
+    if not sep or not path:
+        raise ValueError(f"--clip takes NAME=VIDEO (e.g. listening=listen.mp4), got {spec!r}")
+    return validate_clip_name(name), Path(path)
+
+
 # --- CLI hooks ------------------------------------------------------------------------------
 
 
@@ -329,9 +378,12 @@ def run_prepare(
     name: str,
     backend: str = "procedural",
     progress: bool = True,
+    clips: Mapping[str, Path] | None = None,
 ) -> PrepareReport:
-    """`ray-lipsync avatar prepare`: prepare from an image or a video, save it in the store
-    (settings.avatars_dir) and add the backend's per-frame data (musetalk: VAE latents)."""
+    """`ray-lipsync avatar prepare`: prepare from an image or a video (and its `clips`, name
+    -> video, each prepared like a video and appended), save it in the store
+    (settings.avatars_dir) and add the backend's per-frame data (musetalk: VAE latents) of
+    every frame, the clips' included."""
     from ray_lipsync.backends import BACKENDS
 
     validate_name(name)
@@ -339,11 +391,21 @@ def run_prepare(
         raise AvatarError("pass exactly one of --image PATH or --video PATH")
     if backend not in BACKENDS:
         raise AvatarError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    clips = dict(clips or {})
+    for clip in clips:
+        try:
+            validate_clip_name(clip)
+        except ValueError as exc:
+            raise AvatarError(str(exc)) from None
     if image is not None:
         avatar, report = prepare_image(read_image(image), name, settings.avatar, source=str(image))
     else:
         assert video is not None
         avatar, report = prepare_video(video, name, settings.avatar, progress=progress)
+    prepared = {}
+    for clip, path in clips.items():
+        prepared[clip], report.clips[clip] = prepare_video(path, name, settings.avatar, progress=progress)
+    avatar = join_clips(avatar, prepared)
     store = AvatarStore(settings.avatars_dir, settings.avatar_uri)
     store.save(avatar, report)
     if backend == "musetalk":
@@ -370,5 +432,6 @@ def list_avatars(settings: Settings) -> list[dict[str, Any]]:
             "source": manifest.get("source", ""),
             "created": manifest.get("created", ""),
             "extras": sorted(manifest.get("extras", {})),
+            "clips": {clip: stop - start for clip, (start, stop) in manifest.get("clips", {}).items()},
         })  # fmt: skip
     return rows

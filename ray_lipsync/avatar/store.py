@@ -5,7 +5,10 @@ Layout under `root`:
   <name>/avatar.arrow    one row per source frame: frame, crop_box, crop, mask, landmarks,
                          detected, then one column "extras.<key>" per backend extra
   <name>/manifest.json   {format_version, name, width, height, frames, fps, crop_size, source,
-                         created, extras: {key: {shape, dtype}}, report}
+                         created, extras: {key: {shape, dtype}}, clips: {name: [start, stop]},
+                         report}
+`frames` counts every source frame: the main video's, then each clip's ([start, stop) rows,
+in order; a manifest without `clips` has none).
 Array columns are fixed-size binary (one row = the frame's raw bytes, C order); their dtype and
 per-row shape are in the field metadata, so loading is a zero-copy numpy view of the mapped
 file. Writes go to a temporary directory that is renamed into place.
@@ -61,6 +64,11 @@ def validate_name(name: object) -> str:
             "letter or digit"
         )
     return name
+
+
+def clip_ranges(manifest: Mapping[str, Any]) -> dict[str, range]:
+    """The clips a manifest lists, name -> range of source frames (in manifest order)."""
+    return {str(clip): range(int(start), int(stop)) for clip, (start, stop) in manifest.get("clips", {}).items()}
 
 
 def _encode(array: np.ndarray) -> tuple[pa.Array, dict[bytes, bytes]]:
@@ -215,6 +223,7 @@ class AvatarStore:
             "source": str((report or {}).get("source", "")),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "extras": {},
+            "clips": {clip: [frames.start, frames.stop] for clip, frames in avatar.clips.items()},
             "report": dict(report) if report is not None else None,
         }
         columns = {col: np.asarray(getattr(avatar, attr)) for attr, col in _CORE.items()}
@@ -241,7 +250,11 @@ class AvatarStore:
             key: _decode(table.column(EXTRA_PREFIX + key), table.schema.field(EXTRA_PREFIX + key), copy=not mmap)
             for key in manifest["extras"]
         }
-        return Avatar(name=name, detected=detected, fps=float(manifest["fps"]), extras=extras, **arrays)
+        try:
+            return Avatar(name=name, detected=detected, fps=float(manifest["fps"]), extras=extras,
+                          clips=clip_ranges(manifest), **arrays)
+        except (TypeError, ValueError) as exc:
+            raise AvatarError(f"avatar {name!r}: {exc}; prepare it again") from exc
 
     def add_extras(self, name: str, arrays: Mapping[str, np.ndarray]) -> None:
         """Add (or replace) per-frame backend arrays, e.g. "musetalk_latents" (N, 8, 32, 32)

@@ -14,6 +14,10 @@ Images are pushed after the audio that precedes them and marked `sync_with_audio
 output transport shows frame k as its audio plays. `TTSStoppedFrame` -> flush (end of the
 utterance), `InterruptionFrame` -> clear (the server cuts the speech at the next frame; the
 speech already in flight is muted here), `EndFrame` / `CancelFrame` -> close the session.
+With `listening_state=True`, `UserStartedSpeakingFrame` sets the avatar's silent state to
+`listening` and `UserStoppedSpeakingFrame` back to `idle` (`POST /v1/sessions/{id}/state`;
+the avatar needs a `listening` clip: `ray-lipsync avatar prepare --clip listening=...`);
+`set_state(state)` and `play_action(clip)` do the same for any clip of the avatar.
 
 Event handlers: `on_playback_started(service, utterance_id)` and
 `on_playback_finished(service, event)` with the server's `{utterance_id, played_ms,
@@ -49,6 +53,8 @@ from pipecat.frames.frames import (
     TTSSpeakFrame,
     TTSStartedFrame,
     TTSStoppedFrame,
+    UserStartedSpeakingFrame,
+    UserStoppedSpeakingFrame,
 )
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
@@ -89,8 +95,11 @@ class LipsyncVideoService(FrameProcessor):
 
     def __init__(self, base_url: str, avatar: str = "default", *, backend: str | None = None,
                  api_key: str | None = None, ice_servers: list[dict] | None = None,
-                 http_timeout_s: float = 30.0, **kwargs: Any) -> None:
+                 http_timeout_s: float = 30.0, listening_state: bool = False,
+                 **kwargs: Any) -> None:
+        """`listening_state`: show the avatar's `listening` clip while the user speaks."""
         super().__init__(**kwargs)
+        self._listening_state = listening_state
         self._base_url = base_url.rstrip("/")
         self._avatar = avatar
         self._backend = backend
@@ -133,6 +142,9 @@ class LipsyncVideoService(FrameProcessor):
         elif isinstance(frame, (EndFrame, CancelFrame)):
             await self._close()
             await self.push_frame(frame, direction)
+        elif self._listening_state and isinstance(frame, (UserStartedSpeakingFrame, UserStoppedSpeakingFrame)):
+            await self.push_frame(frame, direction)
+            await self.set_state("listening" if isinstance(frame, UserStartedSpeakingFrame) else "idle")
         else:
             await self.push_frame(frame, direction)
 
@@ -191,6 +203,24 @@ class LipsyncVideoService(FrameProcessor):
                 except httpx.HTTPError:
                     log.warning("could not close session %s", self.session_id, exc_info=True)
             await http.aclose()
+
+    async def set_state(self, state: str) -> None:
+        """Make clip `state` the avatar's silent state ("idle": its own cycle)."""
+        await self._post_state({"state": state})
+
+    async def play_action(self, clip: str) -> None:
+        """Play clip `clip` of the avatar once, then return to its state."""
+        await self._post_state({"action": clip})
+
+    async def _post_state(self, body: dict[str, str]) -> None:
+        if self._http is None or self.session_id is None:
+            return  # not connected (an ErrorFrame was pushed when connecting failed)
+        try:
+            r = await self._http.post(f"/v1/sessions/{self.session_id}/state", headers=self._auth(),
+                                      json=body)
+            _raise_for(r, f"set the avatar state {body}")
+        except (httpx.HTTPError, RuntimeError) as error:  # reported, not raised: the talk goes on
+            await self.push_error(f"ray-lipsync: {error}", exception=error)
 
     def _auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self._token}"}

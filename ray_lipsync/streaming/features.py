@@ -15,7 +15,6 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from ray_lipsync.avatar.model import mirror_index
 from ray_lipsync.backends.base import Featurizer
 from ray_lipsync.clock import (
     CHUNK_SAMPLES,
@@ -26,6 +25,7 @@ from ray_lipsync.clock import (
 )
 from ray_lipsync.errors import UnknownSession
 from ray_lipsync.streaming.buffer import SampleBuffer
+from ray_lipsync.streaming.sources import SourcePlan
 from ray_lipsync.types import AudioPush, FeatureRequest, FrameJob, StageSpec
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class FeatureStage:
     ) -> None:
         self.session_id = session_id
         self.spec = spec
-        self.avatar_frames = spec.avatar_frames
+        self.sources = SourcePlan.cycle(spec.avatar_frames)  # the session's, from its latest push
         self.epoch = 0
         self.schedule: Schedule = "batch16" if spec.schedule == "batch16" else "streaming"
         self._vad_model = vad
@@ -187,7 +187,7 @@ class FeatureStage:
                 epoch=self.epoch,
                 frame_index=k,
                 avatar=self.spec.avatar,
-                avatar_frame=mirror_index(k, self.avatar_frames),
+                avatar_frame=self.sources.source(k),
                 speech=bool(ready.speech[i]),
                 features=features[i] if features is not None and ready.speech[i] else None,
             )
@@ -292,6 +292,8 @@ class FeatureBatcher:
                     ready = [(j, r) for j, r in ready if r.stage is not stage]  # old epoch: dropped
                 elif op.epoch >= stage.epoch and op.push is not None:
                     push = op.push
+                    if push.sources is not None:  # later plans agree on every frame already pushed
+                        stage.sources = push.sources
                     ready.extend((i, r) for r in stage.push(push.start, push.samples, push.final, push.replay))
             except Exception as exc:  # one session's bad operation fails that operation only
                 log.exception("feature stage of %s failed", op.session_id)

@@ -19,6 +19,7 @@ from ray_lipsync.streaming.pipeline import SessionRegistry
 from ray_lipsync.streaming.playout import PlayoutPolicy, policy_for_new_session
 from ray_lipsync.streaming.playout import new_clock as playout_clock
 from ray_lipsync.streaming.session import Session
+from ray_lipsync.streaming.sources import warm_switches
 from ray_lipsync.types import AudioPush
 
 __all__ = ["LocalPipeline", "new_clock"]
@@ -76,6 +77,7 @@ class LocalPipeline:
             )
         backend = backend or self.settings.backend
         loaded = await self._avatars.get(avatar)
+        await asyncio.to_thread(warm_switches, loaded)
         engine = await asyncio.to_thread(self._engine, backend)
         lookahead_ms = await engine.prepare(loaded.name)
         session_id = session_id or uuid.uuid4().hex

@@ -3,8 +3,12 @@
 The session owns the timeline (where speech lands on its clock) and the output pacing; the
 frames themselves are computed by an engine behind a `SessionLink` (in-process for
 `LocalPipeline`, Ray actors for `RayPipeline`). Frame k leaves `frames()` at its presentation
-time with chunks 2k and 2k+1; if its image is not ready then, the idle avatar frame takes its
-place and it counts as dropped. Audio is never held back.
+time with chunks 2k and 2k+1; if its image is not ready then, the avatar's silent frame
+takes its place and it counts as dropped. Audio is never held back.
+
+Which source frame of the avatar frame k shows (its idle cycle, a state clip, an action) is
+decided by the session's `ClipPlayer` (streaming/sources.py): silent frames read it here, and
+each push carries its plan to the feature stage for the speech frames.
 
 The session is the one place where drops are decided and counted (`DropCounter`, with a
 reason): stages only report why they shed a frame. Speech whose result arrives after its
@@ -17,7 +21,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import numpy as np
 
@@ -26,6 +30,7 @@ from ray_lipsync.clock import FRAME_MS, SAMPLE_RATE, SAMPLES_PER_FRAME, SessionC
 from ray_lipsync.errors import MalformedAudio, SessionClosed
 from ray_lipsync.streaming.drops import DropCounter, DropReason
 from ray_lipsync.streaming.playout import PlayoutPolicy
+from ray_lipsync.streaming.sources import ClipPlayer
 from ray_lipsync.streaming.timeline import Cut, SessionTimeline, Utterance
 from ray_lipsync.streaming.engine import RoundResult
 from ray_lipsync.streaming.link import SessionLink, SessionStats
@@ -61,12 +66,13 @@ class Session:
         self.backend = backend
         self.clock = clock
         self._link = link
-        self._spec = StageSpec(avatar.name, len(avatar), schedule)
+        self._spec = StageSpec(avatar.name, len(avatar.idle_frames), schedule)
+        self._player = ClipPlayer(avatar)
         self._timeline = SessionTimeline(clock, max_queued_s)
         self._lookahead = ms_to_samples(lookahead_ms)
         self._playout = playout  # None: every utterance gets the clock's fixed D
         self._lead = self._lookahead + ms_to_samples(RELEASE_MARGIN_MS)
-        self._ready: dict[int, tuple[np.ndarray, float | None]] = {}  # frame -> (image, latency ms)
+        self._ready: dict[int, tuple[np.ndarray, float | None, int]] = {}  # frame -> (image, latency ms, source frame)
         self._expected: set[int] = set()  # speech frames whose image is on its way
         self._lost: dict[int, DropReason] = {}  # expected frames a stage reported it shed
         self._drops = DropCounter()
@@ -105,6 +111,50 @@ class Session:
         """"streaming", or "waiting_for_replica" while its replica is gone and none has room
         (its frames show idle and count as dropped; it resumes by itself)."""
         return "waiting_for_replica" if self._link.waiting else "streaming"
+
+    def avatar_state(self) -> dict[str, Any]:
+        """{state, clip, action, clips}: the silent state, the clip the next frame shows, the
+        action playing or about to (None if none), and the names state and action take."""
+        k = self._next_emit
+        return {"state": self._player.state, "clip": self._player.clip_at(k),
+                "action": self._player.action_at(k), "clips": self._player.clips}
+
+    def set_avatar_state(self, state: str) -> int:
+        """Make clip `state` ("idle": the main video) the silent state; returns the output
+        frame it takes effect from (UnknownClip for a clip the avatar lacks).
+
+        The switch comes at the first frame no stage has used (the next frame shown, or the
+        one after the speech already handed to the engine, whose frames were lip-synced on
+        the old plan), or up to MAX_WAIT_FRAMES later, at a frame close to the new clip
+        (streaming/sources.py). An action playing then finishes first."""
+        self._check_open()
+        return self._player.set_state(state, self._switch_frame())
+
+    def play_action(self, clip: str) -> tuple[int, int]:
+        """Play `clip` once from the switch (see `set_avatar_state`), then return to the
+        state; returns its first output frame and the one after its last (UnknownClip for a
+        clip the avatar lacks)."""
+        self._check_open()
+        return self._player.play(clip, self._switch_frame())
+
+    def change_avatar_state(self, state: str | None = None, action: str | None = None) -> dict[str, Any]:
+        """Set the state and/or play an action, the state first (both names are checked
+        before anything changes); returns {state, clip, action, from_frame,
+        action_end_frame} (clip and action as of the next frame shown)."""
+        self._check_open()
+        for name in (state, action):
+            if name is not None:
+                self._player.frames(name)
+        from_frame = end = None
+        if state is not None:
+            from_frame = self.set_avatar_state(state)
+        if action is not None:
+            from_frame, end = self.play_action(action)
+        return {**self.avatar_state(), "from_frame": from_frame, "action_end_frame": end}
+
+    def _switch_frame(self) -> int:
+        self._player.forget_before(self._next_emit)
+        return max(self._next_emit, self._claimed)
 
     def on_state_change(self, listener: Callable[[str], None]) -> None:
         """Call `listener(state)` whenever `state` changes."""
@@ -232,7 +282,7 @@ class Session:
     def _push(self, start: int, samples: np.ndarray, final: bool, replay: bool = False) -> AudioPush:
         """The push of timeline samples [start, start + len(samples)), made now."""
         return AudioPush(self.session_id, self._timeline.epoch, start, samples, final, self._spec,
-                         self.clock.due_in(time.time()), replay)
+                         self.clock.due_in(time.time()), replay, self._player.plan)
 
     def _spawn(self, coro: Awaitable[None]) -> asyncio.Future:
         """Run `coro` as a task of this session (cancelled when it closes)."""
@@ -385,7 +435,7 @@ class Session:
                 self._lost[k] = DropReason.STAGE_ERROR
                 continue
             latency = None if arrived is None else (done - arrived) * 1000
-            self._ready[k] = (image, latency)
+            self._ready[k] = (image, latency, patch.avatar_frame)
             if latency is not None:
                 self._latencies.append(latency)
 
@@ -425,17 +475,20 @@ class Session:
 
     def _emit(self, k: int) -> OutputFrame:
         self._next_emit = k + 1
-        image, latency = self._ready.pop(k, (None, None))
+        image, latency, source = self._ready.pop(k, (None, None, None))
         dropped = image is None and k in self._expected
         self._expected.discard(k)
         reason = self._lost.pop(k, DropReason.LATE)
         self._audio_at.pop(k, None)
+        fade = None
         if image is None:
-            image = self.avatar.frames[self.avatar.cycle_index(k)]
+            image, source, fade = self._player.silent_image(k)
         if dropped:
             self._drops.count(reason)
         timeline = self._timeline
         meta = timeline.marks(k)
+        if fade is not None:  # a switch between clips, cross-faded
+            meta["fade"] = fade
         if self._late_ends:
             meta.setdefault("utterance_end", []).extend(self._late_ends)
             played = meta.setdefault("utterance_played", {})
@@ -454,6 +507,7 @@ class Session:
             dropped=dropped,
             latency_ms=latency,
             meta=meta,
+            source_frame=source,
         )
         timeline.forget_before(k + 1)
         return frame

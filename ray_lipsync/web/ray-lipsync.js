@@ -7,6 +7,8 @@
 //   await avatar.connect({ video: document.querySelector("video") });
 //   await avatar.speak("Hello!");
 //   await avatar.interrupt();
+//   await avatar.setState("listening");  // a clip of the avatar, looped while it is silent
+//   await avatar.action("wave");         // a clip played once, then back to the state
 //   await avatar.close();
 //
 // Playback rules it applies (why: README, "Client module"): audio plays in its own element
@@ -17,13 +19,13 @@
 // SSE `interrupt` event) silences the audio already buffered here at once.
 //
 // Events (CustomEvent, data in `detail`): the server's "utterance.start", "utterance.end",
-// "interrupt", "session.state", "session.connection", "session.closed"; and this module's
+// "interrupt", "avatar.state", "session.state", "session.connection", "session.closed"; and this module's
 // "connectionstatechange" ({state}), "reconnecting" ({attempt}), "reconnected" and "error"
 // ({message}). A connection that fails (or stays disconnected for DISCONNECTED_MS) is
 // re-offered on the same session (the server keeps it `webrtc.reconnect_grace_s`).
 
-const SERVER_EVENTS = ["utterance.start", "utterance.end", "interrupt", "session.state",
-                       "session.connection", "session.closed"];
+const SERVER_EVENTS = ["utterance.start", "utterance.end", "interrupt", "avatar.state",
+                       "session.state", "session.connection", "session.closed"];
 const ALIGN_EVERY_MS = 200;
 const FIRST_VIDEO_HOLD_MS = 60;  // the video's hold until the audio's delay is measured
 const DISCONNECTED_MS = 4000;  // "disconnected" this long counts as lost
@@ -240,6 +242,17 @@ export class AvatarSession extends EventTarget {
   interrupt() {
     this._silenceBuffered();
     return this._call("POST", "/interrupt");
+  }
+
+  /** Make clip `state` of the avatar its silent state ("idle": its own cycle); the answer
+   * says from which frame ({state, clip, action, from_frame, action_end_frame}). */
+  setState(state) {
+    return this._call("POST", "/state", { json: { state } });
+  }
+
+  /** Play clip `clip` of the avatar once, then return to the state (same answer). */
+  action(clip) {
+    return this._call("POST", "/state", { json: { action: clip } });
   }
 
   /** Stream speech as it is produced (a voice agent's TTS): see `SpeechStream`. */

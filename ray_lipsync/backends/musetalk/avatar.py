@@ -7,8 +7,9 @@ before normalisation, as MuseTalk does); both are VAE-encoded and the latents co
 
 The latent is *sampled* from the VAE posterior (mean + std * noise), as MuseTalk does, with
 the noise drawn from a CPU generator seeded per frame (seed = source frame index), so
-preparation is reproducible and does not depend on the batch size. The idle cycle reuses source
-frames by mirror indexing (`Avatar.cycle_index`): nothing is duplicated.
+preparation is reproducible and does not depend on the batch size. Every source frame gets
+its latent, a clip's (`avatar prepare --clip`) included; the idle cycle and the state clips
+reuse source frames by mirror indexing: nothing is duplicated.
 """
 
 from __future__ import annotations
