@@ -290,6 +290,25 @@ def test_add_latents_to_store_and_render(settings: Settings, renderer: MuseTalkR
     assert crops[0].shape == (256, 256, 3) and crops[0].dtype == np.uint8
 
 
+def test_latents_cover_the_clips_and_a_clip_frame_renders(settings: Settings, renderer: MuseTalkRenderer) -> None:
+    """An avatar with clips (issue 21): the MuseTalk latents step covers the clips' source
+    frames too, through the store, and a job on a clip's frame renders."""
+    import dataclasses
+
+    from ray_lipsync.avatar.store import AvatarStore
+
+    store = AvatarStore(settings.avatars_dir)
+    store.save(dataclasses.replace(make_avatar("with_clips", 5, seed=7), clips={"wave": range(3, 5)}))
+    add_latents(store, "with_clips", settings, device="cpu")
+    avatar = store.load("with_clips")
+    assert avatar.clips == {"wave": range(3, 5)}
+    assert avatar.extras[LATENTS_KEY].shape == (5, 8, 32, 32)
+    renderer.load_avatar(avatar)
+    features = np.random.default_rng(3).standard_normal((50, 384)).astype(np.float32)
+    crops = renderer.render([RenderJob("with_clips", avatar.clips["wave"][-1], features)])
+    assert crops[0].shape == (256, 256, 3) and crops[0].dtype == np.uint8
+
+
 def test_render_partial_batch_and_mirror_cycle(renderer: MuseTalkRenderer) -> None:
     avatar = make_avatar("cycle", 3, seed=4)
     avatar.extras[LATENTS_KEY] = compute_latents(renderer.models.vae, avatar.crops, progress=False)
