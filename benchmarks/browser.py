@@ -183,7 +183,7 @@ async def benchmark(args) -> dict:
     site_port = args.port + 1
     # admission off: the viewers' Chromium runs on the same 2 cores and would count as the
     # service's load; the plain page is on its own origin (another port), allowed by CORS
-    sections = {"pipeline": pipeline, "webrtc": {"still_fps": args.still_fps, "opus_dtx": args.opus_dtx == "on"},
+    sections = {"pipeline": pipeline, "webrtc": {"still_fps": args.still_fps, "opus_dtx": args.opus_dtx},
                 "serve": {"admission": {"enabled": False},
                                                 "cors_origins": [f"http://127.0.0.1:{site_port}"]}}
     settings = Settings(home=home, **sections)
@@ -280,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
                         "browser plays (e.g. spk.monitor of a null sink; the first page is heard)")
     parser.add_argument("--still-fps", type=float, default=5.0, help="webrtc.still_fps (25: every "
                         "frame of the still idle picture is sent)")
-    parser.add_argument("--opus-dtx", choices=["on", "off"], default="on", help="webrtc.opus_dtx")
+    parser.add_argument("--opus-dtx", choices=["auto", "on", "off"], default="auto",
+                        help="webrtc.opus_dtx (auto: as the client asks; the module page does)")
     parser.add_argument("--fixed-playout", action="store_true", help="fixed D (pipeline.playout_delay_ms)")
     parser.add_argument("--playout-delay-ms", type=int, default=None)
     parser.add_argument("--port", type=int, default=19500)

@@ -39,7 +39,7 @@ async def percent_by_process(pid: int, seconds: float) -> dict[str, float]:
 async def benchmark(args: argparse.Namespace) -> dict:
     # admission off: it would refuse sessions while this machine is busy (this is a CPU count)
     server = start_server(args.port, [], None, {"webrtc": {"still_fps": args.still_fps,
-                                                           "opus_dtx": args.opus_dtx == "on"},
+                                                           "opus_dtx": args.opus_dtx},
                                                 "serve": {"admission": {"enabled": False}}})
     clients: list[ReceiverClient] = []
     try:
@@ -68,7 +68,7 @@ async def benchmark(args: argparse.Namespace) -> dict:
                       "per_session": round((v - alone.get(k, 0.0)) / args.sessions, 2)}
                   for k, v in silent.items() if v >= 0.5 or alone.get(k, 0.0) >= 0.5}
     return {"sessions": args.sessions, "avatar": args.avatar, "still_fps": args.still_fps,
-            "opus_dtx": args.opus_dtx == "on", "commit": git_commit(), "by_process": by_process,
+            "opus_dtx": args.opus_dtx, "commit": git_commit(), "by_process": by_process,
             "server_percent_per_session": round((sum(silent.values()) - sum(alone.values())) / args.sessions, 2),
             "clients_percent": round(clients_percent, 1)}
 
@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
                         "../shared/media/yongen.mp4 with `ray-lipsync avatar prepare`)")
     parser.add_argument("--still-fps", type=float, default=5.0, help="webrtc.still_fps of the server "
                         "(25: every frame of a still picture is encoded, as before it existed)")
-    parser.add_argument("--opus-dtx", choices=["on", "off"], default="on", help="webrtc.opus_dtx of the server")
+    parser.add_argument("--opus-dtx", choices=["auto", "on", "off"], default="auto",
+                        help="webrtc.opus_dtx of the server (its aiortc clients do not ask for DTX: "
+                        "auto = off for them)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     result = asyncio.run(benchmark(args))

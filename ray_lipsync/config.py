@@ -334,10 +334,12 @@ class WebRTCConfig(_Frozen):
                              "change (a still-image avatar in silence): its repeats are encoded and sent "
                              "only this often, since the receiver keeps showing the last picture; 25 = "
                              "every frame. Speech and a video avatar's idle cycle always go at 25 fps.")
-    opus_dtx: bool = Field(True, description="Opus DTX in silence: once the avatar's silence has "
-                           "settled, one 1-byte DTX packet every 400 ms instead of a packet every "
-                           "20 ms (the receiver plays comfort silence, as with WebRTC's own DTX); "
-                           "an idle session sends 2.5 audio packets a second instead of 50.")
+    opus_dtx: Literal["auto", "on", "off"] = Field(
+        "auto", description="Opus DTX in silence: once the avatar's silence has settled, one "
+        "1-byte DTX packet every 400 ms instead of a packet every 20 ms (the receiver plays "
+        "comfort silence, as with WebRTC's own DTX); an idle session sends 2.5 audio packets a "
+        "second instead of 50. auto = when the client's offer asks for it (Opus `usedtx=1`, "
+        "RFC 7587; the client module does), on = always, off = never.")
 
     @model_validator(mode="after")
     def _bitrate_order(self) -> "WebRTCConfig":

@@ -104,6 +104,9 @@ SCENARIO = """async (wav64) => {
   const before = await decoded(avatar.pc);
   await until(async () => (await decoded(avatar.pc)) > before + 3);
   out.statusAfterReconnect = await avatar.status();
+  // the module's offer asks for Opus DTX: the silence now goes out as DTX
+  await until(async () => ((await avatar.status()).network || {}).audio_chunks_left_out > 0, 5000);
+  out.dtxLeftOut = (await avatar.status()).network.audio_chunks_left_out;
   out.reconnectEvents = seen.filter((e) => e.name.startsWith("reconnect")).map((e) => e.name);
 
   const id = avatar.id, token = avatar.token;
@@ -199,4 +202,5 @@ def test_the_client_module_drives_a_session_from_a_page_that_only_imports_it(ser
     assert out["silencedAtOnce"] is True and out["cut"]["interrupted"] is True
     assert out["newPc"] is True and out["reconnectEvents"] == ["reconnecting", "reconnected"]
     assert out["statusAfterReconnect"]["connection_state"] == "connected"
+    assert out["dtxLeftOut"] > 0
     assert out["afterClose"] == 404

@@ -117,16 +117,18 @@ def test_encoder_rate_follows_a_low_target_and_keyframes_stay_small():
     assert rates[600_000] > rates[150_000]
 
 
-def test_opus_fec_as_the_offer_asks():
-    from ray_lipsync.webrtc.peer import asks_opus_fec, parse_offer
+def test_opus_fec_and_dtx_as_the_offer_asks():
+    from ray_lipsync.webrtc.peer import asks_opus, parse_offer
 
     def offer(fmtp: str) -> str:
         return ("v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n"
                 "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\na=recvonly\r\n"
                 f"a=rtpmap:111 opus/48000/2\r\n{fmtp}")
 
-    assert asks_opus_fec(parse_offer(offer("a=fmtp:111 minptime=10;useinbandfec=1\r\n"), "offer"))
-    assert not asks_opus_fec(parse_offer(offer("a=fmtp:111 minptime=10\r\n"), "offer"))
+    assert asks_opus(parse_offer(offer("a=fmtp:111 minptime=10;useinbandfec=1\r\n"), "offer"), "useinbandfec")
+    assert not asks_opus(parse_offer(offer("a=fmtp:111 minptime=10\r\n"), "offer"), "useinbandfec")
+    dtx = parse_offer(offer("a=fmtp:111 minptime=10;useinbandfec=1;usedtx=1\r\n"), "offer")
+    assert asks_opus(dtx, "usedtx") and not asks_opus(parse_offer(offer("a=fmtp:111 usedtx=0\r\n"), "offer"), "usedtx")
     # libopus with FEC writes other packets (each also carries a coarse copy of the previous)
     import fractions
 

@@ -65,7 +65,7 @@ def names_gateway(session_id: str | int, tag: str) -> bool:
 class PeerFactory(Protocol):
     def __call__(self, session: Any, *, ice_servers: list[dict] | None, bitrate: BitrateBounds,
                  on_frame_sent: Callable[[OutputFrame], None],
-                 still_every: int, opus_dtx: bool, on_closed: Callable[[bool], Any]) -> Any: ...
+                 still_every: int, opus_dtx: str, on_closed: Callable[[bool], Any]) -> Any: ...
 
 
 def default_peer_factory(session: Any, **kwargs: Any) -> Any:

@@ -93,11 +93,12 @@ def parse_offer(sdp: str, type: str) -> SessionDescription:
     return parsed
 
 
-def asks_opus_fec(offer: SessionDescription) -> bool:
-    """Whether the offer's Opus asks for in-band FEC (`useinbandfec=1`, as Chromium's does)."""
+def asks_opus(offer: SessionDescription, parameter: str) -> bool:
+    """Whether the offer's Opus format parameters set `parameter` to 1: `useinbandfec` (in-band
+    FEC, Chromium's offers ask for it), `usedtx` (the receiver prefers DTX, RFC 7587)."""
     for media in offer.media:
         for codec in media.rtp.codecs if media.kind == "audio" else ():
-            if codec.mimeType.lower() == "audio/opus" and str(codec.parameters.get("useinbandfec")) == "1":
+            if codec.mimeType.lower() == "audio/opus" and str(codec.parameters.get(parameter)) == "1":
                 return True
     return False
 
@@ -112,7 +113,7 @@ class SessionPeer:
         ice_servers: list[dict] | None = None,
         bitrate: BitrateBounds = BitrateBounds(),
         still_every: int = STILL_EVERY,
-        opus_dtx: bool = False,
+        opus_dtx: str = "auto",
         on_frame_sent: Callable[[OutputFrame], None] | None = None,
         on_closed: Callable[[bool], Awaitable[None] | None] | None = None,
     ) -> None:
@@ -178,8 +179,8 @@ class SessionPeer:
             on_frame_sent=self._on_frame_sent,
             video=want_video,
             audio=want_audio,
-            opus_fec=asks_opus_fec(offer),
-            opus_dtx=self._opus_dtx,
+            opus_fec=asks_opus(offer, "useinbandfec"),
+            opus_dtx=self._opus_dtx == "on" or (self._opus_dtx == "auto" and asks_opus(offer, "usedtx")),
             still_every=self._still_every,
         )
         for track in self.media.tracks:
