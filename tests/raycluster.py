@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -110,19 +109,21 @@ class LocalCluster:
         ])
 
     def shutdown(self) -> None:
-        """Kill every node (workers first), then anything left of this cluster's processes."""
+        """Kill every node (workers first), then anything left of this cluster's processes,
+        and wait (together) until they are gone."""
         for node in reversed(self.nodes):
             node.kill()
-        deadline = time.monotonic() + 10
         gcs = f":{self.base}"  # the head's Ray client server names it by the node's IP
+        left = []
         for proc in psutil.process_iter(["cmdline"]):
             args = proc.info["cmdline"] or []
             if any(str(self.temp_dir) in arg or arg.endswith(gcs) for arg in args):
                 try:
                     proc.send_signal(signal.SIGKILL)
-                    proc.wait(max(0.1, deadline - time.monotonic()))
-                except (psutil.NoSuchProcess, psutil.TimeoutExpired):
+                    left.append(proc)
+                except psutil.NoSuchProcess:
                     pass
+        psutil.wait_procs(left, timeout=10)
 
 
 @contextmanager
