@@ -13,10 +13,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import shutil
+import tempfile
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -28,6 +31,7 @@ from ray_lipsync.api.load import HostCpu, LoopLag, host_cores
 from ray_lipsync.api.metrics import GatewayMetrics
 from ray_lipsync.clock import SAMPLE_RATE
 from ray_lipsync.config import Settings
+from ray_lipsync.egress.fanout import SessionFanout
 from ray_lipsync.errors import AtCapacity, MalformedAudio, UnknownSession
 from ray_lipsync.ice import session_ice_servers
 from ray_lipsync.streaming.pipeline import Pipeline
@@ -35,6 +39,7 @@ from ray_lipsync.streaming.session import Session
 from ray_lipsync.types import OutputFrame
 
 if TYPE_CHECKING:
+    from ray_lipsync.egress.outputs import SessionEgress
     from ray_lipsync.webrtc.bandwidth import BitrateBounds
 
 logger = logging.getLogger(__name__)
@@ -65,7 +70,8 @@ def names_gateway(session_id: str | int, tag: str) -> bool:
 class PeerFactory(Protocol):
     def __call__(self, session: Any, *, ice_servers: list[dict] | None, bitrate: BitrateBounds,
                  on_frame_sent: Callable[[OutputFrame], None],
-                 still_every: int, on_closed: Callable[[bool], Any]) -> Any: ...
+                 still_every: int, on_closed: Callable[[bool], Any],
+                 frames: Callable[[], AsyncIterator[OutputFrame]]) -> Any: ...
 
 
 def default_peer_factory(session: Any, **kwargs: Any) -> Any:
@@ -90,8 +96,11 @@ class _Entry:
     lost_at: float | None = None  # monotonic time its connection failed (webrtc.reconnect_grace_s)
     created: float = field(default_factory=time.monotonic)
     counted: tuple[int, int] = (0, 0)  # (frames sent, frames late) as last sampled for admission
+    fanout: SessionFanout | None = None  # the one reader of the session's frames (egress/fanout.py)
+    egress: SessionEgress | None = None  # its recording and restream targets
 
 
+WEBRTC_BUFFER = 250  # frames (10 s) the viewer's media may lag before its oldest is dropped
 LATE_REASONS = ("late", "sender_backpressure")  # drops that say the host is not keeping up
 LOAD_SAMPLE_S = 1.0
 WARM_TEXT = "Hi there."  # what a starting gateway says in a throwaway session (~0.6 s)
@@ -122,6 +131,7 @@ class Gateway:
         self.load: dict[str, float] = {}  # the last load sample (metrics, autoscaling)
         self._devices: dict[tuple[str, str], str] = {}  # (inference replica, backend) -> device
         self.metrics = GatewayMetrics(tag)
+        self._recordings: Path | None = None  # working directory of recordings (created on use)
 
     # ---- lookup ----------------------------------------------------------------------
     @property
@@ -205,6 +215,12 @@ class Gateway:
         ice = (self._static_ice if self._static_ice is not None
                else session_ice_servers(self.settings.webrtc, public_id))
         entry = self._entries[public_id] = _Entry(public_id, compat_id, new_token(), session, ice_servers=ice)
+        entry.fanout = SessionFanout(session.frames, name=public_id,
+                                     on_drop=lambda output, frame: self._on_output_drop(entry, output, frame))
+        from ray_lipsync.egress.outputs import SessionEgress  # PyAV's H.264/AAC: loaded on use
+
+        entry.egress = SessionEgress(public_id, entry.fanout, self.settings, entry.events.publish,
+                                     self._recordings_dir)
         self._by_compat[compat_id] = public_id
         session.on_state_change(lambda state: self._on_state(entry, state))
         self.metrics.sessions_created += 1
@@ -222,12 +238,19 @@ class Gateway:
             return  # already closing
         self._by_compat.pop(entry.compat_id, None)
         self.metrics.session_closed(entry.session.drops.by_reason())
+        if entry.egress is not None:
+            try:
+                await entry.egress.close()
+            except Exception:  # a failing output must not keep the session's resources
+                logger.exception("closing the outputs of session %s failed", entry.public_id)
         entry.events.close(("session.closed", {"session_id": entry.public_id, "reason": reason}))
         if entry.peer is not None:
             try:
                 await entry.peer.close()
             except Exception:  # a failing peer must not keep the session's resources
                 logger.exception("closing the peer of session %s failed", entry.public_id)
+        if entry.fanout is not None:
+            await entry.fanout.close()
         try:
             await self.pipeline.close_session(entry.session.session_id)
         except UnknownSession:
@@ -245,6 +268,17 @@ class Gateway:
             await self._close_entry(entry, "server shutting down")
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
+        if self._recordings is not None:
+            shutil.rmtree(self._recordings, ignore_errors=True)
+            self._recordings = None
+
+    def _recordings_dir(self) -> Path:
+        """This gateway's working directory of recordings (kept ones go to recording.keep_dir)."""
+        if self._recordings is None:
+            base = self.settings.home / "recordings"
+            base.mkdir(parents=True, exist_ok=True)
+            self._recordings = Path(tempfile.mkdtemp(prefix=f"{self.tag}-", dir=base))
+        return self._recordings
 
     def _ensure_reaper(self) -> None:
         """Start the background work (idle reaper, load sampling) once a loop runs."""
@@ -291,6 +325,9 @@ class Gateway:
             await asyncio.sleep(min(1.0, timeout / 4, connect_timeout / 4, offer_timeout / 4))
             now = time.monotonic()
             for entry in list(self._entries.values()):
+                if entry.egress is not None and entry.egress.active:
+                    entry.last_activity = now  # a recording or restream keeps its session
+                    continue
                 if now - entry.last_activity > timeout:
                     await self._close_entry(entry, f"idle for more than {timeout:g} s")
                 elif entry.lost_at is not None:
@@ -324,6 +361,7 @@ class Gateway:
             still_every=self.settings.webrtc.still_every(),
             on_frame_sent=lambda frame: self._on_frame_sent(entry, frame),
             on_closed=lambda failed: self._on_peer_closed(entry, generation, failed),
+            frames=lambda: self._viewer_frames(entry),
         )
         entry.offered_at = time.monotonic()
         entry.lost_at = None
@@ -333,6 +371,19 @@ class Gateway:
             peer, entry.peer = entry.peer, None
             await peer.close()
             raise
+
+    @staticmethod
+    def _viewer_frames(entry: _Entry) -> AsyncIterator[OutputFrame]:
+        """The WebRTC viewer's frames: its own buffer of the session's fan-out."""
+        assert entry.fanout is not None
+        return entry.fanout.attach("webrtc", WEBRTC_BUFFER)
+
+    @staticmethod
+    def _on_output_drop(entry: _Entry, output: str, frame: OutputFrame) -> None:
+        """A frame an output lost because it lagged: the viewer's count as the session's
+        sender_backpressure drops (the egress encoder counts its own)."""
+        if output == "webrtc":
+            entry.session.record_sender_drop(frame)
 
     def _on_frame_sent(self, entry: _Entry, frame: OutputFrame) -> None:
         if frame.speech:
@@ -449,6 +500,43 @@ class Gateway:
         entry = self._entry(session_id, token)
         async for item in entry.events.subscribe(keepalive_s):
             yield item
+
+    # ---- egress: recording and restream ----------------------------------------------------
+    def _egress(self, session_id: str, token: str | None) -> SessionEgress:
+        entry = self._entry(session_id, token)
+        assert entry.egress is not None
+        return entry.egress
+
+    async def start_recording(self, session_id: str, token: str | None) -> dict:
+        """Start recording the session to MP4: its state {state, seconds, bytes, ...}."""
+        return self._egress(session_id, token).start_recording()
+
+    async def stop_recording(self, session_id: str, token: str | None) -> dict:
+        """Stop the recording; its state once the file is complete."""
+        return await self._egress(session_id, token).stop_recording()
+
+    async def recording_size(self, session_id: str, token: str | None) -> int:
+        """Bytes of the finished recording (OutputConflict while it runs, UnknownOutput if none)."""
+        return self._egress(session_id, token).recording_file().stat().st_size
+
+    async def recording_data(self, session_id: str, token: str | None,
+                             chunk_bytes: int = 1 << 20) -> AsyncIterator[bytes]:
+        """The finished recording's MP4, in pieces (streamed through a Serve handle)."""
+        path = self._egress(session_id, token).recording_file()
+        with path.open("rb") as file:
+            while piece := await asyncio.to_thread(file.read, chunk_bytes):
+                yield piece
+
+    async def add_restream(self, session_id: str, token: str | None, url: str) -> dict:
+        """Send the session to an RTMP/SRT target: {restream_id, url (key hidden), state, ...}."""
+        return await self._egress(session_id, token).add_restream(url)
+
+    async def restreams(self, session_id: str, token: str | None) -> list[dict]:
+        """The session's restream targets with their state and last error."""
+        return self._egress(session_id, token).restreams()
+
+    async def stop_restream(self, session_id: str, token: str | None, restream_id: str) -> None:
+        await self._egress(session_id, token).stop_restream(restream_id)
 
     # ---- metrics and health ------------------------------------------------------------
     async def snapshots(self) -> list[dict]:

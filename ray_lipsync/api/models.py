@@ -98,6 +98,36 @@ class SessionState(BaseModel):
                                          "sees it; None before the client connected.")
 
 
+class OutputState(BaseModel):
+    """An egress output (the recording or a restream target) and what it is doing."""
+
+    state: Literal["starting", "live", "retrying", "stopped", "failed"] = Field(
+        description="starting: waiting for the first keyframe or connecting; live: writing; "
+        "retrying: the target failed and is being reconnected (see error); stopped: by DELETE, "
+        "a limit (stopped_reason) or the session's end; failed: gave up (see error).")
+    error: str | None = Field(description="The last failure (e.g. 'Connection refused').")
+    stopped_reason: str | None = Field(description="Why it stopped (DELETE, recording.max_seconds, ...).")
+    retries: int = Field(description="Reconnections so far (restream).")
+    seconds: float = Field(description="Media written since it (re)started.")
+    bytes: int = Field(description="Encoded media written in total.")
+    packets_dropped: int = Field(description="Packets lost because the output lagged.")
+
+
+class RestreamRequest(_Strict):
+    url: str = Field(min_length=1, max_length=2048, description="rtmp://host/app/key, "
+                     "rtmps://host/app/key or srt://host:port?options.")
+
+
+class RestreamTarget(OutputState):
+    restream_id: str
+    url: str = Field(description="The target with its stream key hidden.")
+    created: float = Field(description="Unix time it was added.")
+
+
+class RestreamList(BaseModel):
+    restreams: list[RestreamTarget]
+
+
 class AvatarList(BaseModel):
     avatars: list[str]
 

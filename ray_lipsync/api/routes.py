@@ -29,9 +29,11 @@ from ray_lipsync.api.stream import StreamSocket, parse_rate
 from ray_lipsync.api.metrics import render_prometheus
 from ray_lipsync.api.uploads import push_decoded, stream_upload
 from ray_lipsync.config import Settings
+from ray_lipsync.egress.sink import TargetRefused
 from ray_lipsync.errors import (
     AtCapacity, AudioInputError, AudioTooLarge, AvatarError, AvatarNotFound, BackendUnavailable,
-    Backpressure, MalformedAudio, SessionClosed, StageUnavailable, UnknownSession, UnsupportedAudio,
+    Backpressure, MalformedAudio, OutputConflict, OutputLimit, SessionClosed, StageUnavailable,
+    UnknownOutput, UnknownSession, UnsupportedAudio,
 )
 
 logger = logging.getLogger(__name__)
@@ -42,6 +44,8 @@ SMALL_UPLOAD_BYTES = 64 * 1024  # uploads up to this size skip the separate toke
 _STATUS: list[tuple[type[BaseException], int, str]] = [
     (MissingToken, 401, "unauthorized"), (WrongToken, 403, "forbidden"),
     (UnknownSession, 404, "unknown_session"), (AvatarNotFound, 404, "unknown_avatar"),
+    (UnknownOutput, 404, "unknown_output"), (OutputConflict, 409, "conflict"),
+    (OutputLimit, 429, "limit_reached"), (TargetRefused, 400, "target_refused"),
     (SessionClosed, 410, "session_closed"),
     (AudioTooLarge, 413, "too_large"), (UnsupportedAudio, 415, "unsupported_audio"),
     (MalformedAudio, 422, "malformed_audio"), (AudioInputError, 422, "invalid_audio"),
@@ -55,12 +59,14 @@ ERROR_DESCRIPTIONS = {
     400: "Invalid request (bad JSON, fields, query, SDP or avatar)",
     401: "Missing credentials (session token, or the API key where one is required)",
     403: "Credentials that do not match",
-    404: "Unknown session or avatar",
+    404: "Unknown session, avatar or output",
+    409: "The output is not in a state that allows this (a recording still running)",
     410: "The session closed",
     413: "Input above the size or duration limit",
     415: "Not audio, or an unsupported audio type",
     422: "Audio that cannot be decoded (empty, truncated, NaN, absurd rate)",
-    429: "The session's speech buffer cannot take it now; retry after Retry-After seconds",
+    429: "The session's speech buffer cannot take it now, or it has as many outputs as "
+         "allowed; retry after Retry-After seconds",
     503: "No capacity or a pipeline stage unavailable; retry after Retry-After seconds",
 }
 SESSION_ERRORS = (401, 403, 404)
@@ -250,6 +256,55 @@ def session_routes(settings: Settings, client: GatewayAPI,
 
         return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @api.post("/sessions/{session_id}/recording", status_code=201, response_model=models.OutputState,
+              responses=errors(*SESSION_ERRORS, 409))
+    async def start_recording(session_id: str, authorization: str | None = Header(None)) -> dict:
+        """Start recording the session to MP4 (H.264 + AAC, what a viewer is sent); a new
+        recording replaces a finished one. SSE `recording.state` follows it."""
+        token = await auth(session_id, authorization)
+        return await client.start_recording(session_id=session_id, token=token)
+
+    @api.delete("/sessions/{session_id}/recording", response_model=models.OutputState,
+                responses=errors(*SESSION_ERRORS))
+    async def stop_recording(session_id: str, authorization: str | None = Header(None)) -> dict:
+        """Stop the recording; the file is complete when this answers."""
+        token = await auth(session_id, authorization)
+        return await client.stop_recording(session_id=session_id, token=token)
+
+    @api.get("/sessions/{session_id}/recording", response_class=StreamingResponse,
+             responses={200: {"content": {"video/mp4": {}}}, **errors(*SESSION_ERRORS, 409)})
+    async def get_recording(session_id: str, authorization: str | None = Header(None)) -> StreamingResponse:
+        """The finished recording (409 while it runs: DELETE it first)."""
+        token = await auth(session_id, authorization)
+        size = await client.recording_size(session_id=session_id, token=token)
+        data = client.recording_data(session_id=session_id, token=token)
+        return StreamingResponse(data, media_type="video/mp4", headers={
+            "Content-Length": str(size),
+            "Content-Disposition": f'attachment; filename="{session_id}.mp4"'})
+
+    @api.post("/sessions/{session_id}/restream", status_code=201, response_model=models.RestreamTarget,
+              responses=errors(400, *SESSION_ERRORS, 429))
+    async def add_restream(session_id: str, body: models.RestreamRequest,
+                           authorization: str | None = Header(None)) -> dict:
+        """Send the session to an RTMP/RTMPS (FLV) or SRT (MPEG-TS) ingest. The target is
+        retried with backoff when it drops (SSE `restream.state`)."""
+        token = await auth(session_id, authorization)
+        return await client.add_restream(session_id=session_id, token=token, url=body.url)
+
+    @api.get("/sessions/{session_id}/restream", response_model=models.RestreamList,
+             responses=errors(*SESSION_ERRORS))
+    async def list_restreams(session_id: str, authorization: str | None = Header(None)) -> dict:
+        token = await auth(session_id, authorization)
+        return {"restreams": await client.restreams(session_id=session_id, token=token)}
+
+    @api.delete("/sessions/{session_id}/restream/{restream_id}", status_code=204,
+                responses=errors(*SESSION_ERRORS))
+    async def stop_restream(session_id: str, restream_id: str,
+                            authorization: str | None = Header(None)) -> Response:
+        token = await auth(session_id, authorization)
+        await client.stop_restream(session_id=session_id, token=token, restream_id=restream_id)
+        return Response(status_code=204)
 
     @api.websocket("/sessions/{session_id}/stream")
     async def stream(websocket: WebSocket, session_id: str) -> None:

@@ -8,6 +8,8 @@ Usage (the API does this):
     ...
     await peer.close()
 
+`frames()` gives the frames to send (default `session.frames`; the gateway passes its
+fan-out's, so that recording and restream share the session's frames with the viewer).
 `on_closed(failed)` is called once when the connection ends by itself (`failed` True: ICE or
 DTLS failed, e.g. the client's network went away, so it may come back; False: the remote hung
 up, or the session's frame stream ended); it is not called when you call `close()` yourself.
@@ -19,7 +21,7 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -114,8 +116,10 @@ class SessionPeer:
         still_every: int = STILL_EVERY,
         on_frame_sent: Callable[[OutputFrame], None] | None = None,
         on_closed: Callable[[bool], Awaitable[None] | None] | None = None,
+        frames: Callable[[], AsyncIterator[OutputFrame]] | None = None,
     ) -> None:
         self.session = session
+        self._frames = frames if frames is not None else session.frames
         self._config = ice_configuration(ice_servers)
         self._bitrate = bitrate
         self._still_every = still_every
@@ -168,7 +172,7 @@ class SessionPeer:
             hint = " (the video section must offer VP8, the audio section Opus)"
             raise ValueError(f"the offer was rejected{hint}: {exc.__class__.__name__}: {exc}") from exc
         self.media = SessionMedia(
-            self.session.frames(),
+            self._frames(),
             record_sent=self.session.record_sent,
             record_dropped=self.session.record_sender_drop,
             on_frame_sent=self._on_frame_sent,
