@@ -119,7 +119,7 @@ class SessionPeer:
         frames: Callable[[], AsyncIterator[OutputFrame]] | None = None,
     ) -> None:
         self.session = session
-        self._frames = frames if frames is not None else session.frames
+        self._frames = frames
         self._config = ice_configuration(ice_servers)
         self._bitrate = bitrate
         self._still_every = still_every
@@ -172,7 +172,7 @@ class SessionPeer:
             hint = " (the video section must offer VP8, the audio section Opus)"
             raise ValueError(f"the offer was rejected{hint}: {exc.__class__.__name__}: {exc}") from exc
         self.media = SessionMedia(
-            self._frames(),
+            self._frames() if self._frames is not None else self.session.frames(),
             record_sent=self.session.record_sent,
             record_dropped=self.session.record_sender_drop,
             on_frame_sent=self._on_frame_sent,
