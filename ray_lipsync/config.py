@@ -422,6 +422,14 @@ class RestreamConfig(_Frozen):
                                           "server's internal network through it.")
 
 
+class WhepConfig(_Frozen):
+    """WHEP playback (POST /v1/sessions/{id}/whep): viewers of a session beside its own peer."""
+
+    max_viewers: int = Field(8, ge=1, le=256, description="Most WHEP viewers per session (429 "
+                             "above it). They share one VP8 + Opus encode, at the lowest bitrate "
+                             "their links ask for (webrtc.min_bitrate..max_bitrate).")
+
+
 class Settings(_Frozen):
     """All of ray-lipsync's configuration, with documented defaults."""
 
@@ -438,6 +446,7 @@ class Settings(_Frozen):
     egress: EgressConfig = EgressConfig()
     recording: RecordingConfig = RecordingConfig()
     restream: RestreamConfig = RestreamConfig()
+    whep: WhepConfig = WhepConfig()
     avatar_uri: str | None = Field(
         None,
         description="Shared avatar location every node reads, as a pyarrow filesystem URI or path "

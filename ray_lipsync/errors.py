@@ -104,3 +104,7 @@ class OutputConflict(SessionError):
 
 class OutputLimit(SessionError):
     """The session has as many outputs of this kind as the settings allow (HTTP 429)."""
+
+
+class UnsupportedMediaType(LipsyncError):
+    """A request body of a content type the route does not take (HTTP 415)."""

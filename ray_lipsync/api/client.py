@@ -58,6 +58,10 @@ class GatewayAPI(Protocol):
 
     async def stop_restream(self, session_id: str, token: str | None, restream_id: str) -> None: ...
 
+    async def whep_offer(self, session_id: str, token: str | None, sdp: str) -> dict: ...
+
+    async def whep_close(self, session_id: str, token: str | None, viewer_id: str) -> None: ...
+
     async def snapshots(self) -> list[dict]:
         """Metrics snapshots of every gateway replica of the deployment."""
         ...
@@ -69,7 +73,7 @@ class GatewayAPI(Protocol):
 
 SESSION_METHODS = ("authorize", "offer", "push_audio", "interrupt", "status", "close", "events",
                    "start_recording", "stop_recording", "recording_size", "recording_data",
-                   "add_restream", "restreams", "stop_restream")
+                   "add_restream", "restreams", "stop_restream", "whep_offer", "whep_close")
 
 
 def forwarded_kwargs(method: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from ray_lipsync.api.metrics import GatewayMetrics
 from ray_lipsync.clock import SAMPLE_RATE
 from ray_lipsync.config import Settings
 from ray_lipsync.egress.fanout import SessionFanout
-from ray_lipsync.errors import AtCapacity, MalformedAudio, UnknownSession
+from ray_lipsync.errors import AtCapacity, MalformedAudio, OutputLimit, UnknownOutput, UnknownSession
 from ray_lipsync.ice import session_ice_servers
 from ray_lipsync.streaming.pipeline import Pipeline
 from ray_lipsync.streaming.session import Session
@@ -40,6 +40,7 @@ from ray_lipsync.types import OutputFrame
 
 if TYPE_CHECKING:
     from ray_lipsync.egress.outputs import SessionEgress
+    from ray_lipsync.webrtc.whep import WhepViewers
     from ray_lipsync.webrtc.bandwidth import BitrateBounds
 
 logger = logging.getLogger(__name__)
@@ -98,9 +99,11 @@ class _Entry:
     counted: tuple[int, int] = (0, 0)  # (frames sent, frames late) as last sampled for admission
     fanout: SessionFanout | None = None  # the one reader of the session's frames (egress/fanout.py)
     egress: SessionEgress | None = None  # its recording and restream targets
+    whep: WhepViewers | None = None  # its WHEP viewers (created with the first)
 
 
 WEBRTC_BUFFER = 250  # frames (10 s) the viewer's media may lag before its oldest is dropped
+WHEP_BUFFER = 50  # frames (2 s) the shared WHEP encode may lag before its oldest is dropped
 LATE_REASONS = ("late", "sender_backpressure")  # drops that say the host is not keeping up
 LOAD_SAMPLE_S = 1.0
 WARM_TEXT = "Hi there."  # what a starting gateway says in a throwaway session (~0.6 s)
@@ -249,6 +252,11 @@ class Gateway:
                 await entry.peer.close()
             except Exception:  # a failing peer must not keep the session's resources
                 logger.exception("closing the peer of session %s failed", entry.public_id)
+        if entry.whep is not None:
+            try:
+                await entry.whep.close()
+            except Exception:
+                logger.exception("closing the WHEP viewers of session %s failed", entry.public_id)
         if entry.fanout is not None:
             await entry.fanout.close()
         try:
@@ -325,8 +333,8 @@ class Gateway:
             await asyncio.sleep(min(1.0, timeout / 4, connect_timeout / 4, offer_timeout / 4))
             now = time.monotonic()
             for entry in list(self._entries.values()):
-                if entry.egress is not None and entry.egress.active:
-                    entry.last_activity = now  # a recording or restream keeps its session
+                if (entry.egress is not None and entry.egress.active) or (entry.whep is not None and len(entry.whep)):
+                    entry.last_activity = now  # a recording, restream or WHEP viewer keeps its session
                     continue
                 if now - entry.last_activity > timeout:
                     await self._close_entry(entry, f"idle for more than {timeout:g} s")
@@ -537,6 +545,32 @@ class Gateway:
 
     async def stop_restream(self, session_id: str, token: str | None, restream_id: str) -> None:
         await self._egress(session_id, token).stop_restream(restream_id)
+
+    # ---- WHEP viewers ---------------------------------------------------------------------
+    async def whep_offer(self, session_id: str, token: str | None, sdp: str) -> dict:
+        """A new WHEP viewer of the session: {viewer_id, sdp (the answer), ice_servers}."""
+        entry = self._entry(session_id, token)
+        if entry.whep is None:
+            from ray_lipsync.webrtc.whep import WhepViewers  # aiortc: loaded on use
+
+            fanout = entry.fanout
+            assert fanout is not None
+            entry.whep = WhepViewers(lambda: fanout.attach("whep", WHEP_BUFFER),
+                                     max_viewers=self.settings.whep.max_viewers,
+                                     bounds=self.settings.webrtc.bitrate_bounds(),
+                                     still_every=self.settings.webrtc.still_every(),
+                                     ice_servers=entry.ice_servers)
+        if entry.whep.full():
+            raise OutputLimit(f"this session has {len(entry.whep)} WHEP viewers, the most "
+                              "whep.max_viewers allows; retry when one has left")
+        viewer_id, answer = await entry.whep.add(sdp)
+        return {"viewer_id": viewer_id, "sdp": answer, "ice_servers": entry.ice_servers}
+
+    async def whep_close(self, session_id: str, token: str | None, viewer_id: str) -> None:
+        """End one WHEP viewer (UnknownOutput if the session has no such viewer)."""
+        entry = self._entry(session_id, token)
+        if entry.whep is None or not await entry.whep.remove(viewer_id):
+            raise UnknownOutput(f"no WHEP viewer {viewer_id[:40]!r} in this session")
 
     # ---- metrics and health ------------------------------------------------------------
     async def snapshots(self) -> list[dict]:

@@ -7,6 +7,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
+MAX_SDP_BYTES = 200_000  # an offer larger than this is refused (the peer checks the same bound)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -25,7 +28,7 @@ class SessionCreated(BaseModel):
 
 
 class OfferRequest(_Strict):
-    sdp: str = Field(min_length=1, max_length=200_000, description="The client's SDP offer.")
+    sdp: str = Field(min_length=1, max_length=MAX_SDP_BYTES, description="The client's SDP offer.")
     type: Literal["offer"] = "offer"
 
 

@@ -95,6 +95,12 @@ def parse_offer(sdp: str, type: str) -> SessionDescription:
     return parsed
 
 
+def received_kinds(offer: SessionDescription) -> list[str]:
+    """The media kinds ("video", "audio") the client of `offer` wants to receive."""
+    return [kind for kind in ("video", "audio")
+            if any(m.kind == kind and (m.direction or "sendrecv") in _RECEIVING for m in offer.media)]
+
+
 def asks_opus_fec(offer: SessionDescription) -> bool:
     """Whether the offer's Opus asks for in-band FEC (`useinbandfec=1`, as Chromium's does)."""
     for media in offer.media:
@@ -158,8 +164,8 @@ class SessionPeer:
         if self.media is not None:
             raise ValueError("this session already has a connection; create a new session to reconnect")
         offer = parse_offer(sdp, type)
-        want_video = any(m.kind == "video" and (m.direction or "sendrecv") in _RECEIVING for m in offer.media)
-        want_audio = any(m.kind == "audio" and (m.direction or "sendrecv") in _RECEIVING for m in offer.media)
+        kinds = received_kinds(offer)
+        want_video, want_audio = "video" in kinds, "audio" in kinds
         if not (want_video or want_audio):
             raise ValueError("the offer receives neither audio nor video; use direction recvonly or sendrecv")
         if want_video:  # answered with VP8 only: the video track sends VP8 packets
