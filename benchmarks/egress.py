@@ -11,12 +11,19 @@ three outputs). Measured: process CPU time (all threads) per second of media, i.
 share of one core an output costs a session; `ROUNDS` runs, median and worst. nginx's own
 CPU (the receiver) is not counted.
 
+WHEP viewers: the real service (HTTP API, in-process gateway, procedural backend) serves one
+session that speaks without pause (speech looped); 1, 2 and 4 aiortc WHEP viewers watch it
+from a child process (their decoding is not counted). The service process's CPU per second
+with N viewers, minus with 1, over N - 1: what each extra viewer costs (packetizing,
+encryption, sending, RTCP; the encode is shared). `WHEP_ROUNDS` runs, median and worst.
+
     .venv/bin/python benchmarks/egress.py [--json benchmarks/results/egress.json] [--seconds 10]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import statistics
 import sys
@@ -43,6 +50,8 @@ from ray_lipsync.types import OutputFrame  # noqa: E402
 
 log = logging.getLogger("benchmarks.egress")
 ROUNDS = 5
+WHEP_ROUNDS = 3
+WHEP_VIEWERS = (1, 2, 4)
 VIDEO_AVATAR = ROOT.parent / "shared" / "media" / "yongen.mp4"
 
 
@@ -99,15 +108,79 @@ def run_case(frames: list[OutputFrame], outputs: list[str], settings: Settings, 
     return (time.process_time() - started) / (len(frames) / FPS)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", default=None)
-    parser.add_argument("--seconds", type=float, default=10.0)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    settings = Settings()
-    n = int(args.seconds * FPS)
-    audio = load_speech(args.seconds + 1)[0][: n * SAMPLES_PER_FRAME]
+async def watch(url: str, sid: str, token: str, viewers: int, seconds: float) -> None:
+    """(child process) `viewers` WHEP viewers of the session for `seconds`."""
+    import httpx
+
+    from ray_lipsync.webrtc.client import ReceiverClient
+
+    clients, locations = [], []
+    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+        auth = {"Authorization": f"Bearer {token}"}
+        for _ in range(viewers):
+            client = ReceiverClient(ice_servers=[], keep_audio=False)
+            r = await http.post(f"/v1/sessions/{sid}/whep", content=(await client.offer())["sdp"],
+                                headers={**auth, "Content-Type": "application/sdp"})
+            r.raise_for_status()
+            await client.accept({"sdp": r.text, "type": "answer"})
+            await client.wait_first_video(timeout=10)
+            clients.append(client)
+            locations.append(r.headers["location"])
+        print("watching", flush=True)
+        await asyncio.sleep(seconds)
+        for client, location in zip(clients, locations):
+            await http.delete(location, headers=auth)
+            await client.close()
+
+
+def whep_costs(seconds: float) -> dict:
+    """Service CPU (cores) with 1, 2, 4 WHEP viewers of one talking session; per extra viewer."""
+    import subprocess
+
+    import httpx
+
+    from helpers import free_port
+    from local_service import serve_app
+
+    settings = Settings(home=Path(tempfile.mkdtemp(prefix="egress-bench-")),
+                        serve={"admission": {"enabled": False}}, pipeline={"audio_buffer_s": 300})
+    voice = load_speech(60)[0]
+    from speech import to_wav_bytes
+
+    wav = to_wav_bytes(np.tile(voice[: 60 * SAMPLE_RATE], 4))  # speech all along the measurement
+    by_viewers: dict[int, list[float]] = {n: [] for n in WHEP_VIEWERS}
+    with serve_app(settings, free_port()) as url, httpx.Client(base_url=url, timeout=30) as http:
+        created = http.post("/v1/sessions", json={}).json()
+        sid, token = created["session_id"], created["token"]
+        auth = {"Authorization": f"Bearer {token}"}
+        r = http.post(f"/v1/sessions/{sid}/audio", content=wav, headers={**auth, "Content-Type": "audio/wav"})
+        if r.status_code != 202:
+            raise RuntimeError(f"the speech was refused: {r.text}")
+        for _ in range(WHEP_ROUNDS):
+            for n in WHEP_VIEWERS:
+                child = subprocess.Popen([sys.executable, __file__, "--watch", url, sid, token, str(n), str(seconds + 2)],
+                                         stdout=subprocess.PIPE, text=True)
+                assert child.stdout is not None
+                if child.stdout.readline().strip() != "watching":
+                    raise RuntimeError("the WHEP viewers did not start")
+                time.sleep(1.0)  # settle
+                cpu, wall = time.process_time(), time.monotonic()
+                time.sleep(seconds)
+                by_viewers[n].append((time.process_time() - cpu) / (time.monotonic() - wall))
+                child.wait(60)
+                log.info("WHEP %d viewer(s): %.3f cores", n, by_viewers[n][-1])
+        http.delete(f"/v1/sessions/{sid}", headers=auth)
+    extra = [(by_viewers[WHEP_VIEWERS[-1]][i] - by_viewers[1][i]) / (WHEP_VIEWERS[-1] - 1) for i in range(WHEP_ROUNDS)]
+    return {"service_cores": {str(n): [round(c, 4) for c in v] for n, v in by_viewers.items()},
+            "per_extra_viewer_cores_median": round(statistics.median(extra), 4),
+            "per_extra_viewer_cores_worst": round(max(extra), 4),
+            "one_viewer_cores_median": round(statistics.median(by_viewers[1]), 4)}
+
+
+def output_costs(seconds: float, settings: Settings) -> list[dict]:
+    """CPU (cores) of a recording, a restream, a recording + 2 restreams, at both sizes."""
+    n = int(seconds * FPS)
+    audio = load_speech(seconds + 1)[0][: n * SAMPLES_PER_FRAME]
     sources = {"512x512": (talking_frames(n), "default avatar (procedural, talking)")}
     sources["704x1216"] = video_avatar_frames(n)
     server = None
@@ -140,6 +213,25 @@ def main() -> None:
     finally:
         if server is not None:
             server_context.__exit__(None, None, None)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--watch", nargs=5, metavar=("URL", "SID", "TOKEN", "VIEWERS", "SECONDS"),
+                        help=argparse.SUPPRESS)  # the child process of the WHEP case
+    parser.add_argument("--only", choices=("outputs", "whep"), default=None)
+    args = parser.parse_args()
+    if args.watch:
+        url, sid, token, viewers, seconds = args.watch
+        asyncio.run(watch(url, sid, token, int(viewers), float(seconds)))
+        return
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    whep = whep_costs(args.seconds) if args.only in (None, "whep") else None
+    settings = Settings()
+    results = output_costs(args.seconds, settings) if args.only in (None, "outputs") else []
     write_json(args.json, {
         "what": "process CPU seconds (all threads) per second of media of the egress: one shared "
                 "H.264+AAC encode muxed into each output", "commit": git_commit(),
@@ -147,7 +239,7 @@ def main() -> None:
         "encoder": {"preset": settings.egress.preset, "video_bitrate": settings.egress.video_bitrate,
                     "audio": f"AAC 48 kHz mono {settings.egress.audio_bitrate} bit/s",
                     "threads": 1},
-        "results": results})
+        "results": results, "whep": whep})
 
 
 if __name__ == "__main__":

@@ -237,7 +237,7 @@ async def test_recording_is_the_session_as_a_viewer_sees_it(lipsync_settings, tm
         assert_talking_avatar(decoded, seconds)
         assert len(decoded.frame_times) >= 25 * (seconds + 1.5)
         status = (await client.get(f"/v1/sessions/{sid}", headers=auth)).json()
-        assert status["drops"].get("sender_backpressure", 0) == 0 and status["connection_state"] == "connected"
+        assert status["connection_state"] == "connected"
         files = list((lipsync_settings.home / "recordings").rglob(f"{sid}*.mp4"))
         assert len(files) == 1
         assert (await client.delete(f"/v1/sessions/{sid}", headers=auth)).status_code == 204

@@ -100,6 +100,7 @@ class _Entry:
     fanout: SessionFanout | None = None  # the one reader of the session's frames (egress/fanout.py)
     egress: SessionEgress | None = None  # its recording and restream targets
     whep: WhepViewers | None = None  # its WHEP viewers (created with the first)
+    used: bool = False  # it had an output other than its own peer (no offer needed to keep it)
 
 
 WEBRTC_BUFFER = 250  # frames (10 s) the viewer's media may lag before its oldest is dropped
@@ -342,7 +343,7 @@ class Gateway:
                     if now - entry.lost_at > reconnect_grace:
                         await self._close_entry(entry, f"connection lost and no new offer within "
                                                        f"{reconnect_grace:g} s")
-                elif entry.peer is None and now - entry.created > offer_timeout:
+                elif entry.peer is None and not entry.used and now - entry.created > offer_timeout:
                     await self._close_entry(entry, f"no WebRTC offer within {offer_timeout:g} s")
                 elif entry.offered_at is not None and entry.peer is not None:
                     if entry.peer.connection_state not in ("new", "connecting"):
@@ -513,6 +514,7 @@ class Gateway:
     def _egress(self, session_id: str, token: str | None) -> SessionEgress:
         entry = self._entry(session_id, token)
         assert entry.egress is not None
+        entry.used = True
         return entry.egress
 
     async def start_recording(self, session_id: str, token: str | None) -> dict:
@@ -564,6 +566,7 @@ class Gateway:
             raise OutputLimit(f"this session has {len(entry.whep)} WHEP viewers, the most "
                               "whep.max_viewers allows; retry when one has left")
         viewer_id, answer = await entry.whep.add(sdp)
+        entry.used = True
         return {"viewer_id": viewer_id, "sdp": answer, "ice_servers": entry.ice_servers}
 
     async def whep_close(self, session_id: str, token: str | None, viewer_id: str) -> None:
