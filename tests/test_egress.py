@@ -169,6 +169,17 @@ def test_restream_urls_of_the_wrong_form_are_refused(url, why):
         parse_target(url)
 
 
+def test_srt_is_refused_with_a_reason_when_ffmpeg_cannot_send_it():
+    from ray_lipsync.egress.targets import protocol_available
+
+    if protocol_available("srt"):
+        assert parse_target("srt://example.com:9000?latency=200").format == "mpegts"
+    else:
+        with pytest.raises(ValueError, match="cannot send srt"):
+            parse_target("srt://example.com:9000")
+    assert parse_target("rtmps://example.com/app/key").port == 443
+
+
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "10.1.2.3", "192.168.0.10", "169.254.169.254",
                                   "[::1]", "[::ffff:127.0.0.1]", "0.0.0.0", "[fe80::1]"])
 def test_restream_targets_on_internal_addresses_are_refused_unless_allowed(host):

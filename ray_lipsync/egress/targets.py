@@ -13,6 +13,7 @@ restricts egress in its network as well.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 from dataclasses import dataclass
@@ -72,9 +73,35 @@ def parse_target(url: str) -> Target:
         if scheme == "srt":
             raise ValueError("an srt:// url needs a port (srt://host:port)")
         port = DEFAULT_PORTS[scheme]
+    if not protocol_available(scheme):
+        raise ValueError(f"this server's FFmpeg (PyAV) cannot send {scheme}://; use rtmp:// or rtmps://")
     if scheme != "srt" and not parts.path.strip("/"):
         raise ValueError("an rtmp url needs an application and stream key: rtmp://host/app/key")
     return Target(url=url, scheme=scheme, host=host, port=port)
+
+
+@functools.cache
+def protocol_available(scheme: str) -> bool:
+    """Whether PyAV's FFmpeg can open `scheme://` outputs (PyAV's wheels have no libsrt).
+
+    Probed once per process by opening a URL on the local discard port (refused at once): an
+    FFmpeg without the protocol says so before connecting."""
+    import av
+
+    url = {"srt": "srt://127.0.0.1:9?connect_timeout=100", "rtmps": "rtmps://127.0.0.1:9/app/key"}.get(scheme)
+    if url is None:
+        return True
+    try:
+        container = av.open(url, "w", format=FORMATS[scheme])
+        try:
+            container.start_encoding()
+        finally:
+            container.close()
+    except av.error.ProtocolNotFoundError:
+        return False
+    except Exception:  # noqa: BLE001 - refused / timed out: the protocol exists
+        return True
+    return True
 
 
 def refused_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
