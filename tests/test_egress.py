@@ -281,6 +281,8 @@ async def test_recording_stops_at_its_limit_and_the_session_goes_on(lipsync_sett
             return any(e == "recording.state" and d["state"] == "stopped" for e, d in events)
 
         await until(stopped, what="the recording to stop at its limit")
+        outputs = (await client.get(f"/v1/sessions/{sid}", headers=auth)).json()["outputs"]
+        assert outputs["recording"]["state"] == "stopped" and outputs["restreams"] == 0
         final = [d for e, d in events if e == "recording.state"]
         assert [d["state"] for d in final] == ["live", "stopped"]
         assert "recording.max_seconds" in final[-1]["stopped_reason"]

@@ -492,6 +492,8 @@ class Gateway:
             "connection_state": (entry.peer.connection_state if entry.peer
                                  else "lost" if entry.lost_at is not None else "new"),
             "network": entry.peer.network() if entry.peer else None,
+            "outputs": {**(entry.egress.summary() if entry.egress is not None else {}),
+                        "whep_viewers": len(entry.whep) if entry.whep is not None else 0},
         }
 
     async def _device_of(self, replica: str, backend: str) -> str | None:

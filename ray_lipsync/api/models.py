@@ -75,6 +75,31 @@ class NetworkState(BaseModel):
                                  "showing it (webrtc.still_fps).")
 
 
+class OutputState(BaseModel):
+    """An egress output (the recording or a restream target) and what it is doing."""
+
+    state: Literal["starting", "live", "retrying", "stopped", "failed"] = Field(
+        description="starting: waiting for the first keyframe or connecting; live: writing; "
+        "retrying: the target failed and is being reconnected (see error); stopped: by DELETE, "
+        "a limit (stopped_reason) or the session's end; failed: gave up (see error).")
+    error: str | None = Field(description="The last failure (e.g. 'Connection refused').")
+    stopped_reason: str | None = Field(description="Why it stopped (DELETE, recording.max_seconds, ...).")
+    retries: int = Field(description="Reconnections so far (restream).")
+    seconds: float = Field(description="Media written since it (re)started.")
+    bytes: int = Field(description="Encoded media written in total.")
+    packets_dropped: int = Field(description="Packets lost because the output lagged.")
+
+
+class OutputsState(BaseModel):
+    """The session's outputs besides its own peer (README, Outputs)."""
+
+    recording: OutputState | None = Field(None, description="The recording's state; None if never started.")
+    restreams: int = Field(0, description="Restream targets running.")
+    whep_viewers: int = Field(0, description="WHEP viewers connected.")
+    frames_dropped: int = Field(0, description="Frames the shared H.264/AAC encode lost because "
+                                "it lagged (the session went on).")
+
+
 class SessionState(BaseModel):
     session_id: str
     gateway: str = Field(description="Tag of the gateway replica holding the session's peer.")
@@ -99,21 +124,8 @@ class SessionState(BaseModel):
     connection_state: str
     network: NetworkState | None = Field(None, description="The video link as the server's sender "
                                          "sees it; None before the client connected.")
-
-
-class OutputState(BaseModel):
-    """An egress output (the recording or a restream target) and what it is doing."""
-
-    state: Literal["starting", "live", "retrying", "stopped", "failed"] = Field(
-        description="starting: waiting for the first keyframe or connecting; live: writing; "
-        "retrying: the target failed and is being reconnected (see error); stopped: by DELETE, "
-        "a limit (stopped_reason) or the session's end; failed: gave up (see error).")
-    error: str | None = Field(description="The last failure (e.g. 'Connection refused').")
-    stopped_reason: str | None = Field(description="Why it stopped (DELETE, recording.max_seconds, ...).")
-    retries: int = Field(description="Reconnections so far (restream).")
-    seconds: float = Field(description="Media written since it (re)started.")
-    bytes: int = Field(description="Encoded media written in total.")
-    packets_dropped: int = Field(description="Packets lost because the output lagged.")
+    outputs: OutputsState = Field(default_factory=OutputsState, description="Recording, restream "
+                                  "targets and WHEP viewers.")
 
 
 class RestreamRequest(_Strict):

@@ -69,6 +69,19 @@ class SessionEgress:
         self._recording: PacketSink | None = None
         self._recording_path: Path | None = None
         self._restreams: dict[str, _Restream] = {}
+        self._frames_dropped = 0  # by encodes that ended (the running one counts its own)
+
+    @property
+    def frames_dropped(self) -> int:
+        """Frames the shared encode lost because it lagged (the session went on)."""
+        return self._frames_dropped + (self._worker.frames_dropped if self._worker is not None else 0)
+
+    def summary(self) -> dict:
+        """For the session's status: the recording's state, restream targets running, drops."""
+        recording = self._recording.status.as_dict() if self._recording is not None else None
+        return {"recording": recording,
+                "restreams": sum(not r.sink.done for r in self._restreams.values()),
+                "frames_dropped": self.frames_dropped}
 
     @property
     def active(self) -> bool:
@@ -204,6 +217,7 @@ class SessionEgress:
         self._worker.remove(sink)
         if not self.active:
             worker, self._worker = self._worker, None
+            self._frames_dropped += worker.frames_dropped
             worker.stop(timeout=0)
             self._fanout.detach(worker.frames)
 
