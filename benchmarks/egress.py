@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -45,7 +46,7 @@ from ray_lipsync.clock import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME  # noqa: E402
 from ray_lipsync.config import Settings  # noqa: E402
 from ray_lipsync.egress.encoder import AvEncoder  # noqa: E402
 from ray_lipsync.egress.outputs import encoder_settings  # noqa: E402
-from ray_lipsync.egress.sink import PacketSink  # noqa: E402
+from ray_lipsync.egress.sink import FileOutput, PacketSink, RelayOutput  # noqa: E402
 from ray_lipsync.types import OutputFrame  # noqa: E402
 
 log = logging.getLogger("benchmarks.egress")
@@ -81,16 +82,13 @@ def run_case(frames: list[OutputFrame], outputs: list[str], settings: Settings, 
              rtmp_url: str | None) -> float:
     """Encode `frames` once and mux them into `outputs`; CPU seconds per second of media."""
     height, width = frames[0].image.shape[:2]
-    started = time.process_time()
+    started = cpu_time()
     encoder = AvEncoder(width, height, encoder_settings(settings))
     sinks = []
     for i, kind in enumerate(outputs):
-        if kind == "recording":
-            path = folder / f"out{i}.mp4"
-            opener = lambda path=path: av.open(str(path), "w", format="mp4")  # noqa: E731
-        else:
-            opener = lambda i=i: av.open(f"{rtmp_url}{i}", "w", format="flv")  # noqa: E731
-        sink = PacketSink(kind, opener, lambda: (encoder.video_template, encoder.audio_template),
+        output = (FileOutput(str(folder / f"out{i}.mp4")) if kind == "recording"
+                  else RelayOutput("flv", f"{rtmp_url}{i}"))
+        sink = PacketSink(kind, output, lambda: (encoder.video_template, encoder.audio_template),
                           request_keyframe=encoder.request_keyframe, on_state=lambda s: None,
                           retry=False, queue_packets=len(frames) * 4)
         sink.start()
@@ -105,7 +103,13 @@ def run_case(frames: list[OutputFrame], outputs: list[str], settings: Settings, 
         if sink.status.packets_dropped or sink.status.state == "failed":
             raise RuntimeError(f"{sink.name}: {sink.status}")
     encoder.close()
-    return (time.process_time() - started) / (len(frames) / FPS)
+    return (cpu_time() - started) / (len(frames) / FPS)
+
+
+def cpu_time() -> float:
+    """CPU seconds of this process (all threads) and of its finished children (the relays)."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
 
 
 async def watch(url: str, sid: str, token: str, viewers: int, seconds: float) -> None:
@@ -229,6 +233,8 @@ def main() -> None:
         asyncio.run(watch(url, sid, token, int(viewers), float(seconds)))
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("aioice", "aiortc", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     whep = whep_costs(args.seconds) if args.only in (None, "whep") else None
     settings = Settings()
     results = output_costs(args.seconds, settings) if args.only in (None, "outputs") else []

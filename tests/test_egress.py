@@ -302,6 +302,40 @@ async def test_recording_stops_at_its_limit_and_the_session_goes_on(lipsync_sett
 
 
 @pytest.mark.slow
+async def test_a_stuck_restream_target_never_holds_up_the_recording_or_the_viewer(lipsync_settings, tmp_path):
+    """A target that accepts the connection and never answers (the RTMP handshake hangs, in
+    the target's relay process: PyAV would hold the GIL through it): the recording of the same
+    encode and the WebRTC viewer go on; DELETE answers within its 2 s (the relay is killed)."""
+    import socket
+
+    from helpers import free_port
+
+    settings = variant(lipsync_settings, restream={"allow_private_addresses": True})
+    gateway, client = make(settings)
+    with socket.create_server(("127.0.0.1", free_port())) as silent:  # accepts (backlog), never reads
+        async with client:
+            sid, auth = await new_session(client)
+            receiver = await connect(client, sid, auth)
+            url = f"rtmp://127.0.0.1:{silent.getsockname()[1]}/live/key"
+            r = await client.post(f"/v1/sessions/{sid}/restream", json={"url": url}, headers=auth)
+            assert r.status_code == 201
+            assert (await client.post(f"/v1/sessions/{sid}/recording", headers=auth)).status_code == 201
+            t0 = time.monotonic()
+            await asyncio.sleep(2.0)
+            listed = (await client.get(f"/v1/sessions/{sid}/restream", headers=auth)).json()["restreams"][0]
+            assert listed["state"] == "starting"  # the target never took the stream
+            state = (await client.delete(f"/v1/sessions/{sid}/recording", headers=auth)).json()
+            assert state["state"] == "stopped" and state["seconds"] >= 1.5  # recorded all along
+            assert receiver.received.fps(t0 + 0.3, t0 + 1.9) >= 4  # a still avatar: >= still_fps
+            started = time.monotonic()
+            r = await client.delete(f"/v1/sessions/{sid}/restream/{listed['restream_id']}", headers=auth)
+            assert r.status_code == 204 and time.monotonic() - started < 3
+            await receiver.close()
+            await gateway.shutdown()
+
+
+
+@pytest.mark.slow
 async def test_restream_to_rtmp_is_retried_when_the_server_drops(lipsync_settings, tmp_path):
     """POST a restream to nginx-rtmp on loopback (allowed by restream.allow_private_addresses):
     the stream nginx receives is H.264 at 25 fps + AAC with the session's speech and the mouth

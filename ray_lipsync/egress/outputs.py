@@ -1,7 +1,8 @@
 """A session's egress outputs: its recording and its restream targets (the API's side).
 
 `SessionEgress` owns, per session, what the routes ask for: start/stop/read the recording,
-add/list/stop restream targets. Every output is a `PacketSink` fed by one shared
+add/list/stop restream targets. Every output is a `PacketSink` (the recording writes an MP4
+file; a restream target goes through its relay process, relay.py) fed by one shared
 `EncodeWorker` (one H.264 + AAC encode however many outputs), which takes its frames from the
 session's fan-out; the worker runs while at least one output does. State changes of an
 output are published as server-sent events (`recording.state`, `restream.state`) on the
@@ -23,13 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import av
-
 from ray_lipsync.clock import FPS
 from ray_lipsync.config import Settings
 from ray_lipsync.egress.encoder import EncoderSettings
 from ray_lipsync.egress.fanout import SessionFanout
-from ray_lipsync.egress.sink import TERMINAL, PacketSink, SinkStatus
+from ray_lipsync.egress.sink import TERMINAL, FileOutput, Output, PacketSink, RelayOutput, SinkStatus
 from ray_lipsync.egress.targets import Target, check_reachable, parse_target
 from ray_lipsync.egress.worker import EncodeWorker
 from ray_lipsync.errors import OutputConflict, OutputLimit, UnknownOutput
@@ -37,6 +36,7 @@ from ray_lipsync.errors import OutputConflict, OutputLimit, UnknownOutput
 log = logging.getLogger(__name__)
 
 FIRST_FRAME_S = 5.0  # an output waits this long for the session's first frame
+STOP_TARGET_S = 2.0  # DELETE of a restream waits this long for its thread (a stuck connect is left)
 
 
 @dataclass
@@ -103,7 +103,7 @@ class SessionEgress:
         limits = self._settings.recording
         self._recording_path = path
         self._recording = self._start_sink(
-            "recording", lambda: av.open(str(path), "w", format="mp4"), retry=False,
+            "recording", FileOutput(str(path)), retry=False,
             on_state=lambda status: self._announce("recording.state", {}, status),
             max_seconds=limits.max_seconds, max_bytes=limits.max_bytes)
         log.info("session %s: recording started", self.session_id)
@@ -152,9 +152,8 @@ class SessionEgress:
         restream_id = secrets.token_urlsafe(8)
         sink = self._start_sink(
             f"restream-{restream_id}",
-            lambda: av.open(target.url, "w", format=target.format), retry=True,
-            on_state=lambda status: self._announce("restream.state", {"restream_id": restream_id}, status),
-            check=lambda: check_reachable(target, allow))
+            RelayOutput(target.format, target.url, check=lambda: check_reachable(target, allow)), retry=True,
+            on_state=lambda status: self._announce("restream.state", {"restream_id": restream_id}, status))
         self._restreams[restream_id] = _Restream(restream_id, target, sink, time.time())
         log.info("session %s: restream %s to %s", self.session_id, restream_id, target.shown)
         return self._describe(self._restreams[restream_id])
@@ -167,7 +166,7 @@ class SessionEgress:
         if entry is None:
             raise UnknownOutput(f"no restream {restream_id[:40]!r} in this session; GET "
                                 "/v1/sessions/{id}/restream lists them")
-        await asyncio.to_thread(entry.sink.stop)
+        await asyncio.to_thread(entry.sink.stop, STOP_TARGET_S)
         self._release(entry.sink)
 
     # -- lifecycle --------------------------------------------------------------------
@@ -189,11 +188,11 @@ class SessionEgress:
         sinks = [r.sink for r in self._restreams.values()]
         return sinks + ([self._recording] if self._recording is not None else [])
 
-    def _start_sink(self, name: str, open_output: Callable[[], Any], *, retry: bool,
+    def _start_sink(self, name: str, output: Output, *, retry: bool,
                     on_state: Callable[[SinkStatus], None], **limits: Any) -> PacketSink:
         worker = self._ensure_worker()
         sink = PacketSink(
-            name, open_output, lambda: self._templates(worker),
+            name, output, lambda: self._templates(worker),
             request_keyframe=worker.request_keyframe, on_state=on_state, retry=retry, **limits)
         worker.add(sink)
         sink.start()

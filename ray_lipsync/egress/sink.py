@@ -1,5 +1,8 @@
-"""One egress output: a container (MP4 file, FLV over RTMP, MPEG-TS over SRT) fed with the
-shared encode's packets, in its own thread.
+"""One egress output: a container fed with the shared encode's packets, in its own thread.
+
+Where the packets go is an `Output`: `FileOutput` (the recording's MP4) or `RelayOutput` (a
+restream target: NUT through a pipe to a relay process that sends FLV / MPEG-TS to the
+target, relay.py, so that no network call of PyAV ever holds this process's GIL).
 
 The encoder thread hands packets over with `put`, which never blocks: the sink's queue is
 bounded, and when its output lags (a slow network target) the packets that do not fit are
@@ -18,15 +21,20 @@ from __future__ import annotations
 
 import logging
 import queue
+import select
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import av
 
 from ray_lipsync.egress.encoder import EncodedPacket
+from ray_lipsync.egress.relay import CONNECTED
+from ray_lipsync.egress.relay import describe as relay_describe
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +43,7 @@ RETRY_FIRST_S = 1.0
 RETRY_MAX_S = 30.0
 RETRY_RESET_S = 10.0
 TERMINAL = ("stopped", "failed")
+RELAY_EXIT_S = 5.0  # a relay gets this long to write its trailer and exit
 
 
 class TargetRefused(Exception):
@@ -59,36 +68,147 @@ class SinkStatus:
 
 def describe(error: BaseException) -> str:
     """A failure as a client may read it: the OS or FFmpeg reason, never a URL or address."""
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    if isinstance(error, TargetRefused):
-        return str(error)
-    return type(error).__name__
+    return str(error) if isinstance(error, TargetRefused) else relay_describe(error)
+
+
+class Output(Protocol):
+    """Where a sink writes (see the module docstring)."""
+
+    def open(self) -> Any:
+        """A new output container to mux into (raises when the output cannot be opened)."""
+
+    def connected(self) -> bool:
+        """Whether the far end took the stream (a file: at once)."""
+
+    def explain(self, error: BaseException) -> str:
+        """Why the output failed, as a client may read it."""
+
+    def close(self) -> None:
+        """After the container closed: let the output finish (the relay writes its trailer)."""
+
+    def abort(self) -> None:
+        """Unblock a write stuck on a target that does not read (from another thread)."""
+
+
+class FileOutput:
+    """An MP4 file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def open(self) -> Any:
+        return av.open(self.path, "w", format="mp4")
+
+    def connected(self) -> bool:
+        return True
+
+    def explain(self, error: BaseException) -> str:
+        return describe(error)
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+class RelayOutput:
+    """A network target, through a relay process (relay.py) started at each (re)connect.
+
+    `check()` runs before every start (re-validates the target's addresses)."""
+
+    def __init__(self, fmt: str, url: str, check: Callable[[], None] | None = None) -> None:
+        self._fmt, self._url, self._check = fmt, url, check
+        self._process: subprocess.Popen | None = None
+        self._connected = False
+
+    def open(self) -> Any:
+        if self._check is not None:
+            self._check()
+        self._connected = False
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "ray_lipsync.egress.relay", self._fmt, self._url],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert self._process.stdin is not None
+        return av.open(self._process.stdin, "w", format="nut")
+
+    def connected(self) -> bool:
+        process = self._process
+        if not self._connected and process is not None and process.stdout is not None:
+            ready, _, _ = select.select([process.stdout], [], [], 0)
+            if ready and process.stdout.readline().decode(errors="replace").strip() == CONNECTED:
+                self._connected = True
+        if process is not None and process.poll() is not None and process.returncode != 0:
+            raise RelayFailed(self._reason() or f"the relay exited with {process.returncode}")
+        return self._connected
+
+    def explain(self, error: BaseException) -> str:
+        if isinstance(error, RelayFailed):
+            return str(error)
+        process = self._process
+        if process is not None:
+            try:
+                process.wait(RELAY_EXIT_S)
+            except subprocess.TimeoutExpired:
+                pass
+        return self._reason() or describe(error)
+
+    def close(self) -> None:
+        process, self._process = self._process, None
+        if process is None:
+            return
+        try:
+            if process.stdin is not None:
+                process.stdin.close()
+        except OSError:
+            pass
+        try:
+            process.wait(RELAY_EXIT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        for pipe in (process.stdout, process.stderr):
+            if pipe is not None:
+                pipe.close()
+
+    def abort(self) -> None:
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.kill()
+
+    def _reason(self) -> str | None:
+        process = self._process
+        if process is None or process.poll() is None or process.stderr is None:
+            return None
+        lines = process.stderr.read().decode(errors="replace").strip().splitlines()
+        return lines[-1][:200] if lines else None
+
+
+class RelayFailed(Exception):
+    """The relay process ended with an error (its reason is the message)."""
 
 
 class PacketSink:
-    """Muxes the shared packets into the container `open_output()` returns.
+    """Muxes the shared packets into `output`'s containers.
 
     `templates()`: (video, audio) streams to copy codec parameters from (blocks until the
-    shared encoder has them); `request_keyframe`
-    asks the encoder for one (a sink (re)starts on it); `on_state(status)` is called from the
-    sink's thread on every state change; `retry`: reconnect after a failure (network targets);
-    `check()` runs before every (re)connect (re-validates a target's address).
+    shared encoder has them); `request_keyframe` asks the encoder for one (a sink (re)starts
+    on it); `on_state(status)` is called from the sink's thread on every state change;
+    `retry`: reconnect after a failure (network targets).
     """
 
-    def __init__(self, name: str, open_output: Callable[[], av.container.OutputContainer],
+    def __init__(self, name: str, output: Output,
                  templates: Callable[[], tuple[Any, Any]], *, request_keyframe: Callable[[], None],
                  on_state: Callable[[SinkStatus], None], retry: bool,
-                 check: Callable[[], None] | None = None, max_seconds: float | None = None,
+                 max_seconds: float | None = None,
                  max_bytes: int | None = None, queue_packets: int = QUEUE_PACKETS) -> None:
         self.name = name
         self.status = SinkStatus()
-        self._open_output = open_output
+        self.output = output
         self._templates = templates
         self._request_keyframe = request_keyframe
         self._on_state = on_state
         self._retry = retry
-        self._check = check
         self._max_seconds = max_seconds
         self._max_bytes = max_bytes
         self._queue: queue.Queue[tuple[EncodedPacket, bool]] = queue.Queue(queue_packets)
@@ -118,11 +238,14 @@ class PacketSink:
                 self.status.packets_dropped += 1
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Write what is queued, close the container, end the thread (waits up to `timeout`;
-        a thread stuck in a network call is left to end by itself)."""
+        """Write what is queued, close the container, end the thread (waits up to `timeout`,
+        then aborts the output: a relay stuck on a target that does not read is killed)."""
         self._stop.set()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                self.output.abort()
+                self._thread.join(timeout)
 
     # -- the sink's thread ----------------------------------------------------------------
 
@@ -134,7 +257,7 @@ class PacketSink:
                 self._stream_once()
                 break  # stopped, or a limit reached
             except Exception as error:  # noqa: BLE001 - any failure of this output is its own
-                reason = describe(error)
+                reason = self.output.explain(error)
                 if not self._retry or isinstance(error, TargetRefused):
                     log.warning("egress %s failed: %s", self.name, reason, exc_info=not isinstance(error, OSError))
                     self._set(state="failed", error=reason)
@@ -151,19 +274,21 @@ class PacketSink:
 
     def _stream_once(self) -> None:
         """Open, mux until stopped or a limit; raises on a failure of the output."""
-        if self._check is not None:
-            self._check()
         video_template, audio_template = self._templates()
-        container = self._open_output()
+        container = self.output.open()
+        live = False
         try:
             video = container.add_stream_from_template(video_template, opaque=True)
             audio = container.add_stream_from_template(audio_template, opaque=True)
-            container.start_encoding()  # connects (network targets) and writes the header
-            self._drain()  # what queued while connecting is stale: start at a fresh keyframe
+            container.start_encoding()  # writes the header
+            self._drain()  # what queued while opening is stale: start at a fresh keyframe
             self._request_keyframe()
             base: float | None = None  # the first keyframe's time: the output's 0
             waiting = True  # for a keyframe: at the start, and after packets were dropped
             while True:
+                if not live and base is not None and self.output.connected():
+                    live = True
+                    self._set(state="live", error=None)
                 try:
                     packet, gap = self._queue.get(timeout=0.2)
                 except queue.Empty:
@@ -179,7 +304,6 @@ class PacketSink:
                     if base is None:
                         base = packet.seconds
                         self.status.seconds = 0.0
-                        self._set(state="live", error=None)
                 assert base is not None
                 if not self._mux(container, video if packet.kind == "video" else audio, packet, base):
                     break
@@ -188,6 +312,7 @@ class PacketSink:
                 container.close()
             except Exception:  # noqa: BLE001 - a broken connection cannot take the trailer
                 log.debug("egress %s: closing the container failed", self.name, exc_info=True)
+            self.output.close()
 
     def _mux(self, container: Any, stream: Any, packet: EncodedPacket, base: float) -> bool:
         """Write one packet, rebased to start at 0; False once a limit is reached."""
