@@ -217,6 +217,7 @@ async def test_restream_and_recording_routes_validate_and_authorize(lipsync_sett
 # -- recording -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_recording_is_the_session_as_a_viewer_sees_it(lipsync_settings, tmp_path):
     """POST starts, DELETE stops, GET returns the MP4: H.264 + AAC at 25 fps with the speech
     and the mouth moving with it; recorded while a WebRTC viewer watches, which still gets

@@ -70,6 +70,7 @@ async def test_whep_refuses_what_the_draft_refuses(lipsync_settings):
         await gateway.shutdown()
 
 
+@pytest.mark.slow
 async def test_several_whep_viewers_share_one_encode_of_the_session(lipsync_settings):
     """Two WHEP viewers (no WebRTC offer on the session at all) both get the speech at 25 fps
     with its audio; the shared encode encodes each frame once; one viewer leaving does not
