@@ -194,7 +194,7 @@ async def test_restream_and_recording_routes_validate_and_authorize(lipsync_sett
     gateway, client = make(lipsync_settings)
     async with client:
         sid, auth = await new_session(client)
-        other, other_auth = await new_session(client)
+        _, other_auth = await new_session(client)
         url = f"/v1/sessions/{sid}/restream"
         for body, code, error in [({"url": "file:///etc/passwd"}, 400, "bad_request"),
                                   ({"url": "rtmp://localhost:1935/live/key"}, 400, "target_refused"),

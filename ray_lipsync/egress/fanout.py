@@ -33,7 +33,7 @@ class FrameBuffer:
     (a coroutine on the same loop) or `get(timeout)` (a worker thread).
     """
 
-    def __init__(self, name: str, limit: int, on_close: Callable[["FrameBuffer"], None] | None = None) -> None:
+    def __init__(self, name: str, limit: int, on_close: Callable[[FrameBuffer], None] | None = None) -> None:
         if limit < 1:
             raise ValueError(f"a frame buffer holds at least one frame, got limit={limit}")
         self.name = name

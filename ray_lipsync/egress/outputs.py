@@ -28,7 +28,14 @@ from ray_lipsync.clock import FPS
 from ray_lipsync.config import Settings
 from ray_lipsync.egress.encoder import EncoderSettings
 from ray_lipsync.egress.fanout import SessionFanout
-from ray_lipsync.egress.sink import TERMINAL, FileOutput, Output, PacketSink, RelayOutput, SinkStatus
+from ray_lipsync.egress.sink import (
+    TERMINAL,
+    FileOutput,
+    Output,
+    PacketSink,
+    RelayOutput,
+    SinkStatus,
+)
 from ray_lipsync.egress.targets import Target, check_reachable, parse_target
 from ray_lipsync.egress.worker import EncodeWorker
 from ray_lipsync.errors import OutputConflict, OutputLimit, UnknownOutput

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 
 from ray_lipsync.egress.encoder import AvEncoder, EncoderSettings
 from ray_lipsync.egress.fanout import FrameBuffer

@@ -38,7 +38,13 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from ray_lipsync.egress.fanout import FrameBuffer
 from ray_lipsync.webrtc.bandwidth import BitrateBounds, BitrateController
 from ray_lipsync.webrtc.encoder import STILL_EVERY, OpusStream, Vp8Stream
-from ray_lipsync.webrtc.peer import ice_configuration, opus_codecs, parse_offer, received_kinds, vp8_codecs
+from ray_lipsync.webrtc.peer import (
+    ice_configuration,
+    opus_codecs,
+    parse_offer,
+    received_kinds,
+    vp8_codecs,
+)
 from ray_lipsync.webrtc.rtcp import LinkFeedback
 from ray_lipsync.webrtc.tracks import CHUNK_S, audio_chunks
 
@@ -106,7 +112,7 @@ class ViewerRate:
     """What one viewer's link feedback sees as its encoder: the shared `Vp8Stream`, whose
     target is the lowest of all viewers' (module docstring)."""
 
-    def __init__(self, shared: "SharedEncode", viewer_id: str) -> None:
+    def __init__(self, shared: SharedEncode, viewer_id: str) -> None:
         self._shared = shared
         self._viewer_id = viewer_id
 
@@ -171,7 +177,7 @@ class SharedEncode:
                 for track in tracks:
                     track.stop()
 
-    async def _encode(self, loop: asyncio.AbstractEventLoop, frame: "OutputFrame") -> None:
+    async def _encode(self, loop: asyncio.AbstractEventLoop, frame: OutputFrame) -> None:
         tracks = [t for ts in self._tracks.values() for t in ts]
         image = np.asarray(frame.image)
         if any(t.kind == "video" for t in tracks) and not self.video.skips(image):
