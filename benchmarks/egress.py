@@ -235,9 +235,10 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("aioice", "aiortc", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    whep = whep_costs(args.seconds) if args.only in (None, "whep") else None
     settings = Settings()
     results = output_costs(args.seconds, settings) if args.only in (None, "outputs") else []
+    # after the outputs: the service it starts leaves threads behind that would count there
+    whep = whep_costs(args.seconds) if args.only in (None, "whep") else None
     write_json(args.json, {
         "what": "process CPU seconds (all threads) per second of media of the egress: one shared "
                 "H.264+AAC encode muxed into each output", "commit": git_commit(),
