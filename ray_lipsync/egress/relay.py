@@ -21,8 +21,10 @@ import sys
 import av
 
 CONNECTED = "connected"
-# the parent's NUT header has every codec parameter: read no packets to guess them
-INPUT_OPTIONS = {"probesize": "4096", "analyzeduration": "0", "fpsprobesize": "0"}  # (probesize 32 loses the first packet)
+# The parent's NUT header has every codec parameter: probing ends as soon as each stream has
+# them (analyzeduration 0). A small probesize is no shortcut: FFmpeg then loses the first
+# packet when it is larger than the probe (the first keyframe: tests/test_egress.py saw it).
+INPUT_OPTIONS = {"analyzeduration": "0", "fpsprobesize": "0"}
 
 
 def relay(fmt: str, url: str) -> None:
