@@ -91,6 +91,7 @@ def decode(path: Path, box: tuple[slice, slice]) -> Decoded:
 def assert_talking_avatar(out: Decoded, speech_s: float) -> None:
     """H.264 + AAC, 25 fps, the speech heard, the mouth moving while it is heard, in sync."""
     assert (out.video_codec, out.audio_codec) == ("h264", "aac")
+    assert out.frame_times[0] == 0, "the output starts with a keyframe at t = 0 (none lost)"
     assert out.fps == pytest.approx(25.0, rel=0.02)
     assert out.average_rate == pytest.approx(25.0, rel=0.02)
     loud = out.loud_frames()
