@@ -300,6 +300,25 @@ async def test_recording_stops_at_its_limit_and_the_session_goes_on(lipsync_sett
         await gateway.shutdown()
 
 
+async def test_recording_stops_at_its_byte_limit(lipsync_settings):
+    settings = variant(lipsync_settings, recording={"max_bytes": 60_000})
+    gateway, client = make(settings)
+    async with client:
+        sid, auth = await new_session(client)
+        assert (await client.post(f"/v1/sessions/{sid}/recording", headers=auth)).status_code == 201
+
+        async def stopped() -> bool:
+            outputs = (await client.get(f"/v1/sessions/{sid}", headers=auth)).json()["outputs"]
+            return outputs["recording"]["state"] == "stopped"
+
+        await until(stopped, what="the recording to stop at recording.max_bytes")
+        state = (await client.delete(f"/v1/sessions/{sid}/recording", headers=auth)).json()
+        assert "recording.max_bytes" in state["stopped_reason"] and 0 < state["bytes"] <= 60_000
+        r = await client.get(f"/v1/sessions/{sid}/recording", headers=auth)
+        assert r.status_code == 200 and len(r.content) < 70_000  # the media and the MP4's index
+        await gateway.shutdown()
+
+
 # -- restream to a real RTMP server --------------------------------------------------------
 
 
