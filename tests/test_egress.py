@@ -47,8 +47,9 @@ class Decoded:
     audio_codec: str
     frame_times: np.ndarray  # s
     mouth: np.ndarray  # mean |luma - the frame before's| in the mouth box, per frame
-    audio: np.ndarray  # mono float32 at 16 kHz, from the output's t = 0
+    audio: np.ndarray  # mono float32 at 16 kHz, from its first sample on
     average_rate: float
+    audio_start: float  # s, the time of the first audio frame
 
     @property
     def fps(self) -> float:
@@ -69,7 +70,7 @@ def mouth_box(avatar) -> tuple[slice, slice]:
 
 
 def decode(path: Path, box: tuple[slice, slice]) -> Decoded:
-    times, mouth, before = [], [], None
+    times, mouth, before, audio_start = [], [], None, None
     resampler = av.AudioResampler(format="flt", layout="mono", rate=16000)
     audio: list[np.ndarray] = []
     with av.open(str(path)) as container:
@@ -83,15 +84,18 @@ def decode(path: Path, box: tuple[slice, slice]) -> Decoded:
                 mouth.append(float(np.abs(luma - (luma if before is None else before)).mean()))
                 before = luma
             else:
+                audio_start = float(frame.time) if audio_start is None else audio_start
                 audio += [r.to_ndarray().reshape(-1) for r in resampler.resample(frame)]
     return Decoded(*names, np.array(times), np.array(mouth),
-                   np.concatenate(audio) if audio else np.zeros(0, np.float32), rate)
+                   np.concatenate(audio) if audio else np.zeros(0, np.float32), rate,
+                   audio_start if audio_start is not None else float("nan"))
 
 
 def assert_talking_avatar(out: Decoded, speech_s: float) -> None:
     """H.264 + AAC, 25 fps, the speech heard, the mouth moving while it is heard, in sync."""
     assert (out.video_codec, out.audio_codec) == ("h264", "aac")
-    assert out.frame_times[0] == 0, "the output starts with a keyframe at t = 0 (none lost)"
+    # the output starts with a keyframe, with its audio (none lost; MPEG-TS starts at 1.4 s)
+    assert abs(out.frame_times[0] - out.audio_start) <= 0.04, (out.frame_times[0], out.audio_start)
     assert out.fps == pytest.approx(25.0, rel=0.02)
     assert out.average_rate == pytest.approx(25.0, rel=0.02)
     loud = out.loud_frames()
@@ -170,10 +174,10 @@ def test_restream_urls_of_the_wrong_form_are_refused(url, why):
         parse_target(url)
 
 
-def test_srt_is_refused_with_a_reason_when_ffmpeg_cannot_send_it():
-    from ray_lipsync.egress.targets import protocol_available
+def test_srt_is_taken_where_an_ffmpeg_can_send_it_and_refused_with_a_reason_elsewhere():
+    from ray_lipsync.egress.relay import can_send
 
-    if protocol_available("srt"):
+    if can_send("srt", "mpegts"):
         assert parse_target("srt://example.com:9000?latency=200").format == "mpegts"
     else:
         with pytest.raises(ValueError, match="cannot send srt"):
@@ -416,6 +420,49 @@ async def test_restream_to_rtmp_is_retried_when_the_server_drops(lipsync_setting
     assert_talking_avatar(decode(received, box), seconds)
     # encoded once: the restream and the recording carry the same H.264 packets
     assert len(video_payloads(received) & video_payloads(recording)) > 50
+
+
+@pytest.mark.slow
+async def test_restream_to_srt_through_the_system_ffmpeg(lipsync_settings, tmp_path):
+    """srt:// (MPEG-TS) to an SRT listener (FFmpeg on loopback): the talking avatar arrives.
+    PyAV's wheels have no SRT: the target's relay is then the system's ffmpeg."""
+    import subprocess
+
+    from helpers import free_port
+    from ray_lipsync.egress.relay import ffmpeg_sends, pyav_sends
+
+    if not (pyav_sends("srt", "mpegts") or ffmpeg_sends("srt")):
+        pytest.skip("no FFmpeg with SRT (apt-get install ffmpeg)")
+    port, received = free_port(), tmp_path / "srt.ts"
+    listener = subprocess.Popen(["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-y", "-i",
+                                 f"srt://127.0.0.1:{port}?mode=listener", "-c", "copy", "-f", "mpegts",
+                                 str(received)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    settings = variant(lipsync_settings, restream={"allow_private_addresses": True})
+    gateway, client = make(settings)
+    try:
+        async with client:
+            sid, auth = await new_session(client)
+            url = f"/v1/sessions/{sid}/restream"
+            r = await client.post(url, json={"url": f"srt://127.0.0.1:{port}?latency=120000"}, headers=auth)
+            assert r.status_code == 201, r.text
+            rid = r.json()["restream_id"]
+
+            async def live() -> bool:
+                return (await client.get(url, headers=auth)).json()["restreams"][0]["state"] == "live"
+
+            await until(live, what="the SRT restream to go live")
+            await asyncio.sleep(0.8)
+            seconds = await speak(client, sid, auth)
+            await asyncio.sleep(seconds + 1.0)
+            assert (await client.delete(f"{url}/{rid}", headers=auth)).status_code == 204
+            box = mouth_box(gateway._entries[sid].session.avatar)
+            await gateway.shutdown()
+        listener.wait(10)
+    finally:
+        if listener.poll() is None:
+            listener.kill()
+            listener.wait()
+    assert_talking_avatar(decode(received, box), seconds)
 
 
 def video_payloads(path: Path) -> set[bytes]:

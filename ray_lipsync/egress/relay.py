@@ -12,10 +12,17 @@ sink thread (which then drops its packets, counted) until the relay is stopped o
 It prints `connected` on stdout once the target took the header, and on failure one line on
 stderr, the reason (e.g. `Connection refused`), then exits 1; at the end of its input it
 writes the trailer and exits 0.
+
+A protocol PyAV's own FFmpeg lacks (its wheels have no libsrt) is relayed by the system's
+`ffmpeg` binary instead, when it has the protocol (Debian's does): the same NUT in, a stream
+copy out (`relay_command`); it says it is connected with its first `-progress` report.
 """
 
 from __future__ import annotations
 
+import functools
+import shutil
+import subprocess
 import sys
 
 import av
@@ -25,6 +32,65 @@ CONNECTED = "connected"
 # them (analyzeduration 0). A small probesize is no shortcut: FFmpeg then loses the first
 # packet when it is larger than the probe (the first keyframe: tests/test_egress.py saw it).
 INPUT_OPTIONS = {"analyzeduration": "0", "fpsprobesize": "0"}
+
+
+PROBE_URLS = {"srt": "srt://127.0.0.1:9?connect_timeout=100", "rtmps": "rtmps://127.0.0.1:9/app/key"}
+READY_PREFIXES = (CONNECTED, "progress=")  # this relay's line, or ffmpeg's first progress report
+
+
+@functools.cache
+def pyav_sends(scheme: str, fmt: str) -> bool:
+    """Whether PyAV's FFmpeg can open `scheme://` outputs (probed once per process on the
+    local discard port, refused at once: an FFmpeg without the protocol says so first)."""
+    url = PROBE_URLS.get(scheme)
+    if url is None:
+        return True
+    try:
+        container = av.open(url, "w", format=fmt)
+        try:
+            container.start_encoding()
+        finally:
+            container.close()
+    except av.error.ProtocolNotFoundError:
+        return False
+    except Exception:  # noqa: BLE001 - refused / timed out: the protocol exists
+        return True
+    return True
+
+
+@functools.cache
+def ffmpeg_sends(scheme: str) -> bool:
+    """Whether the system's `ffmpeg` binary has `scheme` among its output protocols."""
+    binary = shutil.which("ffmpeg")
+    if binary is None:
+        return False
+    try:
+        listing = subprocess.run([binary, "-hide_banner", "-protocols"], capture_output=True,
+                                 text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return scheme in listing.partition("Output:")[2].split()
+
+
+def can_send(scheme: str, fmt: str) -> bool:
+    return pyav_sends(scheme, fmt) or ffmpeg_sends(scheme)
+
+
+def relay_command(fmt: str, url: str) -> list[str]:
+    """The relay process for a target: this module, or the system ffmpeg for a protocol
+    PyAV's FFmpeg lacks."""
+    scheme = url.partition("://")[0].lower()
+    if pyav_sends(scheme, fmt) or not ffmpeg_sends(scheme):
+        return [sys.executable, "-m", "ray_lipsync.egress.relay", fmt, url]
+    return [shutil.which("ffmpeg") or "ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "error",
+            "-nostats", "-analyzeduration", "0", "-fpsprobesize", "0", "-f", "nut", "-i", "pipe:0",
+            "-c", "copy", "-f", fmt, "-progress", "pipe:1", url]
+
+
+def reason_of(line: str) -> str:
+    """A relay's failure line as a client may read it: ffmpeg's "<url>: <reason>" loses the URL."""
+    line = line.strip()
+    return line.rpartition(": ")[2] if "://" in line else line
 
 
 def relay(fmt: str, url: str) -> None:

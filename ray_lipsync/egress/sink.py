@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import logging
 import queue
-import select
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -33,7 +31,7 @@ from typing import Any, Protocol
 import av
 
 from ray_lipsync.egress.encoder import EncodedPacket
-from ray_lipsync.egress.relay import CONNECTED
+from ray_lipsync.egress.relay import READY_PREFIXES, reason_of, relay_command
 from ray_lipsync.egress.relay import describe as relay_describe
 
 log = logging.getLogger(__name__)
@@ -115,32 +113,30 @@ class FileOutput:
 class RelayOutput:
     """A network target, through a relay process (relay.py) started at each (re)connect.
 
-    `check()` runs before every start (re-validates the target's addresses)."""
+    `check()` runs before every start (re-validates the target's addresses). The relay's
+    stdout is read by a thread of its own (ffmpeg keeps reporting progress there)."""
 
     def __init__(self, fmt: str, url: str, check: Callable[[], None] | None = None) -> None:
         self._fmt, self._url, self._check = fmt, url, check
         self._process: subprocess.Popen | None = None
-        self._connected = False
+        self._ready = threading.Event()
 
     def open(self) -> Any:
         if self._check is not None:
             self._check()
-        self._connected = False
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "ray_lipsync.egress.relay", self._fmt, self._url],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self._ready = threading.Event()
+        self._process = subprocess.Popen(relay_command(self._fmt, self._url), stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        threading.Thread(target=self._read_stdout, args=(self._process, self._ready),
+                         name="relay-stdout", daemon=True).start()
         assert self._process.stdin is not None
         return av.open(self._process.stdin, "w", format="nut")
 
     def connected(self) -> bool:
         process = self._process
-        if not self._connected and process is not None and process.stdout is not None:
-            ready, _, _ = select.select([process.stdout], [], [], 0)
-            if ready and process.stdout.readline().decode(errors="replace").strip() == CONNECTED:
-                self._connected = True
         if process is not None and process.poll() is not None and process.returncode != 0:
             raise RelayFailed(self._reason() or f"the relay exited with {process.returncode}")
-        return self._connected
+        return self._ready.is_set()
 
     def explain(self, error: BaseException) -> str:
         if isinstance(error, RelayFailed):
@@ -167,21 +163,28 @@ class RelayOutput:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-        for pipe in (process.stdout, process.stderr):
-            if pipe is not None:
-                pipe.close()
+        if process.stderr is not None:
+            process.stderr.close()
 
     def abort(self) -> None:
         process = self._process
         if process is not None and process.poll() is None:
             process.kill()
 
+    @staticmethod
+    def _read_stdout(process: subprocess.Popen, ready: threading.Event) -> None:
+        assert process.stdout is not None
+        with process.stdout:
+            for line in process.stdout:
+                if not ready.is_set() and line.decode(errors="replace").startswith(READY_PREFIXES):
+                    ready.set()
+
     def _reason(self) -> str | None:
         process = self._process
         if process is None or process.poll() is None or process.stderr is None:
             return None
         lines = process.stderr.read().decode(errors="replace").strip().splitlines()
-        return lines[-1][:200] if lines else None
+        return reason_of(lines[-1])[:200] if lines else None
 
 
 class RelayFailed(Exception):

@@ -1,6 +1,7 @@
 """Restream targets: which URLs a client may send the session to, and how.
 
-A target is `rtmp://`, `rtmps://` (FLV: H.264 + AAC) or `srt://` (MPEG-TS). Anything else
+A target is `rtmp://`, `rtmps://` (FLV: H.264 + AAC) or `srt://` (MPEG-TS; relayed by the
+system's ffmpeg where PyAV's FFmpeg lacks SRT, relay.py). Anything else
 (file:, http:, a pipe, a URL with credentials in it) is refused. So that the feature is no
 SSRF hole, the host is resolved and every address it resolves to must be public: loopback,
 private, link-local (cloud metadata, 169.254.169.254), multicast, reserved and unspecified
@@ -13,12 +14,12 @@ restricts egress in its network as well.
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import socket
 from dataclasses import dataclass
 from urllib.parse import SplitResult, urlsplit
 
+from ray_lipsync.egress.relay import can_send
 from ray_lipsync.egress.sink import TargetRefused
 
 FORMATS = {"rtmp": "flv", "rtmps": "flv", "srt": "mpegts"}
@@ -73,35 +74,12 @@ def parse_target(url: str) -> Target:
         if scheme == "srt":
             raise ValueError("an srt:// url needs a port (srt://host:port)")
         port = DEFAULT_PORTS[scheme]
-    if not protocol_available(scheme):
-        raise ValueError(f"this server's FFmpeg (PyAV) cannot send {scheme}://; use rtmp:// or rtmps://")
+    if not can_send(scheme, FORMATS[scheme]):
+        raise ValueError(f"this server cannot send {scheme}:// (neither PyAV's FFmpeg nor an ffmpeg "
+                         "binary has it); use rtmp:// or rtmps://")
     if scheme != "srt" and not parts.path.strip("/"):
         raise ValueError("an rtmp url needs an application and stream key: rtmp://host/app/key")
     return Target(url=url, scheme=scheme, host=host, port=port)
-
-
-@functools.cache
-def protocol_available(scheme: str) -> bool:
-    """Whether PyAV's FFmpeg can open `scheme://` outputs (PyAV's wheels have no libsrt).
-
-    Probed once per process by opening a URL on the local discard port (refused at once): an
-    FFmpeg without the protocol says so before connecting."""
-    import av
-
-    url = {"srt": "srt://127.0.0.1:9?connect_timeout=100", "rtmps": "rtmps://127.0.0.1:9/app/key"}.get(scheme)
-    if url is None:
-        return True
-    try:
-        container = av.open(url, "w", format=FORMATS[scheme])
-        try:
-            container.start_encoding()
-        finally:
-            container.close()
-    except av.error.ProtocolNotFoundError:
-        return False
-    except Exception:  # noqa: BLE001 - refused / timed out: the protocol exists
-        return True
-    return True
 
 
 def refused_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
