@@ -389,6 +389,53 @@ class WebRTCConfig(_Frozen):
         return servers
 
 
+class EgressConfig(_Frozen):
+    """The shared H.264 + AAC encode of a session's recording and restream targets (egress/)."""
+
+    video_bitrate: int = Field(1_000_000, ge=100_000, le=20_000_000, description="H.264 bitrate, "
+                               "bit/s (capped VBR: x264's maxrate at this, a 2 s buffer).")
+    audio_bitrate: int = Field(64_000, ge=16_000, le=320_000, description="AAC bitrate, bit/s "
+                               "(48 kHz mono).")
+    keyframe_interval_s: float = Field(2.0, ge=0.5, le=10.0, description="Seconds between "
+                                       "keyframes (RTMP ingests ask for 2-4 s).")
+    preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast"] = Field(
+        "veryfast", description="x264 preset: faster ones cost less CPU for a larger stream "
+        "at the same quality (costs: benchmarks/README.md, egress.py).")
+    frame_buffer: int = Field(25, ge=2, le=500, description="Frames (25 = 1 s) the encoder may "
+                              "lag behind the session before its oldest is dropped (counted).")
+
+
+class RecordingConfig(_Frozen):
+    """Recording a session to MP4 (POST /v1/sessions/{id}/recording)."""
+
+    keep_dir: Path | None = Field(None, description="Write recordings here and keep them after "
+                                  "the session closes (<session id>.mp4); None = a working "
+                                  "directory under `home`, the file removed with the session.")
+    max_seconds: float = Field(3600.0, gt=0, le=86400, description="A recording stops by itself "
+                               "at this length (state stopped, with the reason; the session goes on).")
+    max_bytes: int = Field(2 * 1024**3, gt=0, description="A recording stops by itself at this "
+                           "much encoded media.")
+
+
+class RestreamConfig(_Frozen):
+    """Sending a session to RTMP/SRT ingests (POST /v1/sessions/{id}/restream)."""
+
+    max_targets: int = Field(4, ge=1, le=32, description="Most restream targets per session "
+                             "(one encode feeds them all).")
+    allow_private_addresses: bool = Field(False, description="Allow targets on loopback, private "
+                                          "and link-local addresses (a LAN ingest, tests). Off: "
+                                          "such targets are refused, so clients cannot reach the "
+                                          "server's internal network through it.")
+
+
+class WhepConfig(_Frozen):
+    """WHEP playback (POST /v1/sessions/{id}/whep): viewers of a session beside its own peer."""
+
+    max_viewers: int = Field(8, ge=1, le=256, description="Most WHEP viewers per session (429 "
+                             "above it). They share one VP8 + Opus encode, at the lowest bitrate "
+                             "their links ask for (webrtc.min_bitrate..max_bitrate).")
+
+
 class Settings(_Frozen):
     """All of ray-lipsync's configuration, with documented defaults."""
 
@@ -402,6 +449,10 @@ class Settings(_Frozen):
     pipeline: PipelineConfig = PipelineConfig()
     serve: ServeConfig = ServeConfig()
     webrtc: WebRTCConfig = WebRTCConfig()
+    egress: EgressConfig = EgressConfig()
+    recording: RecordingConfig = RecordingConfig()
+    restream: RestreamConfig = RestreamConfig()
+    whep: WhepConfig = WhepConfig()
     avatar_uri: str | None = Field(
         None,
         description="Shared avatar location every node reads, as a pyarrow filesystem URI or path "

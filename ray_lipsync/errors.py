@@ -93,3 +93,22 @@ class BackendUnavailable(AtCapacity):
 
 class StageUnavailable(LipsyncError):
     """A pipeline stage did not answer (HTTP 503 with Retry-After)."""
+
+
+class UnknownOutput(SessionError, KeyError):
+    """No such recording or restream target in this session (HTTP 404)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown output"
+
+
+class OutputConflict(SessionError):
+    """The output is not in a state that allows this (a recording in progress; HTTP 409)."""
+
+
+class OutputLimit(SessionError):
+    """The session has as many outputs of this kind as the settings allow (HTTP 429)."""
+
+
+class UnsupportedMediaType(LipsyncError):
+    """A request body of a content type the route does not take (HTTP 415)."""

@@ -173,6 +173,23 @@ def test_stream_socket_bounds_what_the_proxy_reads_ahead(base_url):
     asyncio.run(main())
 
 
+def test_a_recording_through_the_serve_proxy(base_url):
+    """POST/DELETE/GET recording through Serve's proxy: the MP4 streams back from the session's
+    home gateway (no WebRTC peer: the recording alone keeps the frames flowing)."""
+    with httpx.Client(base_url=base_url, timeout=30) as client:
+        created = client.post("/v1/sessions", json={"avatar": "default"}).json()
+        sid, auth = created["session_id"], {"Authorization": f"Bearer {created['token']}"}
+        assert client.post(f"/v1/sessions/{sid}/recording", headers=auth).status_code == 201
+        time.sleep(1.5)
+        state = client.delete(f"/v1/sessions/{sid}/recording", headers=auth).json()
+        assert state["state"] == "stopped" and state["bytes"] > 0, state
+        r = client.get(f"/v1/sessions/{sid}/recording", headers=auth)
+        assert r.status_code == 200 and r.headers["content-type"] == "video/mp4"
+        assert len(r.content) == int(r.headers["content-length"]) > state["bytes"]
+        assert r.content[4:8] == b"ftyp"  # an MP4
+        assert client.delete(f"/v1/sessions/{sid}", headers=auth).status_code == 204
+
+
 def test_livetalking_offer_routes_home(base_url):
     async def main() -> tuple[dict, dict]:
         receiver = ReceiverClient(ice_servers=[])

@@ -47,6 +47,25 @@ class GatewayAPI(Protocol):
     def events(self, session_id: str, token: str | None,
                keepalive_s: float = 15.0) -> AsyncIterator[tuple[str, dict]]: ...
 
+    async def start_recording(self, session_id: str, token: str | None) -> dict: ...
+
+    async def stop_recording(self, session_id: str, token: str | None) -> dict: ...
+
+    async def recording_size(self, session_id: str, token: str | None) -> int: ...
+
+    def recording_data(self, session_id: str, token: str | None,
+                       chunk_bytes: int = 1 << 20) -> AsyncIterator[bytes]: ...
+
+    async def add_restream(self, session_id: str, token: str | None, url: str) -> dict: ...
+
+    async def restreams(self, session_id: str, token: str | None) -> list[dict]: ...
+
+    async def stop_restream(self, session_id: str, token: str | None, restream_id: str) -> None: ...
+
+    async def whep_offer(self, session_id: str, token: str | None, sdp: str) -> dict: ...
+
+    async def whep_close(self, session_id: str, token: str | None, viewer_id: str) -> None: ...
+
     async def snapshots(self) -> list[dict]:
         """Metrics snapshots of every gateway replica of the deployment."""
         ...
@@ -57,7 +76,9 @@ class GatewayAPI(Protocol):
 
 
 SESSION_METHODS = ("authorize", "offer", "push_audio", "interrupt", "set_avatar_state", "status",
-                   "close", "events")
+                   "close", "events", "start_recording", "stop_recording", "recording_size",
+                   "recording_data", "add_restream", "restreams", "stop_restream", "whep_offer",
+                   "whep_close")
 
 
 def forwarded_kwargs(method: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:

@@ -13,10 +13,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import shutil
+import tempfile
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -28,13 +31,16 @@ from ray_lipsync.api.load import HostCpu, LoopLag, host_cores
 from ray_lipsync.api.metrics import GatewayMetrics
 from ray_lipsync.clock import SAMPLE_RATE
 from ray_lipsync.config import Settings
-from ray_lipsync.errors import AtCapacity, MalformedAudio, UnknownSession
+from ray_lipsync.egress.fanout import SessionFanout
+from ray_lipsync.errors import AtCapacity, MalformedAudio, OutputLimit, UnknownOutput, UnknownSession
 from ray_lipsync.ice import session_ice_servers
 from ray_lipsync.streaming.pipeline import Pipeline
 from ray_lipsync.streaming.session import Session
 from ray_lipsync.types import OutputFrame
 
 if TYPE_CHECKING:
+    from ray_lipsync.egress.outputs import SessionEgress
+    from ray_lipsync.webrtc.whep import WhepViewers
     from ray_lipsync.webrtc.bandwidth import BitrateBounds
 
 logger = logging.getLogger(__name__)
@@ -65,7 +71,8 @@ def names_gateway(session_id: str | int, tag: str) -> bool:
 class PeerFactory(Protocol):
     def __call__(self, session: Any, *, ice_servers: list[dict] | None, bitrate: BitrateBounds,
                  on_frame_sent: Callable[[OutputFrame], None],
-                 still_every: int, opus_dtx: str, on_closed: Callable[[bool], Any]) -> Any: ...
+                 still_every: int, opus_dtx: str, on_closed: Callable[[bool], Any],
+                 frames: Callable[[], AsyncIterator[OutputFrame]]) -> Any: ...
 
 
 def default_peer_factory(session: Any, **kwargs: Any) -> Any:
@@ -90,8 +97,14 @@ class _Entry:
     lost_at: float | None = None  # monotonic time its connection failed (webrtc.reconnect_grace_s)
     created: float = field(default_factory=time.monotonic)
     counted: tuple[int, int] = (0, 0)  # (frames sent, frames late) as last sampled for admission
+    fanout: SessionFanout | None = None  # the one reader of the session's frames (egress/fanout.py)
+    egress: SessionEgress | None = None  # its recording and restream targets
+    whep: WhepViewers | None = None  # its WHEP viewers (created with the first)
+    used: bool = False  # it had an output other than its own peer (no offer needed to keep it)
 
 
+WEBRTC_BUFFER = 250  # frames (10 s) the viewer's media may lag before its oldest is dropped
+WHEP_BUFFER = 50  # frames (2 s) the shared WHEP encode may lag before its oldest is dropped
 LATE_REASONS = ("late", "sender_backpressure")  # drops that say the host is not keeping up
 LOAD_SAMPLE_S = 1.0
 WARM_TEXT = "Hi there."  # what a starting gateway says in a throwaway session (~0.6 s)
@@ -122,6 +135,7 @@ class Gateway:
         self.load: dict[str, float] = {}  # the last load sample (metrics, autoscaling)
         self._devices: dict[tuple[str, str], str] = {}  # (inference replica, backend) -> device
         self.metrics = GatewayMetrics(tag)
+        self._recordings: Path | None = None  # working directory of recordings (created on use)
 
     # ---- lookup ----------------------------------------------------------------------
     @property
@@ -205,6 +219,12 @@ class Gateway:
         ice = (self._static_ice if self._static_ice is not None
                else session_ice_servers(self.settings.webrtc, public_id))
         entry = self._entries[public_id] = _Entry(public_id, compat_id, new_token(), session, ice_servers=ice)
+        entry.fanout = SessionFanout(session.frames, name=public_id,
+                                     on_drop=lambda output, frame: self._on_output_drop(entry, output, frame))
+        from ray_lipsync.egress.outputs import SessionEgress  # PyAV's H.264/AAC: loaded on use
+
+        entry.egress = SessionEgress(public_id, entry.fanout, self.settings, entry.events.publish,
+                                     self._recordings_dir)
         self._by_compat[compat_id] = public_id
         session.on_state_change(lambda state: self._on_state(entry, state))
         self.metrics.sessions_created += 1
@@ -222,12 +242,24 @@ class Gateway:
             return  # already closing
         self._by_compat.pop(entry.compat_id, None)
         self.metrics.session_closed(entry.session.drops.by_reason())
+        if entry.egress is not None:
+            try:
+                await entry.egress.close()
+            except Exception:  # a failing output must not keep the session's resources
+                logger.exception("closing the outputs of session %s failed", entry.public_id)
         entry.events.close(("session.closed", {"session_id": entry.public_id, "reason": reason}))
         if entry.peer is not None:
             try:
                 await entry.peer.close()
             except Exception:  # a failing peer must not keep the session's resources
                 logger.exception("closing the peer of session %s failed", entry.public_id)
+        if entry.whep is not None:
+            try:
+                await entry.whep.close()
+            except Exception:
+                logger.exception("closing the WHEP viewers of session %s failed", entry.public_id)
+        if entry.fanout is not None:
+            await entry.fanout.close()
         try:
             await self.pipeline.close_session(entry.session.session_id)
         except UnknownSession:
@@ -245,6 +277,17 @@ class Gateway:
             await self._close_entry(entry, "server shutting down")
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
+        if self._recordings is not None:
+            shutil.rmtree(self._recordings, ignore_errors=True)
+            self._recordings = None
+
+    def _recordings_dir(self) -> Path:
+        """This gateway's working directory of recordings (kept ones go to recording.keep_dir)."""
+        if self._recordings is None:
+            base = self.settings.home / "recordings"
+            base.mkdir(parents=True, exist_ok=True)
+            self._recordings = Path(tempfile.mkdtemp(prefix=f"{self.tag}-", dir=base))
+        return self._recordings
 
     def _ensure_reaper(self) -> None:
         """Start the background work (idle reaper, load sampling) once a loop runs."""
@@ -291,13 +334,16 @@ class Gateway:
             await asyncio.sleep(min(1.0, timeout / 4, connect_timeout / 4, offer_timeout / 4))
             now = time.monotonic()
             for entry in list(self._entries.values()):
+                if (entry.egress is not None and entry.egress.active) or (entry.whep is not None and len(entry.whep)):
+                    entry.last_activity = now  # a recording, restream or WHEP viewer keeps its session
+                    continue
                 if now - entry.last_activity > timeout:
                     await self._close_entry(entry, f"idle for more than {timeout:g} s")
                 elif entry.lost_at is not None:
                     if now - entry.lost_at > reconnect_grace:
                         await self._close_entry(entry, f"connection lost and no new offer within "
                                                        f"{reconnect_grace:g} s")
-                elif entry.peer is None and now - entry.created > offer_timeout:
+                elif entry.peer is None and not entry.used and now - entry.created > offer_timeout:
                     await self._close_entry(entry, f"no WebRTC offer within {offer_timeout:g} s")
                 elif entry.offered_at is not None and entry.peer is not None:
                     if entry.peer.connection_state not in ("new", "connecting"):
@@ -325,6 +371,7 @@ class Gateway:
             opus_dtx=self.settings.webrtc.opus_dtx,
             on_frame_sent=lambda frame: self._on_frame_sent(entry, frame),
             on_closed=lambda failed: self._on_peer_closed(entry, generation, failed),
+            frames=lambda: self._viewer_frames(entry),
         )
         entry.offered_at = time.monotonic()
         entry.lost_at = None
@@ -334,6 +381,19 @@ class Gateway:
             peer, entry.peer = entry.peer, None
             await peer.close()
             raise
+
+    @staticmethod
+    def _viewer_frames(entry: _Entry) -> AsyncIterator[OutputFrame]:
+        """The WebRTC viewer's frames: its own buffer of the session's fan-out."""
+        assert entry.fanout is not None
+        return entry.fanout.attach("webrtc", WEBRTC_BUFFER)
+
+    @staticmethod
+    def _on_output_drop(entry: _Entry, output: str, frame: OutputFrame) -> None:
+        """A frame an output lost because it lagged: the viewer's count as the session's
+        sender_backpressure drops (the egress encoder counts its own)."""
+        if output == "webrtc":
+            entry.session.record_sender_drop(frame)
 
     def _on_frame_sent(self, entry: _Entry, frame: OutputFrame) -> None:
         if frame.speech:
@@ -456,6 +516,8 @@ class Gateway:
             "connection_state": (entry.peer.connection_state if entry.peer
                                  else "lost" if entry.lost_at is not None else "new"),
             "network": entry.peer.network() if entry.peer else None,
+            "outputs": {**(entry.egress.summary() if entry.egress is not None else {}),
+                        "whep_viewers": len(entry.whep) if entry.whep is not None else 0},
         }
 
     async def _device_of(self, replica: str, backend: str) -> str | None:
@@ -473,6 +535,71 @@ class Gateway:
         entry = self._entry(session_id, token)
         async for item in entry.events.subscribe(keepalive_s):
             yield item
+
+    # ---- egress: recording and restream ----------------------------------------------------
+    def _egress(self, session_id: str, token: str | None) -> SessionEgress:
+        entry = self._entry(session_id, token)
+        assert entry.egress is not None
+        entry.used = True
+        return entry.egress
+
+    async def start_recording(self, session_id: str, token: str | None) -> dict:
+        """Start recording the session to MP4: its state {state, seconds, bytes, ...}."""
+        return self._egress(session_id, token).start_recording()
+
+    async def stop_recording(self, session_id: str, token: str | None) -> dict:
+        """Stop the recording; its state once the file is complete."""
+        return await self._egress(session_id, token).stop_recording()
+
+    async def recording_size(self, session_id: str, token: str | None) -> int:
+        """Bytes of the finished recording (OutputConflict while it runs, UnknownOutput if none)."""
+        return self._egress(session_id, token).recording_file().stat().st_size
+
+    async def recording_data(self, session_id: str, token: str | None,
+                             chunk_bytes: int = 1 << 20) -> AsyncIterator[bytes]:
+        """The finished recording's MP4, in pieces (streamed through a Serve handle)."""
+        path = self._egress(session_id, token).recording_file()
+        with path.open("rb") as file:
+            while piece := await asyncio.to_thread(file.read, chunk_bytes):
+                yield piece
+
+    async def add_restream(self, session_id: str, token: str | None, url: str) -> dict:
+        """Send the session to an RTMP/SRT target: {restream_id, url (key hidden), state, ...}."""
+        return await self._egress(session_id, token).add_restream(url)
+
+    async def restreams(self, session_id: str, token: str | None) -> list[dict]:
+        """The session's restream targets with their state and last error."""
+        return self._egress(session_id, token).restreams()
+
+    async def stop_restream(self, session_id: str, token: str | None, restream_id: str) -> None:
+        await self._egress(session_id, token).stop_restream(restream_id)
+
+    # ---- WHEP viewers ---------------------------------------------------------------------
+    async def whep_offer(self, session_id: str, token: str | None, sdp: str) -> dict:
+        """A new WHEP viewer of the session: {viewer_id, sdp (the answer), ice_servers}."""
+        entry = self._entry(session_id, token)
+        if entry.whep is None:
+            from ray_lipsync.webrtc.whep import WhepViewers  # aiortc: loaded on use
+
+            fanout = entry.fanout
+            assert fanout is not None
+            entry.whep = WhepViewers(lambda: fanout.attach("whep", WHEP_BUFFER),
+                                     max_viewers=self.settings.whep.max_viewers,
+                                     bounds=self.settings.webrtc.bitrate_bounds(),
+                                     still_every=self.settings.webrtc.still_every(),
+                                     ice_servers=entry.ice_servers)
+        if entry.whep.full():
+            raise OutputLimit(f"this session has {len(entry.whep)} WHEP viewers, the most "
+                              "whep.max_viewers allows; retry when one has left")
+        viewer_id, answer = await entry.whep.add(sdp)
+        entry.used = True
+        return {"viewer_id": viewer_id, "sdp": answer, "ice_servers": entry.ice_servers}
+
+    async def whep_close(self, session_id: str, token: str | None, viewer_id: str) -> None:
+        """End one WHEP viewer (UnknownOutput if the session has no such viewer)."""
+        entry = self._entry(session_id, token)
+        if entry.whep is None or not await entry.whep.remove(viewer_id):
+            raise UnknownOutput(f"no WHEP viewer {viewer_id[:40]!r} in this session")
 
     # ---- metrics and health ------------------------------------------------------------
     async def snapshots(self) -> list[dict]:

@@ -7,6 +7,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+MAX_SDP_BYTES = 200_000  # an offer larger than this is refused (the peer checks the same bound)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -25,7 +28,7 @@ class SessionCreated(BaseModel):
 
 
 class OfferRequest(_Strict):
-    sdp: str = Field(min_length=1, max_length=200_000, description="The client's SDP offer.")
+    sdp: str = Field(min_length=1, max_length=MAX_SDP_BYTES, description="The client's SDP offer.")
     type: Literal["offer"] = "offer"
 
 
@@ -97,6 +100,31 @@ class NetworkState(BaseModel):
     audio_chunks_left_out: int = Field(0, description="20 ms chunks of silence not sent (webrtc.opus_dtx).")
 
 
+class OutputState(BaseModel):
+    """An egress output (the recording or a restream target) and what it is doing."""
+
+    state: Literal["starting", "live", "retrying", "stopped", "failed"] = Field(
+        description="starting: waiting for the first keyframe or connecting; live: writing; "
+        "retrying: the target failed and is being reconnected (see error); stopped: by DELETE, "
+        "a limit (stopped_reason) or the session's end; failed: gave up (see error).")
+    error: str | None = Field(description="The last failure (e.g. 'Connection refused').")
+    stopped_reason: str | None = Field(description="Why it stopped (DELETE, recording.max_seconds, ...).")
+    retries: int = Field(description="Reconnections so far (restream).")
+    seconds: float = Field(description="Media written since it (re)started.")
+    bytes: int = Field(description="Encoded media written in total.")
+    packets_dropped: int = Field(description="Packets lost because the output lagged.")
+
+
+class OutputsState(BaseModel):
+    """The session's outputs besides its own peer (README, Outputs)."""
+
+    recording: OutputState | None = Field(None, description="The recording's state; None if never started.")
+    restreams: int = Field(0, description="Restream targets running.")
+    whep_viewers: int = Field(0, description="WHEP viewers connected.")
+    frames_dropped: int = Field(0, description="Frames the shared H.264/AAC encode lost because "
+                                "it lagged (the session went on).")
+
+
 class SessionState(BaseModel):
     session_id: str
     gateway: str = Field(description="Tag of the gateway replica holding the session's peer.")
@@ -127,6 +155,23 @@ class SessionState(BaseModel):
     connection_state: str
     network: NetworkState | None = Field(None, description="The video link as the server's sender "
                                          "sees it; None before the client connected.")
+    outputs: OutputsState = Field(default_factory=OutputsState, description="Recording, restream "
+                                  "targets and WHEP viewers.")
+
+
+class RestreamRequest(_Strict):
+    url: str = Field(min_length=1, max_length=2048, description="rtmp://host/app/key, "
+                     "rtmps://host/app/key or srt://host:port?options.")
+
+
+class RestreamTarget(OutputState):
+    restream_id: str
+    url: str = Field(description="The target with its stream key hidden.")
+    created: float = Field(description="Unix time it was added.")
+
+
+class RestreamList(BaseModel):
+    restreams: list[RestreamTarget]
 
 
 class AvatarList(BaseModel):

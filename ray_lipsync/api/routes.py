@@ -29,10 +29,11 @@ from ray_lipsync.api.stream import StreamSocket, parse_rate
 from ray_lipsync.api.metrics import render_prometheus
 from ray_lipsync.api.uploads import push_decoded, stream_upload
 from ray_lipsync.config import Settings
+from ray_lipsync.egress.sink import TargetRefused
 from ray_lipsync.errors import (
     AtCapacity, AudioInputError, AudioTooLarge, AvatarError, AvatarNotFound, BackendUnavailable,
-    Backpressure, MalformedAudio, SessionClosed, StageUnavailable, UnknownClip, UnknownSession,
-    UnsupportedAudio,
+    Backpressure, MalformedAudio, OutputConflict, OutputLimit, SessionClosed, StageUnavailable,
+    UnknownClip, UnknownOutput, UnknownSession, UnsupportedAudio, UnsupportedMediaType,
 )
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,9 @@ SMALL_UPLOAD_BYTES = 64 * 1024  # uploads up to this size skip the separate toke
 _STATUS: list[tuple[type[BaseException], int, str]] = [
     (MissingToken, 401, "unauthorized"), (WrongToken, 403, "forbidden"),
     (UnknownSession, 404, "unknown_session"), (AvatarNotFound, 404, "unknown_avatar"),
+    (UnknownOutput, 404, "unknown_output"), (OutputConflict, 409, "conflict"),
+    (OutputLimit, 429, "limit_reached"), (TargetRefused, 400, "target_refused"),
+    (UnsupportedMediaType, 415, "unsupported_media_type"),
     (SessionClosed, 410, "session_closed"),
     (AudioTooLarge, 413, "too_large"), (UnsupportedAudio, 415, "unsupported_audio"),
     (MalformedAudio, 422, "malformed_audio"), (AudioInputError, 422, "invalid_audio"),
@@ -56,12 +60,15 @@ ERROR_DESCRIPTIONS = {
     400: "Invalid request (bad JSON, fields, query, SDP or avatar)",
     401: "Missing credentials (session token, or the API key where one is required)",
     403: "Credentials that do not match",
-    404: "Unknown session or avatar",
+    404: "Unknown session, avatar or output",
+    409: "The output is not in a state that allows this (a recording still running)",
     410: "The session closed",
     413: "Input above the size or duration limit",
-    415: "Not audio, or an unsupported audio type",
+    405: "The method is not supported on this resource (WHEP PATCH: no trickle ICE)",
+    415: "Not audio, or an unsupported audio type; WHEP takes application/sdp",
     422: "Audio that cannot be decoded (empty, truncated, NaN, absurd rate)",
-    429: "The session's speech buffer cannot take it now; retry after Retry-After seconds",
+    429: "The session's speech buffer cannot take it now, or it has as many outputs as "
+         "allowed; retry after Retry-After seconds",
     503: "No capacity or a pipeline stage unavailable; retry after Retry-After seconds",
 }
 SESSION_ERRORS = (401, 403, 404)
@@ -122,6 +129,19 @@ def check_session_id(session_id: str) -> str:
         raise UnknownSession(f"no session {session_id[:80]!r}; session ids look like "
                              "'<replica>.<random>' as returned by POST /v1/sessions")
     return session_id
+
+
+def ice_links(servers: list[dict]) -> str:
+    """The WHEP `Link` header of the session's STUN/TURN servers (rel="ice-server")."""
+    links = []
+    for server in servers:
+        urls = server.get("urls") or []
+        for url in [urls] if isinstance(urls, str) else urls:
+            link = f'<{url}>; rel="ice-server"'
+            if server.get("username") is not None:
+                link += f'; username="{server["username"]}"; credential="{server.get("credential", "")}"; credential-type="password"'
+            links.append(link)
+    return ", ".join(links)
 
 
 def list_avatars(settings: Settings) -> dict[str, list]:
@@ -273,6 +293,103 @@ def session_routes(settings: Settings, client: GatewayAPI,
         return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    @api.post("/sessions/{session_id}/recording", status_code=201, response_model=models.OutputState,
+              responses=errors(*SESSION_ERRORS, 409))
+    async def start_recording(session_id: str, authorization: str | None = Header(None)) -> dict:
+        """Start recording the session to MP4 (H.264 + AAC, what a viewer is sent); a new
+        recording replaces a finished one. SSE `recording.state` follows it."""
+        token = await auth(session_id, authorization)
+        return await client.start_recording(session_id=session_id, token=token)
+
+    @api.delete("/sessions/{session_id}/recording", response_model=models.OutputState,
+                responses=errors(*SESSION_ERRORS))
+    async def stop_recording(session_id: str, authorization: str | None = Header(None)) -> dict:
+        """Stop the recording; the file is complete when this answers."""
+        token = await auth(session_id, authorization)
+        return await client.stop_recording(session_id=session_id, token=token)
+
+    @api.get("/sessions/{session_id}/recording", response_class=StreamingResponse,
+             responses={200: {"content": {"video/mp4": {}}}, **errors(*SESSION_ERRORS, 409)})
+    async def get_recording(session_id: str, authorization: str | None = Header(None)) -> StreamingResponse:
+        """The finished recording (409 while it runs: DELETE it first)."""
+        token = await auth(session_id, authorization)
+        size = await client.recording_size(session_id=session_id, token=token)
+        data = client.recording_data(session_id=session_id, token=token)
+        return StreamingResponse(data, media_type="video/mp4", headers={
+            "Content-Length": str(size),
+            "Content-Disposition": f'attachment; filename="{session_id}.mp4"'})
+
+    @api.post("/sessions/{session_id}/restream", status_code=201, response_model=models.RestreamTarget,
+              responses=errors(400, *SESSION_ERRORS, 429))
+    async def add_restream(session_id: str, body: models.RestreamRequest,
+                           authorization: str | None = Header(None)) -> dict:
+        """Send the session to an RTMP/RTMPS (FLV) or SRT (MPEG-TS) ingest. The target is
+        retried with backoff when it drops (SSE `restream.state`)."""
+        token = await auth(session_id, authorization)
+        return await client.add_restream(session_id=session_id, token=token, url=body.url)
+
+    @api.get("/sessions/{session_id}/restream", response_model=models.RestreamList,
+             responses=errors(*SESSION_ERRORS))
+    async def list_restreams(session_id: str, authorization: str | None = Header(None)) -> dict:
+        token = await auth(session_id, authorization)
+        return {"restreams": await client.restreams(session_id=session_id, token=token)}
+
+    @api.delete("/sessions/{session_id}/restream/{restream_id}", status_code=204,
+                responses=errors(*SESSION_ERRORS))
+    async def stop_restream(session_id: str, restream_id: str,
+                            authorization: str | None = Header(None)) -> Response:
+        token = await auth(session_id, authorization)
+        await client.stop_restream(session_id=session_id, token=token, restream_id=restream_id)
+        return Response(status_code=204)
+
+    @api.post("/sessions/{session_id}/whep", status_code=201, response_class=Response,
+              responses={201: {"content": {"application/sdp": {}},
+                               "description": "The SDP answer; Location names the new viewer"},
+                         **errors(400, *SESSION_ERRORS, 415, 429)},
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/sdp": {"schema": {"type": "string"}}}}})
+    async def whep_offer(session_id: str, request: Request,
+                         authorization: str | None = Header(None)) -> Response:
+        """WHEP (draft-ietf-wish-whep): the viewer's SDP offer in, the answer out (all ICE
+        candidates in it; no trickle). Viewers share one encode of the session's media."""
+        token = await auth(session_id, authorization)
+        kind = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+        if kind != "application/sdp":
+            raise UnsupportedMediaType("a WHEP offer is sent as Content-Type: application/sdp")
+        body = b""
+        async for piece in request.stream():
+            body += piece
+            if len(body) > models.MAX_SDP_BYTES:
+                raise ValueError(f"the offer SDP is larger than {models.MAX_SDP_BYTES} bytes")
+        try:
+            sdp = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError("the offer SDP is not UTF-8 text") from None
+        answer = await client.whep_offer(session_id=session_id, token=token, sdp=sdp)
+        headers = {"Location": f"/v1/sessions/{session_id}/whep/{answer['viewer_id']}"}
+        links = ice_links(answer.get("ice_servers") or [])
+        if links:
+            headers["Link"] = links
+        return Response(answer["sdp"], 201, media_type="application/sdp", headers=headers)
+
+    @api.delete("/sessions/{session_id}/whep/{viewer_id}", responses=errors(*SESSION_ERRORS))
+    async def whep_close(session_id: str, viewer_id: str,
+                         authorization: str | None = Header(None)) -> Response:
+        """End the WHEP viewer (its peer connection closes)."""
+        token = await auth(session_id, authorization)
+        await client.whep_close(session_id=session_id, token=token, viewer_id=viewer_id)
+        return Response(status_code=200)
+
+    @api.patch("/sessions/{session_id}/whep/{viewer_id}", status_code=405,
+               responses={405: {"model": models.ErrorBody, "description": ERROR_DESCRIPTIONS[405]}})
+    async def whep_patch(session_id: str, viewer_id: str) -> JSONResponse:
+        """Trickle ICE and ICE restarts are not supported: 405 (the answer holds every candidate;
+        a viewer that lost its connection sends a new offer)."""
+        return JSONResponse({"error": "method_not_allowed",
+                             "detail": "trickle ICE and ICE restart are not supported: the answer "
+                                       "carries all candidates; POST a new offer to reconnect"},
+                            405, headers={"Allow": "DELETE"})
+
     @api.websocket("/sessions/{session_id}/stream")
     async def stream(websocket: WebSocket, session_id: str) -> None:
         """Streaming speech in, playback events out (see ray_lipsync.api.stream); refused
@@ -330,8 +447,9 @@ def build_api(settings: Settings, client: GatewayAPI, gateway: str | None = None
     install_error_handlers(app)
     if settings.serve.cors_origins:  # pages on other sites (the client module's `server` option)
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.serve.cors_origins),
-                           allow_methods=["GET", "POST", "DELETE"],
-                           allow_headers=["Authorization", "Content-Type"], max_age=600)
+                           allow_methods=["GET", "POST", "DELETE", "PATCH"],
+                           allow_headers=["Authorization", "Content-Type"],
+                           expose_headers=["Location", "Link"], max_age=600)
     if gateway is not None:
         app.add_middleware(ServedBy, gateway=gateway)
     app.include_router(session_routes(settings, client, stream_read_ahead_s))

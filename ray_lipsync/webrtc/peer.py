@@ -8,6 +8,8 @@ Usage (the API does this):
     ...
     await peer.close()
 
+`frames()` gives the frames to send (default `session.frames`; the gateway passes its
+fan-out's, so that recording and restream share the session's frames with the viewer).
 `on_closed(failed)` is called once when the connection ends by itself (`failed` True: ICE or
 DTLS failed, e.g. the client's network went away, so it may come back; False: the remote hung
 up, or the session's frame stream ended); it is not called when you call `close()` yourself.
@@ -19,7 +21,7 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -93,6 +95,12 @@ def parse_offer(sdp: str, type: str) -> SessionDescription:
     return parsed
 
 
+def received_kinds(offer: SessionDescription) -> list[str]:
+    """The media kinds ("video", "audio") the client of `offer` wants to receive."""
+    return [kind for kind in ("video", "audio")
+            if any(m.kind == kind and (m.direction or "sendrecv") in _RECEIVING for m in offer.media)]
+
+
 def asks_opus(offer: SessionDescription, parameter: str) -> bool:
     """Whether the offer's Opus format parameters set `parameter` to 1: `useinbandfec` (in-band
     FEC, Chromium's offers ask for it), `usedtx` (the receiver prefers DTX, RFC 7587)."""
@@ -116,8 +124,10 @@ class SessionPeer:
         opus_dtx: str = "auto",
         on_frame_sent: Callable[[OutputFrame], None] | None = None,
         on_closed: Callable[[bool], Awaitable[None] | None] | None = None,
+        frames: Callable[[], AsyncIterator[OutputFrame]] | None = None,
     ) -> None:
         self.session = session
+        self._frames = frames
         self._config = ice_configuration(ice_servers)
         self._bitrate = bitrate
         self._still_every = still_every
@@ -159,8 +169,8 @@ class SessionPeer:
         if self.media is not None:
             raise ValueError("this session already has a connection; create a new session to reconnect")
         offer = parse_offer(sdp, type)
-        want_video = any(m.kind == "video" and (m.direction or "sendrecv") in _RECEIVING for m in offer.media)
-        want_audio = any(m.kind == "audio" and (m.direction or "sendrecv") in _RECEIVING for m in offer.media)
+        kinds = received_kinds(offer)
+        want_video, want_audio = "video" in kinds, "audio" in kinds
         if not (want_video or want_audio):
             raise ValueError("the offer receives neither audio nor video; use direction recvonly or sendrecv")
         if want_video:  # answered with VP8 only: the video track sends VP8 packets
@@ -173,7 +183,7 @@ class SessionPeer:
             hint = " (the video section must offer VP8, the audio section Opus)"
             raise ValueError(f"the offer was rejected{hint}: {exc.__class__.__name__}: {exc}") from exc
         self.media = SessionMedia(
-            self.session.frames(),
+            self._frames() if self._frames is not None else self.session.frames(),
             record_sent=self.session.record_sent,
             record_dropped=self.session.record_sender_drop,
             on_frame_sent=self._on_frame_sent,

@@ -1,7 +1,8 @@
 """aiortc media tracks fed by one session clock.
 
-One `SessionMedia` per session is the *single* consumer of `session.frames()` (which is
-already paced by the session's `SessionClock`). It fans each `OutputFrame` out to a
+One `SessionMedia` per WebRTC peer consumes the session's frames (its own buffer of the
+session's fan-out, egress/fanout.py, or `session.frames()` itself; either way already paced
+by the session's `SessionClock`). It fans each `OutputFrame` out to a
 `SessionVideoTrack` (one VP8 av.Packet, pts = 3600k on the 90 kHz clock, encoded by the
 session's `Vp8Stream` when the sender takes it) and a `SessionAudioTrack` (two 20 ms
 chunks, s16 mono 16 kHz, pts counted in samples, one Opus packet each from its
@@ -207,7 +208,7 @@ class SessionAudioTrack(_SessionTrack):
 class SessionMedia:
     """The one media source of a session: consumes `frames` and feeds the two tracks.
 
-    `frames` is the session's clock-paced `session.frames()` iterator (single consumer).
+    `frames` is the session's clock-paced frame iterator (its fan-out buffer for this peer).
     `now` reads the clock of `OutputFrame.presentation_time` (the session's: wall time). When
     consumption starts, frames already overdue (due before the connection came up) are
     skipped rather than burst out; their utterance marks move to the first frame sent.
