@@ -420,6 +420,7 @@ async def connect(session, client: ReceiverClient, **peer_kwargs) -> SessionPeer
     return peer
 
 
+@pytest.mark.slow  # ~12 s: the fast lane stays under 2 minutes
 def test_session_over_webrtc_timing_audio_interrupt_events_and_one_to_two(lipsync_settings):
     """The issue's checks on one LocalPipeline session seen through a real aiortc client."""
     from ray_lipsync.streaming.local import LocalPipeline
