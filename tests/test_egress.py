@@ -136,6 +136,17 @@ def _frame(k: int) -> OutputFrame:
     return OutputFrame("s", 0, k, np.zeros((2, 2, 3), np.uint8), np.zeros(640, np.float32), 3600 * k, 0.04 * k)
 
 
+def collect_events(gateway, sid: str, token: str) -> tuple[list[tuple[str, dict]], asyncio.Task]:
+    """The session's SSE events, collected in the background: (events so far, the task)."""
+    events: list[tuple[str, dict]] = []
+
+    async def listen() -> None:
+        async for event, data in gateway.events(sid, token, keepalive_s=5):
+            events.append((event, data))
+
+    return events, asyncio.create_task(listen())
+
+
 async def test_a_slow_output_loses_its_own_frames_never_the_others():
     """One reader of the frames; a consumer that reads nothing loses its oldest frames
     (counted) while the other gets every frame; the reading stops with the last output."""
@@ -274,13 +285,7 @@ async def test_recording_stops_at_its_limit_and_the_session_goes_on(lipsync_sett
     async with client:
         sid, auth = await new_session(client)
         token = auth["Authorization"].split()[1]
-        events: list[tuple[str, dict]] = []
-
-        async def listen() -> None:
-            async for event, data in gateway.events(sid, token, keepalive_s=5):
-                events.append((event, data))
-
-        listener = asyncio.create_task(listen())
+        events, listener = collect_events(gateway, sid, token)
         assert (await client.post(f"/v1/sessions/{sid}/recording", headers=auth)).status_code == 201
 
         async def stopped() -> bool:
@@ -374,13 +379,7 @@ async def test_restream_to_rtmp_is_retried_when_the_server_drops(lipsync_setting
         async with client:
             sid, auth = await new_session(client)
             token = auth["Authorization"].split()[1]
-            events: list[tuple[str, dict]] = []
-
-            async def listen() -> None:
-                async for event, data in gateway.events(sid, token, keepalive_s=5):
-                    events.append((event, data))
-
-            listener = asyncio.create_task(listen())
+            events, listener = collect_events(gateway, sid, token)
             url = f"/v1/sessions/{sid}/restream"
             r = await client.post(url, json={"url": server.url("first")}, headers=auth)
             assert r.status_code == 201, r.text
