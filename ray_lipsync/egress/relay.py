@@ -99,7 +99,7 @@ def relay(fmt: str, url: str) -> None:
     try:
         streams = {s.index: target.add_stream_from_template(s, opaque=True) for s in source.streams}
         target.start_encoding()
-        print(CONNECTED, flush=True)
+        _tell_parent(sys.stdout, CONNECTED)
         for packet in source.demux():
             if packet.dts is None:
                 continue  # the demuxer's end-of-stream marker
@@ -108,6 +108,12 @@ def relay(fmt: str, url: str) -> None:
     finally:
         target.close()
         source.close()
+
+
+def _tell_parent(pipe, line: str) -> None:
+    """One line of the relay's protocol to the gateway that started it (not a log record)."""
+    pipe.write(line + "\n")
+    pipe.flush()
 
 
 def describe(error: BaseException) -> str:
@@ -122,7 +128,7 @@ def main() -> None:
     try:
         relay(fmt, url)
     except BaseException as error:  # noqa: BLE001 - the reason goes to the parent, nothing else
-        print(describe(error), file=sys.stderr, flush=True)
+        _tell_parent(sys.stderr, describe(error))
         sys.exit(1)
 
 
