@@ -139,7 +139,8 @@ def build_app(settings: Settings, pipeline: str = DEFAULT_PIPELINE, *,
             min_replicas=s.min_gateways, max_replicas=s.max_gateways,
             initial_replicas=s.min_gateways,
             upscale_delay_s=5.0, downscale_delay_s=600.0,
-            look_back_period_s=15.0,  # sessions are a level, not a rate: react within seconds
+            # sessions are a level, not a rate: report each second, react within seconds
+            metrics_interval_s=1.0, look_back_period_s=5.0,
             policy=AutoscalingPolicy(
                 policy_function=GatewayLoadAutoscalingPolicy,
                 policy_kwargs={"target_sessions_per_gateway": s.target_sessions_per_gateway,
