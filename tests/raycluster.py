@@ -84,38 +84,29 @@ class LocalCluster:
             f"--min-worker-port={p + 10}", f"--max-worker-port={p + 29}",
         ]
 
-    def _start(self, *specs: tuple[str, list[str]]) -> list[Node]:
-        """`ray start` each (name, args) at once (each returns once its node is up), in order."""
-        launched = []
-        for offset, (name, args) in enumerate(specs):
-            index = len(self.nodes) + offset
-            cmd = [RAY, "start", *args, *self._ports(index), "--disable-usage-stats"]
-            proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            launched.append((Node(name, self.base + 30 * index + 1, args), cmd, proc))
-        for node, cmd, proc in launched:
-            out, err = proc.communicate(timeout=180)
-            if proc.returncode != 0:
-                raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{out}\n{err}")
-            self.nodes.append(node)
-        return [node for node, _, _ in launched]
+    def _start(self, name: str, args: list[str]) -> Node:
+        index = len(self.nodes)
+        cmd = [RAY, "start", *args, *self._ports(index), "--disable-usage-stats"]
+        out = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=180)
+        if out.returncode != 0:
+            raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{out.stdout}\n{out.stderr}")
+        node = Node(name, self.base + 30 * index + 1, args)
+        self.nodes.append(node)
+        return node
 
     def start_head(self, num_cpus: float, resources: dict[str, float] | None = None) -> Node:
-        return self._start(("head", [
+        return self._start("head", [
             "--head", f"--port={self.base}", f"--num-cpus={num_cpus}", "--num-gpus=0",
             f"--resources={json.dumps(resources or {})}",
             f"--ray-client-server-port={self.base + 7}", f"--dashboard-port={self.base + 8}",
             "--include-dashboard=false", f"--temp-dir={self.temp_dir}",
-        ]))[0]
-
-    def add_workers(self, names: list[str], num_cpus: float, num_gpus: int) -> list[Node]:
-        """Workers that join at the same time (started together), one declared resource each."""
-        return self._start(*[(name, [
-            f"--address={self.address}", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}",
-            f"--resources={json.dumps({name: 1})}",
-        ]) for name in names])
+        ])
 
     def add_worker(self, name: str, num_cpus: float, num_gpus: int) -> Node:
-        return self.add_workers([name], num_cpus, num_gpus)[0]
+        return self._start(name, [
+            f"--address={self.address}", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}",
+            f"--resources={json.dumps({name: 1})}",
+        ])
 
     def shutdown(self) -> None:
         """Kill every node (workers first), then anything left of this cluster's processes,
@@ -151,7 +142,8 @@ def serving_cluster(base_port: int, temp_dir: Path, env: dict[str, str], *, head
     os.environ.update({k: v for k, v in cluster.env.items() if k.startswith("RAY_")})  # the driver agrees
     try:
         cluster.start_head(num_cpus=1, resources=head_resources)
-        cluster.add_workers(workers, num_cpus=2, num_gpus=1)
+        for name in workers:
+            cluster.add_worker(name, num_cpus=2, num_gpus=1)
         ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": env})
         serve.start(http_options={"host": "127.0.0.1", "port": http_port})
         serve.run(serve_app.build(args), name="ray-lipsync", route_prefix="/")
