@@ -34,7 +34,7 @@ def musetalk_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
         models_dir=models,
         backend="musetalk",
         # CPU + random tiny weights: give frames time; the GPU budget is in benchmarks/.
-        pipeline={"playout_delay_ms": 6000, "max_batch": 8},
+        pipeline={"playout_delay_ms": 3000, "max_batch": 8},
     )
     store = AvatarStore(settings.avatars_dir)
     ensure_default_avatar(store, settings.avatar)
