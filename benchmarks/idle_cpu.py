@@ -1,12 +1,14 @@
 """CPU of silent sessions, per process of `ray-lipsync serve`.
 
 Starts `ray-lipsync serve`, measures every process of its tree for 10 s with no session, then
-connects N aiortc clients that never speak and measures 15 s again (from `/proc`, as e2e.py
-does). Reports, per process title, % of a core before, with the sessions, and the difference
+connects N aiortc clients that never speak and, `--settle` seconds later (5 by default; a
+video avatar's idle cycle is sent again without encoding only after it was encoded once, see
+ray_lipsync/webrtc/loop.py: give it the cycle's length + 5 s), measures `--seconds` (15) again
+(from `/proc`, as e2e.py does). Reports, per process title, % of a core before, with the sessions, and the difference
 per session; and this process's own CPU (the clients).
 
     python benchmarks/idle_cpu.py --sessions 4 --json benchmarks/results/idle_cpu.json
-    python benchmarks/idle_cpu.py --sessions 4 --avatar yongen --json benchmarks/results/idle_cpu_yongen.json
+    python benchmarks/idle_cpu.py --sessions 4 --avatar yongen --settle 30 --json benchmarks/results/idle_cpu_yongen.json
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ async def benchmark(args: argparse.Namespace) -> dict:
                                                            "opus_dtx": args.opus_dtx},
                                                 "serve": {"admission": {"enabled": False}}})
     clients: list[ReceiverClient] = []
+    sessions: list[tuple[str, dict]] = []
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{args.port}", timeout=60) as http:
             await wait_healthy(http, 180, server)
@@ -49,16 +52,19 @@ async def benchmark(args: argparse.Namespace) -> dict:
             alone = await percent_by_process(server.pid, 10)
             for _ in range(args.sessions):
                 created = (await http.post("/v1/sessions", json={"avatar": args.avatar})).raise_for_status().json()
+                sessions.append((created["session_id"], {"Authorization": f"Bearer {created['token']}"}))
                 client = ReceiverClient(keep_audio=False)
                 clients.append(client)
                 answer = (await http.post(f"/v1/sessions/{created['session_id']}/offer", json=await client.offer(),
                                           headers={"Authorization": f"Bearer {created['token']}"})).json()
                 await client.accept(answer)
                 await client.wait_first_video(30)
-            await asyncio.sleep(5)
+            await asyncio.sleep(args.settle)
             own = time.process_time()
-            silent = await percent_by_process(server.pid, 15)
-            clients_percent = 100 * (time.process_time() - own) / 15
+            silent = await percent_by_process(server.pid, args.seconds)
+            clients_percent = 100 * (time.process_time() - own) / args.seconds
+            network = [(await http.get(f"/v1/sessions/{sid}", headers=auth)).json()["network"]
+                       for sid, auth in sessions]
     finally:
         for client in clients:
             await client.close()
@@ -68,7 +74,10 @@ async def benchmark(args: argparse.Namespace) -> dict:
                       "per_session": round((v - alone.get(k, 0.0)) / args.sessions, 2)}
                   for k, v in silent.items() if v >= 0.5 or alone.get(k, 0.0) >= 0.5}
     return {"sessions": args.sessions, "avatar": args.avatar, "still_fps": args.still_fps,
-            "opus_dtx": args.opus_dtx, "commit": git_commit(), "by_process": by_process,
+            "opus_dtx": args.opus_dtx, "settle_s": args.settle, "seconds": args.seconds,
+            "commit": git_commit(), "by_process": by_process,
+            "frames_replayed": [n.get("frames_replayed", 0) for n in network],
+            "keyframes": [n["keyframes"] for n in network], "encoder_bps": [n["encoder_bps"] for n in network],
             "server_percent_per_session": round((sum(silent.values()) - sum(alone.values())) / args.sessions, 2),
             "clients_percent": round(clients_percent, 1)}
 
@@ -84,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--opus-dtx", choices=["auto", "on", "off"], default="auto",
                         help="webrtc.opus_dtx of the server (its aiortc clients do not ask for DTX: "
                         "auto = off for them)")
+    parser.add_argument("--settle", type=float, default=5.0, help="seconds from the last connect to the measurement")
+    parser.add_argument("--seconds", type=float, default=15.0, help="seconds measured")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     result = asyncio.run(benchmark(args))

@@ -17,7 +17,9 @@ from aiortc.mediastreams import MediaStreamError
 
 from ray_lipsync.clock import SAMPLES_PER_FRAME, video_pts
 from ray_lipsync.types import OutputFrame
-from ray_lipsync.webrtc import SessionMedia, SessionPeer, Vp8Stream, audio_chunks, parse_offer
+from ray_lipsync.webrtc.encoder import Vp8Stream
+from ray_lipsync.webrtc.peer import SessionPeer, parse_offer
+from ray_lipsync.webrtc.tracks import SessionMedia, audio_chunks
 from ray_lipsync.webrtc.client import PlaybackTrack, ReceiverClient
 
 
@@ -387,7 +389,7 @@ def test_peer_rejects_a_bad_offer_and_closes_cleanly():
 
 
 def test_ice_servers_are_validated():
-    from ray_lipsync.webrtc import ice_configuration
+    from ray_lipsync.webrtc.peer import ice_configuration
 
     config = ice_configuration([{"urls": "stun:stun.example.org:3478"}])
     assert config.iceServers[0].urls == "stun:stun.example.org:3478"

@@ -97,6 +97,8 @@ class NetworkState(BaseModel):
     encoder_reopens: int = Field(description="Times the encoder was reopened at a new bitrate.")
     frames_left_out: int = Field(description="Frames of a still picture not sent: the viewer kept "
                                  "showing it (webrtc.still_fps).")
+    frames_replayed: int = Field(0, description="Frames of a video avatar's repeating idle cycle sent "
+                                 "again as first encoded instead of encoding them (webrtc/loop.py).")
     audio_chunks_left_out: int = Field(0, description="20 ms chunks of silence not sent (webrtc.opus_dtx).")
 
 

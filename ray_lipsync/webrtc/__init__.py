@@ -1,28 +1,7 @@
-"""WebRTC media for sessions: clock-paced aiortc tracks, the per-session peer, mic input.
+"""WebRTC media for sessions: clock-paced aiortc tracks (tracks.py), the session's encoders
+(encoder.py), the per-session peer (peer.py), mic input (mic.py), link feedback (rtcp.py,
+bandwidth.py), WHEP viewers (whep.py).
 
-Import cost: aiortc and PyAV load on first import of this package, not with `ray_lipsync`.
+Import the submodules themselves: this package imports nothing, so that a process which only
+needs the bitrate bounds (the settings, every pipeline process) does not load aiortc and PyAV.
 """
-
-from ray_lipsync.webrtc.mic import MicReader
-from ray_lipsync.webrtc.peer import SessionPeer, ice_configuration, parse_offer
-from ray_lipsync.webrtc.tracks import (
-    MediaCounters,
-    SessionAudioTrack,
-    SessionMedia,
-    SessionVideoTrack,
-    audio_chunks,
-)
-from ray_lipsync.webrtc.encoder import Vp8Stream
-
-__all__ = [
-    "MediaCounters",
-    "MicReader",
-    "SessionAudioTrack",
-    "SessionMedia",
-    "SessionPeer",
-    "SessionVideoTrack",
-    "audio_chunks",
-    "ice_configuration",
-    "Vp8Stream",
-    "parse_offer",
-]

@@ -42,6 +42,7 @@ import av
 import numpy as np
 
 from ray_lipsync.clock import CHUNK_MS, CHUNK_SAMPLES, FPS, SAMPLE_RATE, VIDEO_CLOCK_HZ
+from ray_lipsync.webrtc.loop import IdleLoop
 from ray_lipsync.yuv import to_i420
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,11 @@ class Vp8Stream:
         self.keyframes = 0
         self.reopens = 0
         self.frames_left_out = 0  # repeats of a still picture not encoded (`skips`)
+        self.loop = IdleLoop()  # a video avatar's idle cycle, sent again (`replay`)
+
+    @property
+    def frames_replayed(self) -> int:
+        return self.loop.frames_replayed
 
     def request_keyframe(self) -> None:
         """Make the next encoded frame a keyframe (thread-safe)."""
@@ -141,6 +147,22 @@ class Vp8Stream:
         self._still_gap = 1  # frames between the still picture's frames sent, now
         self._sent_at_gap = 0  # frames sent at that gap
 
+    def replay(self, image: np.ndarray, pts: int) -> av.Packet | None:
+        """The packet recorded for this frame of a repeating idle cycle (webrtc/loop.py), to
+        send instead of encoding it; None: encode it. Call once per frame sent, before
+        `encode`, to use the loop (a caller that never does only encodes)."""
+        if self._rate_changed():
+            self.loop.drop()  # recorded at the old bitrate
+        data = self.loop.next_packet(image, allowed=not self._keyframe_requested.is_set())
+        if data is None:
+            return None
+        self._since_sent = 0
+        packet = av.Packet(data)
+        packet.pts = pts
+        packet.time_base = VIDEO_TIME_BASE
+        self.bytes_out += packet.size
+        return packet
+
     def encode(self, image: np.ndarray, pts: int) -> av.Packet:
         """The VP8 packet of an RGB uint8 HxWx3 image shown at `pts` (90 kHz clock)."""
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
@@ -154,7 +176,9 @@ class Vp8Stream:
         frame.time_base = VIDEO_TIME_BASE
         codec = self._open(frame.width, frame.height)
         requested = self._keyframe_requested.is_set() and self._since_keyframe >= KEYFRAME_REQUEST_GAP
-        if self._since_keyframe == 0 or requested or self._since_keyframe >= self.keyframe_interval:
+        keyframe = (self._since_keyframe == 0 or requested or self._since_keyframe >= self.keyframe_interval
+                    or self.loop.wants_keyframe())
+        if keyframe:
             self._keyframe_requested.clear()
             frame.pict_type = av.video.frame.PictureType.I
             self._since_keyframe = 0
@@ -169,6 +193,7 @@ class Vp8Stream:
         packet.pts = pts
         packet.time_base = VIDEO_TIME_BASE
         self.bytes_out += packet.size
+        self.loop.encoded(image, packet, keyframe)
         return packet
 
     def _rate_changed(self) -> bool:
@@ -183,6 +208,7 @@ class Vp8Stream:
             return codec
         if codec is not None:
             self.reopens += 1
+            self.loop.drop()
         self.bitrate = self._wanted
         codec = av.CodecContext.create("libvpx", "w")
         codec.width, codec.height = width, height

@@ -64,6 +64,7 @@ class LinkStats:
     keyframes: int
     encoder_reopens: int
     frames_left_out: int
+    frames_replayed: int
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,7 +129,8 @@ class LinkFeedback:
             remb_bps=c.remb_bps, loss=round(c.loss, 4),
             rtt_ms=None if c.rtt_s is None else round(1000 * c.rtt_s, 1), reports=self.reports,
             nacks=self.nacks, keyframe_requests=self.keyframe_requests, keyframes=e.keyframes,
-            encoder_reopens=e.reopens, frames_left_out=e.frames_left_out)
+            encoder_reopens=e.reopens, frames_left_out=e.frames_left_out,
+            frames_replayed=e.frames_replayed)
 
     def close(self) -> None:
         for task in self._tasks:

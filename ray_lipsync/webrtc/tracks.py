@@ -170,9 +170,11 @@ class SessionVideoTrack(_SessionTrack):
         return self.encoder.skips(np.asarray(item.frame.image))
 
     async def _media_of(self, item: _Item) -> av.Packet:
-        frame = item.frame
-        return await asyncio.get_running_loop().run_in_executor(
-            None, self.encoder.encode, np.asarray(frame.image), int(frame.pts))
+        image, pts = np.asarray(item.frame.image), int(item.frame.pts)
+        packet = self.encoder.replay(image, pts)  # an idle cycle already sent: no encode
+        if packet is not None:
+            return packet
+        return await asyncio.get_running_loop().run_in_executor(None, self.encoder.encode, image, pts)
 
     def _put_frame(self, item: _Item, limit: int) -> None:
         while sum(1 for i in self._queue if i is not None) >= limit:
