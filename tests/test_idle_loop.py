@@ -144,3 +144,21 @@ def test_a_cycle_longer_than_the_limit_is_not_recorded():
     for k in range(8 * N_SOURCE):
         assert not send(stream, frames[mirror_index(k, N_SOURCE)], k)[1]
     assert loop.recordings == 0
+
+
+def test_another_loop_after_the_recorded_one_is_recorded_in_its_turn():
+    """The idle cycle is recorded, then the avatar shows another clip's loop (a state): once
+    that went on for longer than the first recording without meeting it, it is recorded and
+    sent again."""
+    frames = source_frames()
+    idle, clip = frames[:15], frames[15:]
+    stream = Vp8Stream(bitrate=300_000)
+    k = 0
+    while not stream.loop.replaying:
+        send(stream, idle[mirror_index(k, 15)], k)
+        k += 1
+    recorded = stream.loop.recordings
+    replayed = []
+    for j in range(k, k + 400):
+        replayed.append(send(stream, clip[mirror_index(j, 15)], j)[1])
+    assert stream.loop.recordings == recorded + 1 and replayed[-1], "the clip's loop was never sent again"

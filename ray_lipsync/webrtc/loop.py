@@ -10,7 +10,9 @@ time it is sent whole, from that keyframe on. So:
   encoder makes the next one a keyframe and `IdleLoop` keeps that frame's packet and every
   following one, with the identity of the frame each shows, and a keyframe (an entry point)
   every `ENTRY_EVERY` frames. The recording is complete when the frames come round to its
-  first one; anything else (speech, a cross-fade, a new clip, a new bitrate) discards it.
+  first one; anything else (speech, a cross-fade, a new clip, a new bitrate) discards it. A
+  complete recording is kept through speech; it gives way to a new one when the untouched
+  frames go on for longer than its period without meeting it (a state clip's loop).
 - **Replaying.** When the session, after frames were encoded, reaches an entry point of a
   complete recording (that frame, after the same frame as in the recording), the recorded
   packets are sent from there on instead of encoding, for as long as the frames follow the
@@ -27,9 +29,12 @@ speech interrupts a replay.
 
 from __future__ import annotations
 
+import logging
 from typing import SupportsBytes
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 RECORD_AFTER = 25  # untouched moving frames in a row (1 s of silence) before a recording starts
 ENTRY_EVERY = 50  # frames between the recording's keyframes (entry points, 2 s)
@@ -68,6 +73,7 @@ class IdleLoop:
         self._prev: tuple | None = None  # the key of the frame before it
         self._run = 0  # untouched frames in a row
         self._after_replay = False
+        self._off_loop = 0  # untouched frames encoded since the complete recording was last met
         self.frames_replayed = 0
         self.recordings = 0  # recordings completed
 
@@ -110,11 +116,14 @@ class IdleLoop:
     def encoded(self, image: np.ndarray, packet: SupportsBytes, keyframe: bool) -> None:
         """Record the packet the encoder made for this frame (see the module docstring)."""
         self._after_replay = False
-        if self._complete:
-            return
         key = picture_key(image)
+        if self._complete:
+            self._off_loop = self._off_loop + 1 if key is not None else 0
+            if self._off_loop > len(self._keys) + ENTRY_EVERY:
+                self._discard("another loop")  # longer than the recording without meeting it
+            return
         if key is None or key != self._key:  # made for this session (or not the frame announced)
-            self._discard()
+            self._discard("a frame made for the session" if key is None else "a frame not announced")
             return
         if not self._keys:
             if keyframe and self._startable():
@@ -124,17 +133,19 @@ class IdleLoop:
         if (self._prev, key) == (self._before, self._keys[0]):
             self._complete = True  # came round: this frame is the recording's first
             self.recordings += 1
+            log.debug("idle loop: recorded %d frames, %d bytes, %d entry points",
+                     len(self._keys), self._bytes, len(self._entries))
             return
         self._add(image, key, packet, keyframe)
         if len(self._keys) > self.max_frames or self._bytes > self.max_bytes:
-            self._discard()
+            self._discard("over the size limit")
 
     def drop(self) -> None:
         """Forget the recording (the encoder's settings changed) and stop replaying it."""
         if self._at is not None:
             self._after_replay = True
         self._at = None
-        self._discard()
+        self._discard("the encoder changed")
 
     def _startable(self) -> bool:
         """A recording may start here: silent long enough, and on a frame that differs from
@@ -152,9 +163,12 @@ class IdleLoop:
 
     def _send(self, at: int) -> bytes:
         self._at = (at + 1) % len(self._keys)
+        self._off_loop = 0
         self.frames_replayed += 1
         return self._packets[at]
 
-    def _discard(self) -> None:
+    def _discard(self, why: str) -> None:
+        if self._keys:
+            log.debug("idle loop: recording of %d frames dropped (%s)", len(self._keys), why)
         self._held, self._keys, self._packets, self._entries = [], [], [], {}
-        self._before, self._bytes, self._complete = None, 0, False
+        self._before, self._bytes, self._complete, self._off_loop = None, 0, False, 0
