@@ -47,6 +47,17 @@ def send(stream: Vp8Stream, image: np.ndarray, k: int) -> tuple[av.Packet, bool]
     return stream.encode(image, 3600 * k), False
 
 
+def until_replaying(stream: Vp8Stream, frames: np.ndarray, receiver: Receiver | None = None) -> int:
+    """Send the mirrored cycle of `frames` until the stream sends it again: the next frame's k."""
+    k = 0
+    while not stream.loop.replaying:
+        packet = send(stream, frames[mirror_index(k, len(frames))], k)[0]
+        if receiver is not None:
+            receiver.show(packet)
+        k += 1
+    return k
+
+
 def error(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
 
@@ -79,10 +90,7 @@ def test_the_idle_cycle_is_sent_again_and_decodes_to_the_same_pictures():
 def test_speech_after_a_replay_starts_with_a_keyframe_and_decodes():
     frames = source_frames()
     stream, receiver = Vp8Stream(bitrate=300_000), Receiver()
-    k = 0
-    while not stream.loop.replaying:
-        receiver.show(send(stream, frames[mirror_index(k, N_SOURCE)], k)[0])
-        k += 1
+    k = until_replaying(stream, frames, receiver)
     keyframes = stream.keyframes
     speech = np.array(frames[mirror_index(k, N_SOURCE)])  # writable: a frame made for the session
     speech[40:60, 30:70] = 255
@@ -98,10 +106,7 @@ def test_speech_after_a_replay_starts_with_a_keyframe_and_decodes():
 def test_a_keyframe_request_during_a_replay_is_answered_by_the_encoder():
     frames = source_frames()
     stream = Vp8Stream(bitrate=300_000)
-    k = 0
-    while not stream.loop.replaying:
-        send(stream, frames[mirror_index(k, N_SOURCE)], k)
-        k += 1
+    k = until_replaying(stream, frames)
     stream.request_keyframe()
     packet, replayed = send(stream, frames[mirror_index(k, N_SOURCE)], k)
     assert not replayed and packet.is_keyframe
@@ -116,10 +121,7 @@ def test_a_keyframe_request_during_a_replay_is_answered_by_the_encoder():
 def test_a_new_bitrate_drops_the_recording():
     frames = source_frames()
     stream = Vp8Stream(bitrate=300_000)
-    k = 0
-    while not stream.loop.replaying:
-        send(stream, frames[mirror_index(k, N_SOURCE)], k)
-        k += 1
+    k = until_replaying(stream, frames)
     stream.set_target_bitrate(150_000)  # a lower rate applies at the next frame
     packet, replayed = send(stream, frames[mirror_index(k, N_SOURCE)], k)
     assert not replayed and packet.is_keyframe and stream.bitrate == 150_000
@@ -153,10 +155,7 @@ def test_another_loop_after_the_recorded_one_is_recorded_in_its_turn():
     frames = source_frames()
     idle, clip = frames[:15], frames[15:]
     stream = Vp8Stream(bitrate=300_000)
-    k = 0
-    while not stream.loop.replaying:
-        send(stream, idle[mirror_index(k, 15)], k)
-        k += 1
+    k = until_replaying(stream, idle)
     recorded = stream.loop.recordings
     replayed = []
     for j in range(k, k + 400):
