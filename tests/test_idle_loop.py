@@ -125,8 +125,11 @@ def test_a_new_bitrate_drops_the_recording():
     stream.set_target_bitrate(150_000)  # a lower rate applies at the next frame
     packet, replayed = send(stream, frames[mirror_index(k, N_SOURCE)], k)
     assert not replayed and packet.is_keyframe and stream.bitrate == 150_000
+    keyframes = stream.keyframes
     replayed = [send(stream, frames[mirror_index(j, N_SOURCE)], j)[1] for j in range(k + 1, k + 2 * N_SOURCE)]
     assert not any(replayed), "a recording at the old bitrate was sent"
+    # a bitrate may still be ramping: no new recording (and its keyframe) for a while
+    assert stream.keyframes == keyframes
 
 
 def test_a_still_picture_is_never_recorded():

@@ -152,7 +152,7 @@ class Vp8Stream:
         send instead of encoding it; None: encode it. Call once per frame sent, before
         `encode`, to use the loop (a caller that never does only encodes)."""
         if self._rate_changed():
-            self.loop.drop()  # recorded at the old bitrate
+            self.loop.drop(RAISE_GAP_FRAMES)  # recorded at the old bitrate
         data = self.loop.next_packet(image, allowed=not self._keyframe_requested.is_set())
         if data is None:
             return None
@@ -208,7 +208,7 @@ class Vp8Stream:
             return codec
         if codec is not None:
             self.reopens += 1
-            self.loop.drop()
+            self.loop.drop(RAISE_GAP_FRAMES)
         self.bitrate = self._wanted
         codec = av.CodecContext.create("libvpx", "w")
         codec.width, codec.height = width, height

@@ -86,7 +86,7 @@ class IdleLoop:
         when not `allowed`: the receiver asked for a keyframe, which the encoder makes)."""
         key = picture_key(image)
         self._prev, self._key = self._key, key
-        self._run = self._run + 1 if key is not None else 0
+        self._run = self._run + 1 if key is not None else min(self._run, 0)
         if not allowed:
             self._after_replay = self._after_replay or self._at is not None
             self._at = None
@@ -134,17 +134,20 @@ class IdleLoop:
             self._complete = True  # came round: this frame is the recording's first
             self.recordings += 1
             log.debug("idle loop: recorded %d frames, %d bytes, %d entry points",
-                     len(self._keys), self._bytes, len(self._entries))
+                      len(self._keys), self._bytes, len(self._entries))
             return
         self._add(image, key, packet, keyframe)
         if len(self._keys) > self.max_frames or self._bytes > self.max_bytes:
             self._discard("over the size limit")
 
-    def drop(self) -> None:
-        """Forget the recording (the encoder's settings changed) and stop replaying it."""
+    def drop(self, settle_frames: int = 0) -> None:
+        """Forget the recording (the encoder's settings changed) and stop replaying it; a new
+        one starts no sooner than `settle_frames` + `RECORD_AFTER` frames from now (a bitrate
+        that is still ramping up would drop it again, and each start costs a keyframe)."""
         if self._at is not None:
             self._after_replay = True
         self._at = None
+        self._run = -settle_frames
         self._discard("the encoder changed")
 
     def _startable(self) -> bool:
