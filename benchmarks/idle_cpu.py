@@ -1,14 +1,15 @@
 """CPU of silent sessions, per process of `ray-lipsync serve`.
 
 Starts `ray-lipsync serve`, measures every process of its tree for 10 s with no session, then
-connects N aiortc clients that never speak and, `--settle` seconds later (5 by default; a
-video avatar's idle cycle is sent again without encoding only after it was encoded once, see
-ray_lipsync/webrtc/loop.py: give it the cycle's length + 5 s), measures `--seconds` (15) again
-(from `/proc`, as e2e.py does). Reports, per process title, % of a core before, with the sessions, and the difference
-per session; and this process's own CPU (the clients).
+connects N aiortc clients that never speak and, `--settle` seconds later, measures `--seconds`
+again (from `/proc`, as e2e.py does). A video avatar's idle cycle is sent again without
+encoding only once it was encoded whole after the bitrate settled (ray_lipsync/webrtc/loop.py):
+give it the bitrate ramp (~25 s here) plus the cycle's length. Reports, per process title, % of
+a core before, with the sessions, and the difference per session; this process's own CPU (the
+clients); and each session's frames sent again, keyframes and encoder bitrate.
 
     python benchmarks/idle_cpu.py --sessions 4 --json benchmarks/results/idle_cpu.json
-    python benchmarks/idle_cpu.py --sessions 4 --avatar yongen --settle 30 --json benchmarks/results/idle_cpu_yongen.json
+    python benchmarks/idle_cpu.py --sessions 4 --avatar yongen --settle 60 --json benchmarks/results/idle_cpu_yongen.json
 """
 
 from __future__ import annotations

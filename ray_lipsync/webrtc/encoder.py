@@ -42,7 +42,7 @@ import av
 import numpy as np
 
 from ray_lipsync.clock import CHUNK_MS, CHUNK_SAMPLES, FPS, SAMPLE_RATE, VIDEO_CLOCK_HZ
-from ray_lipsync.webrtc.loop import IdleLoop
+from ray_lipsync.webrtc.loop import IdleLoop, picture_key
 from ray_lipsync.yuv import to_i420
 
 log = logging.getLogger(__name__)
@@ -63,26 +63,13 @@ STILL_HOLD = 5  # frames sent at each gap before it grows by one frame
 
 def same_picture(image: np.ndarray, last: np.ndarray | None) -> bool:
     """Whether `image` shows what `last` showed: the same read-only pixels (an avatar's idle
-    frame handed out again, as another view of the same memory). Holding `last` keeps that
-    memory alive, so its address cannot come back with other pixels; writable arrays never
-    count, since their pixels may have changed in place."""
+    frame handed out again, as another view of the same memory; `picture_key`). Holding `last`
+    keeps that memory alive, so its address cannot come back with other pixels; writable
+    arrays never count, since their pixels may have changed in place."""
     if last is None:
         return False
-    if image is last:
-        return not _writable(image)
-    return (image.__array_interface__["data"][0] == last.__array_interface__["data"][0]
-            and image.shape == last.shape and image.strides == last.strides
-            and not _writable(image) and not _writable(last))
-
-
-def _writable(image: np.ndarray) -> bool:
-    """Whether the array or any array it views can be written."""
-    node: object = image
-    while isinstance(node, np.ndarray):
-        if node.flags.writeable:
-            return True
-        node = node.base
-    return False
+    key = picture_key(image)
+    return key is not None and key == picture_key(last)
 
 
 class Vp8Stream:
@@ -151,9 +138,9 @@ class Vp8Stream:
         """The packet recorded for this frame of a repeating idle cycle (webrtc/loop.py), to
         send instead of encoding it; None: encode it. Call once per frame sent, before
         `encode`, to use the loop (a caller that never does only encodes)."""
-        if self._rate_changed():
-            self.loop.drop(RAISE_GAP_FRAMES)  # recorded at the old bitrate
-        data = self.loop.next_packet(image, allowed=not self._keyframe_requested.is_set())
+        # a keyframe asked for, or a new bitrate (the reopening drops the recording): encode
+        allowed = not (self._keyframe_requested.is_set() or self._rate_changed())
+        data = self.loop.next_packet(image, allowed=allowed)
         if data is None:
             return None
         self._since_sent = 0

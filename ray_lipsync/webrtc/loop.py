@@ -6,8 +6,8 @@ old frame's packet again, since each inter frame is coded against what the recei
 just before it; but a run of packets that starts with a keyframe decodes the same way every
 time it is sent whole, from that keyframe on. So:
 
-- **Recording.** Once a session has shown `RECORD_AFTER` untouched moving frames in a row, the
-  encoder makes the next one a keyframe and `IdleLoop` keeps that frame's packet and every
+- **Recording.** Once a session has shown `RECORD_AFTER` untouched frames in a row, the
+  encoder makes the next one that differs from the one before a keyframe and `IdleLoop` keeps that frame's packet and every
   following one, with the identity of the frame each shows, and a keyframe (an entry point)
   every `ENTRY_EVERY` frames. The recording is complete when the frames come round to its
   first one; anything else (speech, a cross-fade, a new clip, a new bitrate) discards it. A
@@ -19,7 +19,7 @@ time it is sent whole, from that keyframe on. So:
   recording. The first frame that does not (speech starts, the state changes) is encoded as a
   keyframe, since the encoder's own references are no longer what the receiver shows.
 
-Frames are identified by their memory, as `same_picture` does: only an avatar's untouched
+Frames are identified by their memory (`picture_key`, which `same_picture` uses too): only an avatar's untouched
 source frames (read-only arrays handed out again) count; each recorded one is held, so its
 address cannot come back with other pixels. A still picture (the same frame again) is left to
 `Vp8Stream.skips` and never recorded. The receiver sees exactly the stream the encoder made on
@@ -36,15 +36,16 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-RECORD_AFTER = 25  # untouched moving frames in a row (1 s of silence) before a recording starts
+RECORD_AFTER = 25  # untouched frames in a row (1 s of silence) before a recording starts
 ENTRY_EVERY = 50  # frames between the recording's keyframes (entry points, 2 s)
 MAX_FRAMES = 1500  # a longer cycle (60 s) is not recorded
 MAX_BYTES = 8 << 20  # nor one whose packets would take more memory than this
 
 
 def picture_key(image: np.ndarray) -> tuple | None:
-    """The identity of an untouched avatar frame (read-only memory; see `same_picture`), None
-    for a frame made for this session (speech, a cross-fade)."""
+    """The identity of an untouched avatar frame: its memory (address, shape, strides) when
+    neither it nor any array it views can be written; None for a frame made for this session
+    (speech, a cross-fade), whose pixels may change in place."""
     node: object = image
     while isinstance(node, np.ndarray):
         if node.flags.writeable:
@@ -71,7 +72,7 @@ class IdleLoop:
         self._at: int | None = None  # replaying: the index of the next recorded frame
         self._key: tuple | None = None  # this frame's key
         self._prev: tuple | None = None  # the key of the frame before it
-        self._run = 0  # untouched frames in a row
+        self._run = 0  # untouched frames in a row (negative: a wait after `drop`)
         self._after_replay = False
         self._off_loop = 0  # untouched frames encoded since the complete recording was last met
         self.frames_replayed = 0
