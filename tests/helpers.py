@@ -26,7 +26,7 @@ import pytest
 from ray_lipsync.api.gateway import Gateway
 from ray_lipsync.api.routes import build_api
 from ray_lipsync.avatar import Avatar
-from ray_lipsync.clock import PTS_PER_FRAME, SAMPLES_PER_FRAME
+from ray_lipsync.clock import PTS_PER_FRAME, SAMPLES_PER_FRAME, video_pts
 from ray_lipsync.config import Settings
 from ray_lipsync.streaming.local import LocalPipeline
 from ray_lipsync.streaming.session import Session
@@ -324,3 +324,10 @@ def chromium() -> Iterator[object]:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
         yield browser
         browser.close()
+
+
+def make_frame(k: int, *, audio: np.ndarray | None = None, size: int = 64, t: float = 0.0) -> OutputFrame:
+    """Output frame k of session "s": a flat grey picture (k % 256) and `audio` (else silence)."""
+    image = np.full((size, size, 3), k % 256, dtype=np.uint8)
+    samples = np.zeros(SAMPLES_PER_FRAME, np.float32) if audio is None else audio
+    return OutputFrame("s", 0, k, image, samples, video_pts(k), t)

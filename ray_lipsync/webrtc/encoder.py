@@ -257,7 +257,7 @@ class OpusStream:
     row gave the same packet, later silent chunks get that packet without running libopus
     (`chunks_reused` counts them) until a chunk with sound. The encoder then resumes as after
     a shorter silence (its first packet of sound differs by a few bytes from one after the
-    whole silence; the decoded sound is the same within 5 % RMS, tests/test_webrtc.py).
+    whole silence; the decoded sound is the same within 5 % RMS, tests/test_encoders.py).
 
     `dtx`: discontinuous transmission in that settled silence, as WebRTC's own Opus sender
     does it (the FFmpeg libopus wrapper has no DTX switch): a packet of only the TOC byte
