@@ -380,6 +380,23 @@ def test_a_restarted_batcher_reopens_sessions_from_their_push(speech_detector):
     assert batcher.stages["s"].spec == spec
 
 
+def test_a_stage_that_missed_audio_does_not_finish_its_stale_frames(speech_detector):
+    """A failover moves a session's pushes to another batcher and later back: the first one
+    still holds frames that waited for lookahead. They were served by the other batcher, so
+    the jump drops them (finished from stale audio they would come back as late frames)."""
+    batcher = make_batcher(speech_detector)
+    voice = np.concatenate([speech()] * 3)
+
+    async def run():
+        for k in range(40):  # frame by frame, the utterance goes on (not final)
+            await batcher.process(push("s", 0, k * F, voice[k * F:(k + 1) * F], final=False))
+        # frames 40..99 went to another batcher; this one gets the session back at frame 100
+        return await batcher.process(push("s", 0, 100 * F, voice[100 * F:110 * F], final=True))
+
+    jobs = asyncio.run(run())
+    assert [j.frame_index for j in jobs] == list(range(100, 110))
+
+
 def test_a_stateless_featurizer_is_not_asked_for_silent_frames(speech_detector):
     class Stateless(CountingFeaturizer):
         stateful = False  # like the MuseTalk featurizer: every window stands alone

@@ -53,8 +53,12 @@ class FeatureStage:
     """Audio, VAD and readiness for one session.
 
     Audio arrives in contiguous segments; a forward jump of the timeline (silence between
-    utterances) ends the segment: its last frames are finished with zero lookahead and the
-    frames inside the gap are never computed (the session shows them idle).
+    utterances) ends the segment and the frames inside the gap are never computed (the
+    session shows them idle). The session finishes an utterance before a gap (`final`: its
+    last frames need no lookahead); a jump over a segment that was not finished means this
+    stage missed the audio between (a failover served it elsewhere), so the frames it still
+    waited for are not computed here: finished from stale audio they would reach the session
+    long after they were shown, as if they had been late.
     """
 
     def __init__(
@@ -99,8 +103,10 @@ class FeatureStage:
                 return []
             start, samples = self._audio.end, samples[known:]
         if start > _ceil_frame(self._audio.end) * SAMPLES_PER_FRAME:
-            self._final = True
-            ready.append(self._take_ready())
+            if self._final:  # an utterance ended: what is left of it needs no lookahead
+                ready.append(self._take_ready())
+            # else this stage missed the audio between (another stage served it while this
+            # one was down or unused): its unfinished frames were that stage's to finish
             self._restart(start - start % SAMPLES_PER_FRAME)
         self._audio.write(start, samples)
         self._final = final
