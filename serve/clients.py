@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ray.exceptions import RayTaskError
 
 from ray_lipsync.api.client import GatewayAPI, forwarded_kwargs
-from ray_lipsync.api.gateway import home_of, names_gateway
+from ray_lipsync.api.session_ids import home_of, names_gateway
 
 if TYPE_CHECKING:
     from ray_lipsync.api.gateway import Gateway

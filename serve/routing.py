@@ -23,7 +23,7 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-from ray_lipsync.api.gateway import names_gateway
+from ray_lipsync.api.session_ids import names_gateway
 
 _SESSION_PATH = re.compile(r"^/v1/sessions/([^/]+)")
 RECENT_TTL_S = 5.0  # a replica's stats not refreshed for this long: forget what was sent since

@@ -14,9 +14,9 @@ import time
 import numpy as np
 import pytest
 
-from ray_lipsync.api.gateway import Gateway, home_of
+from ray_lipsync.api.gateway import Gateway
+from ray_lipsync.api.session_ids import home_of
 from ray_lipsync.streaming.local import LocalPipeline
-from ray_lipsync.webrtc.client import ReceiverClient
 from helpers import connect, loud_ms, make, new_session, pieces, variant
 from speech import silence, speech, to_pcm16_bytes, to_wav_bytes
 
@@ -294,7 +294,7 @@ async def test_home_client_runs_own_sessions_here_and_forwards_the_rest(lipsync_
     pytest.importorskip("ray")
     from serve.clients import HomeClient
 
-    from ray_lipsync.api.gateway import COMPAT_RANDOM_DIGITS, gateway_code
+    from ray_lipsync.api.session_ids import COMPAT_RANDOM_DIGITS, gateway_code
 
     class Recorder:
         def __init__(self) -> None:

@@ -2,8 +2,8 @@
 
 No Ray here. A `Gateway` wraps a `Pipeline` (LocalPipeline or RayPipeline) and
 adds what the HTTP service needs: public session ids that name their home gateway
-("<gateway tag>.<random>"; "home" is where a session's peer lives, "pinned" is only ever said
-of its inference replica), per-session bearer tokens, a WebRTC peer per session, server-sent
+(session_ids.py; "home" is where a session's peer lives, "pinned" is only ever said of its
+inference replica), per-session bearer tokens, a WebRTC peer per session, server-sent
 events when utterance frames are *sent*, per-frame latency, and closing idle or disconnected
 sessions. Every method returns plain dicts so it can be called through a Serve handle.
 """
@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import shutil
 import tempfile
 import time
-import zlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +27,7 @@ from ray_lipsync.api.auth import check_token, new_token
 from ray_lipsync.api.events import EventHub
 from ray_lipsync.api.load import HostCpu, LoopLag, host_cores
 from ray_lipsync.api.metrics import GatewayMetrics
+from ray_lipsync.api.session_ids import new_session_ids
 from ray_lipsync.clock import SAMPLE_RATE
 from ray_lipsync.config import Settings
 from ray_lipsync.egress.fanout import SessionFanout
@@ -44,29 +43,6 @@ if TYPE_CHECKING:
     from ray_lipsync.webrtc.bandwidth import BitrateBounds
 
 logger = logging.getLogger(__name__)
-
-COMPAT_RANDOM_DIGITS = 9  # LiveTalking ids: <6-digit gateway code><9 random digits>
-_COMPAT_SPLIT = 10**COMPAT_RANDOM_DIGITS
-
-
-def gateway_code(tag: str) -> int:
-    """A stable 6-digit number naming a gateway inside numeric (LiveTalking) session ids."""
-    return zlib.crc32(tag.encode()) % 1_000_000
-
-
-def home_of(session_id: str | int) -> tuple[str | None, int | None]:
-    """(gateway tag, gateway code) a session id names; None where it names none."""
-    if isinstance(session_id, int) or (isinstance(session_id, str) and session_id.isdigit()):
-        return None, int(session_id) // _COMPAT_SPLIT
-    tag, sep, _ = str(session_id).partition(".")
-    return (tag if sep and tag else None), None
-
-
-def names_gateway(session_id: str | int, tag: str) -> bool:
-    """Whether `session_id` names the gateway `tag` as its home."""
-    home, code = home_of(session_id)
-    return home == tag or (code is not None and code == gateway_code(tag))
-
 
 class PeerFactory(Protocol):
     def __call__(self, session: Any, *, ice_servers: list[dict] | None, bitrate: BitrateBounds,
@@ -214,8 +190,7 @@ class Gateway:
             session = await self.pipeline.create_session(avatar=avatar, backend=backend)
         finally:
             self._creating -= 1
-        public_id = f"{self.tag}.{secrets.token_urlsafe(12)}"
-        compat_id = gateway_code(self.tag) * _COMPAT_SPLIT + secrets.randbelow(_COMPAT_SPLIT)
+        public_id, compat_id = new_session_ids(self.tag)
         ice = (self._static_ice if self._static_ice is not None
                else session_ice_servers(self.settings.webrtc, public_id))
         entry = self._entries[public_id] = _Entry(public_id, compat_id, new_token(), session, ice_servers=ice)
