@@ -41,7 +41,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from output import write_json  # noqa: E402
+from output import git_commit, machine_speed, write_json  # noqa: E402
 from e2e import DEFAULT_TEXT, SessionResult, cpu_seconds, speech, stream_speech, wait_healthy  # noqa: E402
 
 from ray_lipsync.webrtc.client import ReceiverClient  # noqa: E402
@@ -226,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.talking_share is None:
         args.talking_share = 1.0 if args.talking == "all" else 0.25
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    result = asyncio.run(benchmark(args))
+    machine = machine_speed()  # before the server starts: the machine alone
+    result = {"commit": git_commit(), "machine": machine, **asyncio.run(benchmark(args))}
     print(json.dumps({k: v for k, v in result.items() if k not in ("sessions", "raw")}, indent=2))
     for s in result["sessions"]:
         print(s)

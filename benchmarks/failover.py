@@ -41,7 +41,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
-from output import git_commit  # noqa: E402
+from output import git_commit, machine_speed  # noqa: E402
 from raycluster import LocalCluster, serving_cluster  # noqa: E402
 from talker import Talker  # noqa: E402
 
@@ -405,7 +405,8 @@ def main() -> int:
     from ray_lipsync.avatar.store import AvatarStore
     from ray_lipsync.config import Settings
 
-    result = {"benchmark": "failover", "commit": git_commit(), "sessions": args.sessions, "kills": args.kills,
+    result = {"benchmark": "failover", "commit": git_commit(), "machine": machine_speed(),
+              "sessions": args.sessions, "kills": args.kills,
               "cpus": os.cpu_count(), "server_standby": args.standby}
     with tempfile.TemporaryDirectory(prefix="failover-") as tmp:
         home = Path(tmp)

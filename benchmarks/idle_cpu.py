@@ -26,7 +26,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from output import git_commit, write_json  # noqa: E402
+from output import git_commit, machine_speed, write_json  # noqa: E402
 from e2e import cpu_by_process, start_server, wait_healthy  # noqa: E402
 
 from ray_lipsync.webrtc.client import ReceiverClient  # noqa: E402
@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=15.0, help="seconds measured")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    result = asyncio.run(benchmark(args))
+    machine = machine_speed()  # before the server starts: the machine alone
+    result = {"machine": machine, **asyncio.run(benchmark(args))}
     print(json.dumps(result, indent=2))
     write_json(args.json, result)
     return 0
