@@ -55,10 +55,13 @@ class FeatureStage:
     Audio arrives in contiguous segments; a forward jump of the timeline (silence between
     utterances) ends the segment and the frames inside the gap are never computed (the
     session shows them idle). The session finishes an utterance before a gap (`final`: its
-    last frames need no lookahead); a jump over a segment that was not finished means this
-    stage missed the audio between (a failover served it elsewhere), so the frames it still
-    waited for are not computed here: finished from stale audio they would reach the session
-    long after they were shown, as if they had been late.
+    last frames need no lookahead). A jump over a segment that was not finished means this
+    stage missed the audio between (a failover served it elsewhere: those frames were that
+    stage's, and finished here from stale audio they would reach the session long after they
+    were shown and count as late), or a streamed utterance's next chunk came so late that
+    timeline.py placed it after a gap (its queued audio ran out within half the playout
+    delay). Either way the frames the segment still waited for are not computed here; in the
+    second case that is the one frame before the gap, which shows idle.
     """
 
     def __init__(
