@@ -61,7 +61,7 @@ class FeatureStage:
     were shown and count as late), or a streamed utterance's next chunk came so late that
     timeline.py placed it after a gap (its queued audio ran out within half the playout
     delay). Either way the frames the segment still waited for are not computed here; in the
-    second case that is the one frame before the gap, which shows idle.
+    second case those are the last one or two frames before the gap, which show idle.
     """
 
     def __init__(
