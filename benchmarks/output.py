@@ -33,8 +33,8 @@ def write_json(path: str | None, result: dict) -> None:
 def machine_speed(seconds: float = 1.5) -> dict[str, float]:
     """How fast this machine runs now: ms of one thread per 512x512 procedural frame (render
     of a synthetic face plus compositing, as `core.py` times them), median of the frames
-    rendered in `seconds`. The VM this project is measured on runs up to ~2 times slower on
-    some days; a result that depends on CPU headroom is read against this figure."""
+    rendered in `seconds`. The VM this project is measured on does not run at one speed
+    (benchmarks/README.md); a result that depends on CPU headroom is read against this."""
     import cv2
     import numpy as np
 
