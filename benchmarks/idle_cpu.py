@@ -53,11 +53,12 @@ async def benchmark(args: argparse.Namespace) -> dict:
             alone = await percent_by_process(server.pid, 10)
             for _ in range(args.sessions):
                 created = (await http.post("/v1/sessions", json={"avatar": args.avatar})).raise_for_status().json()
-                sessions.append((created["session_id"], {"Authorization": f"Bearer {created['token']}"}))
+                sid, auth = created["session_id"], {"Authorization": f"Bearer {created['token']}"}
+                sessions.append((sid, auth))
                 client = ReceiverClient(keep_audio=False)
                 clients.append(client)
-                answer = (await http.post(f"/v1/sessions/{created['session_id']}/offer", json=await client.offer(),
-                                          headers={"Authorization": f"Bearer {created['token']}"})).json()
+                answer = (await http.post(f"/v1/sessions/{sid}/offer", json=await client.offer(),
+                                          headers=auth)).json()
                 await client.accept(answer)
                 await client.wait_first_video(30)
             await asyncio.sleep(args.settle)

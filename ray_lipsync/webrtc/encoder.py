@@ -89,8 +89,10 @@ class Vp8Stream:
         self._since_keyframe = 0
         self._since_open = 0
         self._keyframe_requested = threading.Event()
-        self._last_image: np.ndarray | None = None  # the last image and its I420 planes
+        self._last_image: np.ndarray | None = None  # the last image encoded, its key and I420 planes
+        self._last_key: tuple | None = None
         self._last_i420: np.ndarray | None = None
+        self._keyed: tuple[np.ndarray | None, tuple | None] = (None, None)  # this frame and its key
         self.bytes_out = 0  # every packet's size, summed (the link feedback reads it)
         self.keyframes = 0
         self.reopens = 0
@@ -115,7 +117,7 @@ class Vp8Stream:
         """Whether the frame of `image` may be left out (not encoded, not sent): a repeat of
         the still picture the receiver already shows, between two of its spaced-out frames
         (module docstring). Call once per frame, before `encode`; False means encode it."""
-        if not same_picture(image, self._last_image) or self._keyframe_requested.is_set():
+        if not self._same_as_last(image) or self._keyframe_requested.is_set():
             return False
         self._still_repeats += 1
         self._since_sent += 1
@@ -140,7 +142,7 @@ class Vp8Stream:
         `encode`, to use the loop (a caller that never does only encodes)."""
         # a keyframe asked for, or a new bitrate (the reopening drops the recording): encode
         allowed = not (self._keyframe_requested.is_set() or self._rate_changed())
-        data = self.loop.next_packet(image, allowed=allowed)
+        data = self.loop.next_packet(self._key(image), allowed=allowed)
         if data is None:
             return None
         self._since_sent = 0
@@ -155,8 +157,8 @@ class Vp8Stream:
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"image must be HxWx3 uint8 RGB, got {image.dtype} {image.shape}")
         self._since_sent = 0
-        if not same_picture(image, self._last_image):  # a silent avatar repeats its frame: convert it once
-            self._last_image, self._last_i420 = image, to_i420(image)
+        if not self._same_as_last(image):  # a silent avatar repeats its frame: convert it once
+            self._last_image, self._last_key, self._last_i420 = image, self._key(image), to_i420(image)
             self._restart_still()
         frame = av.VideoFrame.from_ndarray(self._last_i420, format="yuv420p")
         frame.pts = pts
@@ -180,8 +182,20 @@ class Vp8Stream:
         packet.pts = pts
         packet.time_base = VIDEO_TIME_BASE
         self.bytes_out += packet.size
-        self.loop.encoded(image, packet, keyframe)
+        self.loop.encoded(image, self._key(image), packet, keyframe)
         return packet
+
+    def _key(self, image: np.ndarray) -> tuple | None:
+        """`picture_key` of the frame being sent, computed once for it (`skips`, `replay` and
+        `encode` all ask; an array's key cannot change while it exists)."""
+        if self._keyed[0] is not image:
+            self._keyed = (image, picture_key(image))
+        return self._keyed[1]
+
+    def _same_as_last(self, image: np.ndarray) -> bool:
+        """`same_picture(image, last image encoded)`, from the keys already known."""
+        key = self._key(image)
+        return key is not None and key == self._last_key
 
     def _rate_changed(self) -> bool:
         wanted, current = self._wanted, self.bitrate

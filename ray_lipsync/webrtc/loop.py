@@ -57,7 +57,7 @@ def picture_key(image: np.ndarray) -> tuple | None:
 class IdleLoop:
     """One session's recorded idle cycle: `next_packet` before each frame sent, then, when it
     returned None, `wants_keyframe` and `encoded` for the frame the encoder makes; `drop` when
-    the encoder's settings change."""
+    the encoder's settings change. Frames come with their `picture_key` (the caller has it)."""
 
     def __init__(self, max_frames: int = MAX_FRAMES, max_bytes: int = MAX_BYTES) -> None:
         self.max_frames = max_frames
@@ -82,10 +82,9 @@ class IdleLoop:
     def replaying(self) -> bool:
         return self._at is not None
 
-    def next_packet(self, image: np.ndarray, allowed: bool = True) -> bytes | None:
-        """The recorded packet to send for this frame instead of encoding it, or None (also
-        when not `allowed`: the receiver asked for a keyframe, which the encoder makes)."""
-        key = picture_key(image)
+    def next_packet(self, key: tuple | None, allowed: bool = True) -> bytes | None:
+        """The recorded packet to send for the frame of `key` instead of encoding it, or None
+        (also when not `allowed`: the receiver asked for a keyframe, which the encoder makes)."""
         self._prev, self._key = self._key, key
         self._run = self._run + 1 if key is not None else min(self._run, 0)
         if not allowed:
@@ -114,10 +113,10 @@ class IdleLoop:
             return self._startable()
         return len(self._keys) % ENTRY_EVERY == 0
 
-    def encoded(self, image: np.ndarray, packet: SupportsBytes, keyframe: bool) -> None:
-        """Record the packet the encoder made for this frame (see the module docstring)."""
+    def encoded(self, image: np.ndarray, key: tuple | None, packet: SupportsBytes, keyframe: bool) -> None:
+        """Record the packet the encoder made for `image` (its `picture_key` is `key`; see the
+        module docstring)."""
         self._after_replay = False
-        key = picture_key(image)
         if self._complete:
             self._off_loop = self._off_loop + 1 if key is not None else 0
             if self._off_loop > len(self._keys) + ENTRY_EVERY:
