@@ -8,7 +8,7 @@
 This module is the entry point only; the application lives in the `serve/` package (one job
 per module, see serve/__init__.py). `build` is the application builder: Serve passes it the
 `args` of `serve run ... key=value`, of a Serve config file or of a KubeRay RayService's
-serveConfigV2 (see ray_lipsync.config.settings_from_args). Shape: the Serve proxy sends each
+serveConfigV2 (see ray_lipsync.settings_args.settings_from_args). Shape: the Serve proxy sends each
 HTTP request to a `Gateway` replica chosen by `SessionRouter` (serve.routing): a request with
 a session in its path (/v1/sessions/{id}/...) or an `x-session-id` header goes to the replica
 named in the id (the one holding its aiortc peer), also after gateways are added; others go to

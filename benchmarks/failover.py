@@ -320,7 +320,7 @@ async def _gateways(n: int) -> bool:
 
 
 def run_cluster(home: Path, kills: int, sessions: int, cases: tuple[str, ...] = CLUSTER_CASES) -> dict:
-    from ray_lipsync.config import settings_from_args
+    from ray_lipsync.settings_args import settings_from_args
 
     args = cluster_args(home, sessions)
     env = {"RAY_LIPSYNC_HOME": str(home), "PYTHONPATH": str(ROOT)}

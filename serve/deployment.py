@@ -19,7 +19,8 @@ from ray.serve.config import AutoscalingConfig, AutoscalingPolicy, RequestRouter
 from actors.runtime import serial_opencv
 from ray_lipsync.api.gateway import Gateway
 from ray_lipsync.api.routes import build_api
-from ray_lipsync.config import Settings, settings_from_args
+from ray_lipsync.config import Settings
+from ray_lipsync.settings_args import settings_from_args
 from ray_lipsync.heap import freeze_startup_heap
 
 from .autoscaling import GatewayLoadAutoscalingPolicy
@@ -151,5 +152,5 @@ def build_app(settings: Settings, pipeline: str = DEFAULT_PIPELINE, *,
 
 
 def build(args: dict[str, Any]) -> serve.Application:
-    """Application builder: settings from Serve `args` (see config.settings_from_args)."""
+    """Application builder: settings from Serve `args` (see ray_lipsync.settings_args)."""
     return build_app(settings_from_args(args))

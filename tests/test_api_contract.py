@@ -13,7 +13,8 @@ import httpx
 import numpy as np
 import pytest
 
-from ray_lipsync.api.routes import ERROR_DESCRIPTIONS, build_api
+from ray_lipsync.api.http_errors import ERROR_DESCRIPTIONS
+from ray_lipsync.api.routes import build_api
 from helpers import connect, make, new_session, pieces, variant
 from speech import to_wav_bytes
 

@@ -26,7 +26,7 @@ ray = pytest.importorskip("ray")
 
 from actors.directory import generation_of, get_directory  # noqa: E402
 from raycluster import serving_cluster  # noqa: E402
-from ray_lipsync.config import settings_from_args  # noqa: E402
+from ray_lipsync.settings_args import settings_from_args  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -61,7 +61,7 @@ def livetalking_routes(settings: Settings, client: GatewayAPI) -> APIRouter:
         except ValueError as error:
             return _fail(str(error), 400)
         except LipsyncError as error:
-            from ray_lipsync.api.routes import error_response
+            from ray_lipsync.api.http_errors import error_response
 
             status = error_response(error).status_code
             return _fail(str(error), status)

@@ -1,127 +1,38 @@
 """The FastAPI app (served by each gateway replica): /v1 session API, /healthz, /metrics, the page at `/` (OpenAPI at /docs).
 
 `build_api(settings, client)` works over any GatewayAPI: in-process or through Ray Serve.
-Errors map to HTTP codes in one place (`error_response`).
+Errors map to HTTP codes in one place (http_errors.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import math
 import re
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Header, Query, Request, WebSocket
-from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ray_lipsync.api import models
-from ray_lipsync.api.auth import MissingToken, WrongToken, bearer_token, check_api_key
+from ray_lipsync.api.auth import bearer_token, check_api_key
 from ray_lipsync.api.client import GatewayAPI
 from ray_lipsync.api.events import format_sse
+from ray_lipsync.api.http_errors import (
+    ERROR_DESCRIPTIONS, SESSION_ERRORS, error_response, errors, install_error_handlers, openapi_schema,
+)
 from ray_lipsync.api.stream import StreamSocket, parse_rate
 from ray_lipsync.api.metrics import render_prometheus
 from ray_lipsync.api.uploads import push_decoded, stream_upload
 from ray_lipsync.config import Settings
-from ray_lipsync.egress.sink import TargetRefused
-from ray_lipsync.errors import (
-    AtCapacity, AudioInputError, AudioTooLarge, AvatarError, AvatarNotFound, BackendUnavailable,
-    Backpressure, MalformedAudio, OutputConflict, OutputLimit, SessionClosed, StageUnavailable,
-    UnknownClip, UnknownOutput, UnknownSession, UnsupportedAudio, UnsupportedMediaType,
-)
+from ray_lipsync.errors import AudioInputError, AudioTooLarge, AvatarError, UnknownSession, UnsupportedMediaType
 
 logger = logging.getLogger(__name__)
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}\.[A-Za-z0-9_-]{1,64}$")
-RETRY_AFTER_S = "5"
 SMALL_UPLOAD_BYTES = 64 * 1024  # uploads up to this size skip the separate token check
-_STATUS: list[tuple[type[BaseException], int, str]] = [
-    (MissingToken, 401, "unauthorized"), (WrongToken, 403, "forbidden"),
-    (UnknownSession, 404, "unknown_session"), (AvatarNotFound, 404, "unknown_avatar"),
-    (UnknownOutput, 404, "unknown_output"), (OutputConflict, 409, "conflict"),
-    (OutputLimit, 429, "limit_reached"), (TargetRefused, 400, "target_refused"),
-    (UnsupportedMediaType, 415, "unsupported_media_type"),
-    (SessionClosed, 410, "session_closed"),
-    (AudioTooLarge, 413, "too_large"), (UnsupportedAudio, 415, "unsupported_audio"),
-    (MalformedAudio, 422, "malformed_audio"), (AudioInputError, 422, "invalid_audio"),
-    (Backpressure, 429, "backpressure"), (BackendUnavailable, 503, "backend_unavailable"),
-    (AtCapacity, 503, "at_capacity"), (StageUnavailable, 503, "stage_unavailable"),
-    (AvatarError, 400, "bad_avatar"), (UnknownClip, 400, "unknown_clip"), (ValueError, 400, "bad_request"),
-]
-
-
-ERROR_DESCRIPTIONS = {
-    400: "Invalid request (bad JSON, fields, query, SDP or avatar)",
-    401: "Missing credentials (session token, or the API key where one is required)",
-    403: "Credentials that do not match",
-    404: "Unknown session, avatar or output",
-    409: "The output is not in a state that allows this (a recording still running)",
-    410: "The session closed",
-    413: "Input above the size or duration limit",
-    405: "The method is not supported on this resource (WHEP PATCH: no trickle ICE)",
-    415: "Not audio, or an unsupported audio type; WHEP takes application/sdp",
-    422: "Audio that cannot be decoded (empty, truncated, NaN, absurd rate)",
-    429: "The session's speech buffer cannot take it now, or it has as many outputs as "
-         "allowed; retry after Retry-After seconds",
-    503: "No capacity or a pipeline stage unavailable; retry after Retry-After seconds",
-}
-SESSION_ERRORS = (401, 403, 404)
-
-
-def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses` for these error codes, each with the {error, detail} body."""
-    return {code: {"model": models.ErrorBody, "description": ERROR_DESCRIPTIONS[code]}
-            for code in codes}
-
-
-def error_response(error: BaseException) -> JSONResponse:
-    """The HTTP answer for a typed error: {error, detail} plus Retry-After where it applies.
-
-    An error raised on another process arrives wrapped (Ray's task error, whose text carries
-    a traceback, pids and addresses): only the original error's message is sent.
-    """
-    cause = getattr(error, "cause", None)
-    if isinstance(cause, BaseException):
-        error = cause
-    for kind, status, code in _STATUS:
-        if isinstance(error, kind):
-            headers = {"Retry-After": _retry_after(error)} if status in (429, 503) else None
-            if status == 401:
-                headers = {"WWW-Authenticate": "Bearer"}
-            return JSONResponse({"error": code, "detail": str(error)}, status, headers=headers)
-    logger.exception("unexpected error", exc_info=error)
-    return JSONResponse({"error": "internal", "detail": "internal error; see server logs"}, 500)
-
-
-def _retry_after(error: BaseException) -> str:
-    seconds = getattr(error, "retry_after_s", None)
-    return str(max(1, math.ceil(seconds))) if seconds is not None else RETRY_AFTER_S
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    async def on_typed(request: Request, error: Exception) -> JSONResponse:
-        return error_response(error)
-
-    async def on_invalid(request: Request, error: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())) or 'body'}: {e.get('msg')}"
-                             for e in error.errors())
-        return JSONResponse({"error": "bad_request", "detail": f"invalid request: {problems}"}, 400)
-
-    async def on_http(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
-        return JSONResponse({"error": code, "detail": str(error.detail)}, error.status_code,
-                            headers=getattr(error, "headers", None))
-
-    app.add_exception_handler(RequestValidationError, on_invalid)
-    app.add_exception_handler(StarletteHTTPException, on_http)
-    for kind, _, _ in _STATUS:
-        app.add_exception_handler(kind, on_typed)
 
 
 def check_session_id(session_id: str) -> str:
@@ -483,29 +394,3 @@ def build_api(settings: Settings, client: GatewayAPI, gateway: str | None = None
         app.include_router(livetalking_routes(settings, client))
     app.openapi = lambda: openapi_schema(app)
     return app
-
-
-def openapi_schema(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema with validation errors documented as the 400 {error, detail} they
-    are (FastAPI would advertise its own 422 body on every route with parameters)."""
-    if app.openapi_schema is None:
-        schema = get_openapi(title=app.title, version=app.version,
-                             description=app.description, routes=app.routes)
-        for path in schema.get("paths", {}).values():
-            for operation in path.values():
-                responses = operation.get("responses", {})
-                if "HTTPValidationError" in json.dumps(responses.get("422", {})):
-                    del responses["422"]
-                    if operation.get("parameters") or operation.get("requestBody"):
-                        responses.setdefault("400", _error_ref(ERROR_DESCRIPTIONS[400]))
-        components = schema.get("components", {}).get("schemas", {})
-        for name in ("HTTPValidationError", "ValidationError"):
-            components.pop(name, None)
-        components.setdefault("ErrorBody", models.ErrorBody.model_json_schema())
-        app.openapi_schema = schema
-    return app.openapi_schema
-
-
-def _error_ref(description: str) -> dict[str, Any]:
-    return {"description": description,
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
