@@ -267,7 +267,7 @@ async def test_idle_timeout_and_peer_disconnect_free_sessions(lipsync_settings):
             await asyncio.sleep(0.05)
         assert gateway.session_count == 0 and gateway.pipeline.sessions() == []
         await gateway.shutdown()
-        assert not gateway._closing and gateway._reaper is None
+        assert not gateway._closing and not gateway._housekeeping.running
 
 
 

@@ -1,11 +1,12 @@
-"""The gateway core: one gateway's sessions, their peers, tokens, events and idle timeout.
+"""The gateway core: one gateway's sessions, their peers, tokens, events and outputs.
 
-No Ray here. A `Gateway` wraps a `Pipeline` (LocalPipeline or RayPipeline) and
-adds what the HTTP service needs: public session ids that name their home gateway
-(session_ids.py; "home" is where a session's peer lives, "pinned" is only ever said of its
-inference replica), per-session bearer tokens, a WebRTC peer per session, server-sent
-events when utterance frames are *sent*, per-frame latency, and closing idle or disconnected
-sessions. Every method returns plain dicts so it can be called through a Serve handle.
+No Ray here. A `Gateway` wraps a `Pipeline` (LocalPipeline or RayPipeline) and adds what the
+HTTP service needs: public session ids that name their home gateway (session_ids.py; "home"
+is where a session's peer lives, "pinned" is only ever said of its inference replica),
+per-session bearer tokens, a WebRTC peer per session, server-sent events when utterance
+frames are *sent*, and per-frame latency. What it keeps per session is session_entry.py;
+its background work (load sampling, shedding, closing expired sessions) housekeeping.py.
+Every method returns plain dicts so it can be called through a Serve handle.
 """
 
 from __future__ import annotations
@@ -15,18 +16,17 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ray_lipsync.admission import AdmissionPolicy, LoadSample
+from ray_lipsync.admission import AdmissionPolicy
 from ray_lipsync.api.auth import check_token, new_token
-from ray_lipsync.api.events import EventHub
-from ray_lipsync.api.load import HostCpu, LoopLag, host_cores
+from ray_lipsync.api.housekeeping import Housekeeping
 from ray_lipsync.api.metrics import GatewayMetrics
+from ray_lipsync.api.session_entry import PeerFactory, SessionEntry, default_peer_factory
 from ray_lipsync.api.session_ids import new_session_ids
 from ray_lipsync.clock import SAMPLE_RATE
 from ray_lipsync.config import Settings
@@ -34,56 +34,26 @@ from ray_lipsync.egress.fanout import SessionFanout
 from ray_lipsync.errors import AtCapacity, MalformedAudio, OutputLimit, UnknownOutput, UnknownSession
 from ray_lipsync.ice import session_ice_servers
 from ray_lipsync.streaming.pipeline import Pipeline
-from ray_lipsync.streaming.session import Session
 from ray_lipsync.types import OutputFrame
 
 if TYPE_CHECKING:
     from ray_lipsync.egress.outputs import SessionEgress
-    from ray_lipsync.webrtc.whep import WhepViewers
-    from ray_lipsync.webrtc.bandwidth import BitrateBounds
 
 logger = logging.getLogger(__name__)
 
-class PeerFactory(Protocol):
-    def __call__(self, session: Any, *, ice_servers: list[dict] | None, bitrate: BitrateBounds,
-                 on_frame_sent: Callable[[OutputFrame], None],
-                 still_every: int, opus_dtx: str, on_closed: Callable[[bool], Any],
-                 frames: Callable[[], AsyncIterator[OutputFrame]]) -> Any: ...
-
-
-def default_peer_factory(session: Any, **kwargs: Any) -> Any:
-    """The aiortc SessionPeer (imported lazily: aiortc is only needed once a client sends an offer)."""
-    from ray_lipsync.webrtc.peer import SessionPeer
-
-    return SessionPeer(session, **kwargs)
-
-
-@dataclass
-class _Entry:
-    public_id: str
-    compat_id: int
-    token: str
-    session: Session
-    events: EventHub = field(default_factory=EventHub)
-    peer: Any = None
-    last_activity: float = field(default_factory=time.monotonic)
-    ice_servers: list[dict] = field(default_factory=list)
-    offered_at: float | None = None  # monotonic time of the offer (for webrtc.connect_timeout_s)
-    peer_generation: int = 0  # counts the peers this session had (a new offer replaces the peer)
-    lost_at: float | None = None  # monotonic time its connection failed (webrtc.reconnect_grace_s)
-    created: float = field(default_factory=time.monotonic)
-    counted: tuple[int, int] = (0, 0)  # (frames sent, frames late) as last sampled for admission
-    fanout: SessionFanout | None = None  # the one reader of the session's frames (egress/fanout.py)
-    egress: SessionEgress | None = None  # its recording and restream targets
-    whep: WhepViewers | None = None  # its WHEP viewers (created with the first)
-    used: bool = False  # it had an output other than its own peer (no offer needed to keep it)
-
-
 WEBRTC_BUFFER = 250  # frames (10 s) the viewer's media may lag before its oldest is dropped
 WHEP_BUFFER = 50  # frames (2 s) the shared WHEP encode may lag before its oldest is dropped
-LATE_REASONS = ("late", "sender_backpressure")  # drops that say the host is not keeping up
-LOAD_SAMPLE_S = 1.0
 WARM_TEXT = "Hi there."  # what a starting gateway says in a throwaway session (~0.6 s)
+
+
+async def _close_part(entry: SessionEntry, what: str, part) -> None:
+    """Close one part of a closing session (its outputs, peer, WHEP viewers), if it has it: a
+    part that fails to close is logged and must not keep the session's other resources."""
+    if part is not None:
+        try:
+            await part.close()
+        except Exception:
+            logger.exception("closing the %s of session %s failed", what, entry.public_id)
 
 
 class Gateway:
@@ -100,20 +70,24 @@ class Gateway:
         self.tag = tag
         self._static_ice = ice_servers  # None: per session from settings.webrtc
         self._peer_factory = peer_factory
-        self._entries: dict[str, _Entry] = {}
+        self._entries: dict[str, SessionEntry] = {}
         self._by_compat: dict[int, str] = {}
         self._creating = 0
         self._closing: set[asyncio.Task] = set()
-        self._reaper: asyncio.Task | None = None
-        self._sampler: asyncio.Task | None = None
         self.admission = AdmissionPolicy(settings.serve.admission)
-        self._loop_lag = LoopLag()
-        self.load: dict[str, float] = {}  # the last load sample (metrics, autoscaling)
         self._devices: dict[tuple[str, str], str] = {}  # (inference replica, backend) -> device
         self.metrics = GatewayMetrics(tag)
+        self._housekeeping = Housekeeping(settings, self.admission, self.metrics,
+                                          entries=lambda: list(self._entries.values()),
+                                          close=self._close_entry)
         self._recordings: Path | None = None  # working directory of recordings (created on use)
 
     # ---- lookup ----------------------------------------------------------------------
+    @property
+    def load(self) -> dict[str, float]:
+        """The last load sample (metrics, autoscaling): busy and talking cores, loop lag."""
+        return self._housekeeping.load
+
     @property
     def session_count(self) -> int:
         return len(self._entries)
@@ -121,7 +95,7 @@ class Gateway:
     def session_ids(self) -> list[str]:
         return list(self._entries)
 
-    def _entry(self, session_id: str | int, token: str | None, *, compat: bool = False) -> _Entry:
+    def _entry(self, session_id: str | int, token: str | None, *, compat: bool = False) -> SessionEntry:
         if compat:
             if not self.settings.serve.livetalking_compat:
                 raise UnknownSession("LiveTalking-compatible routes are disabled")
@@ -173,7 +147,7 @@ class Gateway:
 
     async def create_session(self, avatar: str = "default", backend: str | None = None) -> dict:
         """A new session on this gateway: {session_id, token, ice_servers, compat_id}."""
-        self._ensure_reaper()
+        self._housekeeping.start()
         if len(self._entries) + self._creating >= self.settings.serve.max_sessions:
             raise AtCapacity(f"gateway {self.tag} holds its maximum of "
                              f"{self.settings.serve.max_sessions} sessions; retry later")
@@ -193,7 +167,7 @@ class Gateway:
         public_id, compat_id = new_session_ids(self.tag)
         ice = (self._static_ice if self._static_ice is not None
                else session_ice_servers(self.settings.webrtc, public_id))
-        entry = self._entries[public_id] = _Entry(public_id, compat_id, new_token(), session, ice_servers=ice)
+        entry = self._entries[public_id] = SessionEntry(public_id, compat_id, new_token(), session, ice_servers=ice)
         entry.fanout = SessionFanout(session.frames, name=public_id,
                                      on_drop=lambda output, frame: self._on_output_drop(entry, output, frame))
         from ray_lipsync.egress.outputs import SessionEgress  # PyAV's H.264/AAC: loaded on use
@@ -212,27 +186,15 @@ class Gateway:
         entry = self._entry(session_id, token, compat=compat)
         await self._close_entry(entry, "closed by client")
 
-    async def _close_entry(self, entry: _Entry, reason: str) -> None:
+    async def _close_entry(self, entry: SessionEntry, reason: str) -> None:
         if self._entries.pop(entry.public_id, None) is None:
             return  # already closing
         self._by_compat.pop(entry.compat_id, None)
         self.metrics.session_closed(entry.session.drops.by_reason())
-        if entry.egress is not None:
-            try:
-                await entry.egress.close()
-            except Exception:  # a failing output must not keep the session's resources
-                logger.exception("closing the outputs of session %s failed", entry.public_id)
+        await _close_part(entry, "outputs", entry.egress)
         entry.events.close(("session.closed", {"session_id": entry.public_id, "reason": reason}))
-        if entry.peer is not None:
-            try:
-                await entry.peer.close()
-            except Exception:  # a failing peer must not keep the session's resources
-                logger.exception("closing the peer of session %s failed", entry.public_id)
-        if entry.whep is not None:
-            try:
-                await entry.whep.close()
-            except Exception:
-                logger.exception("closing the WHEP viewers of session %s failed", entry.public_id)
+        await _close_part(entry, "peer", entry.peer)
+        await _close_part(entry, "WHEP viewers", entry.whep)
         if entry.fanout is not None:
             await entry.fanout.close()
         try:
@@ -243,11 +205,7 @@ class Gateway:
 
     async def shutdown(self) -> None:
         """Close every session and stop background work."""
-        for task in (self._reaper, self._sampler):
-            if task is not None:
-                task.cancel()
-        self._reaper = self._sampler = None
-        self._loop_lag.stop()
+        self._housekeeping.stop()
         for entry in list(self._entries.values()):
             await self._close_entry(entry, "server shutting down")
         if self._closing:
@@ -263,69 +221,6 @@ class Gateway:
             base.mkdir(parents=True, exist_ok=True)
             self._recordings = Path(tempfile.mkdtemp(prefix=f"{self.tag}-", dir=base))
         return self._recordings
-
-    def _ensure_reaper(self) -> None:
-        """Start the background work (idle reaper, load sampling) once a loop runs."""
-        if self._reaper is None or self._reaper.done():
-            self._reaper = asyncio.get_running_loop().create_task(self._reap_idle())
-        if self._sampler is None or self._sampler.done():
-            self._loop_lag.start()
-            self._sampler = asyncio.get_running_loop().create_task(self._sample_load())
-
-    async def _sample_load(self) -> None:
-        """Once a second: what admission needs (admission.py), and shedding when it says so."""
-        host, own = HostCpu(), time.process_time()
-        while True:
-            await asyncio.sleep(LOAD_SAMPLE_S)
-            sent = late = talking = 0
-            for entry in self._entries.values():
-                drops = entry.session.drops.by_reason()
-                counts = (entry.session.frames_sent, sum(drops.get(r, 0) for r in LATE_REASONS))
-                sent += counts[0] - entry.counted[0]
-                late += counts[1] - entry.counted[1]
-                entry.counted = counts
-                talking += entry.session.speaking()
-            busy, lag = host.busy_cores(), self._loop_lag.take_ms()
-            cpu = time.process_time()
-            gateway_cores, own = (cpu - own) / LOAD_SAMPLE_S, cpu
-            now = time.monotonic()
-            self.admission.observe(LoadSample(now, len(self._entries), talking, sent, late, lag, busy,
-                                              host_cores()))
-            self.load = {"busy_cores": busy, "loop_lag_ms": lag, "talk_cores": self.admission.talk_cores,
-                         "gateway_cores": gateway_cores}
-            if self._entries and self.admission.should_shed(now):
-                newest = max(self._entries.values(), key=lambda e: e.created)
-                self.metrics.sessions_shed += 1
-                logger.warning("shedding session %s: its sessions lost frames for %.0f s",
-                               newest.public_id, self.settings.serve.admission.shed_after_s)
-                await self._close_entry(newest, "shed: the service was overloaded (newest session first)")
-
-    async def _reap_idle(self) -> None:
-        timeout = self.settings.serve.idle_timeout_s
-        connect_timeout = self.settings.webrtc.connect_timeout_s
-        offer_timeout = self.settings.serve.offer_timeout_s
-        reconnect_grace = self.settings.webrtc.reconnect_grace_s
-        while True:
-            await asyncio.sleep(min(1.0, timeout / 4, connect_timeout / 4, offer_timeout / 4))
-            now = time.monotonic()
-            for entry in list(self._entries.values()):
-                if (entry.egress is not None and entry.egress.active) or (entry.whep is not None and len(entry.whep)):
-                    entry.last_activity = now  # a recording, restream or WHEP viewer keeps its session
-                    continue
-                if now - entry.last_activity > timeout:
-                    await self._close_entry(entry, f"idle for more than {timeout:g} s")
-                elif entry.lost_at is not None:
-                    if now - entry.lost_at > reconnect_grace:
-                        await self._close_entry(entry, f"connection lost and no new offer within "
-                                                       f"{reconnect_grace:g} s")
-                elif entry.peer is None and not entry.used and now - entry.created > offer_timeout:
-                    await self._close_entry(entry, f"no WebRTC offer within {offer_timeout:g} s")
-                elif entry.offered_at is not None and entry.peer is not None:
-                    if entry.peer.connection_state not in ("new", "connecting"):
-                        entry.offered_at = None  # connected (or closing by itself): done
-                    elif now - entry.offered_at > connect_timeout:
-                        await self._close_entry(entry, f"peer not connected {connect_timeout:g} s "
-                                                       "after the offer (ICE failed: check STUN/TURN)")
 
     # ---- WebRTC ----------------------------------------------------------------------
     async def offer(self, session_id: str | int, token: str | None, sdp: str,
@@ -358,19 +253,19 @@ class Gateway:
             raise
 
     @staticmethod
-    def _viewer_frames(entry: _Entry) -> AsyncIterator[OutputFrame]:
+    def _viewer_frames(entry: SessionEntry) -> AsyncIterator[OutputFrame]:
         """The WebRTC viewer's frames: its own buffer of the session's fan-out."""
         assert entry.fanout is not None
         return entry.fanout.attach("webrtc", WEBRTC_BUFFER)
 
     @staticmethod
-    def _on_output_drop(entry: _Entry, output: str, frame: OutputFrame) -> None:
+    def _on_output_drop(entry: SessionEntry, output: str, frame: OutputFrame) -> None:
         """A frame an output lost because it lagged: the viewer's count as the session's
         sender_backpressure drops (the egress encoder counts its own)."""
         if output == "webrtc":
             entry.session.record_sender_drop(frame)
 
-    def _on_frame_sent(self, entry: _Entry, frame: OutputFrame) -> None:
+    def _on_frame_sent(self, entry: SessionEntry, frame: OutputFrame) -> None:
         if frame.speech:
             entry.last_activity = time.monotonic()
         self.metrics.frame_sent(frame.latency_ms)
@@ -382,12 +277,12 @@ class Gateway:
                     data.update(played.get(utterance_id, {"played_ms": None, "interrupted": None}))
                 entry.events.publish(event, data)
 
-    def _on_state(self, entry: _Entry, state: str) -> None:
+    def _on_state(self, entry: SessionEntry, state: str) -> None:
         """The session lost its replica with no room elsewhere, or got one again."""
         logger.warning("session %s: %s", entry.public_id, state)
         entry.events.publish("session.state", {"state": state})
 
-    def _on_peer_closed(self, entry: _Entry, generation: int, failed: bool) -> None:
+    def _on_peer_closed(self, entry: SessionEntry, generation: int, failed: bool) -> None:
         """The session's peer ended by itself: close the session, unless the connection failed
         (the client may reconnect: kept `webrtc.reconnect_grace_s`, see `_reap_idle`)."""
         if generation != entry.peer_generation or entry.public_id not in self._entries:
@@ -428,7 +323,7 @@ class Gateway:
         entry = self._entry(session_id, token, compat=compat)
         return await self._interrupt(entry)
 
-    async def _interrupt(self, entry: _Entry) -> dict:
+    async def _interrupt(self, entry: SessionEntry) -> dict:
         """Cut the session's speech: {epoch, utterance_id, played_ms, interrupted} of the
         utterance playing (None when none was). Queued utterances that never started end
         now (utterance.end with played_ms 0); the cut one ends when its last frame is sent."""

@@ -60,6 +60,7 @@ class LoopLag:
     def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
+            self._task = None
 
     def take_ms(self) -> float:
         worst, self._worst = self._worst, 0.0
