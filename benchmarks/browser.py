@@ -237,7 +237,8 @@ async def benchmark(args) -> dict:
             measured = raw[:1] if clock == "sink" else raw  # the sink plays the first page only
             other = summarise([analysed(d, clock) for d in measured])
             by_clock[clock] = {k: other[k] for k in ("onset_audio_ms_p50", "av_offset_ms_p50_from_2s",
-                                                     "av_offset_ms_first_2s", "interrupt_audio_ms_p50")}
+                                                     "av_offset_ms_first_2s", "interrupt_audio_ms_p50",
+                                                     "interrupt_api_audio_ms_p50")}
         if args.raw:
             records = service.pipeline.records if service is not None else None
             Path(args.raw).write_text(json.dumps({"viewers": raw, "records": records}))

@@ -95,11 +95,13 @@ def analyse(data: dict, rows: list[dict] | None, pushes: list | None, args, audi
             if (v_mouth[i:i + 5] < IDLE_THRESHOLD).all() and len(v_mouth[i:i + 5]) == 5:
                 idle = v_time[i]
                 break
+        event = next((wall(e) for e in data.get("interrupt_events", []) if wall(e) >= t), None)  # SSE `interrupt`
         srv_idle = next((r["pt"] for r in frames if r["pt"] > t and r["first_loud"] < 0 and not r["speech"]), None)
         if quiet_at is None or idle is None or not len(loud_after):
             continue
         interrupts.append({"how": cut["how"], "audio_ms": (quiet_at - t) * 1000, "mouth_ms": (idle - t) * 1000,
-                           "server_cut_ms": None if srv_idle is None else (srv_idle - t) * 1000})
+                           "server_cut_ms": None if srv_idle is None else (srv_idle - t) * 1000,
+                           "event_ms": None if event is None else (event - t) * 1000})
     stats = data["stats"]
     return {"chromium": data["rtc"], "skipped": skipped,"session": data["session"], "utterances": utterances, "interrupts": interrupts,
             "frames_dropped": stats.get("frames_dropped"), "drops": stats.get("drops"),
@@ -133,6 +135,7 @@ def summarise(sessions: list[dict]) -> dict:
         "interrupt_mouth_ms_p50": med([c["mouth_ms"] for c in cuts if c["how"] == "page"]),
         "interrupt_api_audio_ms_p50": med([c["audio_ms"] for c in cuts if c["how"] == "api"]),
         "interrupt_api_mouth_ms_p50": med([c["mouth_ms"] for c in cuts if c["how"] == "api"]),
+        "interrupt_api_event_ms_p50": med([c["event_ms"] for c in cuts if c["how"] == "api" and c["event_ms"] is not None]),
         "interrupt_server_cut_ms_p50": med([c["server_cut_ms"] for c in cuts if c["server_cut_ms"] is not None]),
         "frames_dropped": sum(s["frames_dropped"] or 0 for s in sessions),
     }

@@ -49,6 +49,9 @@ PROBE_JS = """async ({ delayMs, loud, box, size, wavs, server }) => {
     return g.getImageData(0, 0, size[0], size[1]).data;
   };
   b.setReference = () => { b.ref = grab(); };
+  // the client module's page: when the SSE `interrupt` event reached it (a plain page has none)
+  b.interruptEvents = [];
+  if (app.avatar) app.avatar.addEventListener("interrupt", () => b.interruptEvents.push(performance.now()));
   const onFrame = (now, meta) => {
     if (b.ref) {
       const px = grab(); let sum = 0, n = 0;
@@ -98,7 +101,7 @@ COLLECT_JS = """async () => {
     if (r.type === "media-playout" && r.totalSamplesCount)
       rtc.playout_ms = 1000 * r.totalPlayoutDelay / r.totalSamplesCount;
   });
-  return { rtc, audio: b.audio, video: b.video, ssrc: b.ssrc, clock: b.clock, posts: b.posts, interrupts: b.interrupts,
+  return { rtc, audio: b.audio, video: b.video, ssrc: b.ssrc, clock: b.clock, posts: b.posts, interrupts: b.interrupts, interrupt_events: b.interruptEvents,
            timeOrigin: b.timeOrigin, rate: b.rate, session: app.session, stats: s };
 }"""
 

