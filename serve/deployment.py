@@ -84,7 +84,7 @@ class GatewayDeployment(Gateway):
 
         await warm_up()  # the first session's offer then costs what later ones do
         await self.warm_playout()  # and its first utterance starts as soon as later ones
-        self._ensure_reaper()  # load sampling from the start: admission learns the idle host
+        self.start_housekeeping()  # load sampling from the start: admission learns the idle host
         self._reader = BoardReader(self)
         self._pusher = asyncio.get_running_loop().create_task(self._push_metrics())
         freeze_startup_heap()

@@ -43,6 +43,8 @@ logger = logging.getLogger(__name__)
 
 WEBRTC_BUFFER = 250  # frames (10 s) the viewer's media may lag before its oldest is dropped
 WHEP_BUFFER = 50  # frames (2 s) the shared WHEP encode may lag before its oldest is dropped
+SESSION_STATS = ("replica", "epoch", "speaking", "state", "frames_sent", "frames_dropped", "drops",
+                 "latency_ms_p50", "latency_ms_p95", "latency_ms_p99", "queued_audio_s")  # in `status`
 WARM_TEXT = "Hi there."  # what a starting gateway says in a throwaway session (~0.6 s)
 
 
@@ -83,6 +85,10 @@ class Gateway:
         self._recordings: Path | None = None  # working directory of recordings (created on use)
 
     # ---- lookup ----------------------------------------------------------------------
+    def start_housekeeping(self) -> None:
+        """Start load sampling and the reaper (idempotent; on the running loop)."""
+        self._housekeeping.start()
+
     @property
     def load(self) -> dict[str, float]:
         """The last load sample (metrics, autoscaling): busy and talking cores, loop lag."""
@@ -147,7 +153,7 @@ class Gateway:
 
     async def create_session(self, avatar: str = "default", backend: str | None = None) -> dict:
         """A new session on this gateway: {session_id, token, ice_servers, compat_id}."""
-        self._housekeeping.start()
+        self.start_housekeeping()
         if len(self._entries) + self._creating >= self.settings.serve.max_sessions:
             raise AtCapacity(f"gateway {self.tag} holds its maximum of "
                              f"{self.settings.serve.max_sessions} sessions; retry later")
@@ -284,7 +290,7 @@ class Gateway:
 
     def _on_peer_closed(self, entry: SessionEntry, generation: int, failed: bool) -> None:
         """The session's peer ended by itself: close the session, unless the connection failed
-        (the client may reconnect: kept `webrtc.reconnect_grace_s`, see `_reap_idle`)."""
+        (the client may reconnect: kept `webrtc.reconnect_grace_s`, see `session_entry.expiry_reason`)."""
         if generation != entry.peer_generation or entry.public_id not in self._entries:
             return  # a peer already replaced by a newer offer, or a session closing anyway
         grace = self.settings.webrtc.reconnect_grace_s
@@ -367,21 +373,9 @@ class Gateway:
         return {
             "session_id": entry.public_id,
             "gateway": self.tag,
-            "replica": stats.replica,
-            "epoch": stats.epoch,
-            "speaking": stats.speaking,
-            "state": stats.state,
+            **{name: getattr(stats, name) for name in SESSION_STATS},
             "avatar_state": avatar["state"],
-            "clip": avatar["clip"],
-            "action": avatar["action"],
-            "clips": avatar["clips"],
-            "frames_sent": stats.frames_sent,
-            "frames_dropped": stats.frames_dropped,
-            "drops": stats.drops,
-            "latency_ms_p50": stats.latency_ms_p50,
-            "latency_ms_p95": stats.latency_ms_p95,
-            "latency_ms_p99": stats.latency_ms_p99,
-            "queued_audio_s": stats.queued_audio_s,
+            **{name: avatar[name] for name in ("clip", "action", "clips")},
             "device": await self._device_of(stats.replica, entry.session.backend),
             "connection_state": (entry.peer.connection_state if entry.peer
                                  else "lost" if entry.lost_at is not None else "new"),
