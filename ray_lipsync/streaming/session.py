@@ -142,14 +142,7 @@ class Session:
         before anything changes); returns {state, clip, action, from_frame,
         action_end_frame} (clip and action as of the next frame shown)."""
         self._check_open()
-        for name in (state, action):
-            if name is not None:
-                self._player.frames(name)
-        from_frame = end = None
-        if state is not None:
-            from_frame = self.set_avatar_state(state)
-        if action is not None:
-            from_frame, end = self.play_action(action)
+        from_frame, end = self._player.change(state, action, self._switch_frame())
         return {**self.avatar_state(), "from_frame": from_frame, "action_end_frame": end}
 
     def _switch_frame(self) -> int:
@@ -254,12 +247,12 @@ class Session:
             now = time.time()
             horizon = int((now - self.clock.t0) * SAMPLE_RATE) + self._lead
             start = timeline.unreleased[0].start
-            stop, final = self._releasable(horizon)
+            stop, final = timeline.releasable(horizon)
             if stop <= start or not (final or self._completes_frame(start, stop)):
                 wait = (start - horizon) / SAMPLE_RATE if start >= horizon else 0.04
                 await self._sleep_or_wake(wait)
                 continue
-            piece, arrived = self._take(stop)
+            piece, arrived = timeline.take(stop)
             self._note_audio_ready(start, stop, max(now, arrived))
             # The frames this push completes (the rest wait for their lookahead; frames in a
             # gap before it are silence, never speech). Submits run as tasks, created in order
@@ -363,34 +356,8 @@ class Session:
                 self._expected.add(k)
                 self._lost[k] = DropReason.STAGE_UNAVAILABLE
 
-    def _releasable(self, horizon: int) -> tuple[int, bool]:
-        """End of the contiguous queued audio before `horizon`, and whether nothing follows."""
-        end = self._timeline.unreleased[0].start
-        for p in self._timeline.unreleased:
-            if p.start != end:
-                return end, True  # a gap follows: the engine finishes the frames before it
-            if p.start + len(p.samples) > horizon:
-                return max(end, horizon), False
-            end = p.start + len(p.samples)
-            final = p.final
-        return end, final
-
     def _completes_frame(self, start: int, stop: int) -> bool:
         return (stop - self._lookahead) // SAMPLES_PER_FRAME > (start - self._lookahead) // SAMPLES_PER_FRAME
-
-    def _take(self, stop: int) -> tuple[np.ndarray, float]:
-        """Remove queued audio up to `stop` from the timeline's unreleased queue."""
-        pieces, arrived, queue = [], 0.0, self._timeline.unreleased
-        while queue and queue[0].start < stop:
-            p = queue[0]
-            take = min(len(p.samples), stop - p.start)
-            pieces.append(p.samples[:take])
-            arrived = max(arrived, p.arrived)
-            if take == len(p.samples):
-                queue.popleft()
-            else:
-                p.start, p.samples = p.start + take, p.samples[take:]
-        return np.concatenate(pieces) if len(pieces) > 1 else pieces[0], arrived
 
     async def _sleep_or_wake(self, seconds: float) -> None:
         self._wake.clear()

@@ -215,6 +215,20 @@ class ClipPlayer:
         log.debug("%s: action %s on frames %d..%d", self.avatar.name, clip, start, end - 1)
         return start, end
 
+    def change(self, state: str | None, action: str | None, at: int) -> tuple[int | None, int | None]:
+        """`set_state` and/or `play`, the state first, from output frame `at`; both names are
+        checked before anything changes. Returns (first frame of the change, the one after
+        the action's last), None where nothing was asked."""
+        for name in (state, action):
+            if name is not None:
+                self.frames(name)
+        first = end = None
+        if state is not None:
+            first = self.set_state(state, at)
+        if action is not None:
+            first, end = self.play(action, at)
+        return first, end
+
     def forget_before(self, k: int) -> None:
         """Drop the segments that decide no frame from k on (no stage asks for older frames;
         a segment fading into the next is kept until the fade is over)."""

@@ -156,6 +156,34 @@ class SessionTimeline:
         self.unreleased.append(placement)
         return placement
 
+    def releasable(self, horizon: int) -> tuple[int, bool]:
+        """End of the contiguous unreleased audio before sample `horizon`, and whether nothing
+        follows it (a gap, or the end of a final push). Call only with audio unreleased."""
+        end = self.unreleased[0].start
+        for p in self.unreleased:
+            if p.start != end:
+                return end, True  # a gap follows: the engine finishes the frames before it
+            if p.start + len(p.samples) > horizon:
+                return max(end, horizon), False
+            end = p.start + len(p.samples)
+            final = p.final
+        return end, final
+
+    def take(self, stop: int) -> tuple[np.ndarray, float]:
+        """Release the unreleased audio up to sample `stop`: its samples, and when the last of
+        the pushes they came in arrived."""
+        pieces, arrived, queue = [], 0.0, self.unreleased
+        while queue and queue[0].start < stop:
+            p = queue[0]
+            take = min(len(p.samples), stop - p.start)
+            pieces.append(p.samples[:take])
+            arrived = max(arrived, p.arrived)
+            if take == len(p.samples):
+                queue.popleft()
+            else:
+                p.start, p.samples = p.start + take, p.samples[take:]
+        return np.concatenate(pieces) if len(pieces) > 1 else pieces[0], arrived
+
     @staticmethod
     def _align(sample: int) -> int:
         return -(-sample // SAMPLES_PER_FRAME) * SAMPLES_PER_FRAME
