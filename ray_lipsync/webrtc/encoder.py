@@ -61,17 +61,6 @@ STILL_EVERY = 5  # frames: the largest gap of a still picture (5 fps)
 STILL_HOLD = 5  # frames sent at each gap before it grows by one frame
 
 
-def same_picture(image: np.ndarray, last: np.ndarray | None) -> bool:
-    """Whether `image` shows what `last` showed: the same read-only pixels (an avatar's idle
-    frame handed out again, as another view of the same memory; `picture_key`). Holding `last`
-    keeps that memory alive, so its address cannot come back with other pixels; writable
-    arrays never count, since their pixels may have changed in place."""
-    if last is None:
-        return False
-    key = picture_key(image)
-    return key is not None and key == picture_key(last)
-
-
 class Vp8Stream:
     """One session's VP8 encoder state: call `encode` for every frame, in order."""
 
@@ -193,7 +182,9 @@ class Vp8Stream:
         return self._keyed[1]
 
     def _same_as_last(self, image: np.ndarray) -> bool:
-        """`same_picture(image, last image encoded)`, from the keys already known."""
+        """Whether `image` shows what the last image encoded showed: the same untouched avatar
+        frame handed out again (`picture_key`; holding that image keeps its memory alive, so
+        its address cannot come back with other pixels)."""
         key = self._key(image)
         return key is not None and key == self._last_key
 

@@ -7,24 +7,25 @@ just before it; but a run of packets that starts with a keyframe decodes the sam
 time it is sent whole, from that keyframe on. So:
 
 - **Recording.** Once a session has shown `RECORD_AFTER` untouched frames in a row, the
-  encoder makes the next one that differs from the one before a keyframe and `IdleLoop` keeps that frame's packet and every
-  following one, with the identity of the frame each shows, and a keyframe (an entry point)
-  every `ENTRY_EVERY` frames. The recording is complete when the frames come round to its
-  first one; anything else (speech, a cross-fade, a new clip, a new bitrate) discards it. A
-  complete recording is kept through speech; it gives way to a new one when the untouched
-  frames go on for longer than its period without meeting it (a state clip's loop).
+  encoder makes the next one that differs from the one before a keyframe and `IdleLoop` keeps
+  that frame's packet and every following one, with the identity of the frame each shows, and
+  a keyframe (an entry point) every `ENTRY_EVERY` frames. The recording is complete when the
+  frames come round to its first one; anything else (speech, a cross-fade, a new clip, a new
+  bitrate) discards it. A complete recording is kept through speech; it gives way to a new
+  one when the untouched frames go on for longer than its period without meeting it (a state
+  clip's loop).
 - **Replaying.** When the session, after frames were encoded, reaches an entry point of a
   complete recording (that frame, after the same frame as in the recording), the recorded
   packets are sent from there on instead of encoding, for as long as the frames follow the
   recording. The first frame that does not (speech starts, the state changes) is encoded as a
   keyframe, since the encoder's own references are no longer what the receiver shows.
 
-Frames are identified by their memory (`picture_key`, which `same_picture` uses too): only an avatar's untouched
-source frames (read-only arrays handed out again) count; each recorded one is held, so its
-address cannot come back with other pixels. A still picture (the same frame again) is left to
-`Vp8Stream.skips` and never recorded. The receiver sees exactly the stream the encoder made on
-the first pass; the cost is a keyframe every `ENTRY_EVERY` frames of the loop, and one when
-speech interrupts a replay.
+Frames are identified by their memory (`picture_key`, which `Vp8Stream` uses for still pictures
+too): only an avatar's untouched source frames (read-only arrays handed out again) count; each
+recorded one is held, so its address cannot come back with other pixels. A still picture (the
+same frame again) is left to `Vp8Stream.skips` and never recorded. The receiver sees exactly
+the stream the encoder made on the first pass; the cost is a keyframe every `ENTRY_EVERY`
+frames of the loop, and one when speech interrupts a replay.
 """
 
 from __future__ import annotations
