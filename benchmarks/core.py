@@ -28,12 +28,14 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ray_lipsync.avatar.model import Avatar  # noqa: E402
-from ray_lipsync.backends.procedural import ProceduralFeaturizer, ProceduralRenderer, synthetic_avatar  # noqa: E402
+from ray_lipsync.backends.procedural import ProceduralFeaturizer, synthetic_avatar  # noqa: E402
 from ray_lipsync.clock import SAMPLE_RATE, SAMPLES_PER_FRAME, frames_in_samples, ms_to_samples  # noqa: E402
-from ray_lipsync.compositing import Compositor  # noqa: E402
 from ray_lipsync.config import AvatarConfig, Settings  # noqa: E402
 from ray_lipsync.render import encode_mp4, render_frames  # noqa: E402
-from ray_lipsync.types import FeatureRequest, RenderJob  # noqa: E402
+from ray_lipsync.types import FeatureRequest  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from frame_cost import summary, time_render_composite  # noqa: E402
 
 log = logging.getLogger("benchmarks.core")
 MEDIA = Path(__file__).resolve().parents[1] / ".." / "shared" / "media"
@@ -86,12 +88,6 @@ def yongen_avatar(max_frames: int) -> tuple[Avatar, str]:
     return synthetic_avatar("yongen", size=(704, 1216), n_frames=8), "synthetic face 704x1216 (yongen.mp4 absent)"
 
 
-def summary(ms: list[float]) -> dict[str, float]:
-    median = float(np.median(ms))
-    return {"median_ms": round(median, 4), "p90_ms": round(float(np.percentile(ms, 90)), 4),
-            "frames_per_s_per_core": round(1000.0 / median, 1) if median > 0 else float("inf")}
-
-
 def time_features(samples: np.ndarray) -> tuple[dict[str, object], np.ndarray]:
     """Per-frame cost: one request per frame (streaming) and one request for the clip."""
     featurizer = ProceduralFeaturizer(Settings())
@@ -108,29 +104,6 @@ def time_features(samples: np.ndarray) -> tuple[dict[str, object], np.ndarray]:
     whole_ms = (time.perf_counter() - t0) * 1000 / n
     return {"streaming_one_frame_per_request": summary(per_frame),
             "whole_clip_amortised_ms": round(whole_ms, 4)}, features
-
-
-def time_render_composite(avatar: Avatar, features: np.ndarray, repeats: int) -> dict[str, object]:
-    """Per-frame cost of render and composite over the speech frames (features > 0)."""
-    renderer, compositor = ProceduralRenderer(Settings()), Compositor()
-    renderer.load_avatar(avatar)
-    compositor.load_avatar(avatar)
-    speech = np.flatnonzero(features.max(axis=1) > 0)
-    for k in speech[: 2 * len(avatar)]:  # warm the per-frame geometry / blend caches
-        source = avatar.cycle_index(int(k))
-        compositor.compose(avatar, source, renderer.render([RenderJob(avatar.name, source, features[k])])[0])
-    render_ms, composite_ms = [], []
-    for _ in range(repeats):
-        for k in speech:
-            source = avatar.cycle_index(int(k))
-            t0 = time.perf_counter()
-            crop = renderer.render([RenderJob(avatar.name, source, features[k])])[0]
-            t1 = time.perf_counter()
-            compositor.compose(avatar, source, crop)
-            t2 = time.perf_counter()
-            render_ms.append((t1 - t0) * 1000)
-            composite_ms.append((t2 - t1) * 1000)
-    return {"render": summary(render_ms), "composite": summary(composite_ms), "frames_timed": len(render_ms)}
 
 
 def time_offline(avatar: Avatar, samples: np.ndarray, out_dir: Path) -> dict[str, object]:
