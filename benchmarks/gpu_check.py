@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -164,10 +165,11 @@ async def run_sessions(settings: Settings, sessions: int, seconds: float, speech
 
 
 def pipeline_runs(
-    settings: Settings, counts: tuple[int, ...], seconds: float, budget: Budget, speech: np.ndarray
-) -> list[dict]:
-    """`run_sessions` for each session count that still fits the budget."""
-    runs = []
+    settings: Settings, counts: tuple[int, ...], seconds: float, budget: Budget, speech: np.ndarray,
+    runs: list[dict], saved: Callable[[], None] = lambda: None,
+) -> None:
+    """`run_sessions` for each session count that still fits the budget, appended to `runs`
+    (`saved()` after each)."""
     for n in counts:
         need = seconds + settings.pipeline.playout_delay_ms / 1000 + 4 + 0.3 * n
         if not budget.allows(need):
@@ -175,7 +177,7 @@ def pipeline_runs(
             continue
         runs.append(asyncio.run(run_sessions(settings, n, seconds, speech)))
         log.info("pipeline %s: %s", "compile" if settings.musetalk.compile else "eager", runs[-1])
-    return runs
+        saved()
 
 
 def table(result: dict[str, Any]) -> str:
@@ -185,6 +187,8 @@ def table(result: dict[str, Any]) -> str:
         if "skipped" in data:
             lines.append(f"[{mode}] skipped: {data['skipped']}")
             continue
+        if "error" in data:
+            lines.append(f"[{mode}] failed: {data['error'][:300]}")
         extra = f" (compile {data['compile_s']} s)" if "compile_s" in data else ""
         renders = "  ".join(f"b{r['batch']}: {r['frames_per_s']:.0f}" for r in data.get("render", []))
         lines.append(f"[{mode}] frames/s per batch{extra}: {renders}")
@@ -212,7 +216,9 @@ def table(result: dict[str, Any]) -> str:
 COMPILE_RESERVE_S = 150.0  # compile + compiled model bench, kept for the compiled mode
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """The check; `save(result)` is called whenever a phase has added figures (so a run cut
+    short by its caller's timeout still leaves what it measured)."""
     began = args.started_at or time.time()
     budget = Budget(args.budget_s, began)
     cuda = torch.cuda.is_available()
@@ -227,6 +233,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         home=work / "home",
         models_dir=models_dir,
         musetalk={"device": "cuda" if cuda else "cpu"},
+        audio={"vad_model": args.vad_model},
         pipeline={
             "max_batch": 16,
             "sessions_per_replica": max(SESSIONS),
@@ -240,7 +247,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     batches = (1, 2) if reduced else BATCHES
     counts = (1, 2) if reduced else SESSIONS
     warmup, iters = (1, 1) if reduced else (3, 10)
-    speech, source = load_speech(args.seconds + 10)
+    speech, source = load_speech(args.seconds + 10, args.speech)
     speech = speech[max(0, int(np.argmax(np.abs(speech) > 0.02)) - 1600) :]  # start at the speech
     from ray_lipsync.backends.musetalk.features import MuseTalkFeaturizer
 
@@ -266,14 +273,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if not budget.allows(30 if compile else 10):
             result["modes"][name] = {"skipped": f"out of time ({budget.left():.0f} s left)"}
             continue
-        data = bench_model(mode_settings, batches, warmup, iters)
-        if name == "eager":  # one speech length for every pipeline run, so that all fit
-            reserve = COMPILE_RESERVE_S if len(modes) > 1 else 0.0
-            per_run = (budget.left() - reserve) / (len(counts) * len(modes))
-            per_run -= 5 + settings.pipeline.playout_delay_ms / 1000
-            seconds = float(min(args.seconds, max(args.min_seconds, math.floor(per_run))))
-        data["pipeline"] = pipeline_runs(mode_settings, counts, seconds, budget, speech)
-        result["modes"][name] = data
+        data = result["modes"][name] = {}
+        try:
+            data.update(bench_model(mode_settings, batches, warmup, iters))
+            save(result)
+            if name == "eager":  # one speech length for every pipeline run, so that all fit
+                reserve = COMPILE_RESERVE_S if len(modes) > 1 else 0.0
+                per_run = (budget.left() - reserve) / (len(counts) * len(modes))
+                per_run -= 5 + settings.pipeline.playout_delay_ms / 1000
+                seconds = float(min(args.seconds, max(args.min_seconds, math.floor(per_run))))
+            data["pipeline"] = []
+            pipeline_runs(mode_settings, counts, seconds, budget, speech, data["pipeline"], lambda: save(result))
+        except Exception as error:  # noqa: BLE001 - one mode failing (a compiler, say) keeps the others' figures
+            log.exception("%s mode failed", name)
+            data["error"] = f"{type(error).__name__}: {error}"[:2000]
+        save(result)
     if reduced and not args.compile_on_cpu:
         result["modes"]["compile"] = {"skipped": "reduced mode (torch.compile on CPU takes about a minute per shape)"}
     result["peak_gpu_memory_GiB"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
@@ -290,15 +304,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-seconds", type=float, default=4.0, help="speech per session and run (least)")
     parser.add_argument("--reduced", action="store_true", help="tiny weights, few runs (automatic without CUDA)")
     parser.add_argument("--compile-on-cpu", action="store_true", help="in reduced mode, also run the compiled mode")
+    parser.add_argument("--speech", type=Path, help="the speech that drives the sessions: an audio file "
+                        "(default: ../shared/media/eng.wav, else offline TTS)")
+    parser.add_argument("--vad-model", type=Path, help="a Silero VAD ONNX file (audio.vad_model), for machines "
+                        "without faster-whisper")
     parser.add_argument("--workdir", type=Path, help="where weights and the avatar store go (default: a temp dir)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.reduced:
         args.seconds = min(args.seconds, 1.5)
         args.min_seconds = min(args.min_seconds, args.seconds)
-    result = run(args)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+    def save(result: dict[str, Any]) -> None:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+    result = run(args, save)
+    save(result)
     sys.stdout.write(table(result) + "\n")
     return 0
 

@@ -36,13 +36,15 @@ SHARED_SPEECH = Path(__file__).resolve().parents[2] / "shared" / "media" / "eng.
 BATCH16_PLAYOUT_MS = 1200
 
 
-def load_speech(seconds: float) -> tuple[np.ndarray, str]:
-    """Real English speech (../shared/media/eng.wav) when present, else offline TTS."""
-    from ray_lipsync.audio.decode import load_audio
+def load_speech(seconds: float, path: Path | None = None) -> tuple[np.ndarray, str]:
+    """At least `seconds` of speech (repeated) and where it came from: the audio file `path`,
+    else real English speech (../shared/media/eng.wav) when present, else offline TTS."""
+    path = path or (SHARED_SPEECH if SHARED_SPEECH.exists() else None)
+    if path is not None:
+        from ray_lipsync.audio.decode import load_audio
 
-    if SHARED_SPEECH.exists():
-        audio = load_audio(SHARED_SPEECH)
-        source = str(SHARED_SPEECH.name)
+        audio = load_audio(path)
+        source = path.name
     else:
         from ray_lipsync.tts import Synthesizer
 

@@ -53,6 +53,16 @@ class AudioConfig(_Frozen):
     vad_hangover_chunks: int = Field(
         6, ge=0, description="Chunks kept as speech after speech ends (bridges short gaps)."
     )
+    vad_model: Path | None = Field(
+        None, description="Silero VAD ONNX file; None = the one bundled with faster-whisper."
+    )
+
+    @field_validator("vad_model")
+    @classmethod
+    def _vad_model_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"no Silero VAD model file at {value}")
+        return value
 
 
 class AvatarConfig(_Frozen):

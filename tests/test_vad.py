@@ -91,3 +91,19 @@ def test_threshold_and_config() -> None:
         SpeechDetector(threshold=1.5)
     with pytest.raises(ValueError):
         SpeechDetector(hangover_chunks=-1)
+
+
+def test_a_configured_model_file_is_used_and_a_missing_one_refused(tmp_path) -> None:
+    import shutil
+
+    from ray_lipsync.audio.vad import default_model_path
+
+    copy = tmp_path / "silero.onnx"
+    shutil.copyfile(default_model_path(), copy)
+    assert SpeechDetector.from_config(AudioConfig(vad_model=copy)).detect(np.zeros(800, np.float32)).shape == (3,)
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    with pytest.raises(Exception):  # onnxruntime reads the configured file, not the bundled one
+        SpeechDetector.from_config(AudioConfig(vad_model=broken))
+    with pytest.raises(ValueError, match="no Silero VAD model file"):
+        AudioConfig(vad_model=tmp_path / "missing.onnx")

@@ -64,8 +64,8 @@ class SpeechDetector:
 
     @classmethod
     def from_config(cls, audio: AudioConfig) -> "SpeechDetector":
-        """A detector with the threshold and hangover of `Settings.audio`."""
-        return cls(audio.vad_threshold, audio.vad_hangover_chunks)
+        """A detector with the threshold, hangover and model of `Settings.audio`."""
+        return cls(audio.vad_threshold, audio.vad_hangover_chunks, audio.vad_model)
 
     def stream(self) -> "VadStream":
         """A new streaming state (one per session) sharing this detector's model."""
