@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from latency import drive_session, load_speech, percentiles  # noqa: E402
 from musetalk_gpu import SD_VAE, WHISPER_TINY, bench_encoder, bench_render  # noqa: E402
+from output import git_commit  # noqa: E402
 
 from ray_lipsync.backends.musetalk.weights import UNET_CONFIG, UNET_WEIGHTS, full_unet_config  # noqa: E402
 from ray_lipsync.config import Settings  # noqa: E402
@@ -254,6 +255,7 @@ def run(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> dic
     featurizer = MuseTalkFeaturizer(settings)
     result: dict[str, Any] = {
         "benchmark": "gpu_check",
+        "commit": git_commit(),
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "torch": torch.__version__,
         "cuda": torch.version.cuda,

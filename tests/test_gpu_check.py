@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import wave
 from pathlib import Path
 
 import pytest
@@ -20,15 +21,25 @@ def test_gpu_check_script_is_valid_bash() -> None:
 def test_gpu_check_reduced_mode_runs(tmp_path: Path) -> None:
     """Tiny weights in the real layout, the default avatar with latents, the model benchmark
     and LocalPipeline sessions with the musetalk backend: JSON and table come out."""
+    from ray_lipsync.audio.vad import default_model_path
+    from ray_lipsync.tts import Synthesizer
+
+    # --speech and --vad-model: how it runs where ../shared and faster-whisper are absent
+    speech = tmp_path / "speech.wav"
+    with wave.open(str(speech), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(16000)
+        wav.writeframes((Synthesizer().synthesize("Hello there, how are you today?") * 32767).astype("<i2").tobytes())
     out = tmp_path / "gpu_check.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--reduced", "--json", str(out),
-         "--workdir", str(tmp_path / "work")],
+         "--workdir", str(tmp_path / "work"), "--speech", str(speech), "--vad-model", str(default_model_path())],
         capture_output=True, text=True, timeout=240, cwd=ROOT,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert result["reduced"] is True and result["device"] == "cpu"
+    assert result["reduced"] is True and result["device"] == "cpu" and result["speech"] == "speech.wav"
     eager = result["modes"]["eager"]
     assert [r["batch"] for r in eager["render"]] == [1, 2] and all(r["frames_per_s"] > 0 for r in eager["render"])
     runs = eager["pipeline"]
