@@ -1,5 +1,6 @@
 """The one-call GPU check (run by benchmarks/gpu_check.sh): MuseTalk v1.5 speed, then the real
-pipeline, each eager and with `musetalk.compile`, inside a wall-time budget.
+pipeline, each eager, with `musetalk.cuda_graphs` and with `musetalk.compile`, inside a
+wall-time budget.
 
 1. Random full-size weights (ARCHITECTURE.md section 6: UNet ~850M params, sd-vae,
    whisper-tiny) are written in MuseTalk's file layout, so the real loaders load them; the
@@ -9,8 +10,10 @@ pipeline, each eager and with `musetalk.compile`, inside a wall-time budget.
 3. Pipeline: `LocalPipeline` with the musetalk backend at 1, 4, 8, 16 concurrent sessions of
    real-time speech (benchmarks/latency.py's session driver): frames/s per session, rendered
    frames/s, p50/p99 latency (last audio sample of a frame -> frame ready), dropped frames.
-2 and 3 run eager, then compiled (compile time reported on its own; the compiled graphs are
-shared by every renderer of the process, so the pipeline runs start warm).
+2 and 3 run in each of `--modes`: eager, then `graphs` (musetalk.cuda_graphs: the render step
+replayed from CUDA graphs, capture time reported on its own), then compiled (compile time
+reported on its own; the compiled graphs are shared by every renderer of the process, so the
+pipeline runs start warm).
 
 Phases that would overrun the budget are skipped and say so. `--reduced` (automatic without
 CUDA) uses the tests' tiny weights, 2 batch sizes, 1 and 2 sessions and no compile: a check
@@ -104,16 +107,25 @@ def prepare_avatar(settings: Settings) -> None:
     add_latents(store, "default", settings)
 
 
-def with_compile(settings: Settings, compile: bool) -> Settings:
-    return settings.model_copy(update={"musetalk": settings.musetalk.model_copy(update={"compile": compile})})
+MODES = {"eager": {}, "graphs": {"cuda_graphs": True}, "compile": {"compile": True}}  # musetalk settings
+
+
+def with_mode(settings: Settings, mode: str) -> Settings:
+    """`settings` with the musetalk options of `mode` (MODES)."""
+    return settings.model_copy(update={"musetalk": settings.musetalk.model_copy(update=MODES[mode])})
 
 
 def bench_model(settings: Settings, batches: tuple[int, ...], warmup: int, iters: int) -> dict[str, Any]:
-    """Renderer speed per batch (the renderer's own networks: compiled when settings say so)."""
+    """Renderer speed per batch (the renderer's own networks: compiled or replayed from CUDA
+    graphs when settings say so; the graphs' capture time is reported on its own)."""
     from ray_lipsync.backends.musetalk.renderer import MuseTalkRenderer, render_latents, sinusoidal_positions
 
+    started = time.perf_counter()
     renderer = MuseTalkRenderer(settings)
     models, out = renderer.models, {}
+    if renderer.networks.graphed is not None:
+        out["capture_s"] = round(time.perf_counter() - started, 1)
+        out["buckets"] = renderer.networks.graphed.buckets
     if settings.musetalk.compile:  # compile the batch sizes the pipeline meets (automatic dynamic shapes)
         started = time.perf_counter()
         positions = sinusoidal_positions(50, 384).to(models.device, models.dtype)
@@ -166,7 +178,7 @@ async def run_sessions(settings: Settings, sessions: int, seconds: float, speech
 
 
 def pipeline_runs(
-    settings: Settings, counts: tuple[int, ...], seconds: float, budget: Budget, speech: np.ndarray,
+    mode: str, settings: Settings, counts: tuple[int, ...], seconds: float, budget: Budget, speech: np.ndarray,
     runs: list[dict], saved: Callable[[], None] = lambda: None,
 ) -> None:
     """`run_sessions` for each session count that still fits the budget, appended to `runs`
@@ -177,7 +189,7 @@ def pipeline_runs(
             runs.append({"sessions": n, "skipped": f"out of time ({budget.left():.0f} s left, ~{need:.0f} s needed)"})
             continue
         runs.append(asyncio.run(run_sessions(settings, n, seconds, speech)))
-        log.info("pipeline %s: %s", "compile" if settings.musetalk.compile else "eager", runs[-1])
+        log.info("pipeline %s: %s", mode, runs[-1])
         saved()
 
 
@@ -190,7 +202,8 @@ def table(result: dict[str, Any]) -> str:
             continue
         if "error" in data:
             lines.append(f"[{mode}] failed: {data['error'][:300]}")
-        extra = f" (compile {data['compile_s']} s)" if "compile_s" in data else ""
+        extra = "".join(f" ({what} {data[key]} s)" for what, key in (("compile", "compile_s"), ("capture", "capture_s"))
+                        if key in data)
         renders = "  ".join(f"b{r['batch']}: {r['frames_per_s']:.0f}" for r in data.get("render", []))
         lines.append(f"[{mode}] frames/s per batch{extra}: {renders}")
         for run in data.get("pipeline", []):
@@ -268,33 +281,44 @@ def run(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> dic
         "encoder": bench_encoder(featurizer.models, settings.musetalk.encoder_window_s, warmup, iters),
         "modes": {},
     }
-    modes = [("eager", False)] + ([] if reduced and not args.compile_on_cpu else [("compile", True)])
+    # graphs before compile: CUDA graphs need no compiler and capture in seconds
+    modes = [m for m in args.modes.split(",") if not (reduced and m == "graphs")
+             and not (reduced and m == "compile" and not args.compile_on_cpu)]
     seconds = args.seconds
-    for name, compile in modes:
-        mode_settings = with_compile(settings, compile)
-        if not budget.allows(30 if compile else 10):
+    for name in modes:
+        mode_settings = with_mode(settings, name)
+        if not budget.allows(30 if name == "compile" else 10):
             result["modes"][name] = {"skipped": f"out of time ({budget.left():.0f} s left)"}
             continue
         data = result["modes"][name] = {}
         try:
             data.update(bench_model(mode_settings, batches, warmup, iters))
             save(result)
-            if name == "eager":  # one speech length for every pipeline run, so that all fit
-                reserve = COMPILE_RESERVE_S if len(modes) > 1 else 0.0
+            if name == modes[0]:  # one speech length for every pipeline run, so that all fit
+                reserve = COMPILE_RESERVE_S if "compile" in modes else 0.0
                 per_run = (budget.left() - reserve) / (len(counts) * len(modes))
                 per_run -= 5 + settings.pipeline.playout_delay_ms / 1000
                 seconds = float(min(args.seconds, max(args.min_seconds, math.floor(per_run))))
             data["pipeline"] = []
-            pipeline_runs(mode_settings, counts, seconds, budget, speech, data["pipeline"], lambda: save(result))
+            pipeline_runs(name, mode_settings, counts, seconds, budget, speech, data["pipeline"], lambda: save(result))
         except Exception as error:  # noqa: BLE001 - one mode failing (a compiler, say) keeps the others' figures
             log.exception("%s mode failed", name)
             data["error"] = f"{type(error).__name__}: {error}"[:2000]
         save(result)
-    if reduced and not args.compile_on_cpu:
+    if reduced and "graphs" in args.modes.split(","):
+        result["modes"]["graphs"] = {"skipped": "reduced mode (CUDA graphs need CUDA)"}
+    if reduced and not args.compile_on_cpu and "compile" in args.modes.split(","):
         result["modes"]["compile"] = {"skipped": "reduced mode (torch.compile on CPU takes about a minute per shape)"}
     result["peak_gpu_memory_GiB"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     result["wall_s"] = round(time.time() - began, 1)
     return result
+
+
+def _modes(text: str) -> str:
+    unknown = [m for m in text.split(",") if m not in MODES]
+    if unknown or not text:
+        raise argparse.ArgumentTypeError(f"unknown mode(s) {unknown}; choose from {', '.join(MODES)}")
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=12.0, help="speech per session and run (most)")
     parser.add_argument("--min-seconds", type=float, default=4.0, help="speech per session and run (least)")
     parser.add_argument("--reduced", action="store_true", help="tiny weights, few runs (automatic without CUDA)")
+    parser.add_argument("--modes", default="eager,graphs,compile", type=_modes,
+                        help="comma-separated, in order: eager (plain), graphs (musetalk.cuda_graphs), "
+                        "compile (musetalk.compile); the first sizes the speech per run")
     parser.add_argument("--compile-on-cpu", action="store_true", help="in reduced mode, also run the compiled mode")
     parser.add_argument("--speech", type=Path, help="the speech that drives the sessions: an audio file "
                         "(default: ../shared/media/eng.wav, else offline TTS)")

@@ -104,6 +104,17 @@ class MuseTalkConfig(_Frozen):
         False, description="torch.compile the UNet, VAE decoder and Whisper encoder (opt-in: "
         "slower start, first batches of each size recompile)."
     )
+    cuda_graphs: bool = Field(
+        False, description="Replay the render step (UNet + VAE decoder) from CUDA graphs, one per "
+        "power-of-two batch size up to pipeline.max_batch, captured when the renderer starts "
+        "(opt-in, CUDA only: ignored with a warning on the CPU; not with compile)."
+    )
+
+    @model_validator(mode="after")
+    def _one_way_to_speed_up(self) -> "MuseTalkConfig":
+        if self.compile and self.cuda_graphs:
+            raise ValueError("musetalk.compile and musetalk.cuda_graphs cannot be combined: choose one")
+        return self
 
 
 class PipelineConfig(_Frozen):

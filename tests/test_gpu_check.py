@@ -47,6 +47,6 @@ def test_gpu_check_reduced_mode_runs(tmp_path: Path) -> None:
     for run in runs:
         assert run["device"] == "cpu" and run["frames"] > 0 and run["speech_frames_measured"] > 0
         assert run["latency_ms"]["p50"] is not None and run["rendered_frames_per_s"] > 0
-    assert "skipped" in result["modes"]["compile"]
+    assert "skipped" in result["modes"]["compile"] and "skipped" in result["modes"]["graphs"]
     assert result["encoder"]["offline_ms_per_audio_s"] > 0
     assert "frames/s per batch" in proc.stdout and "sessions:" in proc.stdout

@@ -5,7 +5,8 @@ latents [B, 8, 32, 32] (masked + reference, prepared per avatar frame) and audio
 [B, 4, 32, 32] -> vae.decode(lat / 0.18215) -> `to_uint8`: (x / 2 + 0.5).clamp(0, 1), then x 255 and
 rounding in float32 (as MuseTalk's `decode_latents`, which converts to float32 before scaling)
 -> RGB uint8 [B, 256, 256, 3]. Batches larger than `pipeline.max_batch` are split; the last
-may be partial. `musetalk.compile` wraps the UNet and the VAE decoder in `torch.compile`.
+may be partial. `musetalk.compile` wraps the UNet and the VAE decoder in `torch.compile`;
+`musetalk.cuda_graphs` replays the whole step from CUDA graphs (graphs.py).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -23,6 +24,7 @@ from ray_lipsync.avatar.model import Avatar
 from ray_lipsync.backends.base import Renderer
 from ray_lipsync.backends.musetalk.avatar import LATENT_SHAPE, LATENTS_KEY
 from ray_lipsync.backends.musetalk.features import FEATURE_SHAPE
+from ray_lipsync.backends.musetalk.graphs import Capture, GraphedStep, Step
 from ray_lipsync.backends.musetalk.weights import VAE_SCALE, MuseTalkModels, models_for
 from ray_lipsync.config import Settings
 from ray_lipsync.errors import AvatarError, AvatarNotFound
@@ -50,10 +52,12 @@ def to_uint8(image: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Networks:
-    """The callables of one render step: the UNet and the VAE decoder (plain or compiled)."""
+    """The callables of one render step: the UNet and the VAE decoder (plain or compiled), and
+    `graphed`, the whole step replayed from CUDA graphs when the renderer uses them."""
 
     unet: Callable[..., Any]
     decode: Callable[..., Any]
+    graphed: GraphedStep | None = None
 
     @classmethod
     def of(cls, models: MuseTalkModels, compile: bool = False) -> "Networks":
@@ -61,6 +65,29 @@ class Networks:
         once per process for each loaded model set (so every renderer shares the compiled
         graphs: the first batches of new sizes compile, later renderers start warm)."""
         return _compiled(models) if compile else cls(models.unet, models.vae.decode)
+
+    def step(self, models: MuseTalkModels) -> Step:
+        """latents [B, 8, 32, 32] and cond [B, 50, 384] (on the device, in the models' dtype) ->
+        uint8 crops [B, 256, 256, 3] on the device."""
+        if self.graphed is not None:
+            return self.graphed
+        timestep = torch.zeros((), device=models.device, dtype=torch.long)
+
+        def step(latents: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+            pred = self.unet(latents, timestep, encoder_hidden_states=cond).sample
+            return to_uint8(self.decode(pred / VAE_SCALE).sample)
+
+        return step
+
+    def with_graphs(self, models: MuseTalkModels, max_batch: int, capture: Capture | None = None) -> "Networks":
+        """These networks with every batch size up to `max_batch` captured as CUDA graphs
+        (`capture` replaces the CUDA capture in tests)."""
+        graphed = GraphedStep(self.step(models), capture)
+        with torch.inference_mode():
+            example = (torch.zeros((1, *LATENT_SHAPE), device=models.device, dtype=models.dtype),
+                       torch.zeros((1, *FEATURE_SHAPE), device=models.device, dtype=models.dtype))
+            graphed.warm(example, max_batch)
+        return replace(self, graphed=graphed)
 
 
 @functools.lru_cache(maxsize=4)
@@ -77,12 +104,10 @@ def render_latents(
     networks: Networks | None = None,
 ) -> np.ndarray:
     """Crops [B, 256, 256, 3] uint8 from latents [B, 8, 32, 32] and features [B, 50, 384]."""
-    nets = networks or Networks.of(models)
+    step = (networks or Networks.of(models)).step(models)
     with torch.inference_mode():
         cond = features.to(models.device, models.dtype) + positions
-        timestep = torch.zeros((), device=models.device, dtype=torch.long)
-        pred = nets.unet(latents.to(models.device, models.dtype), timestep, encoder_hidden_states=cond).sample
-        return to_uint8(nets.decode(pred / VAE_SCALE).sample).cpu().numpy()
+        return step(latents.to(models.device, models.dtype), cond).cpu().numpy()
 
 
 class MuseTalkRenderer(Renderer):
@@ -101,6 +126,11 @@ class MuseTalkRenderer(Renderer):
         self.device = models.device
         self.max_batch = settings.pipeline.max_batch
         self.networks = Networks.of(models, settings.musetalk.compile)
+        if settings.musetalk.cuda_graphs:
+            if self.device.type == "cuda":
+                self.networks = self.networks.with_graphs(models, self.max_batch)
+            else:
+                log.warning("musetalk.cuda_graphs needs CUDA; the render step runs eager on %s", self.device)
         self.positions = sinusoidal_positions(*FEATURE_SHAPE).to(self.device, models.dtype)
         self._latents: dict[str, torch.Tensor] = {}
 
