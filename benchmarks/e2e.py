@@ -90,7 +90,9 @@ def cpu_by_process(root: int) -> dict[str, float]:
     """utime + stime (s) of `root` and its descendants now alive, by process title.
 
     Ray names its worker processes after what they run (`ray::ServeReplica:ray-lipsync:Gateway`,
-    `ray::InferenceReplica...`), so the gateway's share can be told from the pipeline's.
+    `ray::InferenceReplica...`), so the gateway's share can be told from the pipeline's. While
+    an actor runs a method its title gains it (`ray::ServeController.listen_for_change`): the
+    method is cut off, or two readings would count one process under two names.
     """
     tick = os.sysconf("SC_CLK_TCK")
     totals: dict[str, float] = {}
@@ -100,7 +102,7 @@ def cpu_by_process(root: int) -> dict[str, float]:
             title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
         except OSError:
             continue
-        name = title.split()[0] if title.startswith("ray::") else Path(title.split()[0] if title else "?").name
+        name = title.split()[0].split(".")[0] if title.startswith("ray::") else Path(title.split()[0] if title else "?").name
         totals[name] = totals.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
     return totals
 
