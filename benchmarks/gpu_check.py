@@ -281,9 +281,12 @@ def run(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> dic
         "encoder": bench_encoder(featurizer.models, settings.musetalk.encoder_window_s, warmup, iters),
         "modes": {},
     }
-    # graphs before compile: CUDA graphs need no compiler and capture in seconds
-    modes = [m for m in args.modes.split(",") if not (reduced and m == "graphs")
-             and not (reduced and m == "compile" and not args.compile_on_cpu)]
+    skipped: dict[str, str] = {}  # modes not run, and why
+    if reduced:
+        skipped["graphs"] = "reduced mode (CUDA graphs need CUDA)"
+        if not args.compile_on_cpu:
+            skipped["compile"] = "reduced mode (torch.compile on CPU takes about a minute per shape)"
+    modes = [m for m in args.modes if m not in skipped]
     seconds = args.seconds
     for name in modes:
         mode_settings = with_mode(settings, name)
@@ -305,20 +308,18 @@ def run(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> dic
             log.exception("%s mode failed", name)
             data["error"] = f"{type(error).__name__}: {error}"[:2000]
         save(result)
-    if reduced and "graphs" in args.modes.split(","):
-        result["modes"]["graphs"] = {"skipped": "reduced mode (CUDA graphs need CUDA)"}
-    if reduced and not args.compile_on_cpu and "compile" in args.modes.split(","):
-        result["modes"]["compile"] = {"skipped": "reduced mode (torch.compile on CPU takes about a minute per shape)"}
+    result["modes"].update({m: {"skipped": skipped[m]} for m in args.modes if m in skipped})
     result["peak_gpu_memory_GiB"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     result["wall_s"] = round(time.time() - began, 1)
     return result
 
 
-def _modes(text: str) -> str:
-    unknown = [m for m in text.split(",") if m not in MODES]
-    if unknown or not text:
+def _modes(text: str) -> list[str]:
+    modes = text.split(",")
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
         raise argparse.ArgumentTypeError(f"unknown mode(s) {unknown}; choose from {', '.join(MODES)}")
-    return text
+    return modes
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import wave
 from pathlib import Path
 
 import pytest
+from speech import speech, to_wav_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,19 +22,14 @@ def test_gpu_check_reduced_mode_runs(tmp_path: Path) -> None:
     """Tiny weights in the real layout, the default avatar with latents, the model benchmark
     and LocalPipeline sessions with the musetalk backend: JSON and table come out."""
     from ray_lipsync.audio.vad import default_model_path
-    from ray_lipsync.tts import Synthesizer
 
     # --speech and --vad-model: how it runs where ../shared and faster-whisper are absent
-    speech = tmp_path / "speech.wav"
-    with wave.open(str(speech), "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(16000)
-        wav.writeframes((Synthesizer().synthesize("Hello there, how are you today?") * 32767).astype("<i2").tobytes())
+    wav = tmp_path / "speech.wav"
+    wav.write_bytes(to_wav_bytes(speech("Hello there, how are you today?")))
     out = tmp_path / "gpu_check.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--reduced", "--json", str(out),
-         "--workdir", str(tmp_path / "work"), "--speech", str(speech), "--vad-model", str(default_model_path())],
+         "--workdir", str(tmp_path / "work"), "--speech", str(wav), "--vad-model", str(default_model_path())],
         capture_output=True, text=True, timeout=240, cwd=ROOT,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

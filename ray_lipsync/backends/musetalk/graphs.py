@@ -106,7 +106,7 @@ class GraphedStep:
         row per input (their values do not matter)."""
         size = 1
         while True:
-            self._graph(size, [pad_rows(x[:1], size) for x in example])
+            self._graph(size, [x[:1] for x in example])
             if size >= max_batch:
                 break
             size *= 2
