@@ -168,7 +168,7 @@ async def session_cpu(settings: Settings, name: str, state: str, seconds: float)
     try:
         session = await pipeline.create_session(avatar=name)
         if state != IDLE:
-            session.set_avatar_state(state)
+            session.change_avatar_state(state)
         frames = session.frames()
         for _ in range(5):  # past the switch and the first frame's setup
             await anext(frames)

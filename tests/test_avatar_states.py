@@ -237,7 +237,7 @@ async def test_speech_over_a_state_clip_keeps_its_motion(clip_settings):
         session = await pipeline.create_session(avatar=CLIPPED)
         avatar, listening = session.avatar, session.avatar.clips["listening"]
         rx = Receiver(session)
-        at = session.set_avatar_state("listening")
+        at = session.change_avatar_state("listening")["from_frame"]
         assert session.avatar_state()["state"] == "listening"
         utt = await push_in_real_time(session, speech("Hello there, I am listening."), "u1")
         received = await rx.until_frame(utt.end_frame + 3)
@@ -264,7 +264,8 @@ async def test_an_utterance_starting_during_an_action_stays_on_its_frames(clip_s
         avatar = session.avatar
         rx = Receiver(session)
         await rx.until_frame(session.clock.frame_at(session.clock.t0) + 2)
-        first, end = session.play_action("wave")
+        wave_at = session.change_avatar_state(action="wave")
+        first, end = wave_at["from_frame"], wave_at["action_end_frame"]
         utt = await push_in_real_time(session, speech("Look at this."), "u1")
         received = await rx.until_frame(max(end, utt.end_frame) + 3)
         await rx.stop()

@@ -144,7 +144,7 @@ class TestLocalRay:
             pipeline = await RayPipeline.connect(settings)
             session = await pipeline.create_session(avatar=CLIPPED)
             rx = Receiver(session)
-            at = session.set_avatar_state("listening")
+            at = session.change_avatar_state("listening")["from_frame"]
             utt = await push_in_real_time(session, speech(PHRASE_A), "u1")
             received = await rx.until_frame(utt.end_frame + 3)
             await rx.stop()

@@ -119,28 +119,17 @@ class Session:
         return {"state": self._player.state, "clip": self._player.clip_at(k),
                 "action": self._player.action_at(k), "clips": self._player.clips}
 
-    def set_avatar_state(self, state: str) -> int:
-        """Make clip `state` ("idle": the main video) the silent state; returns the output
-        frame it takes effect from (UnknownClip for a clip the avatar lacks).
+    def change_avatar_state(self, state: str | None = None, action: str | None = None) -> dict[str, Any]:
+        """Make clip `state` ("idle": the main video) the silent state and/or play clip
+        `action` once, then return to the state; the state first, both names checked before
+        anything changes (UnknownClip for a clip the avatar lacks). Returns {state, clip,
+        action, clips} as of the next frame shown, plus `from_frame` (the output frame the
+        change takes effect from) and `action_end_frame` (the one after the action's last).
 
         The switch comes at the first frame no stage has used (the next frame shown, or the
         one after the speech already handed to the engine, whose frames were lip-synced on
         the old plan), or up to MAX_WAIT_FRAMES later, at a frame close to the new clip
         (streaming/sources.py). An action playing then finishes first."""
-        self._check_open()
-        return self._player.set_state(state, self._switch_frame())
-
-    def play_action(self, clip: str) -> tuple[int, int]:
-        """Play `clip` once from the switch (see `set_avatar_state`), then return to the
-        state; returns its first output frame and the one after its last (UnknownClip for a
-        clip the avatar lacks)."""
-        self._check_open()
-        return self._player.play(clip, self._switch_frame())
-
-    def change_avatar_state(self, state: str | None = None, action: str | None = None) -> dict[str, Any]:
-        """Set the state and/or play an action, the state first (both names are checked
-        before anything changes); returns {state, clip, action, from_frame,
-        action_end_frame} (clip and action as of the next frame shown)."""
         self._check_open()
         from_frame, end = self._player.change(state, action, self._switch_frame())
         return {**self.avatar_state(), "from_frame": from_frame, "action_end_frame": end}
