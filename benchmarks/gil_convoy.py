@@ -5,7 +5,7 @@ Why it matters: every torch op called from Python releases the GIL around its di
 thread issuing many small ops (an eager UNet forward on a GPU is thousands of kernel launches)
 gives the GIL away at each one; if another thread wants it, getting it back can take up to the
 switch interval (5 ms by default). The GPU check (benchmarks/README.md, "gpu_check") saw the
-in-process MuseTalk pipeline render 4-13 frames/s on an H200 whose UNet alone renders 16-204
+in-process MuseTalk pipeline render 3-13 frames/s on an H200 whose UNet alone renders 16-204
 frames/s in its own benchmark: this script measures the mechanism on any CPU.
 
     python benchmarks/gil_convoy.py [--ops 2000] [--repeats 5] --json benchmarks/results/gil_convoy.json
