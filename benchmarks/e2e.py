@@ -262,7 +262,7 @@ async def wait_healthy(http: httpx.AsyncClient, timeout: float, server: subproce
 
 
 async def benchmark(args: argparse.Namespace) -> dict:
-    server = start_server(args.port, args.serve_arg, args.ray_cpus) if args.start else None
+    server = start_server(args.port, args.serve_arg, args.ray_cpus, args.settings) if args.start else None
     url = args.url or f"http://127.0.0.1:{args.port}"
     server_pid = server.pid if server else args.server_pid
     try:
@@ -292,6 +292,7 @@ async def benchmark(args: argparse.Namespace) -> dict:
     summary = {
         "url": url,
         "sessions": args.sessions,
+        "settings": args.settings,
         "source": args.source,
         "seconds": args.seconds,
         "sessions_ok": len(ok),
@@ -329,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --start: logical CPUs of the local Ray (the gateway and the pipeline "
                              "actors reserve more than 2; 0 = Ray's default)")
     parser.add_argument("--server-pid", type=int, help="PID of a running server, for CPU accounting")
+    parser.add_argument("--settings", type=json.loads,
+                        help='settings sections for --start, as JSON (e.g. \'{"pipeline": {"dispatch_tick_ms": 80}}\')')
     parser.add_argument("--sessions", type=int, default=4)
     parser.add_argument("--source", choices=["mic", "stream"], default="stream",
                         help="speech from each client's WebRTC microphone track, or streamed over "

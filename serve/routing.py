@@ -21,12 +21,16 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from ray_lipsync.api.session_ids import names_gateway
 
 _SESSION_PATH = re.compile(r"^/v1/sessions/([^/]+)")
 RECENT_TTL_S = 5.0  # a replica's stats not refreshed for this long: forget what was sent since
+# A replica Serve could not reach (ActorUnavailableError) is nobody's home for this long; one
+# that died (ActorDiedError) for longer, until the controller has dropped it from the set
+UNREACHABLE_S = 2.0
+DEAD_S = 60.0
 
 
 def header_session(pending: PendingRequest | None) -> str | None:
@@ -98,14 +102,38 @@ class SessionRouter(RequestRouter):
     the replica with the fewest sessions (from `record_routing_stats`, refreshed about once a
     second, plus what this router sent each replica since its last refresh, so a burst of new
     sessions spreads). Consistent hashing is not used: it remaps sessions on scale-up.
+
+    A replica that Serve found dead or unreachable is left out of the candidates for a while
+    (`UNREACHABLE_S`, `DEAD_S`): until the controller drops a killed gateway from the set, Serve
+    retries a request on the replica this router picks, and a session's home would be picked
+    again and again (a client's request hung until its own timeout). Its sessions' calls go to
+    another replica instead, which answers "unknown session" (404) at once.
     """
 
     def initialize_state(self, **kwargs: Any) -> None:
         self._recent: dict[str, _Recent] = {}
+        self._unreachable: dict[str, float] = {}  # replica unique_id -> until (monotonic)
+
+    def on_replica_actor_unavailable(self, replica_id: ReplicaID) -> None:
+        self._unreachable[replica_id.unique_id] = time.monotonic() + UNREACHABLE_S
+        super().on_replica_actor_unavailable(replica_id)
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        self._unreachable[replica_id.unique_id] = time.monotonic() + DEAD_S
+        super().on_replica_actor_died(replica_id)
+
+    def _reachable(self, replicas: list[RunningReplica]) -> list[RunningReplica]:
+        """`replicas` less those left out (module doc); all of them if that leaves none."""
+        now = time.monotonic()
+        for key in [k for k, until in self._unreachable.items() if until <= now]:
+            del self._unreachable[key]
+        reachable = [r for r in replicas if r.replica_id.unique_id not in self._unreachable]
+        return reachable or replicas
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None
                               ) -> list[list[RunningReplica]]:
+        candidate_replicas = self._reachable(candidate_replicas)
         header = header_session(pending_request)
         home = _home(candidate_replicas, header) if header is not None else []
         if home:

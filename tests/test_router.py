@@ -99,3 +99,28 @@ def test_an_x_session_id_header_routes_only_when_it_names_a_replica() -> None:
     with_path.metadata.session_id = "some-tracing-id"  # not ours: the path decides
     assert first_choice(r, replicas, with_path) == "a"
     assert first_choice(r, replicas, pending(session_id="some-tracing-id")) == "b"  # least loaded
+
+
+def test_a_replica_serve_could_not_reach_is_nobodys_home_for_a_while(monkeypatch) -> None:
+    """Until the controller drops a killed gateway, Serve retries on the replica the router
+    picks: its sessions' calls go to another replica (which answers 404) instead of hanging."""
+    from ray.serve.request_router import RequestRouter
+
+    import serve.routing as routing
+
+    # the base class's own bookkeeping (its queue-length cache) needs a Serve-side router
+    monkeypatch.setattr(RequestRouter, "on_replica_actor_unavailable", lambda self, replica_id: None)
+    monkeypatch.setattr(RequestRouter, "on_replica_actor_died", lambda self, replica_id: None)
+    clock = [100.0]
+    monkeypatch.setattr(routing.time, "monotonic", lambda: clock[0])
+    r, a, b = router(), replica("a", 0), replica("b", 5)
+    session = proxy_request("/v1/sessions/a.s")
+    r.on_replica_actor_unavailable(a.replica_id)
+    assert first_choice(r, [a, b], session) == "b"
+    assert first_choice(r, [a, b]) == "b"  # nor does a new session go there
+    clock[0] += routing.UNREACHABLE_S
+    assert first_choice(r, [a, b], session) == "a"  # reachable again: home
+    r.on_replica_actor_died(a.replica_id)
+    clock[0] += routing.UNREACHABLE_S
+    assert first_choice(r, [a, b], session) == "b"  # dead: left out for longer
+    assert first_choice(r, [a], session) == "a"  # the only replica: Serve's retries decide
