@@ -26,6 +26,7 @@ import enum
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -36,6 +37,7 @@ from ray import serve
 
 from actors.runtime import init_ray
 from ray_lipsync.config import Settings
+from ray_lipsync.errors import LipsyncError
 
 from .deployment import APP_NAME, build_app
 
@@ -130,6 +132,8 @@ def run(settings: Settings, address: str | None = None, dashboard: bool = False)
     """
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError("ray-lipsync serve must run in the main thread (it handles SIGINT/SIGTERM)")
+    if address is None:  # the proxy will listen on this machine: say so now if it cannot
+        check_port_free(settings.serve.host, settings.serve.port)
     signals = _Signals()
     try:
         init_ray(address, ignore_reinit_error=True, include_dashboard=None if address else dashboard)
@@ -153,6 +157,21 @@ def run(settings: Settings, address: str | None = None, dashboard: bool = False)
             shutdown()
         finally:
             signals.restore()
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise LipsyncError if `host:port` cannot be bound, as Serve's proxy will bind it.
+
+    Checked before Ray starts: Serve's own failure comes ~10 s later, as a traceback of its
+    proxy actor."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind((host, port))
+    except OSError as error:
+        raise LipsyncError(f"cannot listen on {host}:{port}: {error.strerror or error}; stop what "
+                           "uses it or choose another address with --host / --port") from None
 
 
 def _caused_by_stop(error: BaseException | None) -> bool:
