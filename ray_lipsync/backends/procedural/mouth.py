@@ -18,6 +18,7 @@ the warp leaves pixels there that belong to neither lip.
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 from ray_lipsync.backends.procedural.geometry import MouthGeometry, smoothstep
@@ -63,10 +64,14 @@ def draw_mouth(
     cover = np.clip(1.0 + inside / FEATHER_PX, 0.0, 1.0) * smoothstep(height / MIN_GAP_PX)
     across = np.clip(1.0 - u * u, 0.0, 1.0)  # 1 at the midline, 0 at the corners
 
+    # The colour is built as three planes, (3, rows, cols): NumPy's loops then run along the
+    # rows instead of over 3 channels at a time (about half the time of the whole drawing).
+    tint = geo.lip_tint[:, None, None]
+
     # cavity: dark and warm, darkest under the upper lip and in the corners
     v = np.clip(below_top / np.maximum(height, 0.5), 0.0, 1.0)
     light = (0.35 + 0.65 * v) * np.sqrt(across)
-    colour = (CAVITY_DARK + (CAVITY_LIT - CAVITY_DARK) * light[..., None]) * geo.lip_tint
+    colour = (CAVITY_DARK[:, None, None] + (CAVITY_LIT - CAVITY_DARK)[:, None, None] * light) * tint
 
     # tongue: a rounded mound behind the middle of the lower lip, rising as the mouth opens
     tongue_amount = _ramp(open_, 0.15, 0.5)
@@ -79,15 +84,15 @@ def draw_mouth(
         inside_t = 1.0 - np.sqrt(dx[None, :] ** 2 + ((y - centre_y) / radius_y) ** 2)
         tongue = np.clip(inside_t * radius_y / 1.5, 0.0, 1.0) * tongue_amount
         shade = 0.4 + 0.45 * np.sqrt(np.clip(inside_t, 0.0, 1.0))
-        colour += tongue[..., None] * (shade[..., None] * TONGUE_RGB * geo.lip_tint - colour)
+        colour += tongue * (shade * (TONGUE_RGB * geo.lip_tint)[:, None, None] - colour)
 
     # lower teeth: a thin band above the lower lip, wide open only
     lower_amount = _ramp(open_, 0.5, 0.4)
     if lower_amount > 0.0:
         lower_h = np.minimum(LOWER_TEETH_SHARE * geo.face_height * lower_amount * across, 0.2 * height)
         lower = np.clip((lower_h - above_bottom) / 0.8, 0.0, 1.0) * smoothstep((0.6 - np.abs(u)) / 0.3)
-        shade = (0.45 + 0.35 * across)[None, :, None]
-        colour += (0.8 * lower)[..., None] * (shade * geo.teeth_rgb - colour)
+        shade = (0.45 + 0.35 * across)[None, None, :]
+        colour += (0.8 * lower) * (shade * geo.teeth_rgb[:, None, None] - colour)
 
     # upper teeth under the upper lip, where the avatar shows none
     if geo.teeth_shown < 1.0:
@@ -95,8 +100,8 @@ def draw_mouth(
         upper = np.clip((upper_h - below_top) / 0.9, 0.0, 1.0) * smoothstep((0.92 - np.abs(u)) / 0.2)
         lit = np.clip(1.0 - 0.6 * below_top / np.maximum(upper_h, 0.5), 0.0, 1.0)
         shade = 0.62 + 0.38 * lit * across**0.5
-        colour += (0.95 * (1.0 - geo.teeth_shown) * upper)[..., None] * (shade[..., None] * geo.teeth_rgb - colour)
+        colour += (0.95 * (1.0 - geo.teeth_shown) * upper) * (shade * geo.teeth_rgb[:, None, None] - colour)
 
     region = roi[ya - geo.y0 : yb - geo.y0, cols]
-    alpha = cover[..., None]
-    region[...] = np.clip(region * (1.0 - alpha) + colour * alpha + 0.5, 0.0, 255.0)
+    drawn = cv2.merge([np.clip(plane + 0.5, 0.0, 255.0).astype(np.uint8) for plane in colour])
+    region[...] = cv2.blendLinear(drawn, region, cover, 1.0 - cover)
