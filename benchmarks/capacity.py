@@ -64,18 +64,23 @@ class Watched:
     state: list[tuple[float, int, int]] = field(default_factory=list)  # (time, sent, dropped)
     errors: list[str] = field(default_factory=list)
     closed_by_server: str | None = None  # e.g. shed under overload
+    arrivals: list[float] = field(default_factory=list)  # monotonic times its video frames arrived
 
     def judged(self, end: float) -> dict:
         start = (self.first_frame_at or end) + JUDGE_AFTER_S
         fps = [f for t, f in self.fps if start + SAMPLE_S <= t <= end]
         received = [f for t, f in self.received_fps if start + SAMPLE_S <= t <= end]
         states = [(t, s, d) for t, s, d in self.state if t >= start]
+        span = [t for t in self.arrivals if start <= t <= end] if self.talker else []
         sent = states[-1][1] - states[0][1] if len(states) >= 2 else 0
         dropped = states[-1][2] - states[0][2] if len(states) >= 2 else 0
         return {"index": self.index, "talker": self.talker, "fps_min_2s": min(fps) if fps else None,
                 "fps_median": round(float(np.median(fps)), 1) if fps else None,
                 "received_fps_min_2s": min(received) if received else None,
                 "received_fps_median": round(float(np.median(received)), 1) if received else None,
+                "fps_2s": [(round(t - start, 1), round(f, 1)) for t, f in self.fps if start + SAMPLE_S <= t <= end],
+                # a talker's frames all go out (a dropped one is replaced): gaps are stalls
+                "max_frame_gap_ms": round(1000 * max(np.diff(span)), 1) if len(span) > 1 else None,
                 "frames_sent": sent, "dropped_pct": round(100 * dropped / sent, 2) if sent else None,
                 "closed_by_server": self.closed_by_server, "errors": self.errors}
 
@@ -118,6 +123,7 @@ async def watch_session(http: httpx.AsyncClient, w: Watched, token: str, samples
     finally:
         if talk is not None:
             talk.cancel()
+        w.arrivals = list(client.received.video_times)
         await client.close()
         await http.delete(f"/v1/sessions/{w.session_id}", headers=headers)
 
