@@ -161,15 +161,18 @@ async def stream_speech(http: httpx.AsyncClient, result: SessionResult, token: s
 
     piece = max(1, int(PIECE_S * 16000))
     total = int(seconds * 16000)
-    loop = np.resize(samples, total)  # the speech repeated to `seconds`
-    pcm = (np.clip(loop, -1, 1) * 32767).astype("<i2")
+    # the speech repeated to `seconds`, each piece cut when it is sent: a whole run's PCM made
+    # at once (capacity.py's talkers stream for up to 600 s: ~150 MB of temporaries) stalled
+    # this process's event loop, and with it every receiver here, each time a talker started
+    pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2")
     url = str(http.base_url).replace("http", "ws", 1).rstrip("/")
     async with websockets.connect(f"{url}/v1/sessions/{result.session_id}/stream?token={token}") as ws:
         start = time.monotonic()
         for i in range(0, total, piece):
             await asyncio.sleep(max(0.0, start + i / 16000 - 0.1 - time.monotonic()))
-            await ws.send(pcm[i : i + piece].tobytes())
-            result.speech_pushed_s += len(pcm[i : i + piece]) / 16000
+            chunk = pcm.take(np.arange(i, min(i + piece, total)), mode="wrap")
+            await ws.send(chunk.tobytes())
+            result.speech_pushed_s += len(chunk) / 16000
         await ws.send(json.dumps({"type": "flush"}))
         try:  # wait for the utterance to finish playing
             while json.loads(await asyncio.wait_for(ws.recv(), seconds + 30)).get("type") != "playback.finished":
