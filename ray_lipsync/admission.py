@@ -28,7 +28,10 @@ A new session is admitted only if (`decide`):
    share a host, one gateway's view of it is blurred by the others' sessions.
 3. the configured bounds (`serve.max_sessions`) allow it (checked by the gateway).
 
-The first session is always admitted (as the only session is never shed).
+The service's first session is always admitted (as the only session is never shed). A
+gateway's first session while the service's other gateways hold sessions (`sessions_elsewhere`,
+as the gateway last heard it) goes through the checks like any other: a gateway that Serve
+added on a full host would otherwise take one session past the host's budget.
 
 Refused: 503 with Retry-After `window_s`. Admission cannot foresee a noisy neighbour; when the
 sessions have been degraded for `shed_after_s` (drops above `shed_drop_ratio`, or the loop lag
@@ -101,12 +104,13 @@ class AdmissionPolicy:
         else:
             self._degraded_since = None
 
-    def decide(self, sessions: int) -> Decision:
-        """Whether one more session fits next to `sessions` open ones."""
+    def decide(self, sessions: int, sessions_elsewhere: int = 0) -> Decision:
+        """Whether one more session fits next to `sessions` open ones on this gateway
+        (`sessions_elsewhere`: those of the service's other gateways)."""
         s = self.settings
         if not s.enabled:
             return Decision(True, "admission control is off")
-        if sessions == 0:  # a service that refuses its only session serves nobody
+        if sessions == 0 and sessions_elsewhere == 0:  # refusing its only session serves nobody
             return Decision(True, "the first session is always admitted")
         late, sent, lag = self._window()
         if sent and late / sent > s.max_drop_ratio:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import time
 from typing import Any
 
 from ray import serve
@@ -33,6 +34,7 @@ logger = logging.getLogger("ray_lipsync.serve")
 APP_NAME = "ray-lipsync"
 GATEWAY = "Gateway"
 METRICS_PUSH_S = 1.0
+SNAPSHOT_FRESH_S = 5.0  # another gateway's snapshot counts for admission while this recent
 DEFAULT_PIPELINE = "actors.pipeline:RayPipeline"
 # Logical CPUs a gateway reserves. With 1.0, one gateway + the CPU pipeline actors (replica
 # 0.5, batcher 0, compositor 0) + a second gateway would not fit a 2-core laptop.
@@ -97,11 +99,14 @@ class GatewayDeployment(Gateway):
                          stream_read_ahead_s=self.settings.serve.stream_read_ahead_s)
 
     async def _push_metrics(self) -> None:
+        """Every METRICS_PUSH_S: this gateway's snapshot to the board, and what the others'
+        snapshots say about their sessions to admission (`sessions_elsewhere`)."""
         while True:
             try:
                 snapshot = self.metrics_snapshot()
                 snapshot["inference"] = await self.inference_stats()
                 self._reader.board.put.remote(snapshot)
+                self.sessions_elsewhere = sessions_elsewhere(await self._reader.snapshots(), self.tag)
             except Exception:  # noqa: BLE001 - the board or directory may be restarting
                 logger.warning("could not push metrics", exc_info=True)
                 self._reader.reconnect()
@@ -120,6 +125,13 @@ class GatewayDeployment(Gateway):
         pusher.cancel()
         await self.shutdown()
         await self.pipeline.shutdown()
+
+
+def sessions_elsewhere(snapshots: list[dict], tag: str) -> int:
+    """Open sessions of the gateways other than `tag`, from the board's fresh snapshots."""
+    now = time.time()
+    return sum(int(s.get("sessions", 0)) for s in snapshots
+               if s.get("replica") != tag and now - s.get("time", 0.0) <= SNAPSHOT_FRESH_S)
 
 
 def build_app(settings: Settings, pipeline: str = DEFAULT_PIPELINE, *,

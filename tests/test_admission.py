@@ -43,6 +43,31 @@ def test_admits_until_the_measured_cost_of_everyone_talking_fills_the_budget():
     assert "cores" in refused.reason
 
 
+def test_a_gateways_first_session_is_checked_while_other_gateways_hold_sessions():
+    """Serve adds a gateway on a host whose other gateway already fills it: the new gateway's
+    first session must not bypass the budget (it is not the service's only session)."""
+    policy = AdmissionPolicy(CONFIG)
+    for t in range(5):  # none of its own; the other gateway's 7 talkers keep the host busy
+        policy.observe(sample(t, 0, 0, 1.55))
+    assert policy.decide(0).admit  # the service's first session
+    refused = policy.decide(0, sessions_elsewhere=7)  # 1.55 + 0.25 > 1.7
+    assert not refused.admit and "1 sessions would need 1.80 of 1.70 cores" in refused.reason
+    policy.observe(sample(5, 0, 0, 0.9))
+    policy.observe(sample(6, 0, 0, 0.9))
+    assert policy.decide(0, sessions_elsewhere=7).admit  # room again (median of the last 3)
+
+
+def test_sessions_elsewhere_counts_the_other_gateways_fresh_snapshots():
+    pytest.importorskip("ray")
+    from serve.deployment import SNAPSHOT_FRESH_S, sessions_elsewhere
+
+    now = time.time()
+    snapshots = [{"replica": "me", "time": now, "sessions": 3}, {"replica": "b", "time": now, "sessions": 2},
+                 {"replica": "c", "time": now - SNAPSHOT_FRESH_S - 1, "sessions": 5}]  # c: gone
+    assert sessions_elsewhere(snapshots, "me") == 2
+    assert sessions_elsewhere([], "me") == 0
+
+
 def test_talking_share_admits_more_when_not_everyone_talks_at_once():
     policy = AdmissionPolicy(CONFIG.model_copy(update={"talking_share": 0.25}))
     for t in range(30):

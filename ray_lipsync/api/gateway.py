@@ -77,6 +77,9 @@ class Gateway:
         self._creating = 0
         self._closing: set[asyncio.Task] = set()
         self.admission = AdmissionPolicy(settings.serve.admission)
+        # sessions of the service's other gateways, as last heard (serve/deployment.py sets it
+        # from the metrics board; 0 for a gateway on its own): admission's first-session rule
+        self.sessions_elsewhere = 0
         self._devices: dict[tuple[str, str], str] = {}  # (inference replica, backend) -> device
         self.metrics = GatewayMetrics(tag)
         self._housekeeping = Housekeeping(settings, self.admission, self.metrics,
@@ -157,7 +160,7 @@ class Gateway:
         if len(self._entries) + self._creating >= self.settings.serve.max_sessions:
             raise AtCapacity(f"gateway {self.tag} holds its maximum of "
                              f"{self.settings.serve.max_sessions} sessions; retry later")
-        decision = self.admission.decide(len(self._entries) + self._creating)
+        decision = self.admission.decide(len(self._entries) + self._creating, self.sessions_elsewhere)
         if not decision.admit:
             self.metrics.sessions_refused += 1
             logger.info("session refused: %s", decision.reason)
