@@ -130,7 +130,10 @@ async def watch_session(http: httpx.AsyncClient, w: Watched, token: str, samples
 
 def start_server(args: argparse.Namespace, config: Path) -> subprocess.Popen:
     """`ray-lipsync serve` with `serve.admission.talking_share` set as the run assumes."""
-    config.write_text(json.dumps({"serve": {"admission": {"talking_share": args.talking_share}}}))
+    admission = {"talking_share": args.talking_share}
+    if args.cpu_target is not None:
+        admission["cpu_target"] = args.cpu_target
+    config.write_text(json.dumps({"serve": {"admission": admission}}))
     cmd = [sys.executable, "-m", "serve_app", "-q", "--config", str(config), "serve", "--port", str(args.port)]
     return subprocess.Popen(cmd, cwd=Path(__file__).resolve().parent.parent)
 
@@ -218,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--talking", choices=["all", "quarter"], default="all")
     parser.add_argument("--talking-share", type=float, default=None, help="with --start: "
                         "serve.admission.talking_share (default: 1 for --talking all, 0.25 for quarter)")
+    parser.add_argument("--cpu-target", type=float, default=None,
+                        help="with --start: serve.admission.cpu_target (default: the setting's)")
     parser.add_argument("--interval-s", type=float, default=6.0)
     parser.add_argument("--refusals", type=int, default=3, help="refusals in a row that end the adding")
     parser.add_argument("--max-sessions", type=int, default=32)
