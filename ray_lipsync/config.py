@@ -218,7 +218,7 @@ class AdmissionConfig(_Frozen):
 
     enabled: bool = Field(True, description="Refuse sessions the host cannot serve on time (503 + "
                           "Retry-After) and shed the newest under sudden overload.")
-    cpu_target: float = Field(0.85, gt=0, le=1.0, description="Share of the host's cores the "
+    cpu_target: float = Field(0.8, gt=0, le=1.0, description="Share of the host's cores the "
                               "sessions may need if they all talked at once.")
     talking_share: float = Field(1.0, gt=0, le=1.0, description="Share of sessions assumed to "
                                  "talk at once (1: any session may talk at any time).")
