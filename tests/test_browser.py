@@ -50,7 +50,14 @@ DECODED = """async () => {
     });
     return n;
   };
-  const first = await frames();
+  // videoWidth is known from the first frame, which getStats may not count yet
+  // (seen: 0 then 25 a second later): read the first figure once it counts one
+  const until = Date.now() + 10000;
+  let first = await frames();
+  while (first === 0 && Date.now() < until) {
+    await new Promise((r) => setTimeout(r, 100));
+    first = await frames();
+  }
   await new Promise((r) => setTimeout(r, 1000));
   return [first, await frames()];
 }"""
