@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -104,18 +105,29 @@ def test_serve_args_reach_every_replica_and_capacity_follows_sessions(cluster, s
             talkers = [await Talker(http).open() for _ in range(3)]
             states = [await t.state() for t in talkers]
             grown = directory_replicas(settings)
+            # every gateway pushes its snapshot to the board each second (which gateway a new
+            # session lands on also depends on how fast each answers the proxy's probe)
+            gateways = await until(lambda: _gateways_on_the_board(http, 2), timeout=15)
             for t in talkers:
                 await t.close()
             shrunk = await until(lambda: _one_replica(settings), timeout=30)
-            return states, grown, shrunk
+            return states, grown, shrunk, gateways
 
-    states, grown, shrunk = run(main())
+    states, grown, shrunk, gateways = run(main())
     # every gateway and every replica was built from the Serve args (their generation)
     assert all(f"replica-{gen}-procedural-gpu-" in s["replica"] for s in states)
-    assert len({s["gateway"] for s in states}) == 2, "serve.min_gateways=2 from the args"
+    assert len(gateways) == 2 and {s["gateway"] for s in states} <= gateways, "serve.min_gateways=2 from the args"
     assert all(r["replica"].startswith(f"replica-{gen}-") and r["resources"] == "gpu" for r in grown)
     assert len([r for r in grown if r["state"] == "ready"]) == 2, "3 sessions at 2 per replica: 2 replicas"
     assert shrunk, "after the sessions ended the idle replica was removed (min_replicas=1)"
+
+
+async def _gateways_on_the_board(http, count: int) -> set[str]:
+    """The gateways /metrics reports (from the metrics board) once there are `count`; else
+    an empty set."""
+    metrics = (await http.get("/metrics")).text
+    gateways = set(re.findall(r'^lipsync_sessions\{replica="([^"]+)"\}', metrics, re.M))
+    return gateways if len(gateways) >= count else set()
 
 
 async def _one_replica(settings) -> bool:

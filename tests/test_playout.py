@@ -121,7 +121,9 @@ def test_d_changes_between_utterances_and_speech_stays_exact(lipsync_settings):
     d_b = clock.presentation_time(b.start_frame) - at_b
     assert a.delay_s == 0.6 and 0.6 <= d_a < 0.6 + 0.04 + 0.02
     needs = session.playout_needs_ms()
-    assert needs and max(needs) > 0  # the first frames wait for the pipeline; later ones are early
+    # measured for every speech frame; whether any needed more than its own 40 ms slot depends
+    # on the machine's speed (a run where every frame was ready ~0-35 ms early read all < 0)
+    assert len(needs) >= a.end_frame - a.start_frame
     assert 0.08 <= b.delay_s <= max(0.08, max(needs) / 1000 + 0.04 + 1e-9)  # p99 + margin
     assert b.delay_s < 0.6, "the second utterance gets the measured, shorter D"
     assert b.delay_s <= d_b < b.delay_s + 0.04 + 0.02

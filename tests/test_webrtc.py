@@ -8,6 +8,7 @@ a real aiortc client to a `SessionPeer` (iceServers=[] on both sides) over 127.0
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 from aiortc.mediastreams import MediaStreamError
 
 from ray_lipsync.clock import SAMPLES_PER_FRAME, video_pts
+from ray_lipsync.heap import freeze_startup_heap
 from ray_lipsync.types import OutputFrame
 from ray_lipsync.webrtc.encoder import Vp8Stream
 from ray_lipsync.webrtc.peer import SessionPeer, parse_offer
@@ -425,9 +427,14 @@ def test_ray_pipeline_session_streams_over_webrtc(lipsync_settings):
         return first, speech, audio, rate, peer.counters, peer.network()["frames_left_out"], sent
 
     init_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # as a gateway does once started (ray_lipsync.heap): this process holds the heap of every
+    # test before it, whose full collection can hold the sender past its queue (one run of
+    # the suite dropped 7 frames here; its cause was not pinned down)
+    freeze_startup_heap()
     try:
         first, speech, audio, rate, counters, left_out, sent = asyncio.run(main())
     finally:
+        gc.unfreeze()
         ray.shutdown()
     assert first < 2.0
     assert abs(loud_ms(audio, rate) - speech.duration_ms) <= 40
