@@ -232,3 +232,23 @@ def test_a_starting_gateway_speaks_once_so_the_first_session_starts_measured(lip
     warmed, left, pushed = asyncio.run(main())
     assert warmed and left == (0, 0, 0)
     assert pushed.delay_s < 0.6
+
+
+def test_frame_timings_keep_each_speech_frames_latency_and_need():
+    from types import SimpleNamespace
+
+    from ray_lipsync.clock import SAMPLES_PER_FRAME
+    from ray_lipsync.streaming.timings import FrameTimings
+
+    timings = FrameTimings()
+    utterance = SimpleNamespace(placed_at=100.0, start_frame=10)  # first pushed at t = 100 s
+    timings.audio_ready(10 * SAMPLES_PER_FRAME, 13 * SAMPLES_PER_FRAME, when=100.05)  # frames 10-12
+    # frame 12 (80 ms into its utterance) back at 100.2 s: needed 120 ms of D, 150 ms latency
+    latency = timings.result(12, 100.2, utterance, served=True)
+    assert latency == pytest.approx(150.0) and list(timings.needs_ms) == [pytest.approx(120.0)]
+    timings.record_latency(latency)
+    assert timings.latency_quantiles(0.5, 0.99) == [pytest.approx(150.0)] * 2
+    assert timings.result(11, 100.3, utterance, served=False) == pytest.approx(250.0)  # shed: no need
+    timings.shown(10)
+    assert timings.result(10, 100.4, utterance, served=True) is None  # shown before it came back
+    assert len(timings.needs_ms) == 2 and FrameTimings().latency_quantiles(0.5) == [None]

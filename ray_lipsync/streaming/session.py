@@ -20,18 +20,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import numpy as np
 
 from ray_lipsync.avatar.model import Avatar
-from ray_lipsync.clock import FRAME_MS, SAMPLE_RATE, SAMPLES_PER_FRAME, SessionClock, ms_to_samples, video_pts
+from ray_lipsync.clock import SAMPLE_RATE, SAMPLES_PER_FRAME, SessionClock, ms_to_samples, video_pts
 from ray_lipsync.errors import MalformedAudio, SessionClosed
 from ray_lipsync.streaming.drops import DropCounter, DropReason
 from ray_lipsync.streaming.playout import PlayoutPolicy
 from ray_lipsync.streaming.sources import ClipPlayer
 from ray_lipsync.streaming.timeline import Cut, SessionTimeline, Utterance
+from ray_lipsync.streaming.timings import FrameTimings
 from ray_lipsync.streaming.engine import RoundResult
 from ray_lipsync.streaming.link import SessionLink, SessionStats
 from ray_lipsync.types import AudioPush, OutputFrame, StageSpec
@@ -76,9 +76,7 @@ class Session:
         self._expected: set[int] = set()  # speech frames whose image is on its way
         self._lost: dict[int, DropReason] = {}  # expected frames a stage reported it shed
         self._drops = DropCounter()
-        self._audio_at: dict[int, float] = {}  # frame -> time its last sample reached the engine
-        self._latencies: deque[float] = deque(maxlen=2000)
-        self._needs: deque[float] = deque(maxlen=2000)  # ms of D each speech frame needed
+        self._timings = FrameTimings()
         self._next_emit = max(0, clock.frame_at(time.time()) + 1)
         self._late_ends: list[str] = []  # utterance ends cut by an interrupt into the past
         self._wake = asyncio.Event()
@@ -172,7 +170,7 @@ class Session:
         samples = np.asarray(samples, dtype=np.float32)
         if samples.ndim != 1:
             raise MalformedAudio(f"push mono 16 kHz samples (1-D), got an array of shape {samples.shape}")
-        delay = None if self._playout is None else self._playout.delay_s(self._needs)
+        delay = None if self._playout is None else self._playout.delay_s(self._timings.needs_ms)
         placement = self._timeline.place(samples, time.time(), utterance_id, final, delay)
         self._wake.set()
         return placement.utterance
@@ -242,7 +240,7 @@ class Session:
                 await self._sleep_or_wake(wait)
                 continue
             piece, arrived = timeline.take(stop)
-            self._note_audio_ready(start, stop, max(now, arrived))
+            self._timings.audio_ready(start, stop, max(now, arrived))
             # The frames this push completes (the rest wait for their lookahead; frames in a
             # gap before it are silence, never speech). Submits run as tasks, created in order
             # so pushes reach the engine in order: an engine that answers only once the frames
@@ -355,11 +353,6 @@ class Session:
         except asyncio.TimeoutError:
             pass
 
-    def _note_audio_ready(self, start: int, stop: int, when: float) -> None:
-        """Frames whose last sample lies in [start, stop) have all their audio at `when`."""
-        for k in range(start // SAMPLES_PER_FRAME, stop // SAMPLES_PER_FRAME):
-            self._audio_at[k] = when
-
     def _track(self, epoch: int, result: RoundResult, replayed: bool = False) -> None:
         """A served push: its speech frames become expected; their images are collected."""
         if epoch != self.epoch or not any(result.speech):
@@ -376,9 +369,8 @@ class Session:
         frames, for frames not yet shown; a frame a stage shed keeps its reason."""
         done = time.time()
         for k, patch in zip(frames, result.patches):
-            arrived = self._audio_at.pop(k, None)
-            if not isinstance(patch, DropReason):
-                self._note_need(k, done)
+            latency = self._timings.result(k, done, self._timeline.utterance_at(k),
+                                           served=not isinstance(patch, DropReason))
             if k < self._next_emit:
                 continue  # already shown and counted
             if isinstance(patch, DropReason):
@@ -390,19 +382,8 @@ class Session:
                 log.warning("session %s: frame %d lost", self.session_id, k, exc_info=True)
                 self._lost[k] = DropReason.STAGE_ERROR
                 continue
-            latency = None if arrived is None else (done - arrived) * 1000
             self._ready[k] = (image, latency, patch.avatar_frame)
-            if latency is not None:
-                self._latencies.append(latency)
-
-    def _note_need(self, k: int, ready: float) -> None:
-        """The D frame k needed: its ready time - (first push of its utterance + its offset in it).
-
-        Frame k is on time whenever its utterance got a D of at least this (see playout.py).
-        """
-        utt = self._timeline.utterance_at(k)
-        if utt is not None and utt.placed_at is not None:
-            self._needs.append((ready - utt.placed_at - (k - utt.start_frame) * FRAME_MS / 1000) * 1000)
+            self._timings.record_latency(latency)
 
     # -- output -----------------------------------------------------------------------
     async def frames(self) -> AsyncIterator[OutputFrame]:
@@ -435,7 +416,7 @@ class Session:
         dropped = image is None and k in self._expected
         self._expected.discard(k)
         reason = self._lost.pop(k, DropReason.LATE)
-        self._audio_at.pop(k, None)
+        self._timings.shown(k)
         fade = None
         if image is None:
             image, source, fade = self._player.silent_image(k)
@@ -481,14 +462,14 @@ class Session:
         return self._timeline.speaking(self._next_emit) or bool(self._timeline.unreleased)
 
     def latencies_ms(self) -> list[float]:
-        return list(self._latencies)
+        return list(self._timings.latencies_ms)
 
     def playout_needs_ms(self) -> list[float]:
         """Per speech frame, the D it needed in ms (what the playout policy reads)."""
-        return list(self._needs)
+        return list(self._timings.needs_ms)
 
     def stats(self) -> SessionStats:
-        lat = sorted(self._latencies)
+        p50, p95, p99 = self._timings.latency_quantiles(0.5, 0.95, 0.99)
         return SessionStats(
             session_id=self.session_id,
             replica=self.replica,
@@ -498,13 +479,9 @@ class Session:
             frames_sent=self.frames_sent,
             frames_dropped=self.frames_dropped,
             drops=self._drops.by_reason(),
-            latency_ms_p50=_quantile(lat, 0.5),
-            latency_ms_p95=_quantile(lat, 0.95),
-            latency_ms_p99=_quantile(lat, 0.99),
+            latency_ms_p50=p50,
+            latency_ms_p95=p95,
+            latency_ms_p99=p99,
             queued_audio_s=self._timeline.queued_seconds(time.time()),
         )
 
-
-def _quantile(ordered: list[float], q: float) -> float | None:
-    """Nearest-rank quantile of an ascending list (None when empty)."""
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else None
