@@ -43,6 +43,14 @@ def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([x, x[-1:].expand(rows - len(x), *x.shape[1:])])
 
 
+def fill_rows(static: torch.Tensor, x: torch.Tensor) -> None:
+    """`static` := `pad_rows(x, len(static))`, in place (no padded copy of `x` made)."""
+    n = len(x)
+    static[:n].copy_(x)
+    if n < len(static):
+        static[n:].copy_(x[-1:].expand(len(static) - n, *x.shape[1:]))
+
+
 @dataclass(frozen=True)
 class Captured:
     """One bucket's graph: fill `inputs`, call `replay()`, read `output`."""
@@ -104,12 +112,9 @@ class GraphedStep:
     def warm(self, example: Sequence[torch.Tensor], max_batch: int) -> None:
         """Capture every bucket a batch of up to `max_batch` frames can need, from one example
         row per input (their values do not matter)."""
-        size = 1
-        while True:
-            self._graph(size, [x[:1] for x in example])
-            if size >= max_batch:
-                break
-            size *= 2
+        rows = [x[:1] for x in example]
+        for power in range(bucket(max_batch).bit_length()):
+            self._graph(1 << power, rows)
 
     def __call__(self, latents: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         n = len(latents)
@@ -117,7 +122,7 @@ class GraphedStep:
         with self._lock:
             graph = self._graph(size, [latents, cond])
             for static, value in zip(graph.inputs, (latents, cond)):
-                static.copy_(pad_rows(value, size))
+                fill_rows(static, value)
             graph.replay()
             return graph.output[:n]
 
