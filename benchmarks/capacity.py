@@ -68,7 +68,8 @@ class Watched:
 
     def judged(self, end: float) -> dict:
         start = (self.first_frame_at or end) + JUDGE_AFTER_S
-        fps = [f for t, f in self.fps if start + SAMPLE_S <= t <= end]
+        windows = [(t, f) for t, f in self.fps if start + SAMPLE_S <= t <= end]
+        fps = [f for _, f in windows]
         received = [f for t, f in self.received_fps if start + SAMPLE_S <= t <= end]
         states = [(t, s, d) for t, s, d in self.state if t >= start]
         span = [t for t in self.arrivals if start <= t <= end] if self.talker else []
@@ -78,7 +79,7 @@ class Watched:
                 "fps_median": round(float(np.median(fps)), 1) if fps else None,
                 "received_fps_min_2s": min(received) if received else None,
                 "received_fps_median": round(float(np.median(received)), 1) if received else None,
-                "fps_2s": [(round(t - start, 1), round(f, 1)) for t, f in self.fps if start + SAMPLE_S <= t <= end],
+                "fps_2s": [(round(t - start, 1), round(f, 1)) for t, f in windows],
                 # a talker's frames all go out (a dropped one is replaced): gaps are stalls
                 "max_frame_gap_ms": round(1000 * max(np.diff(span)), 1) if len(span) > 1 else None,
                 "frames_sent": sent, "dropped_pct": round(100 * dropped / sent, 2) if sent else None,

@@ -103,5 +103,5 @@ def draw_mouth(
         colour += (0.95 * (1.0 - geo.teeth_shown) * upper) * (shade * geo.teeth_rgb[:, None, None] - colour)
 
     region = roi[ya - geo.y0 : yb - geo.y0, cols]
-    drawn = cv2.merge([np.clip(plane + 0.5, 0.0, 255.0).astype(np.uint8) for plane in colour])
+    drawn = cv2.merge(list(np.clip(colour + 0.5, 0.0, 255.0).astype(np.uint8)))
     region[...] = cv2.blendLinear(drawn, region, cover, 1.0 - cover)
