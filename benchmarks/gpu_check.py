@@ -11,7 +11,7 @@ wall-time budget.
    real-time speech (benchmarks/latency.py's session driver): frames/s per session, rendered
    frames/s, p50/p99 latency (last audio sample of a frame -> frame ready), dropped frames.
 2 and 3 run in each of `--modes`: eager, then `graphs` (musetalk.cuda_graphs: the render step
-replayed from CUDA graphs, capture time reported on its own), then compiled (compile time
+replayed from CUDA graphs, the renderer's start with the capture reported on its own), then compiled (compile time
 reported on its own; the compiled graphs are shared by every renderer of the process, so the
 pipeline runs start warm).
 
@@ -117,7 +117,8 @@ def with_mode(settings: Settings, mode: str) -> Settings:
 
 def bench_model(settings: Settings, batches: tuple[int, ...], warmup: int, iters: int) -> dict[str, Any]:
     """Renderer speed per batch (the renderer's own networks: compiled or replayed from CUDA
-    graphs when settings say so; the graphs' capture time is reported on its own)."""
+    graphs when settings say so; `capture_s` is the renderer's start with the graphs' capture, the
+    weights already loaded when an earlier mode loaded them)."""
     from ray_lipsync.backends.musetalk.renderer import MuseTalkRenderer, render_latents, sinusoidal_positions
 
     started = time.perf_counter()
