@@ -116,8 +116,8 @@ def node_compositor(settings: Settings, generation: str, node_id: str):
     ).remote(settings)
 
 
-def _guard(name: str, handle, settings: Settings) -> StageGuard:
-    return StageGuard(name, handle, lambda: handle.ping.remote(),
+def _guard(name: str, handle, settings: Settings, answered: bool = True) -> StageGuard:
+    return StageGuard(name, handle, lambda: handle.ping.remote(), answered=answered,
                       timeout_s=settings.pipeline.stage_timeout_ms / 1000, failures=STAGE_FAILURES)
 
 
@@ -136,8 +136,10 @@ class InferenceReplica:
             features=_guard(f"feature batcher ({backend})", batcher, settings),
             # Compositing runs in the node's compositor actor, in parallel with this replica's
             # next render (compositing in-process measured slower: benchmarks/README.md).
+            # On a new node that actor is created now and starts after this replica: it gets
+            # no patch until it answers (a restarted replica may be given sessions at once).
             compositor=_guard(f"compositor on node {self.node[:8]}",
-                              node_compositor(settings, generation, self.node), settings),
+                              node_compositor(settings, generation, self.node), settings, answered=False),
         )
         self._ready: asyncio.Task | None = None
         log.info("replica %s started (%s) on node %s", name, backend, self.node)
@@ -147,16 +149,21 @@ class InferenceReplica:
         is loaded, so the first session's first frames pay none of their start (a stage that
         does not come up in time is marked down: this replica does its work until it answers).
         The directory pins sessions here only after this."""
+        await asyncio.shield(self._warming())
+        return self.name
+
+    def _warming(self) -> asyncio.Task:
         if self._ready is None:
             self._ready = asyncio.get_running_loop().create_task(self._warm())
-        await asyncio.shield(self._ready)
-        return self.name
+        return self._ready
 
     async def _warm(self) -> None:
         engine = self._engine
 
         async def answer(guard: StageGuard) -> None:
-            if not await guard.answers(STAGE_START_TIMEOUT_S):
+            if await guard.answers(STAGE_START_TIMEOUT_S):
+                guard.mark_up()
+            else:
                 log.warning("%s did not start in %.0f s; replica %s works without it for now",
                             guard.name, STAGE_START_TIMEOUT_S, self.name)
                 guard.mark_down("not started")
@@ -189,7 +196,10 @@ class InferenceReplica:
     def stats(self) -> dict:
         return self._engine.stats().as_dict()
 
-    def ping(self) -> str:
+    async def ping(self) -> str:
+        """Answers at once. A restarted replica is pinged (not asked `ready`) before the
+        directory gives it sessions again: the first ping starts its warm-up."""
+        self._warming()
         return self.name
 
     def pid(self) -> int:

@@ -55,6 +55,7 @@ class SessionResult:
     latency_ms_p50: float | None = None
     latency_ms_p95: float | None = None
     latency_ms_p99: float | None = None
+    network: dict | None = None  # the session state's `network` at the end (bitrates, keyframes)
     errors: list[str] = field(default_factory=list)
 
 
@@ -213,6 +214,7 @@ async def run_client(http: httpx.AsyncClient, samples: np.ndarray, seconds: floa
         status = (await http.get(f"/v1/sessions/{result.session_id}", headers=headers)).raise_for_status().json()
         for key in ("frames_sent", "frames_dropped", "latency_ms_p50", "latency_ms_p95", "latency_ms_p99"):
             setattr(result, key, status.get(key))
+        result.network = status.get("network")
         await http.delete(f"/v1/sessions/{result.session_id}", headers=headers)
     except Exception as exc:  # one failing client must not hide the others' numbers
         result.errors.append(f"{exc.__class__.__name__}: {exc}")

@@ -91,3 +91,42 @@ def test_a_batcher_that_dies_twice_loses_no_frame_and_repeats_none(lipsync_setti
     frames = asyncio.run(run())
     assert sorted(frames) == frames  # in order
     assert frames == list(range(frames[0], 80)), [f for f in frames if frames.count(f) > 1]
+
+
+def test_a_stage_that_has_not_answered_yet_gets_no_call_until_it_does():
+    """A compositor created with its replica on a new node starts after the replica: rounds
+    must not wait the stage timeout on it; they go in-process until its ping answers."""
+    started = asyncio.Event()
+    calls: list[str] = []
+
+    async def ping():
+        if not started.is_set():
+            await asyncio.sleep(3600)  # a process still starting: no answer at all
+        return True
+
+    async def remote(handle):
+        calls.append("remote")
+        return "remote"
+
+    async def local():
+        calls.append("local")
+        return "local"
+
+    async def run() -> None:
+        guard = StageGuard("compositor", object(), ping, timeout_s=30.0, failures=(Dead,),
+                           probe_s=0.01, answered=False)
+        assert guard.down
+        loop = asyncio.get_running_loop()
+        t = loop.time()
+        assert await guard.call(remote, local) == "local"  # at once: no timeout paid
+        assert loop.time() - t < 1.0
+        started.set()
+        for _ in range(500):
+            if not guard.down:
+                break
+            await asyncio.sleep(0.01)
+        assert await guard.call(remote, local) == "remote"
+        assert guard.failovers == 0  # it never failed
+
+    asyncio.run(run())
+    assert calls == ["local", "remote"]

@@ -132,11 +132,15 @@ class StageGuard:
     stage down; calls then go straight to the in-process path (no timeout paid per round)
     for at least `hold_s` and until a background `ping` answers again (the hold keeps a
     stage that is only slow from flapping). `down` is reported in the engine's stats.
+
+    `answered` False: the stage was just created (its process may still be starting) and
+    gets no call until a ping answers (`mark_up`, or the probe that the first call starts):
+    until then every round would wait `timeout_s` for it.
     """
 
     def __init__(self, name: str, handle: object, ping: Callable[[], Awaitable[object]], *,
                  timeout_s: float, failures: tuple[type[BaseException], ...],
-                 probe_s: float = 0.25, hold_s: float = 2.0) -> None:
+                 probe_s: float = 0.25, hold_s: float = 2.0, answered: bool = True) -> None:
         self.name = name
         self.handle = handle
         self._ping = ping
@@ -144,7 +148,7 @@ class StageGuard:
         self._failures = failures + (asyncio.TimeoutError,)
         self.probe_s = probe_s
         self.hold_s = hold_s
-        self.down = False
+        self.down = not answered
         self.failovers = 0
         self._probe: asyncio.Task | None = None
 
@@ -154,6 +158,8 @@ class StageGuard:
                 return await asyncio.wait_for(remote(self.handle), self.timeout_s)
             except self._failures as exc:
                 self.mark_down(type(exc).__name__)
+        else:
+            self._watch(0.0)  # not answered yet: probe (a failed stage's probe runs already)
         return await local()
 
     def mark_down(self, why: str) -> None:
@@ -161,8 +167,17 @@ class StageGuard:
             self.down = True
             self.failovers += 1
             log.warning("%s unavailable (%s); working in-process until it answers", self.name, why)
+        self._watch(self.hold_s)
+
+    def mark_up(self) -> None:
+        """The stage answered (a ping outside the guard): calls go to it again."""
+        if self.down:
+            self.down = False
+            log.info("%s answers", self.name)
+
+    def _watch(self, hold_s: float) -> None:
         if self._probe is None or self._probe.done():
-            self._probe = asyncio.get_running_loop().create_task(self._wait_up())
+            self._probe = asyncio.get_running_loop().create_task(self._wait_up(hold_s))
 
     async def answers(self, timeout_s: float) -> bool:
         try:
@@ -173,12 +188,11 @@ class StageGuard:
         except Exception:  # noqa: BLE001 - any other failure: not answering either
             return False
 
-    async def _wait_up(self) -> None:
-        await asyncio.sleep(self.hold_s)
+    async def _wait_up(self, hold_s: float) -> None:
+        await asyncio.sleep(hold_s)
         while self.down:
             if await self.answers(self.probe_s * 4):
-                self.down = False
-                log.info("%s is back", self.name)
+                self.mark_up()
             else:
                 await asyncio.sleep(self.probe_s)
 
