@@ -116,10 +116,7 @@ def test_a_stage_that_has_not_answered_yet_gets_no_call_until_it_does():
         guard = StageGuard("compositor", object(), ping, timeout_s=30.0, failures=(Dead,),
                            probe_s=0.01, answered=False)
         assert guard.down
-        loop = asyncio.get_running_loop()
-        t = loop.time()
-        assert await guard.call(remote, local) == "local"  # at once: no timeout paid
-        assert loop.time() - t < 1.0
+        assert await guard.call(remote, local) == "local"  # not tried: no timeout paid
         started.set()
         for _ in range(500):
             if not guard.down:
