@@ -116,8 +116,9 @@ def node_compositor(settings: Settings, generation: str, node_id: str):
     ).remote(settings)
 
 
-def _guard(name: str, handle, settings: Settings, answered: bool = True) -> StageGuard:
-    return StageGuard(name, handle, lambda: handle.ping.remote(), answered=answered,
+def _guard(name: str, handle, settings: Settings) -> StageGuard:
+    """A replica's guard of `handle`'s stage: not called until it has answered (`answered=False`)."""
+    return StageGuard(name, handle, lambda: handle.ping.remote(), answered=False,
                       timeout_s=settings.pipeline.stage_timeout_ms / 1000, failures=STAGE_FAILURES)
 
 
@@ -133,13 +134,15 @@ class InferenceReplica:
         self.node = ray.get_runtime_context().get_node_id()
         self._engine = Engine(
             settings, backend, name,
+            # Neither stage gets a call until it has answered this replica (its warm-up, or the
+            # probe of the first round): a restarted replica may be given sessions at once,
+            # while the batcher restarts beside it or the compositor of a new node, created
+            # now, is still starting; every round would wait `stage_timeout_ms` on it.
             features=_guard(f"feature batcher ({backend})", batcher, settings),
             # Compositing runs in the node's compositor actor, in parallel with this replica's
             # next render (compositing in-process measured slower: benchmarks/README.md).
-            # On a new node that actor is created now and starts after this replica: it gets
-            # no patch until it answers (a restarted replica may be given sessions at once).
             compositor=_guard(f"compositor on node {self.node[:8]}",
-                              node_compositor(settings, generation, self.node), settings, answered=False),
+                              node_compositor(settings, generation, self.node), settings),
         )
         self._ready: asyncio.Task | None = None
         log.info("replica %s started (%s) on node %s", name, backend, self.node)
