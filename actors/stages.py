@@ -164,12 +164,9 @@ class InferenceReplica:
         engine = self._engine
 
         async def answer(guard: StageGuard) -> None:
-            if await guard.answers(STAGE_START_TIMEOUT_S):
-                guard.mark_up()
-            else:
-                log.warning("%s did not start in %.0f s; replica %s works without it for now",
+            if not await guard.wait_up(STAGE_START_TIMEOUT_S):
+                log.warning("%s did not start in %.0f s; replica %s works without it until it answers",
                             guard.name, STAGE_START_TIMEOUT_S, self.name)
-                guard.mark_down("not started")
 
         async def default_avatar() -> None:
             try:

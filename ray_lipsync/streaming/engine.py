@@ -134,7 +134,7 @@ class StageGuard:
     stage that is only slow from flapping). `down` is reported in the engine's stats.
 
     `answered` False: the stage was just created (its process may still be starting) and
-    gets no call until a ping answers (`mark_up`, or the probe that the first call starts):
+    gets no call until the probe (started by `wait_up` or the first call) sees it answer:
     until then every round would wait `timeout_s` for it.
     """
 
@@ -169,17 +169,18 @@ class StageGuard:
             log.warning("%s unavailable (%s); working in-process until it answers", self.name, why)
         self._watch(self.hold_s)
 
-    def mark_up(self) -> None:
-        """The stage answered (a ping outside the guard): calls go to it again."""
+    async def wait_up(self, timeout_s: float) -> bool:
+        """Until the stage answers, at most `timeout_s` (the probe runs on): whether it does."""
         if self.down:
-            self.down = False
-            log.info("%s answers", self.name)
+            self._watch(0.0)
+            await asyncio.wait({self._probe}, timeout=timeout_s)
+        return not self.down
 
     def _watch(self, hold_s: float) -> None:
         if self._probe is None or self._probe.done():
             self._probe = asyncio.get_running_loop().create_task(self._wait_up(hold_s))
 
-    async def answers(self, timeout_s: float) -> bool:
+    async def _answers(self, timeout_s: float) -> bool:
         try:
             await asyncio.wait_for(self._ping(), timeout_s)
             return True
@@ -191,8 +192,9 @@ class StageGuard:
     async def _wait_up(self, hold_s: float) -> None:
         await asyncio.sleep(hold_s)
         while self.down:
-            if await self.answers(self.probe_s * 4):
-                self.mark_up()
+            if await self._answers(self.probe_s * 4):
+                self.down = False
+                log.info("%s answers", self.name)
             else:
                 await asyncio.sleep(self.probe_s)
 
