@@ -1,6 +1,7 @@
 """The one configuration model of ray-lipsync.
 
-Every tunable lives here with its documented default. Load it with `Settings()` (defaults),
+Every tunable lives here with its documented default (the `webrtc` section in
+webrtc/settings.py, by the code it configures). Load it with `Settings()` (defaults),
 `Settings.from_file(path)` (JSON), or override fields from the CLI. Settings are immutable:
 pass them down explicitly, never keep them in module globals.
 """
@@ -10,13 +11,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, SecretStr, SerializationInfo, ValidationInfo,
-                      field_serializer, field_validator, model_validator)
+from pydantic import Field, field_validator, model_validator
 
-if TYPE_CHECKING:
-    from ray_lipsync.webrtc.bandwidth import BitrateBounds
+from ray_lipsync.section import Section
+from ray_lipsync.webrtc.settings import WebRTCConfig
 
 BackendName = Literal["procedural", "musetalk"]
 
@@ -27,11 +27,7 @@ def default_home() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "ray-lipsync"
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class MediaConfig(_Frozen):
+class MediaConfig(Section):
     """The media clock. Fixed by design: frame k <-> chunks 2k, 2k+1 (see clock.py)."""
 
     sample_rate: Literal[16000] = Field(16000, description="Pipeline audio rate (Hz), mono.")
@@ -39,7 +35,7 @@ class MediaConfig(_Frozen):
     fps: Literal[25] = Field(25, description="Video frame rate: one frame = two chunks.")
 
 
-class AudioConfig(_Frozen):
+class AudioConfig(Section):
     """Audio input limits and voice activity detection."""
 
     max_bytes: int = Field(50 * 1024 * 1024, gt=0, description="Largest accepted audio input.")
@@ -65,7 +61,7 @@ class AudioConfig(_Frozen):
         return value
 
 
-class AvatarConfig(_Frozen):
+class AvatarConfig(Section):
     """Avatar preparation."""
 
     name: str = Field("default", description="Avatar used when a session names none.")
@@ -82,7 +78,7 @@ class AvatarConfig(_Frozen):
     )
 
 
-class MuseTalkConfig(_Frozen):
+class MuseTalkConfig(Section):
     """The neural backend (weights in `models_dir`, MuseTalk's own layout)."""
 
     encoder_window_s: float = Field(
@@ -117,7 +113,7 @@ class MuseTalkConfig(_Frozen):
         return self
 
 
-class PipelineConfig(_Frozen):
+class PipelineConfig(Section):
     """Streaming pipeline and scheduling."""
 
     lookahead_ms: int | None = Field(
@@ -213,7 +209,7 @@ class PipelineConfig(_Frozen):
         return self
 
 
-class AdmissionConfig(_Frozen):
+class AdmissionConfig(Section):
     """Admission from measured headroom (ray_lipsync/admission.py; README, Failures and capacity)."""
 
     enabled: bool = Field(True, description="Refuse sessions the host cannot serve on time (503 + "
@@ -235,7 +231,7 @@ class AdmissionConfig(_Frozen):
                                 "session is closed (counted in lipsync_sessions_shed_total).")
 
 
-class ServeConfig(_Frozen):
+class ServeConfig(Section):
     """HTTP / WebRTC service."""
 
     host: str = Field("127.0.0.1", description="Bind address of the HTTP API (the Serve proxy).")
@@ -288,128 +284,7 @@ class ServeConfig(_Frozen):
         return origins
 
 
-ICE_SCHEMES = ("stun:", "stuns:", "turn:", "turns:")
-MASKED_SECRET = "**********"  # what a dumped (masked) SecretStr reads as
-
-
-class IceServer(_Frozen):
-    """One STUN/TURN server, as in the browser's RTCIceServer."""
-
-    urls: list[str] = Field(
-        min_length=1, description="stun:/turn:/turns: URLs, e.g. 'turn:turn.example.com:3478?transport=udp'."
-    )
-    username: str | None = Field(None, description="Static TURN username (when webrtc.turn_secret is not set).")
-    credential: str | None = Field(None, description="Static TURN password (when webrtc.turn_secret is not set).")
-
-    @field_validator("urls", mode="before")
-    @classmethod
-    def _one_or_many(cls, value: object) -> object:
-        return [value] if isinstance(value, str) else value
-
-    @field_validator("urls")
-    @classmethod
-    def _schemes(cls, urls: list[str]) -> list[str]:
-        for url in urls:
-            if not url.startswith(ICE_SCHEMES) or len(url) > 512:
-                raise ValueError(f"ICE server URL {url[:80]!r} must start with one of {', '.join(ICE_SCHEMES)}")
-        return urls
-
-    @property
-    def is_turn(self) -> bool:
-        return any(url.startswith(("turn:", "turns:")) for url in self.urls)
-
-
-class WebRTCConfig(_Frozen):
-    """ICE: the STUN/TURN servers of the server's peers and of the clients (POST /v1/sessions)."""
-
-    # turn_secret comes first: ice_servers is checked against it (errors never quote the secret)
-    turn_secret: SecretStr | None = Field(
-        None,
-        description="coturn's static-auth-secret (use-auth-secret): every session gets its own TURN "
-        "credentials for the turn:/turns: servers. Never sent to clients, logged or dumped "
-        "(JSON dumps mask it unless dumped with context {'secrets': True}).",
-    )
-    turn_ttl_s: int = Field(3600, gt=0, le=7 * 86400, description="Lifetime of a session's TURN credentials.")
-    ice_servers: list[IceServer] = Field(
-        default_factory=list,
-        description="STUN/TURN servers, used by the server's aiortc peers and returned to clients. "
-        "Empty = host candidates only (a LAN). aiortc uses the first STUN and the first TURN URL.",
-    )
-    connect_timeout_s: float = Field(
-        30.0, gt=0, le=600, description="A session whose peer has not connected this long after its "
-        "offer is closed (e.g. the client could not reach the TURN server)."
-    )
-    reconnect_grace_s: float = Field(
-        20.0, ge=0, le=600, description="A session whose WebRTC connection failed (the client's "
-        "network went away; not a hang-up) is kept this long for the client to send a new offer "
-        "on it (the client module does); 0 = close it at once."
-    )
-    min_bitrate: int = Field(100_000, ge=30_000, le=50_000_000, description="Video bitrate floor, bit/s: "
-                             "the encoder never goes below it whatever the link feedback says.")
-    start_bitrate: int = Field(200_000, ge=30_000, le=50_000_000, description="Video bitrate of a new "
-                               "session, bit/s, until the receiver's feedback moves it.")
-    max_bitrate: int = Field(1_000_000, ge=30_000, le=50_000_000, description="Video bitrate ceiling, "
-                             "bit/s (a talking 512x512 avatar looks sharp well below 1 Mbit/s).")
-    still_fps: float = Field(5.0, ge=1.0, le=25.0, description="Frame rate of a picture that does not "
-                             "change (a still-image avatar in silence): its repeats are encoded and sent "
-                             "only this often, since the receiver keeps showing the last picture; 25 = "
-                             "every frame. Speech and a video avatar's idle cycle always go at 25 fps.")
-    opus_dtx: Literal["auto", "on", "off"] = Field(
-        "auto", description="Opus DTX in silence: once the avatar's silence has settled, one "
-        "1-byte DTX packet every 400 ms instead of a packet every 20 ms (the receiver plays "
-        "comfort silence, as with WebRTC's own DTX); an idle session sends 2.5 audio packets a "
-        "second instead of 50. auto = when the client's offer asks for it (Opus `usedtx=1`, "
-        "RFC 7587; the client module does), on = always, off = never.")
-
-    @model_validator(mode="after")
-    def _bitrate_order(self) -> "WebRTCConfig":
-        self.bitrate_bounds()  # BitrateBounds checks min <= start <= max (ValueError)
-        return self
-
-    def still_every(self) -> int:
-        """`still_fps` as the largest frame gap of a still picture (frames at 25 fps)."""
-        from ray_lipsync.clock import FPS
-
-        return max(1, round(FPS / self.still_fps))
-
-    def bitrate_bounds(self) -> "BitrateBounds":
-        """The session encoders' bounds (webrtc/bandwidth.py)."""
-        from ray_lipsync.webrtc.bandwidth import BitrateBounds
-
-        return BitrateBounds(self.min_bitrate, self.start_bitrate, self.max_bitrate)
-
-    @field_serializer("turn_secret", when_used="json")
-    def _dump_secret(self, secret: SecretStr | None, info: SerializationInfo) -> str | None:
-        if secret is None:
-            return None
-        context = info.context if isinstance(info.context, dict) else {}
-        return secret.get_secret_value() if context.get("secrets") else MASKED_SECRET
-
-    @field_validator("turn_secret")
-    @classmethod
-    def _real_secret(cls, secret: SecretStr | None) -> SecretStr | None:
-        if secret is not None and secret.get_secret_value() in ("", MASKED_SECRET):
-            raise ValueError("webrtc.turn_secret is empty or masked ('**********'); pass the real "
-                             "secret (a settings dump masks it unless dumped with context {'secrets': True})")
-        return secret
-
-    @field_validator("ice_servers")
-    @classmethod
-    def _credentials(cls, servers: list[IceServer], info: ValidationInfo) -> list[IceServer]:
-        secret = info.data.get("turn_secret")
-        for i, server in enumerate(servers):
-            if not server.is_turn:
-                continue
-            if secret is not None and (server.username is not None or server.credential is not None):
-                raise ValueError(f"webrtc.ice_servers[{i}] has a static username/credential and "
-                                 "webrtc.turn_secret is set: use one or the other")
-            if secret is None and (server.username is None or server.credential is None):
-                raise ValueError(f"webrtc.ice_servers[{i}] is a TURN server: give it username and "
-                                 "credential, or set webrtc.turn_secret for per-session credentials")
-        return servers
-
-
-class EgressConfig(_Frozen):
+class EgressConfig(Section):
     """The shared H.264 + AAC encode of a session's recording and restream targets (egress/)."""
 
     video_bitrate: int = Field(1_000_000, ge=100_000, le=20_000_000, description="H.264 bitrate, "
@@ -425,7 +300,7 @@ class EgressConfig(_Frozen):
                               "lag behind the session before its oldest is dropped (counted).")
 
 
-class RecordingConfig(_Frozen):
+class RecordingConfig(Section):
     """Recording a session to MP4 (POST /v1/sessions/{id}/recording)."""
 
     keep_dir: Path | None = Field(None, description="Write recordings here and keep them after "
@@ -437,7 +312,7 @@ class RecordingConfig(_Frozen):
                            "much encoded media.")
 
 
-class RestreamConfig(_Frozen):
+class RestreamConfig(Section):
     """Sending a session to RTMP/SRT ingests (POST /v1/sessions/{id}/restream)."""
 
     max_targets: int = Field(4, ge=1, le=32, description="Most restream targets per session "
@@ -448,7 +323,7 @@ class RestreamConfig(_Frozen):
                                           "server's internal network through it.")
 
 
-class WhepConfig(_Frozen):
+class WhepConfig(Section):
     """WHEP playback (POST /v1/sessions/{id}/whep): viewers of a session beside its own peer."""
 
     max_viewers: int = Field(8, ge=1, le=256, description="Most WHEP viewers per session (429 "
@@ -456,7 +331,7 @@ class WhepConfig(_Frozen):
                              "their links ask for (webrtc.min_bitrate..max_bitrate).")
 
 
-class Settings(_Frozen):
+class Settings(Section):
     """All of ray-lipsync's configuration, with documented defaults."""
 
     backend: BackendName = Field("procedural", description="Lip-sync backend.")

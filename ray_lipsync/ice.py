@@ -17,7 +17,7 @@ import hashlib
 import hmac
 import time
 
-from ray_lipsync.config import WebRTCConfig
+from ray_lipsync.webrtc.settings import WebRTCConfig
 
 
 def turn_credentials(secret: str, session_id: str, ttl_s: int, now: float | None = None) -> tuple[str, str]:
