@@ -102,6 +102,19 @@ def phrases() -> dict[str, str]:
     return out
 
 
+def chromium_executable(nice: int, home: Path) -> str:
+    """Chromium, or a wrapper that starts it at niceness `nice` (its processes inherit it):
+    the viewers then share this machine's cores with the server as guests would, where in a
+    deployment they run on the users' machines."""
+    if not nice:
+        return CHROMIUM
+    wrapper = home / f"chromium-nice{nice}"
+    wrapper.parent.mkdir(parents=True, exist_ok=True)
+    wrapper.write_text(f'#!/bin/sh\nexec nice -n {int(nice)} {CHROMIUM} "$@"\n')
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
 @dataclass
 class Target:
     """Where a viewer goes: its page, the service's base URL seen from it ("" = same origin),
@@ -139,7 +152,7 @@ async def run_viewer(browser, target: Target, wavs: dict, args, index: int,
                                    "box": list(target.box(session)), "size": list(PROBE_SIZE),
                                    "wavs": wavs, "server": target.server})
     if args.sink_monitor and index > 0:  # the sink records one mix: only the first page is heard
-        await page.evaluate("document.getElementById('audio').muted = true")
+        await page.evaluate("(document.getElementById('audio') || document.getElementById('video')).muted = true")
     await asyncio.sleep(1.0)  # the idle picture's quality settles (libvpx improves it for ~1 s)
     await page.evaluate("bench.setReference()")
     rng = random.Random(index)
@@ -166,6 +179,22 @@ async def run_viewer(browser, target: Target, wavs: dict, args, index: int,
     await done.wait()
     await page.close()
     return data
+
+
+async def talkers(url: str, count: int, seconds: float) -> list[dict]:
+    """`count` more sessions that talk all along (aiortc clients streaming TTS over the
+    session WebSocket, as e2e.py's): the service's load of `count` more sessions, at far less
+    client CPU than as many Chromium pages. Their frames sent / dropped and received fps."""
+    import httpx
+
+    from e2e import DEFAULT_TEXT, run_client, speech
+
+    samples = await asyncio.to_thread(speech, DEFAULT_TEXT)
+    async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+        results = await asyncio.gather(*(run_client(http, samples, seconds, "default", "stream")
+                                         for _ in range(count)))
+    return [{"frames_sent": r.frames_sent, "frames_dropped": r.frames_dropped, "received_fps": r.received_fps,
+             "latency_ms_p50": r.latency_ms_p50, "errors": r.errors} for r in results]
 
 
 # -- analysis -------------------------------------------------------------------------------
@@ -210,16 +239,22 @@ async def benchmark(args) -> dict:
         async with async_playwright() as pw:
             # with a sink to record, the browser plays sound (playwright mutes it by default)
             unmuted = {"ignore_default_args": ["--mute-audio"]} if recorder else {}
-            browser = await pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS,
-                                               **unmuted)
+            browser = await pw.chromium.launch(executable_path=chromium_executable(args.chromium_nice, home),
+                                               headless=True, args=CHROMIUM_FLAGS, **unmuted)
             if recorder:
                 recorder.start()
+            talking = None
+            if args.talkers:  # talking before the pages connect, until after they are done
+                script_s = args.utterances * args.interval_s + args.interrupts * (args.interrupt_after_s + 1.3)
+                talking = asyncio.ensure_future(talkers(url, args.talkers, script_s + 25))
+                await asyncio.sleep(5)
             try:
                 done = asyncio.Barrier(args.sessions)
                 raw = await asyncio.gather(*(run_viewer(browser, target, wavs, args, i, done)
                                              for i in range(args.sessions)))
             finally:
                 await browser.close()
+            talked = await talking if talking is not None else []
         if recorder:
             samples, t0 = recorder.stop()
             first, last = loud_blocks(samples, t0, LOUD)
@@ -249,12 +284,14 @@ async def benchmark(args) -> dict:
                    "playout_adaptive": getattr(settings.pipeline, "playout_adaptive", False),
                    "playout_delay_ms": settings.pipeline.playout_delay_ms,
                    "playout_min_ms": getattr(settings.pipeline, "playout_min_ms", None),
-                   "opus_dtx": settings.webrtc.opus_dtx,
+                   "opus_dtx": settings.webrtc.opus_dtx, "chromium_nice": args.chromium_nice,
+                   "talkers": args.talkers,
                    "backend": settings.backend, "articulation_lead_ms": round(1000 * lead, 1),
                    "commit": git_commit()},
         "summary": summarise(sessions),
         "by_audio_clock": by_clock,
         "sessions": sessions,
+        "talkers": talked,
     }
 
 
@@ -285,11 +322,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="webrtc.opus_dtx (auto: as the client asks; the module page does)")
     parser.add_argument("--fixed-playout", action="store_true", help="fixed D (pipeline.playout_delay_ms)")
     parser.add_argument("--playout-delay-ms", type=int, default=None)
+    parser.add_argument("--chromium-nice", type=int, default=0,
+                        help="run Chromium at this niceness (10: the viewers yield the cores to the server)")
+    parser.add_argument("--talkers", type=int, default=0,
+                        help="with --deployment serve: this many more sessions talk all along "
+                        "(aiortc clients streaming TTS, as in e2e.py) while the pages are measured")
     parser.add_argument("--port", type=int, default=19500)
     parser.add_argument("--home", default=None)
     parser.add_argument("--json", default=None)
     parser.add_argument("--raw", default=None, help="also write the raw probe data here")
     args = parser.parse_args(argv)
+    if args.talkers and args.deployment != "serve":
+        parser.error("--talkers needs --deployment serve (the talkers' clients would share this process with the service)")
     logging.basicConfig(level=logging.WARNING)
     result = asyncio.run(benchmark(args))
     print(json.dumps(result["summary"], indent=2))

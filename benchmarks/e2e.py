@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import os
+import random
 import re
 import subprocess
 import tempfile
@@ -204,6 +205,9 @@ async def run_client(http: httpx.AsyncClient, samples: np.ndarray, seconds: floa
             await asyncio.sleep(seconds)
             result.speech_pushed_s = seconds
         else:
+            # talkers that started together would send their pieces in the same instants (one
+            # round carries all of them); users' pieces fall at any phase
+            await asyncio.sleep(random.uniform(0.0, PIECE_S))
             await stream_speech(http, result, created["token"], samples, seconds)
         await asyncio.sleep(0.5)
         measured_from = client.first_video_at + 1.0  # past the start-up transient

@@ -34,9 +34,6 @@ PROBE_JS = """async ({ delayMs, loud, box, size, wavs, server }) => {
   const mute = ctx.createGain(); mute.gain.value = 0; tap.connect(mute).connect(ctx.destination);
   tap.port.onmessage = (e) => { for (const v of e.data) b.audio.push(v); };
   b.rate = ctx.sampleRate;
-  b.ssrc = [];  // WebRTC's own view: when the last audio packet was played, and its level
-  setInterval(() => { for (const s of receiver.getSynchronizationSources())
-                        b.ssrc.push([s.timestamp, s.rtpTimestamp || 0, s.audioLevel || 0, performance.now()]); }, 5);
   setInterval(() => { const t = ctx.getOutputTimestamp();
                       b.clock.push([t.contextTime, t.performanceTime, ctx.currentTime, performance.now()]); }, 200);
   const video = document.getElementById("video");
@@ -101,7 +98,7 @@ COLLECT_JS = """async () => {
     if (r.type === "media-playout" && r.totalSamplesCount)
       rtc.playout_ms = 1000 * r.totalPlayoutDelay / r.totalSamplesCount;
   });
-  return { rtc, audio: b.audio, video: b.video, ssrc: b.ssrc, clock: b.clock, posts: b.posts, interrupts: b.interrupts, interrupt_events: b.interruptEvents,
+  return { rtc, audio: b.audio, video: b.video, clock: b.clock, posts: b.posts, interrupts: b.interrupts, interrupt_events: b.interruptEvents,
            timeOrigin: b.timeOrigin, rate: b.rate, session: app.session, stats: s };
 }"""
 
