@@ -184,7 +184,7 @@ async def stream_speech(http: httpx.AsyncClient, result: SessionResult, token: s
 
 
 async def run_client(http: httpx.AsyncClient, samples: np.ndarray, seconds: float, avatar: str,
-                     source: str = "mic") -> SessionResult:
+                     source: str = "mic", lockstep: bool = False) -> SessionResult:
     result = SessionResult()
     try:
         created = (await http.post("/v1/sessions", json={"avatar": avatar})).raise_for_status().json()
@@ -205,9 +205,10 @@ async def run_client(http: httpx.AsyncClient, samples: np.ndarray, seconds: floa
             await asyncio.sleep(seconds)
             result.speech_pushed_s = seconds
         else:
-            # talkers that started together would send their pieces in the same instants (one
-            # round carries all of them); users' pieces fall at any phase
-            await asyncio.sleep(random.uniform(0.0, PIECE_S))
+            # talkers that start together send their pieces in the same instants, and one
+            # dispatch round carries all of them; users' pieces fall at any phase
+            if not lockstep:
+                await asyncio.sleep(random.uniform(0.0, PIECE_S))
             await stream_speech(http, result, created["token"], samples, seconds)
         await asyncio.sleep(0.5)
         measured_from = client.first_video_at + 1.0  # past the start-up transient
@@ -282,7 +283,8 @@ async def benchmark(args: argparse.Namespace) -> dict:
             procs0 = cpu_by_process(server_pid) if server_pid else {}
             t0 = time.monotonic()
             results = await asyncio.gather(
-                *(run_client(http, samples, args.seconds, args.avatar, args.source) for _ in range(args.sessions)))
+                *(run_client(http, samples, args.seconds, args.avatar, args.source, args.lockstep)
+                  for _ in range(args.sessions)))
             wall = time.monotonic() - t0
             procs1 = cpu_by_process(server_pid) if server_pid else {}
             cpu = (sum(procs1.values()) - sum(procs0.values())) if server_pid else None
@@ -304,6 +306,7 @@ async def benchmark(args: argparse.Namespace) -> dict:
         "settings": args.settings,
         "source": args.source,
         "seconds": args.seconds,
+        "lockstep": args.lockstep,
         "sessions_ok": len(ok),
         "warmup_session_create_s": round(warmup_s, 2),
         "time_to_first_frame_s_max": max((r.time_to_first_frame_s or 0 for r in ok), default=None),
@@ -346,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="speech from each client's WebRTC microphone track, or streamed over "
                         "the session's WebSocket paced in real time")
     parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--lockstep", action="store_true", help="--source stream: every talker sends its "
+                        "pieces at the same instants (by default each starts at a random phase, as users do)")
     parser.add_argument("--avatar", default="default")
     parser.add_argument("--text", default=DEFAULT_TEXT)
     parser.add_argument("--startup-timeout", type=float, default=180.0)
