@@ -212,7 +212,10 @@ async def benchmark(args) -> dict:
     site_port = args.port + 1
     # admission off: the viewers' Chromium runs on the same 2 cores and would count as the
     # service's load; the plain page is on its own origin (another port), allowed by CORS
-    sections = {"pipeline": pipeline, "webrtc": {"still_fps": args.still_fps, "opus_dtx": args.opus_dtx},
+    webrtc = {"still_fps": args.still_fps, "opus_dtx": args.opus_dtx}
+    if args.video_hold_ms is not None:
+        webrtc["video_hold_ms"] = args.video_hold_ms
+    sections = {"pipeline": pipeline, "webrtc": webrtc,
                 "serve": {"admission": {"enabled": False},
                                                 "cors_origins": [f"http://127.0.0.1:{site_port}"]}}
     settings = Settings(home=home, **sections)
@@ -284,7 +287,8 @@ async def benchmark(args) -> dict:
                    "playout_adaptive": getattr(settings.pipeline, "playout_adaptive", False),
                    "playout_delay_ms": settings.pipeline.playout_delay_ms,
                    "playout_min_ms": getattr(settings.pipeline, "playout_min_ms", None),
-                   "opus_dtx": settings.webrtc.opus_dtx, "chromium_nice": args.chromium_nice,
+                   "opus_dtx": settings.webrtc.opus_dtx, "video_hold_ms": settings.webrtc.video_hold_ms,
+                   "chromium_nice": args.chromium_nice,
                    "talkers": args.talkers,
                    "backend": settings.backend, "articulation_lead_ms": round(1000 * lead, 1),
                    "commit": git_commit()},
@@ -320,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
                         "frame of the still idle picture is sent)")
     parser.add_argument("--opus-dtx", choices=["auto", "on", "off"], default="auto",
                         help="webrtc.opus_dtx (auto: as the client asks; the module page does)")
+    parser.add_argument("--video-hold-ms", type=int, default=None,
+                        help="webrtc.video_hold_ms (what the plain page gets; the module page asks for 0)")
     parser.add_argument("--fixed-playout", action="store_true", help="fixed D (pipeline.playout_delay_ms)")
     parser.add_argument("--playout-delay-ms", type=int, default=None)
     parser.add_argument("--chromium-nice", type=int, default=0,

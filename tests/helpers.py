@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -45,8 +46,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make(settings: Settings) -> tuple[Gateway, httpx.AsyncClient]:
-    gateway = Gateway(settings, LocalPipeline(settings), "gw1")
+def make(settings: Settings, **gateway_kwargs: Any) -> tuple[Gateway, httpx.AsyncClient]:
+    gateway = Gateway(settings, LocalPipeline(settings), "gw1", **gateway_kwargs)
     app = build_api(settings, gateway)
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t",
                                timeout=30)

@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 
 from ray_lipsync.api.gateway import Gateway
+from ray_lipsync.api.session_entry import default_peer_factory
 from ray_lipsync.api.session_ids import home_of
 from ray_lipsync.streaming.local import LocalPipeline
+from ray_lipsync.webrtc.client import ReceiverClient
 from helpers import connect, loud_ms, make, new_session, pieces, variant
 from speech import silence, speech, to_pcm16_bytes, to_wav_bytes
 
@@ -83,6 +85,33 @@ async def test_bad_json_offers_and_capacity(lipsync_settings):
         assert r.status_code == 503 and r.headers["Retry-After"].isdigit()
         await gateway.shutdown()
         await asyncio.gather(receiver.close(), receiver2.close())
+
+
+async def test_an_offer_sets_its_video_hold_or_gets_the_servers(lipsync_settings):
+    """`video_hold_ms` in the offer is that peer's hold (the client module sends 0); without
+    it the peer gets webrtc.video_hold_ms; outside 0-120 ms the offer is a 400 naming it."""
+    holds: list[float] = []
+
+    def peer_factory(session, **kwargs):
+        holds.append(kwargs["video_hold"])
+        return default_peer_factory(session, **kwargs)
+
+    gateway, client = make(variant(lipsync_settings, webrtc={"video_hold_ms": 60}), peer_factory=peer_factory)
+    async with client:
+        sid, auth = await new_session(client)
+        receiver = ReceiverClient()
+        offer = await receiver.offer()
+        for bad in (-1, 121, "soon"):
+            r = await client.post(f"/v1/sessions/{sid}/offer", json={**offer, "video_hold_ms": bad}, headers=auth)
+            assert r.status_code == 400 and "video_hold_ms" in r.json()["detail"], r.text
+        assert holds == []  # a refused offer makes no peer
+        for asked in (None, 0, 120):
+            body = offer if asked is None else {**offer, "video_hold_ms": asked}
+            r = await client.post(f"/v1/sessions/{sid}/offer", json=body, headers=auth)
+            assert r.status_code == 200, r.text
+        assert holds == [0.06, 0.0, 0.12]
+        await receiver.close()
+        await gateway.shutdown()
 
 
 class FailingPeer:

@@ -103,7 +103,8 @@ async def test_serve_client_forwards_every_argument_as_a_keyword_with_defaults()
     await client.push_audio("r.1", None, b"pcm", interrupt=True, compat=True)
     await client.create_session()
     assert handle.log == [
-        ("offer", {"session_id": "r.1", "token": "tok", "sdp": "v=0", "type": "offer", "compat": False}, False),
+        ("offer", {"session_id": "r.1", "token": "tok", "sdp": "v=0", "type": "offer", "compat": False,
+                       "video_hold_ms": None}, False),
         ("push_audio", {"session_id": "r.1", "token": None, "samples": b"pcm", "utterance_id": None,
                         "interrupt": True, "final": True, "compat": True}, False),
         ("create_session", {"avatar": "default", "backend": None}, False),

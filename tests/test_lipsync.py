@@ -77,6 +77,29 @@ def test_audio_and_video_leave_at_the_session_clock_times():
     assert abs(statistics.median(skew)) < 0.015, statistics.median(skew)
 
 
+def test_a_video_hold_sends_each_frame_that_long_after_its_audio():
+    """webrtc.video_hold_ms: frame k's VP8 leaves at its presentation time + the hold (never
+    earlier), its audio still at the presentation time, and no frame is dropped for it."""
+    hold = 0.04
+
+    async def main():
+        t0 = time.time() + 0.2
+        media = SessionMedia(paced(40, t0), video_hold=hold)  # default queue bound + the frames held
+        video, audio = [], []
+        await asyncio.gather(take(media.video, 40, video), take(media.audio, 80, audio))
+        await media.stop()
+        return t0, video, audio, media.counters
+
+    t0, video, audio, counters = asyncio.run(main())
+    assert counters.video_frames_dropped == 0
+    assert [pts for _, pts in video] == [PTS_PER_FRAME * k for k in range(40)]
+    video_late = [sent - (t0 + pts / 90000) for sent, pts in video]
+    audio_late = [sent - (t0 + pts / 16000) for sent, pts in audio]
+    assert min(video_late) > hold - 0.002, min(video_late)
+    assert hold - 0.002 < statistics.median(video_late) < hold + 0.03, statistics.median(video_late)
+    assert statistics.median(audio_late) < 0.01, statistics.median(audio_late)
+
+
 def test_answer_sends_opus_and_vp8_in_one_stream(lipsync_settings):
     from ray_lipsync.streaming.local import LocalPipeline
 

@@ -9,12 +9,15 @@ viewers watch one session and get its media from one shared encode. The browser 
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
 
+import numpy as np
 import pytest
 
+from ray_lipsync.clock import PTS_PER_FRAME, SAMPLES_PER_FRAME
 from ray_lipsync.webrtc.client import ReceiverClient
-from helpers import loud_ms, make, new_session, variant
+from helpers import loud_ms, make, make_frame, new_session, variant
 from speech import speech, to_wav_bytes
 
 pytestmark = pytest.mark.anyio
@@ -102,3 +105,38 @@ async def test_several_whep_viewers_share_one_encode_of_the_session(lipsync_sett
         await first.close()
         await second.close()
         await gateway.shutdown()
+
+
+async def test_whep_video_leaves_its_hold_after_the_audio():
+    """webrtc.video_hold_ms for WHEP viewers (plain <video> players): the shared encode's
+    frame k leaves a viewer's video track at its presentation time + the hold (never
+    earlier), its audio at the presentation time, with nothing dropped."""
+    from ray_lipsync.webrtc.bandwidth import BitrateBounds
+    from ray_lipsync.webrtc.whep import SharedEncode
+
+    hold, n, t0 = 0.04, 25, time.time() + 0.2
+
+    async def paced():  # like the session's fan-out buffer: frame k at t0 + 40 ms * k
+        for k in range(n + 5):  # a few more than taken: the tracks stop when the source ends
+            await asyncio.sleep(max(0.0, t0 + 0.04 * k - time.time()))
+            yield make_frame(k, audio=np.full(SAMPLES_PER_FRAME, 0.1, np.float32), t=t0 + 0.04 * k)
+
+    shared = SharedEncode(paced(), BitrateBounds(), video_hold=hold)
+    video, audio = shared.track("video"), shared.track("audio")
+    shared.add("viewer", [video, audio])
+
+    async def take(track, count: int) -> list[tuple[float, int]]:
+        sent = []
+        for _ in range(count):
+            packet = await track.recv()
+            sent.append((time.time(), int(packet.pts)))
+        return sent
+
+    sent_video, sent_audio = await asyncio.gather(take(video, n), take(audio, 2 * n))
+    await shared.close()
+    assert video.dropped == 0 and [pts for _, pts in sent_video] == [PTS_PER_FRAME * k for k in range(n)]
+    video_late = [t - (t0 + pts / 90000) for t, pts in sent_video]
+    audio_late = [t - (t0 + pts / 16000) for t, pts in sent_audio]
+    assert min(video_late) > hold - 0.002, min(video_late)
+    assert statistics.median(video_late) < hold + 0.03, statistics.median(video_late)
+    assert statistics.median(audio_late) < 0.01, statistics.median(audio_late)

@@ -233,8 +233,9 @@ class Gateway:
 
     # ---- WebRTC ----------------------------------------------------------------------
     async def offer(self, session_id: str | int, token: str | None, sdp: str,
-                    type: str = "offer", *, compat: bool = False) -> dict:
-        """Answer the client's SDP offer with this session's peer: {sdp, type}."""
+                    type: str = "offer", *, compat: bool = False, video_hold_ms: int | None = None) -> dict:
+        """Answer the client's SDP offer with this session's peer: {sdp, type}. `video_hold_ms`:
+        what the client asked for (None: `webrtc.video_hold_ms`)."""
         entry = self._entry(session_id, token, compat=compat)
         if entry.peer is not None:  # the client reconnects: its new connection replaces the old
             old, entry.peer = entry.peer, None
@@ -248,6 +249,7 @@ class Gateway:
             bitrate=self.settings.webrtc.bitrate_bounds(),
             still_every=self.settings.webrtc.still_every(),
             opus_dtx=self.settings.webrtc.opus_dtx,
+            video_hold=self.settings.webrtc.video_hold(video_hold_ms),
             on_frame_sent=lambda frame: self._on_frame_sent(entry, frame),
             on_closed=lambda failed: self._on_peer_closed(entry, generation, failed),
             frames=lambda: self._viewer_frames(entry),
@@ -454,7 +456,8 @@ class Gateway:
                                      max_viewers=self.settings.whep.max_viewers,
                                      bounds=self.settings.webrtc.bitrate_bounds(),
                                      still_every=self.settings.webrtc.still_every(),
-                                     ice_servers=entry.ice_servers)
+                                     ice_servers=entry.ice_servers,
+                                     video_hold=self.settings.webrtc.video_hold())
         if entry.whep.full():
             raise OutputLimit(f"this session has {len(entry.whep)} WHEP viewers, the most "
                               "whep.max_viewers allows; retry when one has left")

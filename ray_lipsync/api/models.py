@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ray_lipsync.webrtc.settings import MAX_VIDEO_HOLD_MS
+
 
 MAX_SDP_BYTES = 200_000  # an offer larger than this is refused (the peer checks the same bound)
 
@@ -30,6 +32,10 @@ class SessionCreated(BaseModel):
 class OfferRequest(_Strict):
     sdp: str = Field(min_length=1, max_length=MAX_SDP_BYTES, description="The client's SDP offer.")
     type: Literal["offer"] = "offer"
+    video_hold_ms: int | None = Field(
+        None, ge=0, le=MAX_VIDEO_HOLD_MS, description="How long after its audio a frame's video "
+        "leaves, ms; None = the server's `webrtc.video_hold_ms` (for a plain `<video>` element). "
+        "0 for a client that aligns the picture to the sound itself (the client module does).")
 
 
 class SessionDescription(BaseModel):

@@ -117,7 +117,7 @@ def session_routes(settings: Settings, client: GatewayAPI,
                     authorization: str | None = Header(None)) -> dict:
         token = await auth(session_id, authorization)
         return await client.offer(session_id=session_id, token=token,
-                                 sdp=body.sdp, type=body.type)
+                                 sdp=body.sdp, type=body.type, video_hold_ms=body.video_hold_ms)
 
     @api.post("/sessions/{session_id}/audio", status_code=202,
               response_model=models.UtteranceAccepted,

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 class PeerFactory(Protocol):
     def __call__(self, session: Any, *, ice_servers: list[dict] | None, bitrate: BitrateBounds,
                  on_frame_sent: Callable[[OutputFrame], None],
-                 still_every: int, opus_dtx: str, on_closed: Callable[[bool], Any],
+                 still_every: int, opus_dtx: str, video_hold: float, on_closed: Callable[[bool], Any],
                  frames: Callable[[], AsyncIterator[OutputFrame]]) -> Any: ...
 
 

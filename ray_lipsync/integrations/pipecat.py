@@ -169,7 +169,8 @@ class LipsyncVideoService(FrameProcessor):
             self._pc.addTransceiver("audio", direction="recvonly")
             await self._pc.setLocalDescription(await self._pc.createOffer())
             r = await self._http.post(f"/v1/sessions/{self.session_id}/offer", headers=self._auth(),
-                                      json={"sdp": self._pc.localDescription.sdp, "type": "offer"})
+                                      json={"sdp": self._pc.localDescription.sdp, "type": "offer",
+                                            "video_hold_ms": 0})  # images wait for their audio here
             _raise_for(r, "connect over WebRTC")
             await self._pc.setRemoteDescription(RTCSessionDescription(**r.json()))
         except Exception as error:  # noqa: BLE001 - reported to the pipeline, not raised

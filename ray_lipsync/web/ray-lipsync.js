@@ -159,7 +159,10 @@ export class AvatarSession extends EventTarget {
       const offer = await pc.createOffer();
       await pc.setLocalDescription({ type: "offer", sdp: askOpusDtx(offer.sdp) });
       await iceGathered(pc);
-      answer = await this._call("POST", "/offer", { json: { sdp: pc.localDescription.sdp, type: "offer" } });
+      // video_hold_ms 0: this module holds the pictures for lip sync itself (jitterBufferTarget,
+      // below), so the server's hold for plain <video> clients (webrtc.video_hold_ms) would only add delay.
+      answer = await this._call("POST", "/offer",
+        { json: { sdp: pc.localDescription.sdp, type: "offer", video_hold_ms: 0 } });
     } catch (error) {  // no new connection: the old one (if any) stays the session's
       pc.close();
       if (this.pc === pc) this.pc = old;

@@ -122,6 +122,7 @@ class SessionPeer:
         bitrate: BitrateBounds = BitrateBounds(),
         still_every: int = STILL_EVERY,
         opus_dtx: str = "auto",
+        video_hold: float = 0.0,
         on_frame_sent: Callable[[OutputFrame], None] | None = None,
         on_closed: Callable[[bool], Awaitable[None] | None] | None = None,
         frames: Callable[[], AsyncIterator[OutputFrame]] | None = None,
@@ -132,6 +133,7 @@ class SessionPeer:
         self._bitrate = bitrate
         self._still_every = still_every
         self._opus_dtx = opus_dtx
+        self._video_hold = video_hold
         self.link: LinkFeedback | None = None
         self._on_frame_sent = on_frame_sent
         self._on_closed = on_closed
@@ -192,6 +194,7 @@ class SessionPeer:
             opus_fec=asks_opus(offer, "useinbandfec"),
             opus_dtx=self._opus_dtx == "on" or (self._opus_dtx == "auto" and asks_opus(offer, "usedtx")),
             still_every=self._still_every,
+            video_hold=self._video_hold,
         )
         for track in self.media.tracks:
             sender = self._pc.addTrack(track)

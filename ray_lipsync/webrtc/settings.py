@@ -1,6 +1,6 @@
 """The `webrtc` settings section: ICE (STUN/TURN servers, per-session TURN credentials from a
-shared secret that is never sent, logged or dumped), the video bitrate bounds, still pictures and
-Opus DTX. Part of `Settings` (config.py); it lives here, by the code it configures."""
+shared secret that is never sent, logged or dumped), the video bitrate bounds, still pictures,
+Opus DTX and the video hold. Part of `Settings` (config.py); it lives here, by the code it configures."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 ICE_SCHEMES = ("stun:", "stuns:", "turn:", "turns:")
 MASKED_SECRET = "**********"  # what a dumped (masked) SecretStr reads as
+MAX_VIDEO_HOLD_MS = 120  # the most a client may ask a frame's video to leave after its audio
 
 
 class IceServer(Section):
@@ -86,6 +87,14 @@ class WebRTCConfig(Section):
         "comfort silence, as with WebRTC's own DTX); an idle session sends 2.5 audio packets a "
         "second instead of 50. auto = when the client's offer asks for it (Opus `usedtx=1`, "
         "RFC 7587; the client module does), on = always, off = never.")
+    video_hold_ms: int = Field(
+        40, ge=0, le=MAX_VIDEO_HOLD_MS, description="A frame's video leaves this long after its "
+        "audio. Browsers' own lip sync (libwebrtc's, in Chromium, Firefox and Safari) leaves "
+        "offsets under 30 ms alone and moves in steps over seconds, while their audio path "
+        "(jitter buffer + output) is 40-60 ms longer than their video's: a plain `<video>` "
+        "element shows the mouth ahead of the sound unless the video leaves later. A client "
+        "that aligns the picture itself asks for 0 in its offer (`video_hold_ms`; the client "
+        "module and the pipecat service do). WHEP viewers get this value.")
 
     @model_validator(mode="after")
     def _bitrate_order(self) -> "WebRTCConfig":
@@ -97,6 +106,10 @@ class WebRTCConfig(Section):
         from ray_lipsync.clock import FPS
 
         return max(1, round(FPS / self.still_fps))
+
+    def video_hold(self, asked_ms: int | None = None) -> float:
+        """The video hold of a peer, in seconds: what its client asked for, else `video_hold_ms`."""
+        return (self.video_hold_ms if asked_ms is None else asked_ms) / 1000
 
     def bitrate_bounds(self) -> "BitrateBounds":
         """The session encoders' bounds (webrtc/bandwidth.py)."""

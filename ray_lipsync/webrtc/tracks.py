@@ -10,6 +10,9 @@ chunks, s16 mono 16 kHz, pts counted in samples, one Opus packet each from its
 only spreads each frame's two chunks over their own slots (chunk 2k+1 leaves 20 ms after
 chunk 2k, at `presentation_time + 20 ms`), so audio packets leave every 20 ms rather than in
 pairs every 40 ms (a receiver's jitter buffer then has no 20 ms burst jitter to absorb).
+With a video hold (`video_hold`, `webrtc.video_hold_ms`), frame k's video leaves at
+`presentation_time + hold` rather than at once: for receivers whose own lip sync leaves the
+picture ahead of the sound (`WebRTCConfig.video_hold_ms`).
 
 Backpressure: the video queue (of frames not encoded yet, so a drop never breaks the VP8
 reference chain) is bounded and drops its *oldest* frame when the sender lags
@@ -28,6 +31,7 @@ import asyncio
 import collections
 import fractions
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -36,7 +40,7 @@ import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from ray_lipsync.clock import CHUNK_SAMPLES, SAMPLE_RATE, SAMPLES_PER_FRAME, audio_pts
+from ray_lipsync.clock import CHUNK_SAMPLES, FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, audio_pts
 from ray_lipsync.types import OutputFrame
 from ray_lipsync.webrtc.encoder import STILL_EVERY, OpusStream, Vp8Stream
 
@@ -47,6 +51,25 @@ DEFAULT_VIDEO_QUEUE = 4  # frames (160 ms) before the oldest is dropped
 DEFAULT_AUDIO_QUEUE = 50 * 30  # chunks (30 s); only reached if the audio sender is stuck
 JOIN_LATE_S = 0.04  # at start, frames later than this are skipped (they were due before connect)
 CHUNK_S = CHUNK_SAMPLES / SAMPLE_RATE
+
+
+async def wait_due(due: float | None, now: Callable[[], float], most: float) -> None:
+    """Sleep until `due` on the clock `now`, never longer than `most` (a clock that stands
+    still never blocks; None: no wait)."""
+    if due is not None:
+        wait = min(most, due - now())
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+
+def video_due(frame: OutputFrame, hold: float) -> float | None:
+    """When frame k's video may leave: its presentation time + `hold` (None: at once)."""
+    return frame.presentation_time + hold if hold > 0 else None
+
+
+def hold_frames(hold: float) -> int:
+    """Frames a video hold of `hold` seconds keeps queued (added to a video queue's bound)."""
+    return math.ceil(hold * FPS)
 
 
 def audio_chunks(frame: OutputFrame) -> tuple[av.AudioFrame, av.AudioFrame]:
@@ -102,7 +125,10 @@ class _Item:
 
 
 class _SessionTrack(MediaStreamTrack):
-    """A track whose recv() pops what the media source queued (no own pacing)."""
+    """A track whose recv() pops what the media source queued (no own pacing): an item
+    leaves when it is ready and due, at most `most_early` seconds after it was popped."""
+
+    most_early = CHUNK_S
 
     def __init__(self, media: "SessionMedia") -> None:
         super().__init__()
@@ -131,12 +157,9 @@ class _SessionTrack(MediaStreamTrack):
             if self._left_out(item):  # not sent: nothing to wait for
                 self._media._on_left_out(self.kind, item.frame)  # counted by the encoder that decided
                 continue
-            if item.due is not None:  # at most one chunk early (a clock that stands still never blocks)
-                wait = min(CHUNK_S, item.due - self._media._now())
-                if wait > 0:
-                    await asyncio.sleep(wait)
             break
         out = await self._media_of(item)
+        await wait_due(item.due, self._media._now, self.most_early)
         self._media._on_sent(self.kind, item.frame)
         return out
 
@@ -162,9 +185,10 @@ class SessionVideoTrack(_SessionTrack):
 
     kind = "video"
 
-    def __init__(self, media: "SessionMedia", still_every: int = STILL_EVERY) -> None:
+    def __init__(self, media: "SessionMedia", still_every: int = STILL_EVERY, hold: float = 0.0) -> None:
         super().__init__(media)
         self.encoder = Vp8Stream(still_every=still_every)
+        self.most_early = hold
 
     def _left_out(self, item: _Item) -> bool:
         return self.encoder.skips(np.asarray(item.frame.image))
@@ -218,7 +242,9 @@ class SessionMedia:
     in frame order, after its video and both audio chunks went to the encoders (or were left
     out: a still picture's repeat, DTX silence). `opus_fec` turns on Opus in-band FEC (the
     client asked for it), `opus_dtx` Opus DTX in silence (`OpusStream`); `still_every` is the
-    largest frame gap of a still picture (`Vp8Stream`). Consumption starts on the first
+    largest frame gap of a still picture (`Vp8Stream`); `video_hold` (seconds) holds each
+    frame's video until `presentation_time + video_hold` (its queue bound grows by the frames
+    held). Consumption starts on the first
     `recv()` of a track (or `start()`), i.e. when the connection is up.
     """
 
@@ -234,21 +260,23 @@ class SessionMedia:
         opus_fec: bool = False,
         opus_dtx: bool = False,
         still_every: int = STILL_EVERY,
+        video_hold: float = 0.0,
         video_queue: int = DEFAULT_VIDEO_QUEUE,
         audio_queue: int = DEFAULT_AUDIO_QUEUE,
         now: Callable[[], float] = time.time,
     ) -> None:
         if not (video or audio):
             raise ValueError("SessionMedia needs at least one of video/audio")
-        if video_queue < 1 or audio_queue < 2:
-            raise ValueError("video_queue must be >= 1 and audio_queue >= 2")
+        if video_queue < 1 or audio_queue < 2 or video_hold < 0:
+            raise ValueError("video_queue must be >= 1, audio_queue >= 2 and video_hold >= 0")
         self._frames = frames
         self._record_sent = record_sent
         self._record_dropped = record_dropped
         self._on_frame_sent = on_frame_sent
-        self._video_limit = video_queue
+        self._video_limit = video_queue + hold_frames(video_hold)
+        self._video_hold = video_hold
         self._audio_space = asyncio.Semaphore(audio_queue // 2)  # whole frames of audio
-        self.video: SessionVideoTrack | None = SessionVideoTrack(self, still_every) if video else None
+        self.video: SessionVideoTrack | None = SessionVideoTrack(self, still_every, video_hold) if video else None
         self.audio: SessionAudioTrack | None = SessionAudioTrack(self, fec=opus_fec, dtx=opus_dtx) if audio else None
         self.counters = MediaCounters()
         self._parts_per_frame = (1 if video else 0) + (2 if audio else 0)
@@ -353,7 +381,7 @@ class SessionMedia:
             self.audio._put(_Item(first, frame))
             self.audio._put(_Item(second, frame, due=frame.presentation_time + CHUNK_S))
         if self.video is not None:
-            self.video._put_frame(_Item(None, frame), self._video_limit)
+            self.video._put_frame(_Item(None, frame, due=video_due(frame, self._video_hold)), self._video_limit)
 
     def _on_video_dropped(self, frame: OutputFrame) -> None:
         self.counters.video_frames_dropped += 1

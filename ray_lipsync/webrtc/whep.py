@@ -18,6 +18,8 @@ only packetizes them.
   matters).
 - A viewer whose sender lags loses its own oldest video packets (and asks for a keyframe);
   the session and the other viewers are not slowed. Audio is queued up to `AUDIO_QUEUE`.
+- Video leaves `webrtc.video_hold_ms` after its audio, as for a session's own peer (a WHEP
+  player is a plain `<video>` element: `WebRTCConfig.video_hold_ms`).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from ray_lipsync.webrtc.peer import (
     vp8_codecs,
 )
 from ray_lipsync.webrtc.rtcp import LinkFeedback
-from ray_lipsync.webrtc.tracks import CHUNK_S, audio_chunks
+from ray_lipsync.webrtc.tracks import CHUNK_S, audio_chunks, hold_frames, video_due, wait_due
 
 if TYPE_CHECKING:
     from ray_lipsync.types import OutputFrame
@@ -58,13 +60,15 @@ AUDIO_QUEUE = 150  # packets (3 s)
 
 
 class ViewerTrack(MediaStreamTrack):
-    """One viewer's video or audio: pops the shared encode's packets (waits for a chunk's due
-    time, at most one chunk early, so audio leaves every 20 ms)."""
+    """One viewer's video or audio: pops the shared encode's packets (waits for a packet's due
+    time, at most `most_early` seconds: audio leaves every 20 ms, video after its hold)."""
 
-    def __init__(self, kind: str, limit: int, on_drop: Callable[[], None] | None = None) -> None:
+    def __init__(self, kind: str, limit: int, on_drop: Callable[[], None] | None = None,
+                 most_early: float = CHUNK_S) -> None:
         super().__init__()
         self.kind = kind
         self._limit = limit
+        self._most_early = most_early
         self._on_drop = on_drop
         self._queue: collections.deque[tuple[av.Packet, float | None]] = collections.deque()
         self._ready = asyncio.Event()
@@ -96,10 +100,7 @@ class ViewerTrack(MediaStreamTrack):
         if self.readyState != "live":
             raise MediaStreamError
         packet, due = self._queue.popleft()
-        if due is not None:
-            wait = min(CHUNK_S, due - time.time())
-            if wait > 0:
-                await asyncio.sleep(wait)
+        await wait_due(due, time.time, self._most_early)
         self.sent += 1
         return packet
 
@@ -129,9 +130,11 @@ class ViewerRate:
 class SharedEncode:
     """One VP8 + one Opus encode of a session's frames for all of its WHEP viewers."""
 
-    def __init__(self, frames: FrameBuffer, bounds: BitrateBounds, still_every: int = STILL_EVERY) -> None:
+    def __init__(self, frames: FrameBuffer, bounds: BitrateBounds, still_every: int = STILL_EVERY,
+                 video_hold: float = 0.0) -> None:
         self._frames = frames
         self.bounds = bounds
+        self.video_hold = video_hold
         self.video = Vp8Stream(bitrate=bounds.start_bps, still_every=still_every)
         self.audio = OpusStream()
         self._tracks: dict[str, list[ViewerTrack]] = {}
@@ -139,6 +142,13 @@ class SharedEncode:
         self.frames_encoded = 0
         self.last_frame: int | None = None  # index of the last frame encoded
         self._task = asyncio.get_running_loop().create_task(self._run(), name="whep-encode")
+
+    def track(self, kind: str) -> ViewerTrack:
+        """A new viewer's track of `kind` (video: its queue bound grows by the frames held)."""
+        if kind == "video":
+            return ViewerTrack(kind, VIDEO_QUEUE + hold_frames(self.video_hold),
+                               on_drop=self.video.request_keyframe, most_early=self.video_hold)
+        return ViewerTrack(kind, AUDIO_QUEUE)
 
     def add(self, viewer_id: str, tracks: list[ViewerTrack]) -> None:
         self._tracks[viewer_id] = tracks
@@ -182,9 +192,10 @@ class SharedEncode:
         image = np.asarray(frame.image)
         if any(t.kind == "video" for t in tracks) and not self.video.skips(image):
             packet = await loop.run_in_executor(None, self.video.encode, image, int(frame.pts))
+            due = video_due(frame, self.video_hold)
             for track in tracks:
                 if track.kind == "video":
-                    track.put(packet)
+                    track.put(packet, due)
         first, second = audio_chunks(frame)
         packets = [(self.audio.encode(first), None), (self.audio.encode(second), frame.presentation_time + CHUNK_S)]
         for track in tracks:
@@ -229,8 +240,7 @@ class WhepViewer:
                              f"section Opus): {exc.__class__.__name__}: {exc}") from exc
         shared = self._shared
         for kind in kinds:
-            track = ViewerTrack(kind, VIDEO_QUEUE if kind == "video" else AUDIO_QUEUE,
-                                on_drop=shared.video.request_keyframe)
+            track = shared.track(kind)
             sender = self._pc.addTrack(track)
             self.tracks.append(track)
             if kind == "video":
@@ -267,11 +277,12 @@ class WhepViewers:
     """
 
     def __init__(self, frames: Callable[[], FrameBuffer], *, max_viewers: int, bounds: BitrateBounds,
-                 still_every: int, ice_servers: list[dict] | None) -> None:
+                 still_every: int, ice_servers: list[dict] | None, video_hold: float = 0.0) -> None:
         self._attach = frames
         self.max_viewers = max_viewers
         self._bounds = bounds
         self._still_every = still_every
+        self._video_hold = video_hold
         self._ice_servers = ice_servers
         self._viewers: dict[str, WhepViewer] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -287,7 +298,7 @@ class WhepViewers:
         """A new viewer from its offer: (viewer id, SDP answer). ValueError: unusable offer."""
         parse_offer(sdp, "offer")  # refuse garbage before any encode starts
         if self.shared is None:
-            self.shared = SharedEncode(self._attach(), self._bounds, self._still_every)
+            self.shared = SharedEncode(self._attach(), self._bounds, self._still_every, self._video_hold)
         viewer = WhepViewer(secrets.token_urlsafe(12), self.shared, self._ice_servers, self._forget)
         self._viewers[viewer.viewer_id] = viewer
         try:
