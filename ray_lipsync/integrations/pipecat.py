@@ -11,7 +11,8 @@ the server requires one) and connects to it over WebRTC (aiortc, receive-only); 
 `OutputImageRawFrame`s and `SpeechOutputAudioRawFrame`s with presentation timestamps (ns,
 from the RTP timestamps of both tracks, which the server stamps from one media clock).
 Images are pushed after the audio that precedes them and marked `sync_with_audio`, so the
-output transport shows frame k as its audio plays. `TTSStoppedFrame` -> flush (end of the
+output transport shows frame k as its audio plays (so the offer asks for no video hold,
+`video_hold_ms: 0`: the server's hold is for plain `<video>` players). `TTSStoppedFrame` -> flush (end of the
 utterance), `InterruptionFrame` -> clear (the server cuts the speech at the next frame; the
 speech already in flight is muted here), `EndFrame` / `CancelFrame` -> close the session.
 With `listening_state=True`, `UserStartedSpeakingFrame` sets the avatar's silent state to
