@@ -126,9 +126,9 @@ class _Item:
 
 class _SessionTrack(MediaStreamTrack):
     """A track whose recv() pops what the media source queued (no own pacing): an item
-    leaves when it is ready and due, at most `most_early` seconds after it was popped."""
+    leaves when it is ready and due, waiting at most `max_wait` seconds for that."""
 
-    most_early = CHUNK_S
+    max_wait = CHUNK_S
 
     def __init__(self, media: "SessionMedia") -> None:
         super().__init__()
@@ -159,7 +159,7 @@ class _SessionTrack(MediaStreamTrack):
                 continue
             break
         out = await self._media_of(item)
-        await wait_due(item.due, self._media._now, self.most_early)
+        await wait_due(item.due, self._media._now, self.max_wait)
         self._media._on_sent(self.kind, item.frame)
         return out
 
@@ -188,7 +188,7 @@ class SessionVideoTrack(_SessionTrack):
     def __init__(self, media: "SessionMedia", still_every: int = STILL_EVERY, hold: float = 0.0) -> None:
         super().__init__(media)
         self.encoder = Vp8Stream(still_every=still_every)
-        self.most_early = hold
+        self.max_wait = hold
 
     def _left_out(self, item: _Item) -> bool:
         return self.encoder.skips(np.asarray(item.frame.image))

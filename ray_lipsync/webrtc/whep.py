@@ -61,14 +61,14 @@ AUDIO_QUEUE = 150  # packets (3 s)
 
 class ViewerTrack(MediaStreamTrack):
     """One viewer's video or audio: pops the shared encode's packets (waits for a packet's due
-    time, at most `most_early` seconds: audio leaves every 20 ms, video after its hold)."""
+    time, waiting at most `max_wait` seconds: audio leaves every 20 ms, video after its hold)."""
 
     def __init__(self, kind: str, limit: int, on_drop: Callable[[], None] | None = None,
-                 most_early: float = CHUNK_S) -> None:
+                 max_wait: float = CHUNK_S) -> None:
         super().__init__()
         self.kind = kind
         self._limit = limit
-        self._most_early = most_early
+        self._max_wait = max_wait
         self._on_drop = on_drop
         self._queue: collections.deque[tuple[av.Packet, float | None]] = collections.deque()
         self._ready = asyncio.Event()
@@ -100,7 +100,7 @@ class ViewerTrack(MediaStreamTrack):
         if self.readyState != "live":
             raise MediaStreamError
         packet, due = self._queue.popleft()
-        await wait_due(due, time.time, self._most_early)
+        await wait_due(due, time.time, self._max_wait)
         self.sent += 1
         return packet
 
@@ -147,7 +147,7 @@ class SharedEncode:
         """A new viewer's track of `kind` (video: its queue bound grows by the frames held)."""
         if kind == "video":
             return ViewerTrack(kind, VIDEO_QUEUE + hold_frames(self.video_hold),
-                               on_drop=self.video.request_keyframe, most_early=self.video_hold)
+                               on_drop=self.video.request_keyframe, max_wait=self.video_hold)
         return ViewerTrack(kind, AUDIO_QUEUE)
 
     def add(self, viewer_id: str, tracks: list[ViewerTrack]) -> None:
