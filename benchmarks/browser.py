@@ -220,7 +220,7 @@ async def benchmark(args) -> dict:
                                                 "cors_origins": [f"http://127.0.0.1:{site_port}"]}}
     settings = Settings(home=home, **sections)
     wavs = phrases()
-    lead = await articulation_lead_s(wavs["short"])
+    lead, mouth_frame = await articulation_lead_s(wavs["short"])
     recorder = SinkRecorder(args.sink_monitor) if args.sink_monitor else None
     async with AsyncExitStack() as stack:
         service = None
@@ -265,9 +265,9 @@ async def benchmark(args) -> dict:
 
         def analysed(d: dict, clock: str | None = None) -> dict:
             if service is None:
-                return analyse(d, None, None, args, clock, lead_s=lead)
+                return analyse(d, None, None, args, clock, lead_s=lead, mouth_frame=mouth_frame)
             return analyse(d, service.pipeline.records[d["internal"]], service.pipeline.pushes[d["internal"]],
-                           args, clock, lead_s=lead)
+                           args, clock, lead_s=lead, mouth_frame=mouth_frame)
 
         sessions = [analysed(d) for d in raw]
         by_clock = {}

@@ -12,6 +12,21 @@ MOUTH_THRESHOLD = 4.0  # mean |difference| from idle (0-255) above which the mou
 # below this in 5 frames in a row the mouth is idle again: the idle picture the codec brings
 # back after speech differs from the one before by up to ~5 (its quality at the bitrate varies)
 IDLE_THRESHOLD = 6.0
+PTS_PER_FRAME = 3600  # the video's RTP clock (90 kHz) per frame
+RTP_WRAP = 1 << 32
+
+
+def rtp_origin(starts: list[tuple[float, int]], seen: list[tuple[float, int]], mouth_frame: int) -> tuple[int | None, int, int]:
+    """The video's RTP timestamp of pts 0 (RTP = origin + pts, mod 2^32), from the short
+    phrases: (when posted, the utterance.start mark's pts) and (when posted, the RTP timestamp
+    of the first moving frame shown), whose first moving frame is `mouth_frame` frames into
+    the utterance. Returns (origin, phrases that agree with it, phrases)."""
+    candidates = [(rtp - pts - mouth_frame * PTS_PER_FRAME) % RTP_WRAP
+                  for (_, pts), (_, rtp) in zip(starts, seen)]
+    if not candidates:
+        return None, 0, 0
+    origin = max(set(candidates), key=candidates.count)
+    return origin, candidates.count(origin), len(candidates)
 
 
 def audio_times(data: dict, clock_source: str) -> tuple[np.ndarray, np.ndarray]:
@@ -34,16 +49,23 @@ def audio_times(data: dict, clock_source: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def analyse(data: dict, rows: list[dict] | None, pushes: list | None, args, audio_clock: str | None = None,
-            lead_s: float | None = None) -> dict:
+            lead_s: float | None = None, mouth_frame: int | None = None) -> dict:
     """One viewer's figures. `rows`/`pushes`: the server's per-frame records (in-process runs);
     None against a server that keeps none (`ray-lipsync serve`): then the A/V offset is
     (sound - mouth at the viewer) - `lead_s` (the renderer's own sound-after-mouth lead for
-    the phrase), which in-process runs also report (`av_offset_lead_ms`) as its check."""
+    the phrase), which in-process runs also report (`av_offset_lead_ms`) as its check.
+    With the server's utterance marks (the module page) and `mouth_frame` (the short phrase's
+    first moving frame, counted in the utterance), an interrupt's `mouth_frame_ms` is when the
+    viewer showed the first frame after the cut, found by its RTP timestamp (`rtp_origin`),
+    with no reading of the picture."""
     origin = data["timeOrigin"]
     wall = lambda perf: (origin + perf) / 1000
     a_first, a_last = audio_times(data, audio_clock or args.audio_clock)
     video = np.asarray(data["video"], dtype=np.float64).reshape(-1, 4)
-    v_time, v_mouth = wall(video[:, 0]), video[:, 3]
+    v_time, v_rtp, v_mouth = wall(video[:, 0]), video[:, 2].astype(np.int64), video[:, 3]
+    marks = [(wall(m[0]), m[1], int(m[2]), m[3]) for m in data.get("marks", [])]
+    origin_seen: list[tuple[float, int]] = []  # (post, RTP of its first moving frame), short phrases
+    origin_starts: list[tuple[float, int]] = []  # (post, pts of its utterance.start mark)
     # motion at the viewer: two frames in a row over the threshold (a single frame can be the
     # codec's own change of an idle picture, e.g. a keyframe)
     over = v_mouth > MOUTH_THRESHOLD
@@ -66,6 +88,10 @@ def analyse(data: dict, rows: list[dict] | None, pushes: list | None, args, audi
             skipped["not_found"] += 1
             continue
         by_lead = None if lead_s is None else ((heard[0] - seen[0]) - lead_s) * 1000
+        start = next((m for m in marks if m[0] > t and m[1] == "utterance.start"), None)
+        if start is not None:
+            origin_starts.append((t, start[2]))
+            origin_seen.append((t, int(v_rtp[(v_time > t) & moving][0])))
         pushed = next((p for p in pushes if p[0] > t), None)
         utterances.append({
             "post_to_push_ms": None if pushed is None else (pushed[0] - t) * 1000,
@@ -79,8 +105,15 @@ def analyse(data: dict, rows: list[dict] | None, pushes: list | None, args, audi
             "viewer_audio_delay_ms": None if srv_audio is None else (heard[0] - srv_audio) * 1000,
             "viewer_video_delay_ms": None if srv_mouth is None else (seen[0] - srv_mouth) * 1000,
         })
+    rtp0, agree, phrases = (None, 0, 0) if mouth_frame is None else rtp_origin(origin_starts, origin_seen, mouth_frame)
     for cut in data["interrupts"]:
         t = wall(cut["t"])
+        end = next((m for m in marks if m[0] > t and m[1] == "utterance.end" and m[3]), None)
+        mouth_frame_at = None
+        if rtp0 is not None and end is not None:  # the first frame after the cut: pts of the last one + 1
+            first_idle = (rtp0 + end[2] + PTS_PER_FRAME) % RTP_WRAP
+            shown = np.flatnonzero((v_time > t) & ((v_rtp - first_idle) % RTP_WRAP < RTP_WRAP // 2))
+            mouth_frame_at = v_time[shown[0]] if len(shown) else None
         after = a_last[(a_last > t - 0.5)]
         loud_after = a_first[a_first > t]
         # the sound ends at the last loud sample before a >= 200 ms quiet stretch
@@ -100,10 +133,12 @@ def analyse(data: dict, rows: list[dict] | None, pushes: list | None, args, audi
         if quiet_at is None or idle is None or not len(loud_after):
             continue
         interrupts.append({"how": cut["how"], "audio_ms": (quiet_at - t) * 1000, "mouth_ms": (idle - t) * 1000,
+                           "mouth_frame_ms": None if mouth_frame_at is None else (mouth_frame_at - t) * 1000,
                            "server_cut_ms": None if srv_idle is None else (srv_idle - t) * 1000,
                            "event_ms": None if event is None else (event - t) * 1000})
     stats = data["stats"]
     return {"chromium": data["rtc"], "skipped": skipped,"session": data["session"], "utterances": utterances, "interrupts": interrupts,
+            "rtp_origin_phrases": [agree, phrases],
             "frames_dropped": stats.get("frames_dropped"), "drops": stats.get("drops"),
             "frames_sent": stats.get("frames_sent"), "latency_ms_p50": stats.get("latency_ms_p50"),
             "latency_ms_p99": stats.get("latency_ms_p99"), "page_errors": data["errors"]}
@@ -135,6 +170,8 @@ def summarise(sessions: list[dict]) -> dict:
         "interrupt_mouth_ms_p50": med([c["mouth_ms"] for c in cuts if c["how"] == "page"]),
         "interrupt_api_audio_ms_p50": med([c["audio_ms"] for c in cuts if c["how"] == "api"]),
         "interrupt_api_mouth_ms_p50": med([c["mouth_ms"] for c in cuts if c["how"] == "api"]),
+        "interrupt_mouth_frame_ms_p50": med([c["mouth_frame_ms"] for c in cuts if c["how"] == "page" and c["mouth_frame_ms"] is not None]),
+        "interrupt_api_mouth_frame_ms_p50": med([c["mouth_frame_ms"] for c in cuts if c["how"] == "api" and c["mouth_frame_ms"] is not None]),
         "interrupt_api_event_ms_p50": med([c["event_ms"] for c in cuts if c["how"] == "api" and c["event_ms"] is not None]),
         "interrupt_server_cut_ms_p50": med([c["server_cut_ms"] for c in cuts if c["server_cut_ms"] is not None]),
         "frames_dropped": sum(s["frames_dropped"] or 0 for s in sessions),

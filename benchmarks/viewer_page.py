@@ -49,6 +49,11 @@ PROBE_JS = """async ({ delayMs, loud, box, size, wavs, server }) => {
   // the client module's page: when the SSE `interrupt` event reached it (a plain page has none)
   b.interruptEvents = [];
   if (app.avatar) app.avatar.addEventListener("interrupt", () => b.interruptEvents.push(performance.now()));
+  // the server's utterance marks (the module page): which frame (pts) an utterance starts and
+  // ends at, to find a given frame among those shown (rtpTimestamp = a fixed origin + pts)
+  b.marks = [];
+  if (app.avatar) for (const name of ["utterance.start", "utterance.end"])
+    app.avatar.addEventListener(name, (e) => b.marks.push([performance.now(), name, e.detail.pts, e.detail.interrupted ?? null]));
   const onFrame = (now, meta) => {
     if (b.ref) {
       const px = grab(); let sum = 0, n = 0;
@@ -99,7 +104,7 @@ COLLECT_JS = """async () => {
       rtc.playout_ms = 1000 * r.totalPlayoutDelay / r.totalSamplesCount;
   });
   return { rtc, audio: b.audio, video: b.video, clock: b.clock, posts: b.posts, interrupts: b.interrupts, interrupt_events: b.interruptEvents,
-           timeOrigin: b.timeOrigin, rate: b.rate, session: app.session, stats: s };
+           marks: b.marks, timeOrigin: b.timeOrigin, rate: b.rate, session: app.session, stats: s };
 }"""
 
 

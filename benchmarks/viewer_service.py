@@ -167,11 +167,12 @@ def default_avatar():
     return load_render_avatar(Settings(home=Path(tempfile.gettempdir()) / "lipsync-browser-avatar"), None)
 
 
-async def articulation_lead_s(wav64: str) -> float:
+async def articulation_lead_s(wav64: str) -> tuple[float, int]:
     """When the first loud sample of the phrase comes after the first moving mouth frame, as the
     service itself sends them (a LocalPipeline session of the default avatar, no WebRTC): the
     server-side part of (sound at the viewer - mouth at the viewer), which the A/V offset of a
-    run without server records subtracts."""
+    run without server records subtracts; and that frame's place in the utterance (0 = its
+    first frame)."""
     with wave.open(io.BytesIO(base64.b64decode(wav64))) as w:
         samples = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32767
 
@@ -195,4 +196,4 @@ async def articulation_lead_s(wav64: str) -> float:
     mouth = next(k for k, _, signal in rows if signal > MOUTH_THRESHOLD)
     sound = next(k * 0.04 + np.flatnonzero(np.abs(a) > LOUD)[0] / 16000 for k, a, _ in rows
                  if a is not None and (np.abs(a) > LOUD).any())
-    return float(sound - mouth * 0.04)
+    return float(sound - mouth * 0.04), mouth
