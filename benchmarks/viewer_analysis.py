@@ -8,21 +8,21 @@ import statistics
 
 import numpy as np
 
+from ray_lipsync.clock import PTS_PER_FRAME
+
 MOUTH_THRESHOLD = 4.0  # mean |difference| from idle (0-255) above which the mouth moves (speech: ~8-12)
 # below this in 5 frames in a row the mouth is idle again: the idle picture the codec brings
 # back after speech differs from the one before by up to ~5 (its quality at the bitrate varies)
 IDLE_THRESHOLD = 6.0
-PTS_PER_FRAME = 3600  # the video's RTP clock (90 kHz) per frame
 RTP_WRAP = 1 << 32
 
 
-def rtp_origin(starts: list[tuple[float, int]], seen: list[tuple[float, int]], mouth_frame: int) -> tuple[int | None, int, int]:
+def rtp_origin(phrases: list[tuple[int, int]], mouth_frame: int) -> tuple[int | None, int, int]:
     """The video's RTP timestamp of pts 0 (RTP = origin + pts, mod 2^32), from the short
-    phrases: (when posted, the utterance.start mark's pts) and (when posted, the RTP timestamp
-    of the first moving frame shown), whose first moving frame is `mouth_frame` frames into
-    the utterance. Returns (origin, phrases that agree with it, phrases)."""
-    candidates = [(rtp - pts - mouth_frame * PTS_PER_FRAME) % RTP_WRAP
-                  for (_, pts), (_, rtp) in zip(starts, seen)]
+    phrases: (pts of the utterance.start mark, RTP timestamp of the first moving frame shown),
+    whose first moving frame is `mouth_frame` frames into the utterance. Returns (origin,
+    phrases that agree with it, phrases)."""
+    candidates = [(rtp - pts - mouth_frame * PTS_PER_FRAME) % RTP_WRAP for pts, rtp in phrases]
     if not candidates:
         return None, 0, 0
     origin = max(set(candidates), key=candidates.count)
@@ -64,8 +64,7 @@ def analyse(data: dict, rows: list[dict] | None, pushes: list | None, args, audi
     video = np.asarray(data["video"], dtype=np.float64).reshape(-1, 4)
     v_time, v_rtp, v_mouth = wall(video[:, 0]), video[:, 2].astype(np.int64), video[:, 3]
     marks = [(wall(m[0]), m[1], int(m[2]), m[3]) for m in data.get("marks", [])]
-    origin_seen: list[tuple[float, int]] = []  # (post, RTP of its first moving frame), short phrases
-    origin_starts: list[tuple[float, int]] = []  # (post, pts of its utterance.start mark)
+    origin_phrases: list[tuple[int, int]] = []  # short phrases: (pts of utterance.start, RTP of the first moving frame)
     # motion at the viewer: two frames in a row over the threshold (a single frame can be the
     # codec's own change of an idle picture, e.g. a keyframe)
     over = v_mouth > MOUTH_THRESHOLD
@@ -83,15 +82,15 @@ def analyse(data: dict, rows: list[dict] | None, pushes: list | None, args, audi
             skipped["still_audible"] += 1  # the previous phrase still plays: no clean onset
             continue
         heard = a_first[a_first > t]
-        seen = v_time[(v_time > t) & moving]
+        shown = (v_time > t) & moving
+        seen = v_time[shown]
         if (rows is not None and (srv_audio is None or srv_mouth is None)) or not len(heard) or not len(seen):
             skipped["not_found"] += 1
             continue
         by_lead = None if lead_s is None else ((heard[0] - seen[0]) - lead_s) * 1000
         start = next((m for m in marks if m[0] > t and m[1] == "utterance.start"), None)
         if start is not None:
-            origin_starts.append((t, start[2]))
-            origin_seen.append((t, int(v_rtp[(v_time > t) & moving][0])))
+            origin_phrases.append((start[2], int(v_rtp[shown][0])))
         pushed = next((p for p in pushes if p[0] > t), None)
         utterances.append({
             "post_to_push_ms": None if pushed is None else (pushed[0] - t) * 1000,
@@ -105,7 +104,7 @@ def analyse(data: dict, rows: list[dict] | None, pushes: list | None, args, audi
             "viewer_audio_delay_ms": None if srv_audio is None else (heard[0] - srv_audio) * 1000,
             "viewer_video_delay_ms": None if srv_mouth is None else (seen[0] - srv_mouth) * 1000,
         })
-    rtp0, agree, phrases = (None, 0, 0) if mouth_frame is None else rtp_origin(origin_starts, origin_seen, mouth_frame)
+    rtp0, agree, phrases = (None, 0, 0) if mouth_frame is None else rtp_origin(origin_phrases, mouth_frame)
     for cut in data["interrupts"]:
         t = wall(cut["t"])
         end = next((m for m in marks if m[0] > t and m[1] == "utterance.end" and m[3]), None)

@@ -332,3 +332,23 @@ def make_frame(k: int, *, audio: np.ndarray | None = None, size: int = 64, t: fl
     image = np.full((size, size, 3), k % 256, dtype=np.uint8)
     samples = np.zeros(SAMPLES_PER_FRAME, np.float32) if audio is None else audio
     return OutputFrame("s", 0, k, image, samples, video_pts(k), t)
+
+
+TONE = np.full(SAMPLES_PER_FRAME, 0.1, np.float32)  # a frame's audio that is never silence
+
+
+async def paced_frames(n: int, t0: float):
+    """Frames 0..n-1 (audio `TONE`), each yielded at its presentation time t0 + 40 ms * k,
+    like the session's frames."""
+    for k in range(n):
+        await asyncio.sleep(max(0.0, t0 + 0.04 * k - time.time()))
+        yield make_frame(k, audio=TONE, t=t0 + 0.04 * k)
+
+
+async def sent_times(track, n: int) -> list[tuple[float, int]]:
+    """(wall time, pts) of the next `n` packets a track hands its sender."""
+    sent = []
+    for _ in range(n):
+        packet = await track.recv()
+        sent.append((time.time(), int(packet.pts)))
+    return sent

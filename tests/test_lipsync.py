@@ -12,53 +12,32 @@ import asyncio
 import statistics
 import time
 
-import numpy as np
 from aiortc.codecs.opus import OpusEncoder
 
-from ray_lipsync.clock import PTS_PER_FRAME, SAMPLES_PER_FRAME
-from ray_lipsync.types import OutputFrame
+from helpers import TONE, make_frame, paced_frames, sent_times
+from ray_lipsync.clock import PTS_PER_FRAME
 from ray_lipsync.webrtc.client import ReceiverClient
 from ray_lipsync.webrtc.encoder import OpusStream
 from ray_lipsync.webrtc.peer import SessionPeer
 from ray_lipsync.webrtc.tracks import SessionMedia, audio_chunks
 
 
-def frame(k: int, t: float) -> OutputFrame:
-    image = np.full((64, 64, 3), k % 256, dtype=np.uint8)
-    audio = np.full(SAMPLES_PER_FRAME, 0.1, np.float32)
-    return OutputFrame("s", 0, k, image, audio, PTS_PER_FRAME * k, t)
-
-
 def test_opus_packets_leave_with_their_own_chunk():
     """One packet per 20 ms chunk at once (aiortc's resampling encoder lags a chunk)."""
     stream, packer = OpusStream(), OpusEncoder()
     for k in range(3):
-        for i, chunk in enumerate(audio_chunks(frame(k, 0.0))):
+        for i, chunk in enumerate(audio_chunks(make_frame(k, audio=TONE))):
             packet = stream.encode(chunk)
             payloads, timestamp = packer.pack(packet)  # what aiortc's sender does with it
             assert len(payloads) == 1 and payloads[0]
             assert timestamp == 960 * (2 * k + i)  # RTP clock 48 kHz
 
 
-async def paced(n: int, t0: float):
-    """Frames yielded at their presentation times t0 + 40 ms * k, like Session.frames()."""
-    for k in range(n):
-        await asyncio.sleep(max(0.0, t0 + 0.04 * k - time.time()))
-        yield frame(k, t0 + 0.04 * k)
-
-
-async def take(track, n: int, into: list) -> None:
-    for _ in range(n):
-        packet = await track.recv()
-        into.append((time.time(), int(packet.pts)))
-
-
 def test_audio_and_video_leave_at_the_session_clock_times():
     async def main():
         t0 = time.time() + 0.2
-        media = SessionMedia(paced(40, t0), video_queue=40)
-        video, audio = [], []
-        await asyncio.gather(take(media.video, 40, video), take(media.audio, 80, audio))
+        media = SessionMedia(paced_frames(40, t0), video_queue=40)
+        video, audio = await asyncio.gather(sent_times(media.video, 40), sent_times(media.audio, 80))
         await media.stop()
         return t0, video, audio
 
@@ -84,9 +63,8 @@ def test_a_video_hold_sends_each_frame_that_long_after_its_audio():
 
     async def main():
         t0 = time.time() + 0.2
-        media = SessionMedia(paced(40, t0), video_hold=hold)  # default queue bound + the frames held
-        video, audio = [], []
-        await asyncio.gather(take(media.video, 40, video), take(media.audio, 80, audio))
+        media = SessionMedia(paced_frames(40, t0), video_hold=hold)  # default queue bound + the frames held
+        video, audio = await asyncio.gather(sent_times(media.video, 40), sent_times(media.audio, 80))
         await media.stop()
         return t0, video, audio, media.counters
 

@@ -12,12 +12,11 @@ import asyncio
 import statistics
 import time
 
-import numpy as np
 import pytest
 
-from ray_lipsync.clock import PTS_PER_FRAME, SAMPLES_PER_FRAME
+from ray_lipsync.clock import PTS_PER_FRAME
 from ray_lipsync.webrtc.client import ReceiverClient
-from helpers import loud_ms, make, make_frame, new_session, variant
+from helpers import loud_ms, make, new_session, paced_frames, sent_times, variant
 from speech import speech, to_wav_bytes
 
 pytestmark = pytest.mark.anyio
@@ -115,24 +114,11 @@ async def test_whep_video_leaves_its_hold_after_the_audio():
     from ray_lipsync.webrtc.whep import SharedEncode
 
     hold, n, t0 = 0.04, 25, time.time() + 0.2
-
-    async def paced():  # like the session's fan-out buffer: frame k at t0 + 40 ms * k
-        for k in range(n + 5):  # a few more than taken: the tracks stop when the source ends
-            await asyncio.sleep(max(0.0, t0 + 0.04 * k - time.time()))
-            yield make_frame(k, audio=np.full(SAMPLES_PER_FRAME, 0.1, np.float32), t=t0 + 0.04 * k)
-
-    shared = SharedEncode(paced(), BitrateBounds(), video_hold=hold)
+    # a few more frames than taken: the tracks stop when the source ends
+    shared = SharedEncode(paced_frames(n + 5, t0), BitrateBounds(), video_hold=hold)
     video, audio = shared.track("video"), shared.track("audio")
     shared.add("viewer", [video, audio])
-
-    async def take(track, count: int) -> list[tuple[float, int]]:
-        sent = []
-        for _ in range(count):
-            packet = await track.recv()
-            sent.append((time.time(), int(packet.pts)))
-        return sent
-
-    sent_video, sent_audio = await asyncio.gather(take(video, n), take(audio, 2 * n))
+    sent_video, sent_audio = await asyncio.gather(sent_times(video, n), sent_times(audio, 2 * n))
     await shared.close()
     assert video.dropped == 0 and [pts for _, pts in sent_video] == [PTS_PER_FRAME * k for k in range(n)]
     video_late = [t - (t0 + pts / 90000) for t, pts in sent_video]
