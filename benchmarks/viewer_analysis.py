@@ -63,7 +63,8 @@ def analyse(data: dict, rows: list[dict] | None, pushes: list | None, args, audi
     a_first, a_last = audio_times(data, audio_clock or args.audio_clock)
     video = np.asarray(data["video"], dtype=np.float64).reshape(-1, 4)
     v_time, v_rtp, v_mouth = wall(video[:, 0]), video[:, 2].astype(np.int64), video[:, 3]
-    marks = [(wall(m[0]), m[1], int(m[2]), m[3]) for m in data.get("marks", [])]
+    marks = [(wall(m[0]), m[1], None if m[2] is None else int(m[2]), m[3], m[4] if len(m) > 4 else None)
+             for m in data.get("marks", [])]
     origin_phrases: list[tuple[int, int]] = []  # short phrases: (pts of utterance.start, RTP of the first moving frame)
     # motion at the viewer: two frames in a row over the threshold (a single frame can be the
     # codec's own change of an idle picture, e.g. a keyframe)
@@ -94,6 +95,7 @@ def analyse(data: dict, rows: list[dict] | None, pushes: list | None, args, audi
         pushed = next((p for p in pushes if p[0] > t), None)
         utterances.append({
             "post_to_push_ms": None if pushed is None else (pushed[0] - t) * 1000,
+            "starts_in_ms": post.get("starts_in_ms"),  # the server's answer: when its first frame is presented
             "playout_delay_ms": None if pushed is None or pushed[1] is None else pushed[1] * 1000,
             "recent_latency_p99_ms": float(np.quantile(pushed[2], 0.99)) if pushed and pushed[2] else None,
             "since_connect_s": (heard[0] if srv_audio is None else srv_audio) - connected,
@@ -108,9 +110,13 @@ def analyse(data: dict, rows: list[dict] | None, pushes: list | None, args, audi
     for cut in data["interrupts"]:
         t = wall(cut["t"])
         end = next((m for m in marks if m[0] > t and m[1] == "utterance.end" and m[3]), None)
+        start = next((m for m in reversed(marks) if m[0] < t and m[1] == "utterance.start"), None)
         mouth_frame_at = None
-        if rtp0 is not None and end is not None:  # the first frame after the cut: pts of the last one + 1
-            first_idle = (rtp0 + end[2] + PTS_PER_FRAME) % RTP_WRAP
+        if rtp0 is not None and end is not None and start is not None and end[4] is not None:
+            # the first frame after the cut: the cut utterance's first frame + the frames it
+            # played (its end mark is on that frame when the cut came after its new last frame
+            # had left, as it usually does, else on the frame before)
+            first_idle = (rtp0 + start[2] + -(-end[4] * 90 // PTS_PER_FRAME) * PTS_PER_FRAME) % RTP_WRAP
             shown = np.flatnonzero((v_time > t) & ((v_rtp - first_idle) % RTP_WRAP < RTP_WRAP // 2))
             mouth_frame_at = v_time[shown[0]] if len(shown) else None
         after = a_last[(a_last > t - 0.5)]
@@ -165,6 +171,10 @@ def summarise(sessions: list[dict]) -> dict:
         "abs_av_offset_ms_max_from_2s": max((abs(u["av_offset_ms"]) for u in later), default=None),
         "abs_av_offset_ms_p90_from_2s": p([abs(u["av_offset_ms"]) for u in later], 0.9),
         "av_offset_ms_first_2s": [round(u["av_offset_ms"], 1) for u in utts if u["since_connect_s"] < 2.0],
+        # each session's first utterance against the rest: heard, and the server's playout delay
+        "onset_audio_ms_first": [round(s["utterances"][0]["onset_audio_ms"], 1) for s in sessions if s["utterances"]],
+        "starts_in_ms_first": [s["utterances"][0]["starts_in_ms"] for s in sessions if s["utterances"]],
+        "starts_in_ms_p50": med([u["starts_in_ms"] for u in utts if u["starts_in_ms"] is not None]),
         "interrupt_audio_ms_p50": med([c["audio_ms"] for c in cuts if c["how"] == "page"]),
         "interrupt_mouth_ms_p50": med([c["mouth_ms"] for c in cuts if c["how"] == "page"]),
         "interrupt_api_audio_ms_p50": med([c["audio_ms"] for c in cuts if c["how"] == "api"]),

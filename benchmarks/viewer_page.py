@@ -50,10 +50,12 @@ PROBE_JS = """async ({ delayMs, loud, box, size, wavs, server }) => {
   b.interruptEvents = [];
   if (app.avatar) app.avatar.addEventListener("interrupt", () => b.interruptEvents.push(performance.now()));
   // the server's utterance marks (the module page): which frame (pts) an utterance starts and
-  // ends at, to find a given frame among those shown (rtpTimestamp = a fixed origin + pts)
+  // ends at and how much of it played, to find a given frame among those shown
+  // (rtpTimestamp = a fixed origin + pts)
   b.marks = [];
   if (app.avatar) for (const name of ["utterance.start", "utterance.end"])
-    app.avatar.addEventListener(name, (e) => b.marks.push([performance.now(), name, e.detail.pts, e.detail.interrupted ?? null]));
+    app.avatar.addEventListener(name, (e) => b.marks.push([performance.now(), name, e.detail.pts,
+                                                          e.detail.interrupted ?? null, e.detail.played_ms ?? null]));
   const onFrame = (now, meta) => {
     if (b.ref) {
       const px = grab(); let sum = 0, n = 0;
@@ -72,7 +74,9 @@ PROBE_JS = """async ({ delayMs, loud, box, size, wavs, server }) => {
     const t = performance.now();
     const r = await fetch(`${server}/v1/sessions/${app.session}/audio`, { method: "POST", body: b.wavs[name],
                           headers: { ...auth(), "Content-Type": "audio/wav" } });
-    b.posts.push({ name, t, status: r.status, answered: performance.now() });
+    const answered = performance.now();
+    const answer = r.ok ? await r.json() : {};  // starts_in_ms: the playout delay the server gave it
+    b.posts.push({ name, t, status: r.status, answered, starts_in_ms: answer.starts_in_ms ?? null });
   };
   b.interrupt = async (how) => {  // "page": the page's Interrupt button; "api": a bare POST
     const t = performance.now();

@@ -85,6 +85,10 @@ async def test_uploads_are_queued_whole_or_not_at_all(lipsync_settings):
         # fits: accepted whole; a second one that does not fit now: 429 + Retry-After, nothing queued
         r = await client.post(url, content=to_wav_bytes(tone[:24000]), headers=wav)
         assert r.status_code == 202 and r.json()["duration_ms"] == 1500
+        # presented no sooner than the adaptive D's floor after it came, at most its upper bound
+        # (on the first frame boundary after it: + a frame)
+        pipeline = lipsync_settings.pipeline
+        assert pipeline.playout_min_ms - 1 <= r.json()["starts_in_ms"] <= pipeline.playout_delay_ms + 41, r.text
         before = await queued(client, sid, auth)
         r = await client.post(url, content=pieces(to_wav_bytes(tone[:24000])), headers=wav)
         assert r.status_code == 429 and r.json()["error"] == "backpressure"

@@ -162,12 +162,30 @@ def test_streamed_speech_gets_the_d_it_needs(lipsync_settings):
     assert not late, f"{len(late)} frames of the streamed reply missed their time with D={b.delay_s:.3f}"
 
 
+NONE = {False: [], True: []}  # a session's needs before it measured any
+
+
 def test_a_new_session_starts_from_what_other_sessions_needed():
     p = policy()
-    assert p.seeded([]) == p
-    assert p.seeded([80.0] * 10).delay_s([]) == pytest.approx(0.12)
+    assert p.seeded([]) == p and p.delay_for(NONE, streamed=False) == 0.25  # playout_initial_ms
+    assert p.seeded([80.0] * 10).delay_for(NONE, streamed=False) == pytest.approx(0.12)
     fixed = policy(playout_adaptive=False)
-    assert fixed.seeded([80.0] * 10).delay_s([]) == 0.3
+    assert fixed.seeded([80.0] * 10).delay_for(NONE, streamed=False) == 0.3
+
+
+def test_an_utterance_reads_the_needs_of_its_kind():
+    """Pushed whole and streamed utterances need different D (a streamed frame also waits for
+    its own audio): each reads its kind's needs, its session's own first, then the other
+    sessions'; with none of its kind anywhere, the other kind's; else playout_initial_ms."""
+    p = policy().seeded([80.0] * 10, [190.0] * 10)  # other sessions: whole 80 ms, streamed 190 ms
+    assert p.delay_for(NONE, streamed=False) == pytest.approx(0.12)
+    assert p.delay_for(NONE, streamed=True) == pytest.approx(0.23)
+    own = {False: [70.0] * 10, True: []}  # this session pushed whole speech so far
+    assert p.delay_for(own, streamed=False) == pytest.approx(0.11)
+    assert p.delay_for(own, streamed=True) == pytest.approx(0.23)  # the others' streams, not its own whole
+    only_streams = policy().seeded([], [190.0] * 10)
+    assert only_streams.delay_for(NONE, streamed=False) == pytest.approx(0.23)  # nothing whole measured
+    assert only_streams.delay_for(own, streamed=False) == pytest.approx(0.11)
 
 
 def first_utterances(settings, close_first: bool):
@@ -209,6 +227,38 @@ def test_a_session_after_a_closed_one_starts_from_what_that_one_needed(lipsync_s
     assert pushed.delay_s < 0.6
 
 
+def test_a_stream_beside_it_does_not_set_a_pushed_utterances_first_d(lipsync_settings):
+    """A closed session pushed whole speech; a talker streams in real time and stays: a new
+    session's first utterance, pushed whole, gets the D the whole speech needed (the
+    streamed frames' needs, which hold the wait for their own audio, are kept apart)."""
+    settings = tuned(lipsync_settings, playout_delay_ms=600, playout_min_ms=40, playout_initial_ms=600)
+
+    async def main():
+        pipeline = LocalPipeline(settings)
+        first = await pipeline.create_session()
+        rx = Receiver(first)
+        utt = await first.push_audio(speech("Fine."), "a")
+        await rx.until_frame(utt.end_frame + 2)
+        await rx.stop()
+        whole = first.playout_needs_ms()
+        await pipeline.close_session(first.session_id)
+        talker = await pipeline.create_session()
+        rx = Receiver(talker)
+        streamed = await push_in_real_time(talker, speech("Streaming avatars need steady latency."), "t")
+        await rx.until_frame(streamed.end_frame + 2)
+        talker_needs = (talker.playout_needs_ms(), talker.playout_needs_ms(streamed=True))
+        new = await pipeline.create_session()
+        pushed = await new.push_audio(speech("Fine."), "b")
+        await rx.stop()
+        await pipeline.shutdown()
+        return whole, talker_needs, pushed
+
+    whole, (talker_whole, talker_streamed), pushed = asyncio.run(main())
+    assert talker_streamed and not talker_whole, talker_whole
+    p99 = sorted(whole)[int(0.99 * len(whole))] / 1000
+    assert pushed.delay_s == pytest.approx(max(0.04, min(0.6, p99 + 0.04)))
+
+
 def test_a_starting_gateway_speaks_once_so_the_first_session_starts_measured(lipsync_settings):
     """Gateway.warm_playout: a throwaway session speaks through the pipeline at start, so the
     very first client session's first utterance gets a measured D, not playout_initial_ms;
@@ -241,14 +291,15 @@ def test_frame_timings_keep_each_speech_frames_latency_and_need():
     from ray_lipsync.streaming.timings import FrameTimings
 
     timings = FrameTimings()
-    utterance = SimpleNamespace(placed_at=100.0, start_frame=10)  # first pushed at t = 100 s
+    utterance = SimpleNamespace(placed_at=100.0, start_frame=10, streamed=False)  # first pushed at t = 100 s
     timings.audio_ready(10 * SAMPLES_PER_FRAME, 13 * SAMPLES_PER_FRAME, when=100.05)  # frames 10-12
     # frame 12 (80 ms into its utterance) back at 100.2 s: needed 120 ms of D, 150 ms latency
     latency = timings.result(12, 100.2, utterance, served=True)
-    assert latency == pytest.approx(150.0) and list(timings.needs_ms) == [pytest.approx(120.0)]
+    assert latency == pytest.approx(150.0) and list(timings.needs_ms[False]) == [pytest.approx(120.0)]
     timings.record_latency(latency)
     assert timings.latency_quantiles(0.5, 0.99) == [pytest.approx(150.0)] * 2
     assert timings.result(11, 100.3, utterance, served=False) == pytest.approx(250.0)  # shed: no need
     timings.shown(10)
     assert timings.result(10, 100.4, utterance, served=True) is None  # shown before it came back
-    assert len(timings.needs_ms) == 2 and FrameTimings().latency_quantiles(0.5) == [None]
+    assert len(timings.needs_ms[False]) == 2 and not timings.needs_ms[True]
+    assert FrameTimings().latency_quantiles(0.5) == [None]

@@ -317,7 +317,8 @@ class Gateway:
         A streamed utterance is pushed in pieces: every piece but the last with final=False,
         the later ones with the utterance_id the first push returned, the last with
         final=True. Returns {utterance_id, duration_ms, start_frame, end_frame} of the
-        whole utterance so far.
+        whole utterance so far and `starts_in_ms`: how long after its first piece arrived its
+        first frame is presented (the playout delay it got, or later behind queued speech).
         """
         entry = self._entry(session_id, token, compat=compat)
         samples = np.ascontiguousarray(samples, dtype=np.float32).reshape(-1)
@@ -325,9 +326,12 @@ class Gateway:
             raise MalformedAudio("the audio piece is empty; send at least one sample")
         if interrupt:
             await self._interrupt(entry)
-        utterance = await entry.session.push_audio(samples, utterance_id, final=final)
+        session = entry.session
+        utterance = await session.push_audio(samples, utterance_id, final=final)
+        starts_in = session.clock.presentation_time(utterance.start_frame) - (utterance.placed_at or time.time())
         return {"utterance_id": utterance.utterance_id, "duration_ms": utterance.duration_ms,
-                "start_frame": utterance.start_frame, "end_frame": utterance.end_frame}
+                "start_frame": utterance.start_frame, "end_frame": utterance.end_frame,
+                "starts_in_ms": max(0, round(starts_in * 1000))}
 
     async def interrupt(self, session_id: str | int, token: str | None = None, *,
                         compat: bool = False) -> dict:

@@ -46,6 +46,8 @@ class SessionDescription(BaseModel):
 class UtteranceAccepted(BaseModel):
     utterance_id: str
     duration_ms: int
+    starts_in_ms: int = Field(description="How long after it arrived the utterance's first frame "
+                              "is presented: the playout delay it got, or more behind queued speech.")
 
 
 class SpeakRequest(_Strict):

@@ -51,7 +51,7 @@ async def stream_upload(client: GatewayAPI, settings: Settings, *, session_id: s
                         token: str | None, content_type: str | None,
                         body: AsyncIterator[bytes], interrupt: bool = False,
                         compat: bool = False) -> dict[str, Any]:
-    """Decode `body` as it arrives, then queue it whole: {utterance_id, duration_ms}."""
+    """Decode `body` as it arrives, then queue it whole: {utterance_id, duration_ms, starts_in_ms}."""
     from ray_lipsync.audio import open_stream, parse_content_type
 
     limits = settings.audio.model_copy(update={"max_seconds": longest_utterance_s(settings)})
@@ -100,7 +100,8 @@ async def push_decoded(client: GatewayAPI, settings: Settings, *, session_id: st
     check_fits(settings, len(samples))
     result = await client.push_audio(session_id=session_id, token=token,
                                      samples=samples, interrupt=interrupt, compat=compat)
-    return {"utterance_id": result["utterance_id"], "duration_ms": len(samples) * 1000 // PIPELINE_RATE}
+    return {"utterance_id": result["utterance_id"], "duration_ms": len(samples) * 1000 // PIPELINE_RATE,
+            "starts_in_ms": result["starts_in_ms"]}
 
 
 def parse_form(content_type: str, body: bytes) -> dict[str, tuple[bytes, str | None]]:

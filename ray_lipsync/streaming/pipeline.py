@@ -47,7 +47,8 @@ class SessionRegistry:
 
     def __init__(self, remembered_needs: int = REMEMBERED_NEEDS) -> None:
         self._sessions: dict[str, Session] = {}
-        self._closed_needs: collections.deque[float] = collections.deque(maxlen=remembered_needs)
+        self._closed_needs: dict[bool, collections.deque[float]] = {
+            streamed: collections.deque(maxlen=remembered_needs) for streamed in (False, True)}
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -67,13 +68,15 @@ class SessionRegistry:
     def forget(self, session_id: str) -> None:
         session = self._sessions.pop(session_id, None)
         if session is not None:
-            self._closed_needs.extend(session.playout_needs_ms()[-self._closed_needs.maxlen:])
+            for streamed, needs in self._closed_needs.items():
+                needs.extend(session.playout_needs_ms(streamed)[-(needs.maxlen or 0):])
 
-    def playout_needs(self, window: int) -> list[float]:
-        """The last `window` playout needs (ms) of the closed sessions and of each open one."""
-        needs = list(self._closed_needs)[-window:]
+    def playout_needs(self, window: int, streamed: bool = False) -> list[float]:
+        """The last `window` playout needs (ms) of the closed sessions and of each open one,
+        of their utterances pushed whole (`streamed`: of their streamed ones)."""
+        needs = list(self._closed_needs[streamed])[-window:]
         for session in self.sessions():
-            needs.extend(session.playout_needs_ms()[-window:])
+            needs.extend(session.playout_needs_ms(streamed)[-window:])
         return needs
 
     async def close_all(self) -> None:

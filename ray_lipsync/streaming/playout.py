@@ -9,16 +9,19 @@ the push arrived (and never before the end of speech already queued). So
   clock's, always;
 - an utterance is contiguous from its first to its last sample: speech is never stretched or
   cut, D changes only in the silence between utterances;
-- `D` is `p99(need of the last playout_window speech frames) + playout_margin_ms`
-  (before the session measured anything: what the pipeline's other sessions needed, live or
-  closed in the last 10 s of their speech, else `playout_initial_ms`), clamped to
-  `[playout_min_ms, playout_delay_ms]`. The *need* of frame k is how much of its utterance's
-  D it needed: `ready time - (first push of its utterance + 40 ms x its place in it)`. For
-  speech pushed at once that is the pipeline's latency for the first frames (later ones are
-  early); for speech streamed in real time (microphone, streaming TTS) it also
-  holds the wait for the frame's own 40 ms of audio and the lookahead, so both kinds get
-  the D they need without being told apart. Frames whose image came too late count too
-  (their need exceeds D), so D grows after drops.
+- `D` is `p99(need of the last playout_window speech frames) + playout_margin_ms`, clamped
+  to `[playout_min_ms, playout_delay_ms]`. The *need* of frame k is how much of its
+  utterance's D it needed: `ready time - (first push of its utterance + 40 ms x its place in
+  it)`. For speech pushed whole that is the pipeline's latency for the first frames (later
+  ones are early); for speech streamed in real time (microphone, streaming TTS) it also
+  holds the wait for the frame's own 40 ms of audio and the lookahead. So the needs of the
+  two kinds of utterance are kept apart (`Utterance.streamed`: its first push was not
+  final), and a new utterance reads those of its kind: its session's own; before the
+  session measured any, what the pipeline's other sessions needed when it was created (live
+  ones, and the last 10 s of speech of closed ones); with none of its kind anywhere, the
+  other kind's, in the same order; else `playout_initial_ms`. (A talker streaming beside it
+  must not give a pushed utterance the D a stream needs.) Frames whose image came too late
+  count too (their need exceeds D), so D grows after drops.
 
 `new_clock` puts t0 so that frame 0 is presented `playout_min_ms` after the session was
 created; with `playout_adaptive=False` D is the fixed `playout_delay_ms` (t0 = creation).
@@ -27,7 +30,7 @@ created; with `playout_adaptive=False` D is the fixed `playout_delay_ms` (t0 = c
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -38,7 +41,7 @@ __all__ = ["PlayoutPolicy", "new_clock", "policy_for_new_session"]
 
 
 class _KnowsNeeds(Protocol):
-    def playout_needs(self, window: int) -> list[float]: ...
+    def playout_needs(self, window: int, streamed: bool = False) -> list[float]: ...
 
 
 def _p99(values: Sequence[float]) -> float:
@@ -56,6 +59,9 @@ class PlayoutPolicy:
     margin_s: float
     window: int
     adaptive: bool = True
+    # what the pipeline's other sessions needed when this session was created (`seeded`):
+    # (of utterances pushed whole, of streamed ones), ms
+    prior_ms: tuple[tuple[float, ...], tuple[float, ...]] = ((), ())
 
     @classmethod
     def from_config(cls, config: PipelineConfig) -> PlayoutPolicy:
@@ -80,15 +86,24 @@ class PlayoutPolicy:
         return min(self.max_s, max(self.min_s, wanted))
 
 
-    def seeded(self, needs_ms: Sequence[float]) -> PlayoutPolicy:
-        """This policy with a first-utterance D from other sessions' needs (on the same engine).
+    def delay_for(self, needs_ms: Mapping[bool, Sequence[float]], streamed: bool) -> float:
+        """D for a new utterance, streamed or pushed whole, of a session whose needs so far
+        are `needs_ms` (by kind, oldest first): from the first of (its own of that kind, the
+        prior of that kind, its own of the other kind, the prior of the other kind) that
+        holds any (module docstring)."""
+        prior = self.prior_ms
+        for needs in (needs_ms[streamed], prior[streamed], needs_ms[not streamed], prior[not streamed]):
+            if needs:
+                return self.delay_s(needs)
+        return self.delay_s(())
 
-        A new session has measured nothing; what the engine's other sessions needed lately is
-        a better first guess than the upper bound. Nothing measured: unchanged.
-        """
-        if not self.adaptive or not needs_ms:
+    def seeded(self, whole_ms: Sequence[float], streamed_ms: Sequence[float] = ()) -> PlayoutPolicy:
+        """This policy with the needs other sessions (on the same engine) had: utterances
+        pushed whole, streamed ones. A new session has measured nothing; what the others
+        needed lately is a better first guess than the upper bound."""
+        if not self.adaptive or not (whole_ms or streamed_ms):
             return self
-        return replace(self, initial_s=self.delay_s(needs_ms))
+        return replace(self, prior_ms=(tuple(whole_ms), tuple(streamed_ms)))
 
 
 def new_clock(policy: PlayoutPolicy, now: float | None = None) -> SessionClock:
@@ -105,4 +120,4 @@ def policy_for_new_session(config: PipelineConfig, sessions: _KnowsNeeds) -> Pla
     """The policy of a new session, its first D seeded by what the pipeline's sessions needed
     (open ones and the remembered needs of closed ones: SessionRegistry.playout_needs)."""
     policy = PlayoutPolicy.from_config(config)
-    return policy.seeded(sessions.playout_needs(policy.window))
+    return policy.seeded(sessions.playout_needs(policy.window), sessions.playout_needs(policy.window, streamed=True))

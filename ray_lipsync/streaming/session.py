@@ -170,7 +170,7 @@ class Session:
         samples = np.asarray(samples, dtype=np.float32)
         if samples.ndim != 1:
             raise MalformedAudio(f"push mono 16 kHz samples (1-D), got an array of shape {samples.shape}")
-        delay = None if self._playout is None else self._playout.delay_s(self._timings.needs_ms)
+        delay = None if self._playout is None else self._playout.delay_for(self._timings.needs_ms, streamed=not final)
         placement = self._timeline.place(samples, time.time(), utterance_id, final, delay)
         self._wake.set()
         return placement.utterance
@@ -464,9 +464,10 @@ class Session:
     def latencies_ms(self) -> list[float]:
         return list(self._timings.latencies_ms)
 
-    def playout_needs_ms(self) -> list[float]:
-        """Per speech frame, the D it needed in ms (what the playout policy reads)."""
-        return list(self._timings.needs_ms)
+    def playout_needs_ms(self, streamed: bool = False) -> list[float]:
+        """Per speech frame of its utterances pushed whole (`streamed`: of its streamed ones),
+        the D it needed in ms (what the playout policy reads)."""
+        return list(self._timings.needs_ms[streamed])
 
     def stats(self) -> SessionStats:
         p50, p95, p99 = self._timings.latency_quantiles(0.5, 0.95, 0.99)

@@ -35,6 +35,7 @@ class Utterance:
     end_sample: int
     delay_s: float | None = None  # its playout delay D (None: the clock's)
     placed_at: float | None = None  # wall time of its first push
+    streamed: bool = False  # its first push was not final: it comes in pieces (a stream, a microphone)
     spans: list[list[int]] = field(default_factory=list)  # [start, stop) of its audio
     interrupted: bool = False
 
@@ -145,7 +146,7 @@ class SessionTimeline:
             uid = utterance_id or uuid.uuid4().hex[:12]
             start = self._align(start)
             utt = Utterance(uid, start // SAMPLES_PER_FRAME, start // SAMPLES_PER_FRAME, start, start,
-                            delay_s, now)
+                            delay_s, now, streamed=not final)
             self.utterances[uid] = utt
         self.audio.write(start, samples.astype(np.float32, copy=False))
         utt.add_span(start, start + len(samples))

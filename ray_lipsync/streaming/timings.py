@@ -1,5 +1,7 @@
 """What a session's speech frames took: each one's latency (all its audio at the engine -> its
-image back) and the playout delay D it needed (what the playout policy reads, playout.py)."""
+image back) and the playout delay D it needed (what the playout policy reads, playout.py), kept
+apart for utterances pushed whole and streamed ones (`Utterance.streamed`): a streamed frame
+also needed the wait for its own audio."""
 
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ class FrameTimings:
     def __init__(self) -> None:
         self._audio_at: dict[int, float] = {}  # frame -> time its last sample reached the engine
         self.latencies_ms: deque[float] = deque(maxlen=HISTORY)
-        self.needs_ms: deque[float] = deque(maxlen=HISTORY)
+        # by kind of utterance: False pushed whole, True streamed
+        self.needs_ms: dict[bool, deque[float]] = {kind: deque(maxlen=HISTORY) for kind in (False, True)}
 
     def audio_ready(self, start: int, stop: int, when: float) -> None:
         """Frames whose last sample lies in samples [start, stop) have all their audio at `when`."""
@@ -36,7 +39,8 @@ class FrameTimings:
         ms (None if its audio was not seen going out), for `record_latency` once it is used."""
         arrived = self._audio_at.pop(k, None)
         if served and utterance is not None and utterance.placed_at is not None:
-            self.needs_ms.append((at - utterance.placed_at - (k - utterance.start_frame) * FRAME_MS / 1000) * 1000)
+            need = (at - utterance.placed_at - (k - utterance.start_frame) * FRAME_MS / 1000) * 1000
+            self.needs_ms[utterance.streamed].append(need)
         return None if arrived is None else (at - arrived) * 1000
 
     def record_latency(self, latency_ms: float | None) -> None:
