@@ -188,18 +188,23 @@ def test_an_utterance_reads_the_needs_of_its_kind():
     assert only_streams.delay_for(own, streamed=False) == pytest.approx(0.11)
 
 
+async def spoken(pipeline: LocalPipeline, voice: np.ndarray, utterance_id: str):
+    """A new session says `voice` (pushed whole) until its end is out: (it, its needs)."""
+    session = await pipeline.create_session()
+    rx = Receiver(session)
+    utt = await session.push_audio(voice, utterance_id)
+    await rx.until_frame(utt.end_frame + 2)
+    await rx.stop()
+    return session, session.playout_needs_ms()
+
+
 def first_utterances(settings, close_first: bool):
     """A first session speaks once; a second one (after the first closed, or beside it) is
     created and pushes its first utterance: (that push, the first session's needs)."""
 
     async def main():
         pipeline = LocalPipeline(settings)
-        first = await pipeline.create_session()
-        rx = Receiver(first)
-        utt = await first.push_audio(speech("Fine."), "a")
-        await rx.until_frame(utt.end_frame + 2)
-        await rx.stop()
-        needs = first.playout_needs_ms()
+        first, needs = await spoken(pipeline, speech("Fine."), "a")
         if close_first:
             await pipeline.close_session(first.session_id)
         second = await pipeline.create_session()
@@ -235,12 +240,7 @@ def test_a_stream_beside_it_does_not_set_a_pushed_utterances_first_d(lipsync_set
 
     async def main():
         pipeline = LocalPipeline(settings)
-        first = await pipeline.create_session()
-        rx = Receiver(first)
-        utt = await first.push_audio(speech("Fine."), "a")
-        await rx.until_frame(utt.end_frame + 2)
-        await rx.stop()
-        whole = first.playout_needs_ms()
+        first, whole = await spoken(pipeline, speech("Fine."), "a")
         await pipeline.close_session(first.session_id)
         talker = await pipeline.create_session()
         rx = Receiver(talker)
