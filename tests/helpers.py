@@ -68,8 +68,8 @@ async def new_session(client: httpx.AsyncClient) -> tuple[str, dict]:
     return body["session_id"], {"Authorization": f"Bearer {body['token']}"}
 
 
-async def connect(client: httpx.AsyncClient, sid: str, auth: dict) -> ReceiverClient:
-    receiver = ReceiverClient(ice_servers=[])
+async def connect(client: httpx.AsyncClient, sid: str, auth: dict, events: bool = False) -> ReceiverClient:
+    receiver = ReceiverClient(ice_servers=[], events=events)
     r = await client.post(f"/v1/sessions/{sid}/offer", json=await receiver.offer(), headers=auth)
     assert r.status_code == 200, r.text
     await receiver.accept(r.json())

@@ -176,8 +176,14 @@ async def test_a_failed_connection_keeps_the_session_for_a_new_offer(lipsync_set
     await gateway.shutdown()
 
 
+def cut_event_of(cut: dict, utterance_id: str) -> dict:
+    """The `interrupt` event an /interrupt answer `cut` announces."""
+    return {"epoch": cut["epoch"], "utterance_id": utterance_id, "played_ms": cut["played_ms"]}
+
+
 async def test_speech_over_http_and_webrtc_with_events(lipsync_settings):
-    """Upload (streamed WAV), /speak (TTS), ?interrupt=true, /interrupt, SSE, DELETE."""
+    """Upload (streamed WAV), /speak (TTS), ?interrupt=true, /interrupt, SSE and the same
+    events on the peer's "events" data channel, DELETE."""
     gateway, client = make(lipsync_settings)
     async with client:
         sid, auth = await new_session(client)
@@ -190,7 +196,7 @@ async def test_speech_over_http_and_webrtc_with_events(lipsync_settings):
 
         listener = asyncio.create_task(listen())
         sse = asyncio.create_task(client.get(f"/v1/sessions/{sid}/events?token={token}"))
-        receiver = await connect(client, sid, auth)
+        receiver = await connect(client, sid, auth, events=True)
 
         clip = speech("The quick brown fox jumps over the lazy dog.")
         sent_at = time.monotonic()
@@ -224,7 +230,9 @@ async def test_speech_over_http_and_webrtc_with_events(lipsync_settings):
         assert cut["epoch"] == 2 and cut["utterance_id"] == replacing and cut["interrupted"] is True
         assert 0 < cut["played_ms"] < 1500 and cut["played_ms"] % 40 == 0, cut
         interrupted_at = time.monotonic()
+        assert await receiver.wait_event("interrupt", timeout=5, after=4) == cut_event_of(cut, replacing)
         await asyncio.sleep(0.5)
+        on_channel = [(e, d) for _, e, d in receiver.received.events]
         assert (await client.delete(f"/v1/sessions/{sid}", headers=auth)).status_code == 204
         await asyncio.wait_for(listener, 5)
         text = (await asyncio.wait_for(sse, 5)).text
@@ -238,7 +246,9 @@ async def test_speech_over_http_and_webrtc_with_events(lipsync_settings):
                      ("utterance.start", replacing), ("interrupt", replacing), ("utterance.end", replacing),
                      ("session.closed", None)], names
     cut_event = next(d for _, e, d in events if e == "interrupt" and d["utterance_id"] == replacing)
-    assert cut_event == {"epoch": cut["epoch"], "utterance_id": replacing, "played_ms": cut["played_ms"]}
+    assert cut_event == cut_event_of(cut, replacing)
+    # the data channel had the same events, in the same order (up to the close)
+    assert on_channel == [(e, d) for _, e, d in events][:len(on_channel)] and len(on_channel) >= len(events) - 1
     times = {(e, d.get("utterance_id")): t for t, e, d in events}
     start_t = times[("utterance.start", upload["utterance_id"])]
     end_t = times[("utterance.end", upload["utterance_id"])]
@@ -257,6 +267,27 @@ async def test_speech_over_http_and_webrtc_with_events(lipsync_settings):
     # the received audio holds the uploaded speech, as long as it was (energy VAD)
     rate = receiver.received.audio_rate
     assert abs(loud_ms(heard, rate) - loud_ms(clip, 16000)) <= 60, (loud_ms(heard, rate), loud_ms(clip, 16000))
+
+
+async def test_a_data_channel_other_than_events_is_closed(lipsync_settings):
+    """Only the "events" channel is served; the server closes any other (and reads nothing
+    from either); the session streams on."""
+    gateway, client = make(lipsync_settings)
+    async with client:
+        sid, auth = await new_session(client)
+        receiver = ReceiverClient(ice_servers=[], events=True)
+        other = receiver._pc.createDataChannel("other")  # noqa: SLF001 - a client's extra channel
+        r = await client.post(f"/v1/sessions/{sid}/offer", json=await receiver.offer(), headers=auth)
+        await receiver.accept(r.json())
+        await receiver.wait_first_video(timeout=5)
+        closed = asyncio.Event()
+        other.on("close", closed.set)
+        if other.readyState != "closed":
+            await asyncio.wait_for(closed.wait(), 5)
+        r = await client.post(f"/v1/sessions/{sid}/speak", headers=auth, json={"text": "Hello."})
+        assert (await receiver.wait_event("utterance.start", timeout=5))["utterance_id"] == r.json()["utterance_id"]
+        await receiver.close()
+        await gateway.shutdown()
 
 
 async def test_audio_upload_errors(lipsync_settings):

@@ -144,11 +144,29 @@ def test_page_holds_video_as_long_as_audio(service, browser):
 
 
 AUDIO_ENABLED = "app.pc.getReceivers().find((r) => r.track && r.track.kind === 'audio').track.enabled"
+def settled_energy(page, timeout_s: float = 30.0) -> float:
+    """The page's received audio energy once it stopped growing (nothing audible arriving)."""
+    deadline, last = time.monotonic() + timeout_s, page.evaluate(AUDIO_ENERGY)
+    while True:
+        page.wait_for_timeout(200)
+        now = page.evaluate(AUDIO_ENERGY)
+        if now - last < 1e-5:
+            return now
+        assert time.monotonic() < deadline, "the received audio never went quiet"
+        last = now
+
+
+AUDIO_ENERGY = """app.pc.getStats().then((stats) => {
+  let energy = 0;  // grows while sound is received
+  stats.forEach((r) => { if (r.type === "inbound-rtp" && r.kind === "audio") energy = r.totalAudioEnergy || 0; });
+  return energy;
+})"""
 
 
 def test_an_api_interrupt_silences_what_the_page_buffered(service, browser):
-    """Another client (a voice agent) cuts the speech: the SSE `interrupt` event makes the page
-    silence the audio it already holds at once, and sound comes back after it drained."""
+    """Another client (a voice agent) cuts the speech: the `interrupt` event makes the page
+    silence the audio it already holds at once, and sound comes back after it drained; the
+    event comes over the SSE stream and the "events" data channel, each enough alone."""
     import httpx
 
     page = browser.new_page()
@@ -165,4 +183,15 @@ def test_an_api_interrupt_silences_what_the_page_buffered(service, browser):
     assert r.status_code == 200 and r.json()["interrupted"] is True, r.text
     page.wait_for_function(f"!({AUDIO_ENABLED})", timeout=2_000)  # silenced by the event
     page.wait_for_function(AUDIO_ENABLED, timeout=5_000)  # and back once the buffer drained
+    # without the SSE stream: the data channel alone
+    page.evaluate("app.avatar._events.close()")
+    before = settled_energy(page)
+    page.click("#speak")  # its events come over the data channel only now: wait for its sound
+    deadline = time.monotonic() + 30
+    while page.evaluate(AUDIO_ENERGY) < before + 1e-3:
+        assert time.monotonic() < deadline, "the second phrase was never heard"
+        page.wait_for_timeout(50)
+    r = httpx.post(f"{service}/v1/sessions/{session}/interrupt", headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 200 and r.json()["interrupted"] is True, r.text
+    page.wait_for_function(f"!({AUDIO_ENABLED})", timeout=2_000)
     page.close()

@@ -253,6 +253,7 @@ class Gateway:
             on_frame_sent=lambda frame: self._on_frame_sent(entry, frame),
             on_closed=lambda failed: self._on_peer_closed(entry, generation, failed),
             frames=lambda: self._viewer_frames(entry),
+            events=entry.events.subscribe,
         )
         entry.offered_at = time.monotonic()
         entry.lost_at = None

@@ -24,7 +24,8 @@ class PeerFactory(Protocol):
     def __call__(self, session: Any, *, ice_servers: list[dict] | None, bitrate: BitrateBounds,
                  on_frame_sent: Callable[[OutputFrame], None],
                  still_every: int, opus_dtx: str, video_hold: float, on_closed: Callable[[bool], Any],
-                 frames: Callable[[], AsyncIterator[OutputFrame]]) -> Any: ...
+                 frames: Callable[[], AsyncIterator[OutputFrame]],
+                 events: Callable[[], AsyncIterator[tuple[str, dict]]]) -> Any: ...
 
 
 def default_peer_factory(session: Any, **kwargs: Any) -> Any:

@@ -16,7 +16,9 @@
 // video receiver holds each picture as long as the audio is held (jitterBufferTarget = the
 // audio's jitter buffer + playout delay, from getStats every 200 ms), so the mouth moves with
 // the sound from the first second; an interrupt (this client's or any other's, through the
-// SSE `interrupt` event) silences the audio already buffered here at once.
+// `interrupt` event: from the SSE stream or the peer connection's "events" data channel,
+// which does not pass the HTTP proxy, whichever comes first) silences the audio already
+// buffered here at once.
 //
 // Events (CustomEvent, data in `detail`): the server's "utterance.start", "utterance.end",
 // "interrupt", "avatar.state", "session.state", "session.connection", "session.closed"; and this module's
@@ -114,6 +116,7 @@ export class AvatarSession extends EventTarget {
     this._unmuteTimer = null;
     this._lastStats = { audio: null, playout: null };
     this._syncPaused = false;
+    this._interruptEpoch = null;  // the epoch of the last interrupt event acted on
     this._reconnecting = null;
     this._disconnectTimer = null;
   }
@@ -150,6 +153,11 @@ export class AvatarSession extends EventTarget {
     this._lastStats = { audio: null, playout: null };
     pc.addEventListener("connectionstatechange", () => this._onConnectionState(pc));
     pc.addEventListener("track", (event) => this._attach(event));
+    // the session's events on the peer connection too: an interrupt mutes without the HTTP path
+    pc.createDataChannel("events").addEventListener("message", (event) => {
+      const { event: name, data } = JSON.parse(event.data);
+      if (name === "interrupt") this._interrupted(data);
+    });
     pc.addTransceiver("video", { direction: "recvonly" });
     // audio is sendrecv from the start: the microphone comes and goes with replaceTrack
     this._mic.sender = pc.addTransceiver("audio", { direction: "sendrecv" }).sender;
@@ -232,7 +240,7 @@ export class AvatarSession extends EventTarget {
     this._events = new EventSource(url);  // EventSource sends no headers: the token is in the query
     for (const name of SERVER_EVENTS) {
       this._events.addEventListener(name, (event) => {
-        if (name === "interrupt") this._silenceBuffered();  // cut by any client
+        if (name === "interrupt") this._interrupted(JSON.parse(event.data));  // cut by any client
         if (name === "session.closed") this._events.close();  // else EventSource retries
         this._emit(name, JSON.parse(event.data));
       });
@@ -330,6 +338,13 @@ export class AvatarSession extends EventTarget {
     this.audioDelayMs = this.audioDelayMs === null ? delayMs : 0.7 * this.audioDelayMs + 0.3 * delayMs;
     const target = Math.round(this.audioDelayMs);
     if (Math.abs((receiver.jitterBufferTarget || 0) - target) >= 5) receiver.jitterBufferTarget = target;
+  }
+
+  // An interrupt's event (by any client), from the SSE stream or the data channel: once each.
+  _interrupted(detail) {
+    if (detail.epoch === this._interruptEpoch) return;
+    this._interruptEpoch = detail.epoch;
+    this._silenceBuffered();
   }
 
   // The server cuts from its next frame, but what this page buffered would play on: silence

@@ -2,13 +2,15 @@
 
 It offers to receive video and audio (and to send a microphone track if given one), reads
 every decoded frame and records what arrived: video frame arrival times and sizes, and the
-decoded audio as mono float32 at the received rate (Opus decodes to 48 kHz).
+decoded audio as mono float32 at the received rate (Opus decodes to 48 kHz); with
+`events=True` it also opens the "events" data channel and records the session's events.
 """
 
 from __future__ import annotations
 
 import asyncio
 import fractions
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -20,7 +22,7 @@ import numpy as np
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import AudioStreamTrack, MediaStreamError, MediaStreamTrack
 
-from ray_lipsync.webrtc.peer import ice_configuration
+from ray_lipsync.webrtc.peer import EVENTS_CHANNEL, ice_configuration
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,7 @@ class Received:
     audio_rate: int | None = None
     audio_frames: int = 0
     audio_samples: int = 0  # mono samples decoded (counted even when audio is not kept)
+    events: list[tuple[float, str, dict]] = field(default_factory=list)  # (monotonic time, event, data)
 
     @property
     def video_frames(self) -> int:
@@ -92,9 +95,12 @@ class ReceiverClient:
         ice_servers: list[dict] | None = None,
         keep_audio: bool = True,
         keep_images: bool = False,
+        events: bool = False,
     ) -> None:
         self._pc = RTCPeerConnection(configuration=ice_configuration(ice_servers))
         self._mic = mic
+        self._events = events
+        self._event_arrived = asyncio.Event()
         self._keep_audio = keep_audio
         self._keep_images = keep_images
         self.received = Received()
@@ -111,6 +117,8 @@ class ReceiverClient:
     async def offer(self) -> dict:
         """Create the offer: receive video and audio; send audio too when a mic was given."""
         self.started_at = time.monotonic()
+        if self._events:
+            self._pc.createDataChannel(EVENTS_CHANNEL).on("message", self._on_event)
         self._pc.addTransceiver("video", direction="recvonly")
         if self._mic is not None:
             self._pc.addTransceiver(self._mic, direction="sendrecv")
@@ -127,6 +135,21 @@ class ReceiverClient:
         await asyncio.wait_for(self._first_video.wait(), timeout)
         assert self.first_video_at is not None and self.started_at is not None
         return self.first_video_at - self.started_at
+
+    async def wait_event(self, name: str, timeout: float, after: int = 0) -> dict:
+        """The data of the first `name` event among those received from the `after`-th on."""
+        async with asyncio.timeout(timeout):
+            while True:
+                found = next((d for _, n, d in self.received.events[after:] if n == name), None)
+                if found is not None:
+                    return found
+                self._event_arrived.clear()
+                await self._event_arrived.wait()
+
+    def _on_event(self, message: str | bytes) -> None:
+        event = json.loads(message)
+        self.received.events.append((time.monotonic(), event["event"], event["data"]))
+        self._event_arrived.set()
 
     async def close(self) -> None:
         await self._pc.close()

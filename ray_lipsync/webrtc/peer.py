@@ -13,19 +13,32 @@ fan-out's, so that recording and restream share the session's frames with the vi
 `on_closed(failed)` is called once when the connection ends by itself (`failed` True: ICE or
 DTLS failed, e.g. the client's network went away, so it may come back; False: the remote hung
 up, or the session's frame stream ended); it is not called when you call `close()` yourself.
+`events()` subscribes to the session's events (the gateway's `EventHub.subscribe`): a client
+that opens a data channel labelled "events" in its offer gets each one on it as
+`{"event", "data"}` JSON text, as its SSE stream has them but without the HTTP path (the
+client module mutes on an `interrupt` from whichever comes first); what the client sends on
+it is ignored, and a channel of another label is closed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+from aiortc import (
+    RTCConfiguration,
+    RTCDataChannel,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCRtpSender,
+    RTCSessionDescription,
+)
 from aiortc.mediastreams import MediaStreamTrack
 from aiortc.rtcrtpparameters import RTCRtpCodecCapability
 from aiortc.sdp import SessionDescription
@@ -46,6 +59,7 @@ log = logging.getLogger(__name__)
 MAX_SDP_BYTES = 200_000  # same bound as the API's OfferRequest
 _RECEIVING = ("sendrecv", "recvonly")  # offer directions in which the client receives
 _SENDING = ("sendrecv", "sendonly")  # offer directions in which the client sends
+EVENTS_CHANNEL = "events"  # the label of the data channel that carries the session's events
 
 
 def ice_configuration(ice_servers: list[dict] | None) -> RTCConfiguration:
@@ -126,9 +140,11 @@ class SessionPeer:
         on_frame_sent: Callable[[OutputFrame], None] | None = None,
         on_closed: Callable[[bool], Awaitable[None] | None] | None = None,
         frames: Callable[[], AsyncIterator[OutputFrame]] | None = None,
+        events: Callable[[], AsyncIterator[tuple[str, dict]]] | None = None,
     ) -> None:
         self.session = session
         self._frames = frames
+        self._events = events
         self._config = ice_configuration(ice_servers)
         self._bitrate = bitrate
         self._still_every = still_every
@@ -140,6 +156,7 @@ class SessionPeer:
         self._pc = RTCPeerConnection(configuration=self._config)
         self._pc.on("connectionstatechange", self._on_state_change)
         self._pc.on("track", self._on_remote_track)
+        self._pc.on("datachannel", self._on_datachannel)
         self.media: SessionMedia | None = None
         self.mic: MicReader | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -238,6 +255,22 @@ class SessionPeer:
             return
         self.mic = MicReader(self.session, track)
         self._spawn(self.mic.run(), "mic")
+
+    def _on_datachannel(self, channel: RTCDataChannel) -> None:
+        if channel.label != EVENTS_CHANNEL or self._events is None:
+            log.info("closing a data channel labelled %.40r (only %r is served)", channel.label, EVENTS_CHANNEL)
+            channel.close()
+            return
+        self._spawn(self._send_events(channel), "events-channel")
+
+    async def _send_events(self, channel: RTCDataChannel) -> None:
+        """The session's events on the client's "events" channel, until either closes."""
+        assert self._events is not None
+        async for name, data in self._events():
+            if channel.readyState != "open":
+                return
+            if name != "ping":  # the SSE keep-alive; SCTP has its own
+                channel.send(json.dumps({"event": name, "data": data}, separators=(",", ":")))
 
     async def _watch_media(self, media: SessionMedia) -> None:
         await media.wait_finished()
