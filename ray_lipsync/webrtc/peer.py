@@ -17,7 +17,7 @@ up, or the session's frame stream ended); it is not called when you call `close(
 that opens a data channel labelled "events" in its offer gets each one on it as
 `{"event", "data"}` JSON text, as its SSE stream has them but without the HTTP path (the
 client module mutes on an `interrupt` from whichever comes first); what the client sends on
-it is ignored, and a channel of another label is closed.
+it is ignored, and any other channel (another label, a second "events") is closed.
 """
 
 from __future__ import annotations
@@ -157,6 +157,7 @@ class SessionPeer:
         self._pc.on("connectionstatechange", self._on_state_change)
         self._pc.on("track", self._on_remote_track)
         self._pc.on("datachannel", self._on_datachannel)
+        self._events_channel: RTCDataChannel | None = None
         self.media: SessionMedia | None = None
         self.mic: MicReader | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -257,10 +258,11 @@ class SessionPeer:
         self._spawn(self.mic.run(), "mic")
 
     def _on_datachannel(self, channel: RTCDataChannel) -> None:
-        if channel.label != EVENTS_CHANNEL or self._events is None:
-            log.info("closing a data channel labelled %.40r (only %r is served)", channel.label, EVENTS_CHANNEL)
+        if channel.label != EVENTS_CHANNEL or self._events is None or self._events_channel is not None:
+            log.info("closing a data channel labelled %.40r (one %r is served)", channel.label, EVENTS_CHANNEL)
             channel.close()
             return
+        self._events_channel = channel
         self._spawn(self._send_events(channel), "events-channel")
 
     async def _send_events(self, channel: RTCDataChannel) -> None:
