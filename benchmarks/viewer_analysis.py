@@ -8,7 +8,7 @@ import statistics
 
 import numpy as np
 
-from ray_lipsync.clock import PTS_PER_FRAME
+from ray_lipsync.clock import FRAME_MS, PTS_PER_FRAME, video_pts
 
 MOUTH_THRESHOLD = 4.0  # mean |difference| from idle (0-255) above which the mouth moves (speech: ~8-12)
 # below this in 5 frames in a row the mouth is idle again: the idle picture the codec brings
@@ -116,7 +116,7 @@ def analyse(data: dict, rows: list[dict] | None, pushes: list | None, args, audi
             # the first frame after the cut: the cut utterance's first frame + the frames it
             # played (its end mark is on that frame when the cut came after its new last frame
             # had left, as it usually does, else on the frame before)
-            first_idle = (rtp0 + start[2] + -(-end[4] * 90 // PTS_PER_FRAME) * PTS_PER_FRAME) % RTP_WRAP
+            first_idle = (rtp0 + start[2] + video_pts(-(-end[4] // FRAME_MS))) % RTP_WRAP
             shown = np.flatnonzero((v_time > t) & ((v_rtp - first_idle) % RTP_WRAP < RTP_WRAP // 2))
             mouth_frame_at = v_time[shown[0]] if len(shown) else None
         after = a_last[(a_last > t - 0.5)]

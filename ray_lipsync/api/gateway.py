@@ -5,7 +5,8 @@ HTTP service needs: public session ids that name their home gateway (session_ids
 is where a session's peer lives, "pinned" is only ever said of its inference replica),
 per-session bearer tokens, a WebRTC peer per session, server-sent events when utterance
 frames are *sent*, and per-frame latency. What it keeps per session is session_entry.py;
-its background work (load sampling, shedding, closing expired sessions) housekeeping.py.
+its background work (load sampling, shedding, closing expired sessions) housekeeping.py; its
+start-up utterance warmup.py.
 Every method returns plain dicts so it can be called through a Serve handle.
 """
 
@@ -28,6 +29,7 @@ from ray_lipsync.api.housekeeping import Housekeeping
 from ray_lipsync.api.metrics import GatewayMetrics
 from ray_lipsync.api.session_entry import PeerFactory, SessionEntry, default_peer_factory
 from ray_lipsync.api.session_ids import new_session_ids
+from ray_lipsync.api.warmup import speak_once
 from ray_lipsync.clock import SAMPLE_RATE
 from ray_lipsync.config import Settings
 from ray_lipsync.egress.fanout import SessionFanout
@@ -45,7 +47,6 @@ WEBRTC_BUFFER = 250  # frames (10 s) the viewer's media may lag before its oldes
 WHEP_BUFFER = 50  # frames (2 s) the shared WHEP encode may lag before its oldest is dropped
 SESSION_STATS = ("replica", "epoch", "speaking", "state", "frames_sent", "frames_dropped", "drops",
                  "latency_ms_p50", "latency_ms_p95", "latency_ms_p99", "queued_audio_s")  # in `status`
-WARM_TEXT = "Hi there."  # what a starting gateway says in a throwaway session (~0.6 s)
 
 
 async def _close_part(entry: SessionEntry, what: str, part) -> None:
@@ -130,29 +131,8 @@ class Gateway:
     # ---- lifecycle -------------------------------------------------------------------
     async def warm_playout(self, timeout_s: float = 15.0) -> bool:
         """Speak once through the pipeline in a throwaway session (not a client's, not
-        counted), so that the first utterance of the first real session starts from the
-        playout delay this deployment measured, not from `playout_initial_ms`: the pipeline's
-        registry remembers what closed sessions needed (streaming/playout.py). False (and a
-        warning) if the pipeline could not do it in `timeout_s`; the service starts anyway."""
-        from ray_lipsync.tts import Synthesizer
-
-        session = None
-        try:
-            async with asyncio.timeout(timeout_s):
-                speech = await asyncio.to_thread(lambda: Synthesizer().synthesize(WARM_TEXT))
-                session = await self.pipeline.create_session()
-                utterance = await session.push_audio(speech)
-                async for frame in session.frames():
-                    if frame.frame_index >= utterance.end_frame:
-                        break
-            return True
-        except Exception:  # noqa: BLE001 - a slow or failing pipeline must not stop the start
-            logger.warning("the warm-up utterance did not complete; first utterances start at "
-                           "playout_initial_ms", exc_info=True)
-            return False
-        finally:
-            if session is not None:
-                await self.pipeline.close_session(session.session_id)
+        counted): warmup.py. The service starts anyway when it returns False."""
+        return await speak_once(self.pipeline, timeout_s)
 
     async def create_session(self, avatar: str = "default", backend: str | None = None) -> dict:
         """A new session on this gateway: {session_id, token, ice_servers, compat_id}."""

@@ -69,7 +69,7 @@ class SessionRegistry:
         session = self._sessions.pop(session_id, None)
         if session is not None:
             for streamed, needs in self._closed_needs.items():
-                needs.extend(session.playout_needs_ms(streamed)[-(needs.maxlen or 0):])
+                needs.extend(session.playout_needs_ms(streamed))  # the deque keeps the last ones
 
     def playout_needs(self, window: int, streamed: bool = False) -> list[float]:
         """The last `window` playout needs (ms) of the closed sessions and of each open one,

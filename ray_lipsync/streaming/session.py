@@ -170,7 +170,10 @@ class Session:
         samples = np.asarray(samples, dtype=np.float32)
         if samples.ndim != 1:
             raise MalformedAudio(f"push mono 16 kHz samples (1-D), got an array of shape {samples.shape}")
-        delay = None if self._playout is None else self._playout.delay_for(self._timings.needs_ms, streamed=not final)
+        # a piece continuing a streamed utterance keeps the D it started with (timeline.place)
+        continuing = utterance_id is not None and utterance_id == self._timeline.open_utterance
+        delay = (None if self._playout is None or continuing
+                 else self._playout.delay_for(self._timings.needs_ms, streamed=not final))
         placement = self._timeline.place(samples, time.time(), utterance_id, final, delay)
         self._wake.set()
         return placement.utterance
