@@ -93,9 +93,9 @@ class StockPeer:
         self._audio: asyncio.Queue = asyncio.Queue()
         self._video: asyncio.Queue = asyncio.Queue()
         self._pump: asyncio.Task | None = None
-        self.counters = type("Counters", (), {"video_frames_sent": 0})()
 
     def network(self) -> None:
+        """No link feedback here: aiortc's encoder follows REMB by itself."""
         return None
 
     async def answer(self, sdp: str) -> dict:
@@ -111,10 +111,7 @@ class StockPeer:
             async def recv(self):
                 if peer._pump is None:
                     peer._pump = asyncio.ensure_future(peer._run())
-                frame = await self._queue.get()
-                if self.kind == "video":
-                    peer.counters.video_frames_sent += 1
-                return frame
+                return await self._queue.get()
 
         await self._pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         for t in self._pc.getTransceivers():
@@ -168,9 +165,7 @@ def serve(conn, clip_seconds: float, path: str) -> None:
                 await asyncio.sleep(message["measure"])
                 after, t1 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
                 cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-                conn.send({"cpu_s": cpu, "wall_s": t1 - t0,
-                           "network": [p.network() for p in peers],
-                           "frames_sent": [p.counters.video_frames_sent for p in peers]})
+                conn.send({"cpu_s": cpu, "wall_s": t1 - t0, "network": [p.network() for p in peers]})
             elif "stop" in message:
                 await asyncio.gather(*(p.close() for p in peers))
                 conn.send({"stopped": True})
@@ -212,7 +207,7 @@ async def one_run(sessions: int, seconds: float, settle: float, clip_seconds: fl
             server.kill()
     server_pct = 100 * report["cpu_s"] / report["wall_s"]
     clients_pct = 100 * ((own1.ru_utime - own0.ru_utime) + (own1.ru_stime - own0.ru_stime)) / report["wall_s"]
-    sent_kbps = [round((n or {}).get("sent_bps", 0) / 1000) for n in report["network"]]
+    sent_kbps = [round(n["sent_bps"] / 1000) for n in report["network"] if n]
     return {"path": path, "sessions": sessions, "server_cpu_percent": round(server_pct, 2),
             "server_cpu_percent_per_session": round(server_pct / sessions, 2),
             "clients_cpu_percent": round(clients_pct, 1),
