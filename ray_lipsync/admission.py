@@ -9,10 +9,14 @@ each the median of its last `ESTIMATES` samples (a session's connection or a key
 one sample, not a trend):
 
 - `base_cores`: the host's CPU with no session on this gateway (Ray, the rest of the machine);
-  0 until such a sample exists (the sessions are then charged for it: cautious);
 - `idle_cores`: what one silent session adds, `(busy - base) / sessions` while none talks;
 - `talk_cores`: what one talking session adds,
   `(busy - base - idle x silent sessions) / talking`.
+
+The two per-session costs are measured only once a base has been: until then they are their
+priors (`IDLE_CORES_PRIOR`, `talk_cores_prior`). A gateway Serve adds on a busy host gets
+its first session within a second, before it has seen its host without one; charging that
+session the whole host's CPU made it refuse every later session on a host with room.
 
 A new session is admitted only if (`decide`):
 
@@ -93,6 +97,8 @@ class AdmissionPolicy:
         above_base = max(0.0, sample.busy_cores - self.base_cores)
         if sample.sessions == 0:
             self._base.append(sample.busy_cores)
+        elif not self._base:
+            pass  # nothing to measure a session's cost against yet: the priors stand
         elif sample.talking == 0:
             self._idle.append(above_base / sample.sessions)
         else:

@@ -57,6 +57,24 @@ def test_a_gateways_first_session_is_checked_while_other_gateways_hold_sessions(
     assert policy.decide(0, sessions_elsewhere=7).admit  # room again (median of the last 3)
 
 
+def test_a_gateway_that_never_saw_its_host_without_sessions_charges_them_the_priors():
+    """Serve adds a gateway on a host that other gateways keep busy, and the router gives it a
+    session before it has sampled the host without one: that session must not be charged the
+    whole host (which refused every later session while the host had room)."""
+    policy = AdmissionPolicy(CONFIG.model_copy(update={"talking_share": 0.25}))
+    for t in range(5):  # its one silent session, on a host 1.3 cores busy with the others'
+        policy.observe(sample(t, 1, 0, 1.3))
+    assert policy.idle_cores == pytest.approx(0.05) and policy.talk_cores == pytest.approx(0.25)
+    # 2 sessions, 1 of them would talk: 1.3 + 0.25 + 0.05 = 1.6 <= 1.7
+    assert policy.decide(1, sessions_elsewhere=10).admit
+    policy.observe(sample(5, 1, 0, 1.55))  # the host fills up: the budget still decides
+    policy.observe(sample(6, 1, 0, 1.55))
+    assert not policy.decide(1, sessions_elsewhere=10).admit
+    policy.observe(sample(7, 0, 0, 1.3))  # once it has seen the host without its sessions,
+    policy.observe(sample(8, 1, 0, 1.4))  # it measures what they cost
+    assert policy.idle_cores == pytest.approx(0.1)
+
+
 def test_sessions_elsewhere_counts_the_other_gateways_fresh_snapshots():
     pytest.importorskip("ray")
     from serve.deployment import SNAPSHOT_FRESH_S, sessions_elsewhere
