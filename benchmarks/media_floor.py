@@ -26,20 +26,24 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import av
 import numpy as np
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamTrack
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.latency import load_speech  # noqa: E402
-from ray_lipsync.clock import FPS, SAMPLE_RATE, video_pts  # noqa: E402
+from ray_lipsync.clock import FPS, SAMPLE_RATE, sample_range, video_pts  # noqa: E402
 from ray_lipsync.config import Settings  # noqa: E402
 from ray_lipsync.types import OutputFrame  # noqa: E402
+from ray_lipsync.webrtc.encoder import VIDEO_TIME_BASE  # noqa: E402
+from ray_lipsync.webrtc.tracks import audio_chunks  # noqa: E402
 
 log = logging.getLogger("benchmarks.media_floor")
-SAMPLES_PER_FRAME = SAMPLE_RATE // FPS
 
 
 def talking_clip(seconds: float) -> list[tuple[np.ndarray, np.ndarray, bool]]:
@@ -51,8 +55,8 @@ def talking_clip(seconds: float) -> list[tuple[np.ndarray, np.ndarray, bool]]:
     samples = load_speech(seconds)[0][: int(seconds * SAMPLE_RATE)].astype(np.float32)
     clip = []
     for f in render_frames(samples, load_avatar(settings, "default"), settings):
-        audio = samples[f.index * SAMPLES_PER_FRAME:(f.index + 1) * SAMPLES_PER_FRAME]
-        clip.append((np.array(f.image), audio, f.speech))
+        start, stop = sample_range(f.index)
+        clip.append((np.array(f.image), samples[start:stop], f.speech))
     return clip
 
 
@@ -81,17 +85,27 @@ async def paced(clip: list, session_id: str, offset: int) -> AsyncIterator[Outpu
         yield OutputFrame(session_id, 0, k, image, audio, video_pts(k), due, speech=speech)
 
 
+class QueueTrack(MediaStreamTrack):
+    """A track whose recv() hands out what its peer queued (aiortc encodes it); the first
+    recv() starts the peer's frame pump."""
+
+    def __init__(self, kind: str, queue: asyncio.Queue, start: Callable[[], None]) -> None:
+        super().__init__()
+        self.kind, self._queue, self._start = kind, queue, start
+
+    async def recv(self) -> av.frame.Frame:
+        self._start()
+        return await self._queue.get()
+
+
 class StockPeer:
     """aiortc as its documentation has it: tracks that return av frames (aiortc's own VP8 and
     Opus encoders, its resampling to 48 kHz stereo), no still-picture or silence shortcuts."""
 
     def __init__(self, frames: AsyncIterator[OutputFrame]) -> None:
-        from aiortc import RTCPeerConnection
-
         self._pc = RTCPeerConnection()
         self._frames = frames
-        self._audio: asyncio.Queue = asyncio.Queue()
-        self._video: asyncio.Queue = asyncio.Queue()
+        self._queues: dict[str, asyncio.Queue] = {"audio": asyncio.Queue(), "video": asyncio.Queue()}
         self._pump: asyncio.Task | None = None
 
     def network(self) -> None:
@@ -99,39 +113,24 @@ class StockPeer:
         return None
 
     async def answer(self, sdp: str) -> dict:
-        from aiortc import MediaStreamTrack, RTCSessionDescription
-
-        peer = self
-
-        class Track(MediaStreamTrack):
-            def __init__(self, kind: str, queue: asyncio.Queue) -> None:
-                super().__init__()
-                self.kind, self._queue = kind, queue
-
-            async def recv(self):
-                if peer._pump is None:
-                    peer._pump = asyncio.ensure_future(peer._run())
-                return await self._queue.get()
-
         await self._pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
-        for t in self._pc.getTransceivers():
-            t.direction = "sendonly"
-            self._pc.addTrack(Track(t.kind, self._video if t.kind == "video" else self._audio))
+        for transceiver in self._pc.getTransceivers():
+            transceiver.direction = "sendonly"
+            self._pc.addTrack(QueueTrack(transceiver.kind, self._queues[transceiver.kind], self._start))
         await self._pc.setLocalDescription(await self._pc.createAnswer())
         return {"sdp": self._pc.localDescription.sdp, "type": "answer"}
 
+    def _start(self) -> None:
+        if self._pump is None:
+            self._pump = asyncio.ensure_future(self._run())
+
     async def _run(self) -> None:
-        import av
-
-        from ray_lipsync.webrtc.tracks import audio_chunks
-        from ray_lipsync.webrtc.encoder import VIDEO_TIME_BASE
-
         async for frame in self._frames:
             video = av.VideoFrame.from_ndarray(frame.image, format="rgb24")
             video.pts, video.time_base = frame.pts, VIDEO_TIME_BASE
-            self._video.put_nowait(video)
+            self._queues["video"].put_nowait(video)
             for chunk in audio_chunks(frame):
-                self._audio.put_nowait(chunk)
+                self._queues["audio"].put_nowait(chunk)
 
     async def close(self) -> None:
         if self._pump is not None:
