@@ -144,6 +144,13 @@ def test_page_holds_video_as_long_as_audio(service, browser):
 
 
 AUDIO_ENABLED = "app.pc.getReceivers().find((r) => r.track && r.track.kind === 'audio').track.enabled"
+AUDIO_ENERGY = """app.pc.getStats().then((stats) => {
+  let energy = 0;  // grows while sound is received
+  stats.forEach((r) => { if (r.type === "inbound-rtp" && r.kind === "audio") energy = r.totalAudioEnergy || 0; });
+  return energy;
+})"""
+
+
 def settled_energy(page, timeout_s: float = 30.0) -> float:
     """The page's received audio energy once it stopped growing (nothing audible arriving)."""
     deadline, last = time.monotonic() + timeout_s, page.evaluate(AUDIO_ENERGY)
@@ -154,13 +161,6 @@ def settled_energy(page, timeout_s: float = 30.0) -> float:
             return now
         assert time.monotonic() < deadline, "the received audio never went quiet"
         last = now
-
-
-AUDIO_ENERGY = """app.pc.getStats().then((stats) => {
-  let energy = 0;  // grows while sound is received
-  stats.forEach((r) => { if (r.type === "inbound-rtp" && r.kind === "audio") energy = r.totalAudioEnergy || 0; });
-  return energy;
-})"""
 
 
 def test_an_api_interrupt_silences_what_the_page_buffered(service, browser):
